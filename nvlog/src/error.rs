@@ -85,7 +85,9 @@ pub enum NvlogError {
         slot1: HeaderDefect,
     },
     /// The log belongs to another node or cluster (recovery row `ForeignIdentity`).
-    #[error("the NVLog belongs to node {found_node} of cluster {found_cluster:02x?}, not to node {expected_node}")]
+    #[error(
+        "the NVLog belongs to node {found_node} of cluster {found_cluster:02x?}, not to node {expected_node}"
+    )]
     ForeignIdentity {
         /// The cluster in the header.
         found_cluster: ClusterId,

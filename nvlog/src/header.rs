@@ -133,11 +133,18 @@ impl PartitionEntry {
 
     /// The generation span that owns `lsn` under `generation`, if the header lists it.
     pub fn lists(&self, generation: Generation, lsn: Lsn) -> bool {
-        let Some(index) = self.generations.iter().position(|span| span.generation == generation) else {
+        let Some(index) = self
+            .generations
+            .iter()
+            .position(|span| span.generation == generation)
+        else {
             return false;
         };
         let span = self.generations[index];
-        let below_next = self.generations.get(index + 1).is_none_or(|next| lsn < next.first_lsn);
+        let below_next = self
+            .generations
+            .get(index + 1)
+            .is_none_or(|next| lsn < next.first_lsn);
         lsn >= span.first_lsn && below_next
     }
 }
@@ -300,7 +307,10 @@ impl FileHeader {
     pub fn check_layout(&self) -> Result<(), HeaderDefect> {
         let mut spans: Vec<(u64, u64)> = Vec::new();
         for (index, part) in self.partitions.iter().enumerate() {
-            if self.partitions[..index].iter().any(|other| other.kind == part.kind) {
+            if self.partitions[..index]
+                .iter()
+                .any(|other| other.kind == part.kind)
+            {
                 return Err(HeaderDefect::BadField("duplicate partition kind"));
             }
             if part.offset < DATA_START || part.offset % PARTITION_ALIGN != 0 {
@@ -309,11 +319,17 @@ impl FileHeader {
             if part.size == 0 || part.size % PARTITION_ALIGN != 0 {
                 return Err(HeaderDefect::BadField("partition size"));
             }
-            let end = part.offset.checked_add(part.size).ok_or(HeaderDefect::BadField("partition end"))?;
+            let end = part
+                .offset
+                .checked_add(part.size)
+                .ok_or(HeaderDefect::BadField("partition end"))?;
             if end > self.file_bytes {
                 return Err(HeaderDefect::BadField("partition beyond the file"));
             }
-            if spans.iter().any(|&(start, stop)| part.offset < stop && start < end) {
+            if spans
+                .iter()
+                .any(|&(start, stop)| part.offset < stop && start < end)
+            {
                 return Err(HeaderDefect::BadField("partitions overlap"));
             }
             spans.push((part.offset, end));
@@ -324,9 +340,10 @@ impl FileHeader {
 
 fn decode_partition(entry: &[u8]) -> Result<PartitionEntry, HeaderDefect> {
     use field::partition as p;
-    let kind = PartitionKind::from_u32(u32_at(entry, p::KIND)).ok_or(HeaderDefect::BadField("partition kind"))?;
-    let mirror_state =
-        MirrorState::from_u32(u32_at(entry, p::MIRROR_STATE)).ok_or(HeaderDefect::BadField("mirror state"))?;
+    let kind =
+        PartitionKind::from_u32(u32_at(entry, p::KIND)).ok_or(HeaderDefect::BadField("partition kind"))?;
+    let mirror_state = MirrorState::from_u32(u32_at(entry, p::MIRROR_STATE))
+        .ok_or(HeaderDefect::BadField("mirror state"))?;
     let flags = u32_at(entry, p::FLAGS);
     if flags & !FLAG_FAILED != 0 {
         return Err(HeaderDefect::BadField("unknown partition flags"));
@@ -362,7 +379,10 @@ fn decode_partition(entry: &[u8]) -> Result<PartitionEntry, HeaderDefect> {
         {
             return Err(HeaderDefect::BadField("generations out of order"));
         }
-        generations.push(GenerationSpan { generation, first_lsn });
+        generations.push(GenerationSpan {
+            generation,
+            first_lsn,
+        });
     }
     if entry[p::RESERVED].iter().any(|&b| b != 0) {
         return Err(HeaderDefect::BadField("reserved partition bytes are not zero"));
@@ -406,8 +426,14 @@ mod tests {
                     active_half: 1,
                     sealed_last_lsn: Lsn(7),
                     generations: vec![
-                        GenerationSpan { generation: Generation(2), first_lsn: Lsn(1) },
-                        GenerationSpan { generation: Generation(3), first_lsn: Lsn(6) },
+                        GenerationSpan {
+                            generation: Generation(2),
+                            first_lsn: Lsn(1),
+                        },
+                        GenerationSpan {
+                            generation: Generation(3),
+                            first_lsn: Lsn(6),
+                        },
                     ],
                 },
                 PartitionEntry {
@@ -457,7 +483,10 @@ mod tests {
         for bit in 0..HEADER_BYTES * 8 {
             let mut copy = bytes;
             copy[bit / 8] ^= 1 << (bit % 8);
-            assert!(FileHeader::decode(&copy, 1, header.file_bytes).is_err(), "bit {bit}");
+            assert!(
+                FileHeader::decode(&copy, 1, header.file_bytes).is_err(),
+                "bit {bit}"
+            );
         }
     }
 }

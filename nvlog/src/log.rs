@@ -29,8 +29,8 @@ use crate::header::{
 };
 use crate::media::Media;
 use crate::record::{
-    MAX_RECORD_BYTES, RECORD_HEADER_BYTES, Record, RecordHeader, RecordInput, align_up, decode_header,
-    encode_header, encoded_len, seal_header, verify_crc,
+    MAX_RECORD_BYTES, RECORD_HEADER_BYTES, Record, RecordHeader, RecordInput, align_up, check_input,
+    decode_header, encode_header, encoded_len, seal_header, verify_crc,
 };
 use crate::recovery::{
     Action, Case, Found, PartitionRecovery, RecoveryReport, Stop, action_for, header_case, scan_half,
@@ -136,7 +136,7 @@ pub struct Stats {
     pub appends: u64,
     /// Bytes of records appended.
     pub append_bytes: u64,
-    /// Persist calls (msync) issued for data.
+    /// Persist calls (msync) issued, for records and for the header.
     pub persists: u64,
     /// Appends that found the partition full and waited.
     pub full_waits: u64,
@@ -215,7 +215,9 @@ impl Partition {
     }
 
     fn lock(&self) -> MutexGuard<'_, PartState> {
-        self.state.lock().expect("an NVLog partition lock holder panicked")
+        self.state
+            .lock()
+            .expect("an NVLog partition lock holder panicked")
     }
 }
 
@@ -270,7 +272,9 @@ impl<M: Media> Nvlog<M> {
         let len = media.len();
         let count = spec.partitions.len();
         if count == 0 || count > MAX_PARTITIONS {
-            return Err(NvlogError::InvalidSpec(format!("{count} partitions; 1 to 4 are allowed")));
+            return Err(NvlogError::InvalidSpec(format!(
+                "{count} partitions; 1 to 4 are allowed"
+            )));
         }
         if spec.identity.node.0 == 0 {
             return Err(NvlogError::InvalidSpec("node id 0".into()));
@@ -285,7 +289,9 @@ impl<M: Media> Nvlog<M> {
         let mut partitions = Vec::with_capacity(count);
         for (index, &(kind, writer)) in spec.partitions.iter().enumerate() {
             if writer.0 == 0 {
-                return Err(NvlogError::InvalidSpec(format!("partition {kind} has writer node 0")));
+                return Err(NvlogError::InvalidSpec(format!(
+                    "partition {kind} has writer node 0"
+                )));
             }
             if (kind == PartitionKind::Local) != (writer == spec.identity.node) {
                 return Err(NvlogError::InvalidSpec(format!(
@@ -314,11 +320,15 @@ impl<M: Media> Nvlog<M> {
             file_bytes: len,
             partitions,
         };
-        header.check_layout().map_err(|defect| NvlogError::InvalidSpec(defect.to_string()))?;
+        header
+            .check_layout()
+            .map_err(|defect| NvlogError::InvalidSpec(defect.to_string()))?;
         zero_range(&media, 0, len).map_err(io_err("zero the new log"))?;
         for sequence in [0, 1] {
             header.sequence = sequence;
-            media.write(header.slot() * HEADER_SLOT_BYTES, &header.encode()).map_err(io_err("write header"))?;
+            media
+                .write(header.slot() * HEADER_SLOT_BYTES, &header.encode())
+                .map_err(io_err("write header"))?;
         }
         media.persist(0, len).map_err(io_err("persist the new log"))?;
         Nvlog::open(media, spec.identity, options)
@@ -330,10 +340,15 @@ impl<M: Media> Nvlog<M> {
         let mut copies = Vec::with_capacity(2);
         for slot in 0..2u64 {
             let mut bytes = vec![0u8; HEADER_BYTES];
-            media.read(slot * HEADER_SLOT_BYTES, &mut bytes).map_err(io_err("read header"))?;
+            media
+                .read(slot * HEADER_SLOT_BYTES, &mut bytes)
+                .map_err(io_err("read header"))?;
             copies.push(FileHeader::decode(&bytes, slot, len));
         }
-        let checks: Vec<_> = copies.iter().map(|copy| copy.as_ref().map(|_| ()).map_err(|e| *e)).collect();
+        let checks: Vec<_> = copies
+            .iter()
+            .map(|copy| copy.as_ref().map(|_| ()).map_err(|e| *e))
+            .collect();
         let header_case = header_case(&checks[0], &checks[1]);
         let mut header = match (copies.swap_remove(1), copies.swap_remove(0)) {
             (Ok(one), Ok(zero)) => {
@@ -379,7 +394,9 @@ impl<M: Media> Nvlog<M> {
         // The zeroing done by recovery must be durable before the header that relies on it, and
         // records a crash left in the page cache must be durable before anything is built on them.
         if options.durability == Durability::Power {
-            media.persist(DATA_START, len - DATA_START).map_err(io_err("persist recovered log"))?;
+            media
+                .persist(DATA_START, len - DATA_START)
+                .map_err(io_err("persist recovered log"))?;
         }
         let generation = Generation(header.log_generation.0.checked_add(1).ok_or_else(|| {
             NvlogError::InvalidSpec("the log generation is exhausted; reformat the log".into())
@@ -401,7 +418,14 @@ impl<M: Media> Nvlog<M> {
         {
             log.release(PartitionKind::Local, options.lsn_floor)?;
         }
-        Ok((log, RecoveryReport { header_case, generation, partitions: reports }))
+        Ok((
+            log,
+            RecoveryReport {
+                header_case,
+                generation,
+                partitions: reports,
+            },
+        ))
     }
 
     /// The owner of the log.
@@ -442,7 +466,10 @@ impl<M: Media> Nvlog<M> {
     }
 
     fn partition(&self, kind: PartitionKind) -> Result<&Partition> {
-        self.parts.iter().find(|part| part.kind == kind).ok_or(NvlogError::NoPartition(kind))
+        self.parts
+            .iter()
+            .find(|part| part.kind == kind)
+            .ok_or(NvlogError::NoPartition(kind))
     }
 
     fn check_writable(&self, part: &Partition, state: &PartState) -> Result<()> {
@@ -471,7 +498,9 @@ impl<M: Media> Nvlog<M> {
 
     fn media_persist(&self, offset: u64, len: u64) -> Result<()> {
         self.counters.persists.fetch_add(1, Ordering::Relaxed);
-        self.media.persist(offset, len).map_err(|e| self.fail("persist", e))
+        self.media
+            .persist(offset, len)
+            .map_err(|e| self.fail("persist", e))
     }
 
     /// Writes the header with `change` applied, into the older slot; in `power` mode persists it
@@ -516,6 +545,7 @@ impl<M: Media> Nvlog<M> {
 
     fn append_local(&self, input: &RecordInput<'_>, wait: bool) -> Result<Lsn> {
         let part = self.partition(PartitionKind::Local)?;
+        check_input(input)?;
         let total = encoded_len(input.payload.len()) as u64;
         let mut state = part.lock();
         state = self.make_room(part, state, total, wait)?;
@@ -538,7 +568,8 @@ impl<M: Media> Nvlog<M> {
     /// Appends a record exactly as its writer encoded it (a partner's record, or this node's own
     /// record returned by a partner after a restart) and returns once it is durable. Keeps the
     /// writer's lsn, generation and checksum. Refuses a record of another writer, one at or below
-    /// the tail, a gap not declared with `allow_gap_at` (S13), and an older generation.
+    /// the tail, a gap not declared with `allow_gap_at` (S13), and an older generation. Returns
+    /// `Full` at once instead of waiting for space.
     pub fn append_copy(&self, kind: PartitionKind, encoded: &[u8]) -> Result<Lsn> {
         let header = decode_header(encoded)?;
         verify_crc(&header, encoded)?;
@@ -552,12 +583,20 @@ impl<M: Media> Nvlog<M> {
         Ok(lsn)
     }
 
-    fn append_copy_buffered(&self, kind: PartitionKind, header: &RecordHeader, encoded: &[u8]) -> Result<Lsn> {
+    fn append_copy_buffered(
+        &self,
+        kind: PartitionKind,
+        header: &RecordHeader,
+        encoded: &[u8],
+    ) -> Result<Lsn> {
         let part = self.partition(kind)?;
         let mut state = part.lock();
         self.check_writable(part, &state)?;
         if header.writer != state.writer {
-            return Err(NvlogError::WrongWriter { expected: state.writer, got: header.writer });
+            return Err(NvlogError::WrongWriter {
+                expected: state.writer,
+                got: header.writer,
+            });
         }
         if kind == PartitionKind::Local && header.generation > self.generation {
             return Err(NvlogError::InvalidRecord(crate::record::RecordDefect::BadField(
@@ -566,18 +605,29 @@ impl<M: Media> Nvlog<M> {
         }
         let tail = state.tail();
         if header.lsn <= tail {
-            return Err(NvlogError::NotAfterTail { got: header.lsn, tail });
+            return Err(NvlogError::NotAfterTail {
+                got: header.lsn,
+                tail,
+            });
         }
         if header.lsn != tail.next() && state.gap_allowed_at != Some(header.lsn) {
-            return Err(NvlogError::Gap { expected: tail.next(), got: header.lsn });
+            return Err(NvlogError::Gap {
+                expected: tail.next(),
+                got: header.lsn,
+            });
         }
         if let Some(newest) = state.generations.last()
             && header.generation < newest.generation
         {
-            return Err(NvlogError::StaleGeneration { got: header.generation, newest: newest.generation });
+            return Err(NvlogError::StaleGeneration {
+                got: header.generation,
+                newest: newest.generation,
+            });
         }
         let total = u64::from(header.total_len);
-        state = self.make_room(part, state, total, true)?;
+        // A receiver must never block its stream (the release that frees space arrives on it):
+        // a full partition is an error it answers by not acknowledging yet.
+        state = self.make_room(part, state, total, false)?;
         self.list_generation(part, &mut state, header.generation, header.lsn)?;
         let offset = part.half_offset(state.active_half) + state.write_pos;
         self.media_write(offset, encoded)?;
@@ -602,7 +652,11 @@ impl<M: Media> Nvlog<M> {
 
     fn commit_written(&self, state: &mut PartState, lsn: Lsn, offset: u64, total: u64) {
         let active = state.active_half as usize;
-        state.index.push_back(Entry { lsn, offset, len: u32::try_from(total).expect("record ≤ 1 MiB") });
+        state.index.push_back(Entry {
+            lsn,
+            offset,
+            len: u32::try_from(total).expect("record ≤ 1 MiB"),
+        });
         state.write_pos += total;
         state.half_last[active] = lsn;
         state.last_lsn = lsn;
@@ -623,13 +677,20 @@ impl<M: Media> Nvlog<M> {
         generation: Generation,
         lsn: Lsn,
     ) -> Result<()> {
-        if state.generations.last().is_some_and(|span| span.generation == generation) {
+        if state
+            .generations
+            .last()
+            .is_some_and(|span| span.generation == generation)
+        {
             return Ok(());
         }
         if state.generations.len() == MAX_GENERATIONS {
             return Err(NvlogError::TooManyGenerations(part.kind));
         }
-        let span = GenerationSpan { generation, first_lsn: lsn };
+        let span = GenerationSpan {
+            generation,
+            first_lsn: lsn,
+        };
         self.update_entry(part, |entry| entry.generations.push(span))?;
         state.generations.push(span);
         Ok(())
@@ -645,7 +706,10 @@ impl<M: Media> Nvlog<M> {
         wait: bool,
     ) -> Result<MutexGuard<'a, PartState>> {
         if total > part.half_size || total > MAX_RECORD_BYTES as u64 {
-            return Err(NvlogError::RecordTooLarge { len: total, half: part.half_size });
+            return Err(NvlogError::RecordTooLarge {
+                len: total,
+                half: part.half_size,
+            });
         }
         let mut counted = false;
         loop {
@@ -664,13 +728,19 @@ impl<M: Media> Nvlog<M> {
                 self.counters.full_waits.fetch_add(1, Ordering::Relaxed);
                 counted = true;
             }
-            state = part.changed.wait(state).expect("an NVLog partition lock holder panicked");
+            state = part
+                .changed
+                .wait(state)
+                .expect("an NVLog partition lock holder panicked");
         }
     }
 
     /// Seals the active half and activates the other (which is free: released and zeroed).
     fn switch_half(&self, part: &Partition, state: &mut PartState) -> Result<()> {
-        assert!(state.sealed_free, "switching into a half that holds unreleased records");
+        assert!(
+            state.sealed_free,
+            "switching into a half that holds unreleased records"
+        );
         let old = state.active_half;
         let new = 1 - old;
         let sealed_last = state.half_last[old as usize];
@@ -702,7 +772,8 @@ impl<M: Media> Nvlog<M> {
             return Ok(());
         }
         let offset = part.half_offset(sealed);
-        zero_range(&self.media, offset, state.sealed_extent).map_err(|e| self.fail("zero a released half", e))?;
+        zero_range(&self.media, offset, state.sealed_extent)
+            .map_err(|e| self.fail("zero a released half", e))?;
         if self.options.durability == Durability::Power && state.sealed_extent > 0 {
             self.media_persist(offset, state.sealed_extent)?;
         }
@@ -730,9 +801,16 @@ impl<M: Media> Nvlog<M> {
             if state.durable_lsn >= lsn {
                 return Ok(());
             }
-            assert!(lsn <= state.last_lsn, "persist_through({lsn}) above the last written lsn {}", state.last_lsn);
+            assert!(
+                lsn <= state.last_lsn,
+                "persist_through({lsn}) above the last written lsn {}",
+                state.last_lsn
+            );
             if state.flushing {
-                state = part.changed.wait(state).expect("an NVLog partition lock holder panicked");
+                state = part
+                    .changed
+                    .wait(state)
+                    .expect("an NVLog partition lock holder panicked");
                 continue;
             }
             state.flushing = true;
@@ -742,7 +820,11 @@ impl<M: Media> Nvlog<M> {
             let target = state.last_lsn;
             let offset = part.half_offset(state.active_half);
             drop(state);
-            let result = if end > start { self.media_persist(offset + start, end - start) } else { Ok(()) };
+            let result = if end > start {
+                self.media_persist(offset + start, end - start)
+            } else {
+                Ok(())
+            };
             state = part.lock();
             state.flushing = false;
             part.changed.notify_all();
@@ -814,7 +896,8 @@ impl<M: Media> Nvlog<M> {
             entry.flags &= !FLAG_FAILED;
             entry.partition_generation = partition_generation;
         })?;
-        zero_range(&self.media, part.offset, 2 * part.half_size).map_err(|e| self.fail("zero a partition", e))?;
+        zero_range(&self.media, part.offset, 2 * part.half_size)
+            .map_err(|e| self.fail("zero a partition", e))?;
         if self.options.durability == Durability::Power {
             self.media_persist(part.offset, 2 * part.half_size)?;
         }
@@ -848,7 +931,11 @@ impl<M: Media> Nvlog<M> {
             released_lsn: state.released,
             last_lsn: state.last_lsn,
             durable_lsn: state.durable_lsn,
-            unreleased_records: state.index.iter().filter(|entry| entry.lsn > state.released).count(),
+            unreleased_records: state
+                .index
+                .iter()
+                .filter(|entry| entry.lsn > state.released)
+                .count(),
             size_bytes: 2 * part.half_size,
             used_bytes: sealed_used + state.write_pos,
             failed: state.failed,
@@ -864,9 +951,15 @@ impl<M: Media> Nvlog<M> {
             return Err(NvlogError::PartitionFailed(kind));
         }
         let mut out = Vec::new();
-        for entry in state.index.iter().filter(|entry| entry.lsn > lsn && entry.lsn > state.released) {
+        for entry in state
+            .index
+            .iter()
+            .filter(|entry| entry.lsn > lsn && entry.lsn > state.released)
+        {
             let mut bytes = vec![0u8; entry.len as usize];
-            self.media.read(entry.offset, &mut bytes).map_err(io_err("read a record"))?;
+            self.media
+                .read(entry.offset, &mut bytes)
+                .map_err(io_err("read a record"))?;
             out.push(bytes);
         }
         Ok(out)
@@ -886,7 +979,9 @@ impl<M: Media> Nvlog<M> {
         let mut bytes = Vec::new();
         for entry in state.index.iter().filter(|entry| entry.lsn > start) {
             bytes.resize(entry.len as usize, 0);
-            self.media.read(entry.offset, &mut bytes).map_err(io_err("read a record"))?;
+            self.media
+                .read(entry.offset, &mut bytes)
+                .map_err(io_err("read a record"))?;
             // Recovery verified these bytes; verify again so memory corruption since then is an
             // error, not a replayed write.
             let record = if self.checks_crc() {
@@ -894,11 +989,17 @@ impl<M: Media> Nvlog<M> {
             } else {
                 let header = decode_header(&bytes)?;
                 let end = RECORD_HEADER_BYTES + header.payload_len as usize;
-                Record { header, payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]) }
+                Record {
+                    header,
+                    payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]),
+                }
             };
             assert_eq!(record.header.lsn, entry.lsn, "the index and the media disagree");
             if record.header.lsn != previous.next() {
-                replay.gaps.push(LsnGap { after: previous, next: record.header.lsn });
+                replay.gaps.push(LsnGap {
+                    after: previous,
+                    next: record.header.lsn,
+                });
             }
             previous = record.header.lsn;
             if let Some(epochs) = &filter.frozen_epochs
@@ -945,6 +1046,10 @@ fn empty_state(released: Lsn) -> PartState {
 
 /// Recovers one partition by the decision table; fixes `entry` (failed flag) in place and
 /// prepares the media (zeroing) so that the next header write is consistent with it.
+///
+/// Nothing that verifies is ever zeroed: where the header and the records disagree (possible
+/// only when the newest header copy was lost to corruption and an older one is in use), the
+/// partition fails instead, and S8 recovers its records from a partner.
 fn recover_partition<M: Media>(
     media: &M,
     entry: &mut PartitionEntry,
@@ -958,67 +1063,118 @@ fn recover_partition<M: Media>(
         generations: entry.generations.clone(),
         ..empty_state(entry.released_lsn)
     };
+    let active = entry.active_half;
+    let sealed = 1 - active;
+    let half = entry.half_size();
+    let active_scan = scan_half(media, entry, active, entry.sealed_last_lsn, None, check_crc)
+        .map_err(io_err("scan the active half"))?;
+    // The highest lsn known to exist, so that lsns go on above it even if the partition fails.
+    let highest = active_scan
+        .records
+        .last()
+        .map_or(Lsn::ZERO, |f| f.lsn)
+        .max(entry.sealed_last_lsn);
     let mut report = PartitionRecovery {
         kind: entry.kind,
         case: Case::Valid,
         action: Action::Keep,
         records: 0,
-        tail: entry.released_lsn,
+        tail: entry.released_lsn.max(highest),
         defect: None,
     };
     if entry.failed() {
-        state.failed = true;
-        report.case = Case::CorruptBeforeTail;
-        report.action = action_for(Case::CorruptBeforeTail);
-        report.defect = Some("marked failed by an earlier recovery".into());
-        return Ok((state, report));
+        let why = "marked failed by an earlier recovery".to_string();
+        return Ok(fail_partition(
+            entry,
+            state,
+            report,
+            highest,
+            Case::CorruptBeforeTail,
+            why,
+        ));
     }
-    let active = entry.active_half;
-    let sealed = 1 - active;
-    let half = entry.half_size();
     let mut found: Vec<Found> = Vec::new();
-    if entry.sealed_last_lsn > entry.released_lsn {
-        let scan = scan_half(media, entry, sealed, Lsn::ZERO, Some(entry.sealed_last_lsn), check_crc)
-            .map_err(io_err("scan the sealed half"))?;
-        let reached = scan.records.last().is_some_and(|last| last.lsn == entry.sealed_last_lsn);
+    let sealed_holds_records = entry.sealed_last_lsn > entry.released_lsn;
+    let sealed_scan = scan_half(
+        media,
+        entry,
+        sealed,
+        Lsn::ZERO,
+        sealed_holds_records.then_some(entry.sealed_last_lsn),
+        check_crc,
+    )
+    .map_err(io_err("scan the sealed half"))?;
+    if sealed_holds_records {
+        let reached = sealed_scan
+            .records
+            .last()
+            .is_some_and(|last| last.lsn == entry.sealed_last_lsn);
         if !reached {
-            let defect = match scan.stop {
-                Stop::Damaged(why) | Stop::Stale(why) => why,
-                Stop::Clean | Stop::Reached => "records end early".to_string(),
+            let (case, defect) = match sealed_scan.stop {
+                Stop::Stale(why) => (Case::StaleGeneration, why),
+                Stop::Damaged(why) => (Case::CorruptBeforeTail, why),
+                Stop::Clean | Stop::Reached => (Case::CorruptBeforeTail, "records end early".to_string()),
             };
-            return Ok(fail_partition(entry, state, report, format!(
-                "sealed half ends before lsn {}: {defect}",
-                entry.sealed_last_lsn
-            )));
+            let why = format!("sealed half ends before lsn {}: {defect}", entry.sealed_last_lsn);
+            return Ok(fail_partition(entry, state, report, highest, case, why));
         }
         state.half_last[sealed as usize] = entry.sealed_last_lsn;
-        state.sealed_extent = scan.end;
+        state.sealed_extent = sealed_scan.end;
         state.sealed_free = false;
-        found.extend(scan.records);
+        found.extend(sealed_scan.records);
     } else {
-        // Everything in the sealed half is released; a crash may have interrupted its zeroing.
+        // The header says everything in the sealed half is released: it holds nothing, or
+        // released records whose zeroing a crash interrupted. A live record there means the
+        // header is older than the records.
+        let live = sealed_scan
+            .records
+            .iter()
+            .find(|f| f.lsn > entry.released_lsn)
+            .map(|f| f.lsn);
+        let stale = matches!(sealed_scan.stop, Stop::Stale(_));
+        if live.is_some() || stale {
+            let why = format!(
+                "the released half holds a live record (lsn {live:?}, stop {:?})",
+                sealed_scan.stop
+            );
+            let highest = highest.max(live.unwrap_or(Lsn::ZERO));
+            return Ok(fail_partition(
+                entry,
+                state,
+                report,
+                highest,
+                Case::CorruptBeforeTail,
+                why,
+            ));
+        }
         zero_range(media, entry.half_offset(sealed), half).map_err(io_err("zero a released half"))?;
         state.sealed_free = true;
     }
-    let scan = scan_half(media, entry, active, entry.sealed_last_lsn, None, check_crc)
-        .map_err(io_err("scan the active half"))?;
-    let (case, defect) = match scan.stop {
+    let (case, defect) = match active_scan.stop {
         Stop::Clean | Stop::Reached => (Case::Valid, None),
         Stop::Damaged(why) => (Case::TornTail, Some(why)),
         Stop::Stale(why) => (Case::StaleGeneration, Some(why)),
     };
     let action = action_for(case);
+    if action == Action::FailPartition {
+        let why = defect.unwrap_or_default();
+        return Ok(fail_partition(entry, state, report, highest, case, why));
+    }
     debug_assert!(matches!(action, Action::Keep | Action::TruncateTail));
     // With `Keep` the rest is zero already; zeroing it on every open costs a read and makes sure
     // no byte of a write that never completed lies beyond the tail (TruncateTail).
-    zero_range(media, entry.half_offset(active) + scan.end, half - scan.end)
-        .map_err(io_err("truncate the tail"))?;
-    if let Some(last) = scan.records.last() {
+    zero_range(
+        media,
+        entry.half_offset(active) + active_scan.end,
+        half - active_scan.end,
+    )
+    .map_err(io_err("truncate the tail"))?;
+    if let Some(last) = active_scan.records.last() {
         state.half_last[active as usize] = last.lsn;
     }
-    state.write_pos = scan.end;
-    state.persisted_pos = scan.end;
-    found.extend(scan.records);
+    state.write_pos = active_scan.end;
+    state.persisted_pos = active_scan.end;
+    found.extend(active_scan.records);
     state.last_lsn = found.last().map_or(Lsn::ZERO, |last| last.lsn);
     state.durable_lsn = state.last_lsn;
     report.records = found.len();
@@ -1026,21 +1182,35 @@ fn recover_partition<M: Media>(
     report.case = case;
     report.action = action;
     report.defect = defect;
-    state.index = found.into_iter().map(|f| Entry { lsn: f.lsn, offset: f.offset, len: f.len }).collect();
+    state.index = found
+        .into_iter()
+        .map(|f| Entry {
+            lsn: f.lsn,
+            offset: f.offset,
+            len: f.len,
+        })
+        .collect();
     Ok((state, report))
 }
 
+/// Marks the partition failed (persisted with the next header write). Its records stay on the
+/// media untouched; lsns go on above the highest one seen.
 fn fail_partition(
     entry: &mut PartitionEntry,
     mut state: PartState,
     mut report: PartitionRecovery,
+    highest: Lsn,
+    case: Case,
     defect: String,
 ) -> (PartState, PartitionRecovery) {
-    debug_assert_eq!(action_for(Case::CorruptBeforeTail), Action::FailPartition);
+    debug_assert_eq!(action_for(case), Action::FailPartition);
     entry.flags |= FLAG_FAILED;
     state.failed = true;
-    report.case = Case::CorruptBeforeTail;
+    state.last_lsn = highest;
+    state.durable_lsn = highest;
+    report.case = case;
     report.action = Action::FailPartition;
+    report.tail = state.tail();
     report.defect = Some(defect);
     (state, report)
 }

@@ -72,7 +72,11 @@ pub struct MmapMedia {
 impl MmapMedia {
     /// Creates a new zero-filled file of `len` bytes (sparse) and maps it. Fails if it exists.
     pub fn create(path: &Path, len: u64) -> io::Result<MmapMedia> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         file.set_len(len)?;
         file.sync_all()?;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
@@ -90,10 +94,17 @@ impl MmapMedia {
     fn map(file: File) -> io::Result<MmapMedia> {
         let len = file.metadata()?.len();
         if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the NVLog file is empty"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the NVLog file is empty",
+            ));
         }
         let map = MmapRaw::map_raw(&file)?;
-        Ok(MmapMedia { map, len, _file: file })
+        Ok(MmapMedia {
+            map,
+            len,
+            _file: file,
+        })
     }
 }
 

@@ -129,7 +129,10 @@ impl Media for MemMedia {
         }
         let start = check_range(inner.current.len() as u64, offset, data.len())?;
         inner.current[start..start + data.len()].copy_from_slice(data);
-        inner.trace.push(Event::Write { offset, data: data.to_vec() });
+        inner.trace.push(Event::Write {
+            offset,
+            data: data.to_vec(),
+        });
         Ok(())
     }
 
@@ -147,7 +150,10 @@ impl Media for MemMedia {
         }
         let media_len = inner.current.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > media_len) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "persist outside the media"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "persist outside the media",
+            ));
         }
         inner.trace.push(Event::Persist { offset, len });
         Ok(())
@@ -190,7 +196,11 @@ pub struct CrashSim {
 
 impl CrashSim {
     fn new(base: Vec<u8>) -> CrashSim {
-        CrashSim { durable: base.clone(), current: base, pending: Vec::new() }
+        CrashSim {
+            durable: base.clone(),
+            current: base,
+            pending: Vec::new(),
+        }
     }
 
     /// Applies the next event of the trace.
@@ -239,7 +249,9 @@ impl CrashSim {
 
     /// The image after a process crash in the middle of `next` (a write): a random prefix of it.
     pub fn process_crash_during(&self, next: &Event, rng: &mut SplitMix64) -> Option<Vec<u8>> {
-        let Event::Write { offset, data } = next else { return None };
+        let Event::Write { offset, data } = next else {
+            return None;
+        };
         let mut image = self.current.clone();
         let cut = to_usize(rng.below(data.len() as u64));
         let start = to_usize(*offset);

@@ -28,8 +28,9 @@ pub enum Case {
     /// A record the header says must exist (at or below the sealed half's last lsn, above the
     /// release point) is missing or fails its CRC.
     CorruptBeforeTail,
-    /// A record verifies only under a generation the header does not list for its lsn: it
-    /// belongs to an incarnation that is gone.
+    /// A record verifies only under a generation the header does not list for its lsn. A crash
+    /// cannot produce this (a generation is listed, durably, before its first record is
+    /// written): the header in use is older than the records, or the bytes come from elsewhere.
     StaleGeneration,
     /// The header names another cluster or another node.
     ForeignIdentity,
@@ -88,8 +89,8 @@ pub const RECOVERY_TABLE: [Row; 7] = [
     },
     Row {
         case: Case::StaleGeneration,
-        action: Action::TruncateTail,
-        why: "a record of an incarnation the header does not list is never replayed",
+        action: Action::FailPartition,
+        why: "a record verifies but the header does not list it: never replay it, never destroy it",
     },
     Row {
         case: Case::ForeignIdentity,
@@ -216,7 +217,10 @@ pub(crate) fn scan_half<M: Media + ?Sized>(
         body.resize(usize::try_from(total).expect("a record is at most 1 MiB"), 0);
         media.read(base + pos, &mut body)?;
         if check_crc && let Err(defect) = verify_crc(&header, &body) {
-            break Stop::Damaged(format!("at byte {pos} of half {half}, lsn {}: {defect}", header.lsn));
+            break Stop::Damaged(format!(
+                "at byte {pos} of half {half}, lsn {}: {defect}",
+                header.lsn
+            ));
         }
         if header.lsn <= previous {
             break Stop::Damaged(format!(
@@ -224,17 +228,27 @@ pub(crate) fn scan_half<M: Media + ?Sized>(
                 header.lsn
             ));
         }
-        if !entry.lists(header.generation, header.lsn) {
+        // A released record is never replayed and its generation may be gone from the list;
+        // it only has to verify so the scan can step over it.
+        if header.lsn > entry.released_lsn && !entry.lists(header.generation, header.lsn) {
             break Stop::Stale(format!(
                 "at byte {pos} of half {half}: lsn {} of generation {} is not listed",
                 header.lsn, header.generation
             ));
         }
-        records.push(Found { lsn: header.lsn, offset: base + pos, len: header.total_len });
+        records.push(Found {
+            lsn: header.lsn,
+            offset: base + pos,
+            len: header.total_len,
+        });
         previous = header.lsn;
         pos += total;
     };
-    Ok(HalfScan { records, end: pos, stop })
+    Ok(HalfScan {
+        records,
+        end: pos,
+        stop,
+    })
 }
 
 /// Maps a header-copy outcome to its case.
@@ -261,7 +275,11 @@ mod tests {
             Case::HeaderCopiesDisagree,
             Case::BothHeadersBad,
         ] {
-            assert_eq!(RECOVERY_TABLE.iter().filter(|row| row.case == case).count(), 1, "{case:?}");
+            assert_eq!(
+                RECOVERY_TABLE.iter().filter(|row| row.case == case).count(),
+                1,
+                "{case:?}"
+            );
         }
     }
 

@@ -17,7 +17,10 @@ impl Lsn {
 
     /// The lsn that follows this one.
     pub fn next(self) -> Lsn {
-        Lsn(self.0.checked_add(1).expect("lsn space of 2^64 is never exhausted"))
+        Lsn(self
+            .0
+            .checked_add(1)
+            .expect("lsn space of 2^64 is never exhausted"))
     }
 }
 

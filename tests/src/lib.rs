@@ -2,3 +2,5 @@
 //!
 //! The binaries in `src/bin` are driven by the tests in `tests/` and by the README's commands;
 //! the library holds what they share.
+
+pub mod nvlog_crash;
