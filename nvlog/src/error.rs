@@ -96,6 +96,17 @@ pub enum NvlogError {
         /// The node that tried to open it.
         expected_node: NodeId,
     },
+    /// `persist_through` for an lsn the partition never wrote or dropped in a reset.
+    #[error("lsn {lsn} of partition {kind} was never written or was dropped by a reset")]
+    NotWritten {
+        /// The partition.
+        kind: PartitionKind,
+        /// The lsn asked for.
+        lsn: Lsn,
+    },
+    /// The lsn space of this node is used up (only a corrupt floor or header leads here).
+    #[error("no lsn is left for this node")]
+    LsnExhausted,
     /// The format request cannot be satisfied.
     #[error("invalid NVLog format request: {0}")]
     InvalidSpec(String),

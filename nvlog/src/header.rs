@@ -64,7 +64,8 @@ mod field {
         pub const SEALED_LAST_LSN: Range<usize> = 56..64;
         pub const GENERATIONS: usize = 64;
         pub const GENERATION_ENTRY: usize = 16;
-        pub const RESERVED: Range<usize> = 192..256;
+        pub const LSN_FLOOR: Range<usize> = 192..200;
+        pub const RESERVED: Range<usize> = 200..256;
     }
 }
 const _: () = assert!(field::PARTITIONS + MAX_PARTITIONS * PARTITION_ENTRY_BYTES == field::CRC.start);
@@ -72,7 +73,7 @@ const _: () = assert!(field::RESERVED_TAIL.end == HEADER_BYTES);
 const _: () = assert!(HEADER_BYTES as u64 <= HEADER_SLOT_BYTES);
 const _: () = assert!(
     field::partition::GENERATIONS + MAX_GENERATIONS * field::partition::GENERATION_ENTRY
-        == field::partition::RESERVED.start
+        == field::partition::LSN_FLOOR.start
 );
 const _: () = assert!(field::partition::RESERVED.end == PARTITION_ENTRY_BYTES);
 
@@ -113,6 +114,9 @@ pub struct PartitionEntry {
     pub sealed_last_lsn: Lsn,
     /// Generations of the writer with records here, oldest first.
     pub generations: Vec<GenerationSpan>,
+    /// Lsns of this node's own new records start above this (set when a partition that held
+    /// records up to it is reset, so an lsn is never reused). 0 for partner partitions.
+    pub lsn_floor: Lsn,
 }
 
 impl PartitionEntry {
@@ -133,18 +137,11 @@ impl PartitionEntry {
 
     /// The generation span that owns `lsn` under `generation`, if the header lists it.
     pub fn lists(&self, generation: Generation, lsn: Lsn) -> bool {
-        let Some(index) = self
-            .generations
-            .iter()
-            .position(|span| span.generation == generation)
-        else {
+        let Some(index) = self.generations.iter().position(|span| span.generation == generation) else {
             return false;
         };
         let span = self.generations[index];
-        let below_next = self
-            .generations
-            .get(index + 1)
-            .is_none_or(|next| lsn < next.first_lsn);
+        let below_next = self.generations.get(index + 1).is_none_or(|next| lsn < next.first_lsn);
         lsn >= span.first_lsn && below_next
     }
 }
@@ -231,6 +228,7 @@ impl FileHeader {
             let spans = u32::try_from(part.generations.len()).expect("at most 8 generations");
             put_u32(entry, p::GENERATION_COUNT, spans);
             put_u64(entry, p::SEALED_LAST_LSN, part.sealed_last_lsn.0);
+            put_u64(entry, p::LSN_FLOOR, part.lsn_floor.0);
             for (slot, span) in part.generations.iter().enumerate() {
                 let at = p::GENERATIONS + slot * p::GENERATION_ENTRY;
                 put_u64(entry, at..at + 8, span.generation.0);
@@ -307,10 +305,7 @@ impl FileHeader {
     pub fn check_layout(&self) -> Result<(), HeaderDefect> {
         let mut spans: Vec<(u64, u64)> = Vec::new();
         for (index, part) in self.partitions.iter().enumerate() {
-            if self.partitions[..index]
-                .iter()
-                .any(|other| other.kind == part.kind)
-            {
+            if self.partitions[..index].iter().any(|other| other.kind == part.kind) {
                 return Err(HeaderDefect::BadField("duplicate partition kind"));
             }
             if part.offset < DATA_START || part.offset % PARTITION_ALIGN != 0 {
@@ -319,17 +314,11 @@ impl FileHeader {
             if part.size == 0 || part.size % PARTITION_ALIGN != 0 {
                 return Err(HeaderDefect::BadField("partition size"));
             }
-            let end = part
-                .offset
-                .checked_add(part.size)
-                .ok_or(HeaderDefect::BadField("partition end"))?;
+            let end = part.offset.checked_add(part.size).ok_or(HeaderDefect::BadField("partition end"))?;
             if end > self.file_bytes {
                 return Err(HeaderDefect::BadField("partition beyond the file"));
             }
-            if spans
-                .iter()
-                .any(|&(start, stop)| part.offset < stop && start < end)
-            {
+            if spans.iter().any(|&(start, stop)| part.offset < stop && start < end) {
                 return Err(HeaderDefect::BadField("partitions overlap"));
             }
             spans.push((part.offset, end));
@@ -379,10 +368,7 @@ fn decode_partition(entry: &[u8]) -> Result<PartitionEntry, HeaderDefect> {
         {
             return Err(HeaderDefect::BadField("generations out of order"));
         }
-        generations.push(GenerationSpan {
-            generation,
-            first_lsn,
-        });
+        generations.push(GenerationSpan { generation, first_lsn });
     }
     if entry[p::RESERVED].iter().any(|&b| b != 0) {
         return Err(HeaderDefect::BadField("reserved partition bytes are not zero"));
@@ -398,6 +384,7 @@ fn decode_partition(entry: &[u8]) -> Result<PartitionEntry, HeaderDefect> {
         partition_generation: u64_at(entry, p::PARTITION_GENERATION),
         active_half,
         sealed_last_lsn: Lsn(u64_at(entry, p::SEALED_LAST_LSN)),
+        lsn_floor: Lsn(u64_at(entry, p::LSN_FLOOR)),
         generations,
     })
 }
@@ -426,15 +413,10 @@ mod tests {
                     active_half: 1,
                     sealed_last_lsn: Lsn(7),
                     generations: vec![
-                        GenerationSpan {
-                            generation: Generation(2),
-                            first_lsn: Lsn(1),
-                        },
-                        GenerationSpan {
-                            generation: Generation(3),
-                            first_lsn: Lsn(6),
-                        },
+                        GenerationSpan { generation: Generation(2), first_lsn: Lsn(1) },
+                        GenerationSpan { generation: Generation(3), first_lsn: Lsn(6) },
                     ],
+                    lsn_floor: Lsn(3),
                 },
                 PartitionEntry {
                     kind: PartitionKind::DrPartner,
@@ -448,6 +430,7 @@ mod tests {
                     active_half: 0,
                     sealed_last_lsn: Lsn(0),
                     generations: vec![],
+                    lsn_floor: Lsn(0),
                 },
             ],
         }
@@ -483,10 +466,7 @@ mod tests {
         for bit in 0..HEADER_BYTES * 8 {
             let mut copy = bytes;
             copy[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                FileHeader::decode(&copy, 1, header.file_bytes).is_err(),
-                "bit {bit}"
-            );
+            assert!(FileHeader::decode(&copy, 1, header.file_bytes).is_err(), "bit {bit}");
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::record::{
 };
 use crate::recovery::{
     Action, Case, Found, PartitionRecovery, RecoveryReport, Stop, action_for, header_case, scan_half,
+    sweep_half,
 };
 use crate::types::{
     AggregateId, Durability, Epoch, Generation, Identity, Lsn, MirrorState, NodeId, PartitionKind,
@@ -70,6 +71,11 @@ pub struct FormatSpec {
     /// The partitions and the node whose records each holds (the owner for `Local`). The file
     /// is split evenly between them.
     pub partitions: Vec<(PartitionKind, NodeId)>,
+    /// The new log's generation starts above this, and above the generation of any valid
+    /// header already on the media: a reformatted node must never reuse a generation its
+    /// partners may still hold records of (they refuse older generations). A node whose log
+    /// file was lost passes the newest generation its partners announce.
+    pub generation_floor: Generation,
 }
 
 /// How replay selects records (S8).
@@ -183,6 +189,8 @@ struct PartState {
     last_lsn: Lsn,
     durable_lsn: Lsn,
     released: Lsn,
+    /// This node's new lsns start above it (persisted as the entry's `lsn_floor`).
+    floor: Lsn,
     generations: Vec<GenerationSpan>,
     /// A gap the caller declared (re-establish at the writer's next lsn, S13).
     gap_allowed_at: Option<Lsn>,
@@ -215,9 +223,7 @@ impl Partition {
     }
 
     fn lock(&self) -> MutexGuard<'_, PartState> {
-        self.state
-            .lock()
-            .expect("an NVLog partition lock holder panicked")
+        self.state.lock().expect("an NVLog partition lock holder panicked")
     }
 }
 
@@ -272,9 +278,7 @@ impl<M: Media> Nvlog<M> {
         let len = media.len();
         let count = spec.partitions.len();
         if count == 0 || count > MAX_PARTITIONS {
-            return Err(NvlogError::InvalidSpec(format!(
-                "{count} partitions; 1 to 4 are allowed"
-            )));
+            return Err(NvlogError::InvalidSpec(format!("{count} partitions; 1 to 4 are allowed")));
         }
         if spec.identity.node.0 == 0 {
             return Err(NvlogError::InvalidSpec("node id 0".into()));
@@ -289,9 +293,7 @@ impl<M: Media> Nvlog<M> {
         let mut partitions = Vec::with_capacity(count);
         for (index, &(kind, writer)) in spec.partitions.iter().enumerate() {
             if writer.0 == 0 {
-                return Err(NvlogError::InvalidSpec(format!(
-                    "partition {kind} has writer node 0"
-                )));
+                return Err(NvlogError::InvalidSpec(format!("partition {kind} has writer node 0")));
             }
             if (kind == PartitionKind::Local) != (writer == spec.identity.node) {
                 return Err(NvlogError::InvalidSpec(format!(
@@ -310,6 +312,7 @@ impl<M: Media> Nvlog<M> {
                 active_half: 0,
                 sealed_last_lsn: Lsn::ZERO,
                 generations: Vec::new(),
+                lsn_floor: Lsn::ZERO,
             });
         }
         let mut header = FileHeader {
@@ -320,9 +323,21 @@ impl<M: Media> Nvlog<M> {
             file_bytes: len,
             partitions,
         };
-        header
-            .check_layout()
-            .map_err(|defect| NvlogError::InvalidSpec(defect.to_string()))?;
+        let mut old_generation = spec.generation_floor;
+        for slot in 0..2u64 {
+            let mut bytes = vec![0u8; HEADER_BYTES];
+            media.read(slot * HEADER_SLOT_BYTES, &mut bytes).map_err(io_err("read an old header"))?;
+            if let Ok(old) = FileHeader::decode(&bytes, slot, len) {
+                old_generation = old_generation.max(old.log_generation);
+            }
+        }
+        header.log_generation = Generation(
+            old_generation
+                .0
+                .checked_add(1)
+                .ok_or_else(|| NvlogError::InvalidSpec("the log generation is exhausted".into()))?,
+        );
+        header.check_layout().map_err(|defect| NvlogError::InvalidSpec(defect.to_string()))?;
         zero_range(&media, 0, len).map_err(io_err("zero the new log"))?;
         for sequence in [0, 1] {
             header.sequence = sequence;
@@ -340,15 +355,10 @@ impl<M: Media> Nvlog<M> {
         let mut copies = Vec::with_capacity(2);
         for slot in 0..2u64 {
             let mut bytes = vec![0u8; HEADER_BYTES];
-            media
-                .read(slot * HEADER_SLOT_BYTES, &mut bytes)
-                .map_err(io_err("read header"))?;
+            media.read(slot * HEADER_SLOT_BYTES, &mut bytes).map_err(io_err("read header"))?;
             copies.push(FileHeader::decode(&bytes, slot, len));
         }
-        let checks: Vec<_> = copies
-            .iter()
-            .map(|copy| copy.as_ref().map(|_| ()).map_err(|e| *e))
-            .collect();
+        let checks: Vec<_> = copies.iter().map(|copy| copy.as_ref().map(|_| ()).map_err(|e| *e)).collect();
         let header_case = header_case(&checks[0], &checks[1]);
         let mut header = match (copies.swap_remove(1), copies.swap_remove(0)) {
             (Ok(one), Ok(zero)) => {
@@ -380,7 +390,7 @@ impl<M: Media> Nvlog<M> {
         let mut parts = Vec::with_capacity(header.partitions.len());
         let mut reports = Vec::with_capacity(header.partitions.len());
         for (index, entry) in header.partitions.iter_mut().enumerate() {
-            let (state, report) = recover_partition(&media, entry, check_crc)?;
+            let (state, report) = recover_partition(&media, entry, options.durability, check_crc)?;
             parts.push(Partition {
                 kind: entry.kind,
                 index,
@@ -394,9 +404,7 @@ impl<M: Media> Nvlog<M> {
         // The zeroing done by recovery must be durable before the header that relies on it, and
         // records a crash left in the page cache must be durable before anything is built on them.
         if options.durability == Durability::Power {
-            media
-                .persist(DATA_START, len - DATA_START)
-                .map_err(io_err("persist recovered log"))?;
+            media.persist(DATA_START, len - DATA_START).map_err(io_err("persist recovered log"))?;
         }
         let generation = Generation(header.log_generation.0.checked_add(1).ok_or_else(|| {
             NvlogError::InvalidSpec("the log generation is exhausted; reformat the log".into())
@@ -418,14 +426,7 @@ impl<M: Media> Nvlog<M> {
         {
             log.release(PartitionKind::Local, options.lsn_floor)?;
         }
-        Ok((
-            log,
-            RecoveryReport {
-                header_case,
-                generation,
-                partitions: reports,
-            },
-        ))
+        Ok((log, RecoveryReport { header_case, generation, partitions: reports }))
     }
 
     /// The owner of the log.
@@ -466,10 +467,7 @@ impl<M: Media> Nvlog<M> {
     }
 
     fn partition(&self, kind: PartitionKind) -> Result<&Partition> {
-        self.parts
-            .iter()
-            .find(|part| part.kind == kind)
-            .ok_or(NvlogError::NoPartition(kind))
+        self.parts.iter().find(|part| part.kind == kind).ok_or(NvlogError::NoPartition(kind))
     }
 
     fn check_writable(&self, part: &Partition, state: &PartState) -> Result<()> {
@@ -492,15 +490,21 @@ impl<M: Media> Nvlog<M> {
         NvlogError::Io { op, source }
     }
 
+    /// Every write and persist goes through these two, which refuse to touch the media once
+    /// the log has failed (S10), whoever failed it and whenever.
     fn media_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(NvlogError::Failed);
+        }
         self.media.write(offset, data).map_err(|e| self.fail("write", e))
     }
 
     fn media_persist(&self, offset: u64, len: u64) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(NvlogError::Failed);
+        }
         self.counters.persists.fetch_add(1, Ordering::Relaxed);
-        self.media
-            .persist(offset, len)
-            .map_err(|e| self.fail("persist", e))
+        self.media.persist(offset, len).map_err(|e| self.fail("persist", e))
     }
 
     /// Writes the header with `change` applied, into the older slot; in `power` mode persists it
@@ -510,6 +514,11 @@ impl<M: Media> Nvlog<M> {
             return Err(NvlogError::Failed);
         }
         let mut header = self.header.lock().expect("the NVLog header lock holder panicked");
+        // Checked again under the lock: a header write that failed while this one waited must
+        // not be followed by a write over the last good copy.
+        if self.failed.load(Ordering::Acquire) {
+            return Err(NvlogError::Failed);
+        }
         change(&mut header);
         header.sequence += 1;
         let offset = header.slot() * HEADER_SLOT_BYTES;
@@ -549,7 +558,12 @@ impl<M: Media> Nvlog<M> {
         let total = encoded_len(input.payload.len()) as u64;
         let mut state = part.lock();
         state = self.make_room(part, state, total, wait)?;
-        let lsn = state.tail().next();
+        let lsn = state
+            .tail()
+            .max(state.floor)
+            .checked_next()
+            .filter(|lsn| lsn.0 < u64::MAX)
+            .ok_or(NvlogError::LsnExhausted)?;
         let mut header = encode_header(input, lsn, self.generation, self.identity.node)?;
         self.list_generation(part, &mut state, self.generation, lsn)?;
         seal_header(&mut header, self.generation, input.payload);
@@ -593,10 +607,7 @@ impl<M: Media> Nvlog<M> {
         let mut state = part.lock();
         self.check_writable(part, &state)?;
         if header.writer != state.writer {
-            return Err(NvlogError::WrongWriter {
-                expected: state.writer,
-                got: header.writer,
-            });
+            return Err(NvlogError::WrongWriter { expected: state.writer, got: header.writer });
         }
         if kind == PartitionKind::Local && header.generation > self.generation {
             return Err(NvlogError::InvalidRecord(crate::record::RecordDefect::BadField(
@@ -605,24 +616,15 @@ impl<M: Media> Nvlog<M> {
         }
         let tail = state.tail();
         if header.lsn <= tail {
-            return Err(NvlogError::NotAfterTail {
-                got: header.lsn,
-                tail,
-            });
+            return Err(NvlogError::NotAfterTail { got: header.lsn, tail });
         }
         if header.lsn != tail.next() && state.gap_allowed_at != Some(header.lsn) {
-            return Err(NvlogError::Gap {
-                expected: tail.next(),
-                got: header.lsn,
-            });
+            return Err(NvlogError::Gap { expected: tail.next(), got: header.lsn });
         }
         if let Some(newest) = state.generations.last()
             && header.generation < newest.generation
         {
-            return Err(NvlogError::StaleGeneration {
-                got: header.generation,
-                newest: newest.generation,
-            });
+            return Err(NvlogError::StaleGeneration { got: header.generation, newest: newest.generation });
         }
         let total = u64::from(header.total_len);
         // A receiver must never block its stream (the release that frees space arrives on it):
@@ -652,11 +654,7 @@ impl<M: Media> Nvlog<M> {
 
     fn commit_written(&self, state: &mut PartState, lsn: Lsn, offset: u64, total: u64) {
         let active = state.active_half as usize;
-        state.index.push_back(Entry {
-            lsn,
-            offset,
-            len: u32::try_from(total).expect("record ≤ 1 MiB"),
-        });
+        state.index.push_back(Entry { lsn, offset, len: u32::try_from(total).expect("record ≤ 1 MiB") });
         state.write_pos += total;
         state.half_last[active] = lsn;
         state.last_lsn = lsn;
@@ -677,20 +675,25 @@ impl<M: Media> Nvlog<M> {
         generation: Generation,
         lsn: Lsn,
     ) -> Result<()> {
-        if state
-            .generations
-            .last()
-            .is_some_and(|span| span.generation == generation)
-        {
+        if state.generations.last().is_some_and(|span| span.generation == generation) {
+            return Ok(());
+        }
+        let span = GenerationSpan { generation, first_lsn: lsn };
+        // A listed generation whose first record never became durable (a crash between the
+        // header write and the record) holds nothing: give its place to the new one, so first
+        // lsns keep strictly increasing.
+        if state.generations.last().is_some_and(|last| last.first_lsn >= lsn) {
+            self.update_entry(part, |entry| {
+                entry.generations.pop();
+                entry.generations.push(span);
+            })?;
+            state.generations.pop();
+            state.generations.push(span);
             return Ok(());
         }
         if state.generations.len() == MAX_GENERATIONS {
             return Err(NvlogError::TooManyGenerations(part.kind));
         }
-        let span = GenerationSpan {
-            generation,
-            first_lsn: lsn,
-        };
         self.update_entry(part, |entry| entry.generations.push(span))?;
         state.generations.push(span);
         Ok(())
@@ -703,13 +706,10 @@ impl<M: Media> Nvlog<M> {
         part: &'a Partition,
         mut state: MutexGuard<'a, PartState>,
         total: u64,
-        wait: bool,
+        may_wait: bool,
     ) -> Result<MutexGuard<'a, PartState>> {
         if total > part.half_size || total > MAX_RECORD_BYTES as u64 {
-            return Err(NvlogError::RecordTooLarge {
-                len: total,
-                half: part.half_size,
-            });
+            return Err(NvlogError::RecordTooLarge { len: total, half: part.half_size });
         }
         let mut counted = false;
         loop {
@@ -721,26 +721,20 @@ impl<M: Media> Nvlog<M> {
                 self.switch_half(part, &mut state)?;
                 continue;
             }
-            if !wait {
+            if !may_wait {
                 return Err(NvlogError::Full(part.kind));
             }
             if !counted {
                 self.counters.full_waits.fetch_add(1, Ordering::Relaxed);
                 counted = true;
             }
-            state = part
-                .changed
-                .wait(state)
-                .expect("an NVLog partition lock holder panicked");
+            state = wait(part, state);
         }
     }
 
     /// Seals the active half and activates the other (which is free: released and zeroed).
     fn switch_half(&self, part: &Partition, state: &mut PartState) -> Result<()> {
-        assert!(
-            state.sealed_free,
-            "switching into a half that holds unreleased records"
-        );
+        assert!(state.sealed_free, "switching into a half that holds unreleased records");
         let old = state.active_half;
         let new = 1 - old;
         let sealed_last = state.half_last[old as usize];
@@ -801,16 +795,12 @@ impl<M: Media> Nvlog<M> {
             if state.durable_lsn >= lsn {
                 return Ok(());
             }
-            assert!(
-                lsn <= state.last_lsn,
-                "persist_through({lsn}) above the last written lsn {}",
-                state.last_lsn
-            );
+            if lsn > state.last_lsn {
+                // Never written, or dropped by a reset since: it is not durable and never will be.
+                return Err(NvlogError::NotWritten { kind, lsn });
+            }
             if state.flushing {
-                state = part
-                    .changed
-                    .wait(state)
-                    .expect("an NVLog partition lock holder panicked");
+                state = wait(part, state);
                 continue;
             }
             state.flushing = true;
@@ -820,11 +810,7 @@ impl<M: Media> Nvlog<M> {
             let target = state.last_lsn;
             let offset = part.half_offset(state.active_half);
             drop(state);
-            let result = if end > start {
-                self.media_persist(offset + start, end - start)
-            } else {
-                Ok(())
-            };
+            let result = if end > start { self.media_persist(offset + start, end - start) } else { Ok(()) };
             state = part.lock();
             state.flushing = false;
             part.changed.notify_all();
@@ -882,19 +868,28 @@ impl<M: Media> Nvlog<M> {
     pub fn reset_partition(&self, kind: PartitionKind) -> Result<u64> {
         let part = self.partition(kind)?;
         let mut state = part.lock();
+        // A group-commit leader still in its msync must not land its result in the new state.
+        while state.flushing {
+            state = wait(part, state);
+        }
         if self.failed.load(Ordering::Acquire) {
             return Err(NvlogError::Failed);
         }
-        let released = state.tail();
+        let released = state.released;
+        // The release point stays where the last CP put it, so the records above it can be
+        // recovered from a partner's copy (S8); this node's own new lsns go on above every lsn
+        // the partition held.
+        let floor = state.floor.max(state.tail());
         let partition_generation = state.partition_generation + 1;
+        let round = state.round + 1;
         // Forget the records in the header first: a crash after this point finds an empty partition.
         self.update_entry(part, |entry| {
-            entry.released_lsn = released;
             entry.generations.clear();
             entry.sealed_last_lsn = Lsn::ZERO;
             entry.active_half = 0;
             entry.flags &= !FLAG_FAILED;
             entry.partition_generation = partition_generation;
+            entry.lsn_floor = floor;
         })?;
         zero_range(&self.media, part.offset, 2 * part.half_size)
             .map_err(|e| self.fail("zero a partition", e))?;
@@ -905,6 +900,8 @@ impl<M: Media> Nvlog<M> {
             writer: state.writer,
             mirror_state: state.mirror_state,
             partition_generation,
+            floor,
+            round,
             ..empty_state(released)
         };
         part.changed.notify_all();
@@ -931,11 +928,7 @@ impl<M: Media> Nvlog<M> {
             released_lsn: state.released,
             last_lsn: state.last_lsn,
             durable_lsn: state.durable_lsn,
-            unreleased_records: state
-                .index
-                .iter()
-                .filter(|entry| entry.lsn > state.released)
-                .count(),
+            unreleased_records: state.index.iter().filter(|entry| entry.lsn > state.released).count(),
             size_bytes: 2 * part.half_size,
             used_bytes: sealed_used + state.write_pos,
             failed: state.failed,
@@ -951,15 +944,9 @@ impl<M: Media> Nvlog<M> {
             return Err(NvlogError::PartitionFailed(kind));
         }
         let mut out = Vec::new();
-        for entry in state
-            .index
-            .iter()
-            .filter(|entry| entry.lsn > lsn && entry.lsn > state.released)
-        {
+        for entry in state.index.iter().filter(|entry| entry.lsn > lsn && entry.lsn > state.released) {
             let mut bytes = vec![0u8; entry.len as usize];
-            self.media
-                .read(entry.offset, &mut bytes)
-                .map_err(io_err("read a record"))?;
+            self.media.read(entry.offset, &mut bytes).map_err(io_err("read a record"))?;
             out.push(bytes);
         }
         Ok(out)
@@ -979,9 +966,7 @@ impl<M: Media> Nvlog<M> {
         let mut bytes = Vec::new();
         for entry in state.index.iter().filter(|entry| entry.lsn > start) {
             bytes.resize(entry.len as usize, 0);
-            self.media
-                .read(entry.offset, &mut bytes)
-                .map_err(io_err("read a record"))?;
+            self.media.read(entry.offset, &mut bytes).map_err(io_err("read a record"))?;
             // Recovery verified these bytes; verify again so memory corruption since then is an
             // error, not a replayed write.
             let record = if self.checks_crc() {
@@ -989,17 +974,11 @@ impl<M: Media> Nvlog<M> {
             } else {
                 let header = decode_header(&bytes)?;
                 let end = RECORD_HEADER_BYTES + header.payload_len as usize;
-                Record {
-                    header,
-                    payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]),
-                }
+                Record { header, payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]) }
             };
             assert_eq!(record.header.lsn, entry.lsn, "the index and the media disagree");
             if record.header.lsn != previous.next() {
-                replay.gaps.push(LsnGap {
-                    after: previous,
-                    next: record.header.lsn,
-                });
+                replay.gaps.push(LsnGap { after: previous, next: record.header.lsn });
             }
             previous = record.header.lsn;
             if let Some(epochs) = &filter.frozen_epochs
@@ -1021,6 +1000,13 @@ impl<M: Media> Nvlog<M> {
     }
 }
 
+/// Waits for a change of the partition, with a bound: a failure latched without this
+/// partition's lock (S10) must be noticed even if its wakeup came before the wait began.
+fn wait<'a>(part: &'a Partition, state: MutexGuard<'a, PartState>) -> MutexGuard<'a, PartState> {
+    const RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+    part.changed.wait_timeout(state, RECHECK).expect("an NVLog partition lock holder panicked").0
+}
+
 fn empty_state(released: Lsn) -> PartState {
     PartState {
         writer: NodeId(0),
@@ -1035,6 +1021,7 @@ fn empty_state(released: Lsn) -> PartState {
         last_lsn: Lsn::ZERO,
         durable_lsn: Lsn::ZERO,
         released,
+        floor: Lsn::ZERO,
         generations: Vec::new(),
         gap_allowed_at: None,
         index: VecDeque::new(),
@@ -1047,12 +1034,14 @@ fn empty_state(released: Lsn) -> PartState {
 /// Recovers one partition by the decision table; fixes `entry` (failed flag) in place and
 /// prepares the media (zeroing) so that the next header write is consistent with it.
 ///
-/// Nothing that verifies is ever zeroed: where the header and the records disagree (possible
-/// only when the newest header copy was lost to corruption and an older one is in use), the
+/// Nothing that verifies is ever zeroed where it could matter: where the header and the
+/// records disagree (possible only when the newest header copy was lost to corruption and an
+/// older one is in use) or a damaged record is followed by verified ones in `process` mode, the
 /// partition fails instead, and S8 recovers its records from a partner.
 fn recover_partition<M: Media>(
     media: &M,
     entry: &mut PartitionEntry,
+    durability: Durability,
     check_crc: bool,
 ) -> Result<(PartState, PartitionRecovery)> {
     let mut state = PartState {
@@ -1061,54 +1050,44 @@ fn recover_partition<M: Media>(
         partition_generation: entry.partition_generation,
         active_half: entry.active_half,
         generations: entry.generations.clone(),
+        floor: entry.lsn_floor,
         ..empty_state(entry.released_lsn)
     };
     let active = entry.active_half;
     let sealed = 1 - active;
     let half = entry.half_size();
-    let active_scan = scan_half(media, entry, active, entry.sealed_last_lsn, None, check_crc)
-        .map_err(io_err("scan the active half"))?;
-    // The highest lsn known to exist, so that lsns go on above it even if the partition fails.
-    let highest = active_scan
-        .records
-        .last()
-        .map_or(Lsn::ZERO, |f| f.lsn)
-        .max(entry.sealed_last_lsn);
     let mut report = PartitionRecovery {
         kind: entry.kind,
         case: Case::Valid,
         action: Action::Keep,
         records: 0,
-        tail: entry.released_lsn.max(highest),
+        tail: entry.released_lsn,
         defect: None,
+        dropped_verified_records: 0,
+    };
+    // The highest lsn of any record that verifies anywhere in the partition, so that lsns go
+    // on above it even when the partition fails.
+    let highest = |extra: Lsn| -> Result<Lsn> {
+        let mut highest = extra.max(entry.sealed_last_lsn);
+        for half in [0, 1] {
+            let lsns = sweep_half(media, entry, half, 0, check_crc).map_err(io_err("sweep a half"))?;
+            highest = lsns.into_iter().fold(highest, Lsn::max);
+        }
+        Ok(highest)
     };
     if entry.failed() {
         let why = "marked failed by an earlier recovery".to_string();
-        return Ok(fail_partition(
-            entry,
-            state,
-            report,
-            highest,
-            Case::CorruptBeforeTail,
-            why,
-        ));
+        let highest = highest(Lsn::ZERO)?;
+        return Ok(fail_partition(entry, state, report, highest, Case::CorruptBeforeTail, why));
     }
+    let active_scan = scan_half(media, entry, active, entry.sealed_last_lsn, None, check_crc)
+        .map_err(io_err("scan the active half"))?;
     let mut found: Vec<Found> = Vec::new();
     let sealed_holds_records = entry.sealed_last_lsn > entry.released_lsn;
-    let sealed_scan = scan_half(
-        media,
-        entry,
-        sealed,
-        Lsn::ZERO,
-        sealed_holds_records.then_some(entry.sealed_last_lsn),
-        check_crc,
-    )
-    .map_err(io_err("scan the sealed half"))?;
     if sealed_holds_records {
-        let reached = sealed_scan
-            .records
-            .last()
-            .is_some_and(|last| last.lsn == entry.sealed_last_lsn);
+        let sealed_scan = scan_half(media, entry, sealed, Lsn::ZERO, Some(entry.sealed_last_lsn), check_crc)
+            .map_err(io_err("scan the sealed half"))?;
+        let reached = sealed_scan.records.last().is_some_and(|last| last.lsn == entry.sealed_last_lsn);
         if !reached {
             let (case, defect) = match sealed_scan.stop {
                 Stop::Stale(why) => (Case::StaleGeneration, why),
@@ -1116,6 +1095,7 @@ fn recover_partition<M: Media>(
                 Stop::Clean | Stop::Reached => (Case::CorruptBeforeTail, "records end early".to_string()),
             };
             let why = format!("sealed half ends before lsn {}: {defect}", entry.sealed_last_lsn);
+            let highest = highest(Lsn::ZERO)?;
             return Ok(fail_partition(entry, state, report, highest, case, why));
         }
         state.half_last[sealed as usize] = entry.sealed_last_lsn;
@@ -1126,49 +1106,51 @@ fn recover_partition<M: Media>(
         // The header says everything in the sealed half is released: it holds nothing, or
         // released records whose zeroing a crash interrupted. A live record there means the
         // header is older than the records.
-        let live = sealed_scan
-            .records
-            .iter()
-            .find(|f| f.lsn > entry.released_lsn)
-            .map(|f| f.lsn);
-        let stale = matches!(sealed_scan.stop, Stop::Stale(_));
-        if live.is_some() || stale {
-            let why = format!(
-                "the released half holds a live record (lsn {live:?}, stop {:?})",
-                sealed_scan.stop
-            );
-            let highest = highest.max(live.unwrap_or(Lsn::ZERO));
-            return Ok(fail_partition(
-                entry,
-                state,
-                report,
-                highest,
-                Case::CorruptBeforeTail,
-                why,
-            ));
+        let live = sweep_half(media, entry, sealed, 0, check_crc)
+            .map_err(io_err("sweep the released half"))?
+            .into_iter()
+            .filter(|lsn| *lsn > entry.released_lsn)
+            .max();
+        if let Some(live) = live {
+            let why = format!("the released half holds a live record (lsn {live})");
+            let highest = highest(live)?;
+            return Ok(fail_partition(entry, state, report, highest, Case::CorruptBeforeTail, why));
         }
         zero_range(media, entry.half_offset(sealed), half).map_err(io_err("zero a released half"))?;
         state.sealed_free = true;
     }
-    let (case, defect) = match active_scan.stop {
+    let last_good = active_scan.records.last().map_or(entry.sealed_last_lsn, |f| f.lsn);
+    let (mut case, defect) = match active_scan.stop {
         Stop::Clean | Stop::Reached => (Case::Valid, None),
         Stop::Damaged(why) => (Case::TornTail, Some(why)),
         Stop::Stale(why) => (Case::StaleGeneration, Some(why)),
     };
+    if case == Case::TornTail {
+        // What verifies beyond the damage? Appends are written in lsn order, one at a time per
+        // partition, so after a process crash nothing can: a verified record there means the
+        // damaged one was corrupted after it was written. After a power loss it can be an
+        // unacknowledged record that landed while an earlier one did not.
+        let beyond = sweep_half(media, entry, active, active_scan.end + 8, check_crc)
+            .map_err(io_err("look beyond the tail"))?
+            .into_iter()
+            .filter(|lsn| *lsn > last_good)
+            .count();
+        if beyond > 0 && durability == Durability::Process {
+            case = Case::CorruptBeforeTail;
+        }
+        report.dropped_verified_records = beyond;
+    }
     let action = action_for(case);
     if action == Action::FailPartition {
         let why = defect.unwrap_or_default();
+        let highest = highest(last_good)?;
         return Ok(fail_partition(entry, state, report, highest, case, why));
     }
     debug_assert!(matches!(action, Action::Keep | Action::TruncateTail));
     // With `Keep` the rest is zero already; zeroing it on every open costs a read and makes sure
     // no byte of a write that never completed lies beyond the tail (TruncateTail).
-    zero_range(
-        media,
-        entry.half_offset(active) + active_scan.end,
-        half - active_scan.end,
-    )
-    .map_err(io_err("truncate the tail"))?;
+    zero_range(media, entry.half_offset(active) + active_scan.end, half - active_scan.end)
+        .map_err(io_err("truncate the tail"))?;
     if let Some(last) = active_scan.records.last() {
         state.half_last[active as usize] = last.lsn;
     }
@@ -1182,14 +1164,7 @@ fn recover_partition<M: Media>(
     report.case = case;
     report.action = action;
     report.defect = defect;
-    state.index = found
-        .into_iter()
-        .map(|f| Entry {
-            lsn: f.lsn,
-            offset: f.offset,
-            len: f.len,
-        })
-        .collect();
+    state.index = found.into_iter().map(|f| Entry { lsn: f.lsn, offset: f.offset, len: f.len }).collect();
     Ok((state, report))
 }
 

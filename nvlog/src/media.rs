@@ -71,12 +71,10 @@ pub struct MmapMedia {
 
 impl MmapMedia {
     /// Creates a new zero-filled file of `len` bytes (sparse) and maps it. Fails if it exists.
+    /// The file stays locked (exclusively) until the media is dropped.
     pub fn create(path: &Path, len: u64) -> io::Result<MmapMedia> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        lock(&file, path)?;
         file.set_len(len)?;
         file.sync_all()?;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
@@ -85,27 +83,33 @@ impl MmapMedia {
         MmapMedia::map(file)
     }
 
-    /// Maps an existing file.
+    /// Maps an existing file. Fails while another process holds it.
     pub fn open(path: &Path) -> io::Result<MmapMedia> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
+        lock(&file, path)?;
         MmapMedia::map(file)
     }
 
     fn map(file: File) -> io::Result<MmapMedia> {
         let len = file.metadata()?.len();
         if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the NVLog file is empty",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the NVLog file is empty"));
         }
         let map = MmapRaw::map_raw(&file)?;
-        Ok(MmapMedia {
-            map,
-            len,
-            _file: file,
-        })
+        Ok(MmapMedia { map, len, _file: file })
     }
+}
+
+/// Takes an exclusive lock on the file for as long as it is open, so two processes never
+/// journal into one log.
+fn lock(file: &File, path: &Path) -> io::Result<()> {
+    file.try_lock().map_err(|error| match error {
+        std::fs::TryLockError::WouldBlock => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{} is in use by another process", path.display()),
+        ),
+        std::fs::TryLockError::Error(error) => error,
+    })
 }
 
 impl Media for MmapMedia {

@@ -129,10 +129,7 @@ impl Media for MemMedia {
         }
         let start = check_range(inner.current.len() as u64, offset, data.len())?;
         inner.current[start..start + data.len()].copy_from_slice(data);
-        inner.trace.push(Event::Write {
-            offset,
-            data: data.to_vec(),
-        });
+        inner.trace.push(Event::Write { offset, data: data.to_vec() });
         Ok(())
     }
 
@@ -150,10 +147,7 @@ impl Media for MemMedia {
         }
         let media_len = inner.current.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > media_len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "persist outside the media",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "persist outside the media"));
         }
         inner.trace.push(Event::Persist { offset, len });
         Ok(())
@@ -196,11 +190,7 @@ pub struct CrashSim {
 
 impl CrashSim {
     fn new(base: Vec<u8>) -> CrashSim {
-        CrashSim {
-            durable: base.clone(),
-            current: base,
-            pending: Vec::new(),
-        }
+        CrashSim { durable: base.clone(), current: base, pending: Vec::new() }
     }
 
     /// Applies the next event of the trace.

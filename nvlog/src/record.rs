@@ -168,9 +168,7 @@ fn check_shape(op: OpKind, payload_len: u64, range_len: u64, offset: u64) -> Res
     }
     match op {
         OpKind::Write if payload_len != range_len => {
-            return Err(RecordDefect::BadLength(
-                "a write's payload length must equal its range length",
-            ));
+            return Err(RecordDefect::BadLength("a write's payload length must equal its range length"));
         }
         OpKind::Write if payload_len == 0 => return Err(RecordDefect::BadLength("empty write")),
         OpKind::Trim | OpKind::WriteZeroes if payload_len != 0 => {
@@ -189,12 +187,7 @@ fn check_shape(op: OpKind, payload_len: u64, range_len: u64, offset: u64) -> Res
 
 /// Checks what a caller asks to append, before any space is taken for it.
 pub(crate) fn check_input(input: &RecordInput<'_>) -> Result<(), RecordDefect> {
-    check_shape(
-        input.op,
-        input.payload.len() as u64,
-        input.range_len,
-        input.offset,
-    )
+    check_shape(input.op, input.payload.len() as u64, input.range_len, input.offset)
 }
 
 /// Encodes the header of a record (CRC field zero).
@@ -271,10 +264,7 @@ pub fn encode_record(
 /// Decodes and checks a record header, without the CRC (which needs the payload).
 pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordDefect> {
     if bytes.len() < RECORD_HEADER_BYTES {
-        return Err(RecordDefect::Truncated {
-            have: bytes.len(),
-            need: RECORD_HEADER_BYTES,
-        });
+        return Err(RecordDefect::Truncated { have: bytes.len(), need: RECORD_HEADER_BYTES });
     }
     let bytes = &bytes[..RECORD_HEADER_BYTES];
     if bytes.iter().all(|&b| b == 0) {
@@ -295,9 +285,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordDefect> {
     let range_len = u64_at(bytes, field::RANGE_LEN);
     check_shape(op, u64::from(payload_len), range_len, offset)?;
     if total_len as usize != encoded_len(payload_len as usize) {
-        return Err(RecordDefect::BadLength(
-            "total length does not match the payload length",
-        ));
+        return Err(RecordDefect::BadLength("total length does not match the payload length"));
     }
     let lsn = Lsn(u64_at(bytes, field::LSN));
     if lsn == Lsn::ZERO {
@@ -331,10 +319,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordDefect> {
 pub(crate) fn verify_crc(header: &RecordHeader, bytes: &[u8]) -> Result<(), RecordDefect> {
     let total = header.total_len as usize;
     if bytes.len() < total {
-        return Err(RecordDefect::Truncated {
-            have: bytes.len(),
-            need: total,
-        });
+        return Err(RecordDefect::Truncated { have: bytes.len(), need: total });
     }
     let payload_end = RECORD_HEADER_BYTES + header.payload_len as usize;
     let computed = {
@@ -346,10 +331,7 @@ pub(crate) fn verify_crc(header: &RecordHeader, bytes: &[u8]) -> Result<(), Reco
         hasher.finalize()
     };
     if computed != header.crc {
-        return Err(RecordDefect::BadCrc {
-            stored: header.crc,
-            computed,
-        });
+        return Err(RecordDefect::BadCrc { stored: header.crc, computed });
     }
     debug_assert!(payload_end <= total);
     Ok(())
@@ -361,10 +343,7 @@ impl Record {
         let header = decode_header(bytes)?;
         verify_crc(&header, bytes)?;
         let payload_end = RECORD_HEADER_BYTES + header.payload_len as usize;
-        Ok(Record {
-            header,
-            payload: Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..payload_end]),
-        })
+        Ok(Record { header, payload: Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..payload_end]) })
     }
 
     /// Encodes the record again, byte for byte as its writer did (same CRC).
@@ -391,10 +370,7 @@ mod tests {
         RecordInput {
             op: OpKind::Write,
             aggregate: AggregateId([7; 16]),
-            epoch: Epoch {
-                number: 3,
-                owner: NodeId(1),
-            },
+            epoch: Epoch { number: 3, owner: NodeId(1) },
             volume: VolumeId(2),
             offset: 4096,
             range_len: payload.len() as u64,
@@ -436,12 +412,7 @@ mod tests {
         let mut bad = input(b"abc");
         bad.range_len = 4;
         assert!(encode_record(&bad, Lsn(1), Generation(1), NodeId(1)).is_err());
-        let trim = RecordInput {
-            op: OpKind::Trim,
-            payload: b"",
-            range_len: 0,
-            ..input(b"")
-        };
+        let trim = RecordInput { op: OpKind::Trim, payload: b"", range_len: 0, ..input(b"") };
         assert!(encode_record(&trim, Lsn(1), Generation(1), NodeId(1)).is_err());
         let big = vec![0u8; MAX_PAYLOAD_BYTES as usize + 1];
         assert!(encode_record(&input(&big), Lsn(1), Generation(1), NodeId(1)).is_err());

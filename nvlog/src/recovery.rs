@@ -133,6 +133,13 @@ pub struct PartitionRecovery {
     pub tail: Lsn,
     /// The defect that ended the scan, when it was not a clean end.
     pub defect: Option<String>,
+    /// Records that verify but lie beyond a torn tail and were dropped with it. In `power` mode
+    /// a power loss can leave such records (none of them was acknowledged, since an
+    /// acknowledgement covers every lower lsn); bit rot in an acknowledged record looks the
+    /// same, so the caller must take the partner's records above `tail` before serving (S8),
+    /// or NVFAIL without one. In `process` mode this is always corruption and the partition
+    /// fails instead.
+    pub dropped_verified_records: usize,
 }
 
 /// What recovery did to the whole log.
@@ -217,10 +224,7 @@ pub(crate) fn scan_half<M: Media + ?Sized>(
         body.resize(usize::try_from(total).expect("a record is at most 1 MiB"), 0);
         media.read(base + pos, &mut body)?;
         if check_crc && let Err(defect) = verify_crc(&header, &body) {
-            break Stop::Damaged(format!(
-                "at byte {pos} of half {half}, lsn {}: {defect}",
-                header.lsn
-            ));
+            break Stop::Damaged(format!("at byte {pos} of half {half}, lsn {}: {defect}", header.lsn));
         }
         if header.lsn <= previous {
             break Stop::Damaged(format!(
@@ -236,19 +240,61 @@ pub(crate) fn scan_half<M: Media + ?Sized>(
                 header.lsn, header.generation
             ));
         }
-        records.push(Found {
-            lsn: header.lsn,
-            offset: base + pos,
-            len: header.total_len,
-        });
+        records.push(Found { lsn: header.lsn, offset: base + pos, len: header.total_len });
         previous = header.lsn;
         pos += total;
     };
-    Ok(HalfScan {
-        records,
-        end: pos,
-        stop,
-    })
+    Ok(HalfScan { records, end: pos, stop })
+}
+
+/// Finds every record of the partition's writer that verifies, at any 8-byte position of the
+/// half from `from` on, whatever its generation or order; steps over the body of each one found
+/// so records inside payloads of genuine records are not counted. Used where the ordinary scan
+/// stopped and recovery must know what lies beyond: the highest lsn that exists (so lsns never
+/// go back) and whether verified records follow a damaged one.
+pub(crate) fn sweep_half<M: Media + ?Sized>(
+    media: &M,
+    entry: &PartitionEntry,
+    half: u32,
+    from: u64,
+    check_crc: bool,
+) -> std::io::Result<Vec<Lsn>> {
+    const CHUNK: u64 = 1 << 20;
+    let base = entry.half_offset(half);
+    let size = entry.half_size();
+    let magic = crate::record::RECORD_MAGIC.to_le_bytes();
+    let mut found = Vec::new();
+    let mut chunk = Vec::new();
+    let mut body = Vec::new();
+    let mut pos = from.next_multiple_of(crate::record::RECORD_ALIGN as u64);
+    while pos + RECORD_HEADER_BYTES as u64 <= size {
+        let chunk_start = pos;
+        let len = CHUNK.min(size - chunk_start);
+        chunk.resize(usize::try_from(len).expect("chunk fits usize"), 0);
+        media.read(base + chunk_start, &mut chunk)?;
+        let mut skip_to = chunk_start;
+        while pos < chunk_start + len && pos + RECORD_HEADER_BYTES as u64 <= size {
+            let at = usize::try_from(pos - chunk_start).expect("in chunk");
+            if pos >= skip_to && chunk[at..at + 4] == magic {
+                let mut header_bytes = [0u8; RECORD_HEADER_BYTES];
+                media.read(base + pos, &mut header_bytes)?;
+                if let Ok(header) = decode_header(&header_bytes)
+                    && header.writer == entry.writer
+                    && pos + u64::from(header.total_len) <= size
+                {
+                    body.resize(header.total_len as usize, 0);
+                    media.read(base + pos, &mut body)?;
+                    if !check_crc || verify_crc(&header, &body).is_ok() {
+                        found.push(header.lsn);
+                        skip_to = pos + u64::from(header.total_len);
+                    }
+                }
+            }
+            pos += crate::record::RECORD_ALIGN as u64;
+        }
+        pos = pos.max(skip_to);
+    }
+    Ok(found)
 }
 
 /// Maps a header-copy outcome to its case.
@@ -275,11 +321,7 @@ mod tests {
             Case::HeaderCopiesDisagree,
             Case::BothHeadersBad,
         ] {
-            assert_eq!(
-                RECOVERY_TABLE.iter().filter(|row| row.case == case).count(),
-                1,
-                "{case:?}"
-            );
+            assert_eq!(RECOVERY_TABLE.iter().filter(|row| row.case == case).count(), 1, "{case:?}");
         }
     }
 

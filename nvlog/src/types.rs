@@ -15,12 +15,15 @@ impl Lsn {
     /// No record: every real lsn is above it.
     pub const ZERO: Lsn = Lsn(0);
 
-    /// The lsn that follows this one.
+    /// The lsn that follows this one, saturating at the end of the lsn space (the journal
+    /// never hands out the last lsn; use `checked_next` where that matters).
     pub fn next(self) -> Lsn {
-        Lsn(self
-            .0
-            .checked_add(1)
-            .expect("lsn space of 2^64 is never exhausted"))
+        Lsn(self.0.saturating_add(1))
+    }
+
+    /// The lsn that follows this one, or `None` at the end of the lsn space.
+    pub fn checked_next(self) -> Option<Lsn> {
+        self.0.checked_add(1).map(Lsn)
     }
 }
 

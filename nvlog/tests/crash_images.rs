@@ -94,12 +94,7 @@ impl Workload {
     }
 
     fn input<'a>(op: OpKind, data: &'a [u8], range: u64, offset: u64) -> RecordInput<'a> {
-        RecordInput {
-            op,
-            range_len: range,
-            payload: data,
-            ..write_input(data, offset)
-        }
+        RecordInput { op, range_len: range, payload: data, ..write_input(data, offset) }
     }
 
     /// A CP: everything durable in `kind` is released.
@@ -127,22 +122,16 @@ impl Workload {
                     Err(other) => panic!("append: {other}"),
                 }
             };
-            let encoded = encode_record(
-                &Workload::input(op, &data, range, offset),
-                lsn,
-                self.log().generation(),
-                NODE,
-            )
-            .expect("encodes");
+            let encoded =
+                encode_record(&Workload::input(op, &data, range, offset), lsn, self.log().generation(), NODE)
+                    .expect("encodes");
             self.model.appended.insert((LOCAL, lsn), encoded);
             written.push(lsn);
         }
         let last = *written.last().expect("a batch has records");
         self.log().persist_through(LOCAL, last).expect("persist");
         let at = self.trace_len();
-        self.model
-            .acked
-            .extend(written.into_iter().map(|lsn| (LOCAL, lsn, at)));
+        self.model.acked.extend(written.into_iter().map(|lsn| (LOCAL, lsn, at)));
     }
 
     fn append_partner(&mut self) {
@@ -153,22 +142,13 @@ impl Workload {
         self.partner_lsn += 1;
         let (op, data, range) = self.random_input();
         let input = RecordInput {
-            epoch: Epoch {
-                number: 1,
-                owner: PARTNER,
-            },
+            epoch: Epoch { number: 1, owner: PARTNER },
             ..Workload::input(op, &data, range, 0)
         };
-        let encoded = encode_record(
-            &input,
-            Lsn(self.partner_lsn),
-            Generation(self.partner_generation),
-            PARTNER,
-        )
-        .expect("encodes");
-        self.model
-            .appended
-            .insert((DR, Lsn(self.partner_lsn)), encoded.clone());
+        let encoded =
+            encode_record(&input, Lsn(self.partner_lsn), Generation(self.partner_generation), PARTNER)
+                .expect("encodes");
+        self.model.appended.insert((DR, Lsn(self.partner_lsn)), encoded.clone());
         loop {
             match self.log().append_copy(DR, &encoded) {
                 Ok(lsn) => {
@@ -191,11 +171,7 @@ impl Workload {
     fn run(seed: u64, durability: Durability, faults: Faults) -> Workload {
         let mut rng = SplitMix64(seed);
         let media = Arc::new(MemMedia::new(MEDIA_BYTES));
-        let options = Options {
-            durability,
-            faults,
-            ..Options::default()
-        };
+        let options = Options { durability, faults, ..Options::default() };
         let (log, _) = Nvlog::format(media.clone(), &spec(), options).expect("format");
         // Everything before this point was persisted by format.
         media.restart_trace();
@@ -249,10 +225,7 @@ fn recover_records(image: Vec<u8>, options: Options) -> Result<RecoveredImage, S
                     image.records.insert((kind, record.header.lsn), record.encode());
                 }
             }
-            Err(e) => image.failed.push(format!(
-                "{kind}: {e} ({:?}: {:?})",
-                recovery.case, recovery.defect
-            )),
+            Err(e) => image.failed.push(format!("{kind}: {e} ({:?}: {:?})", recovery.case, recovery.defect)),
         }
     }
     image.after_open = media.snapshot();
@@ -280,11 +253,7 @@ fn check_image(
     tally: &mut Tally,
 ) {
     tally.images += 1;
-    let mut fail = |what: String| {
-        tally
-            .violations
-            .push(format!("{label} at trace point {at}: {what}"))
-    };
+    let mut fail = |what: String| tally.violations.push(format!("{label} at trace point {at}: {what}"));
     let recovered = match recover_records(image, options) {
         Ok(recovered) => recovered,
         // A flipped bit may leave no valid header copy: refusing to open is a clean outcome.
@@ -294,9 +263,7 @@ fn check_image(
     for ((kind, lsn), bytes) in &recovered.records {
         match model.appended.get(&(*kind, *lsn)) {
             Some(original) if original == bytes => {}
-            Some(_) => fail(format!(
-                "{kind} lsn {lsn} replayed with bytes that were never appended"
-            )),
+            Some(_) => fail(format!("{kind} lsn {lsn} replayed with bytes that were never appended")),
             None => fail(format!("{kind} lsn {lsn} replayed but never appended")),
         }
     }
@@ -312,9 +279,7 @@ fn check_image(
     for kind in [LOCAL, DR] {
         let released = recovered.released[&kind];
         if released > model.max_release_started(kind, at) {
-            fail(format!(
-                "{kind} released up to {released}, beyond any release requested"
-            ));
+            fail(format!("{kind} released up to {released}, beyond any release requested"));
         }
     }
     for &(kind, lsn, acked_at) in &model.acked {
@@ -329,6 +294,40 @@ fn check_image(
         Ok(_) => fail("a second recovery replayed different records".into()),
         Err(e) => fail(format!("a second recovery failed: {e}")),
     }
+    // Life goes on after a crash: appends and header writes on the recovered log, then a clean
+    // restart, keep every record.
+    if let Err(e) = continue_after_recovery(&recovered, options) {
+        fail(format!("after recovery: {e}"));
+    }
+}
+
+fn continue_after_recovery(recovered: &RecoveredImage, options: Options) -> Result<(), String> {
+    let media = Arc::new(MemMedia::from_image(recovered.after_open.clone()));
+    let (log, _) = Nvlog::open(media.clone(), IDENTITY, options).map_err(|e| format!("open: {e}"))?;
+    let mut expected = recovered.records.clone();
+    // A CP first, so the small partition has room (and release is exercised after a crash).
+    let tail = log.durable_tail(LOCAL).map_err(|e| e.to_string())?;
+    log.release(LOCAL, tail).map_err(|e| format!("release: {e}"))?;
+    for (i, data) in [&b"after one"[..], &b"after two"[..]].into_iter().enumerate() {
+        let input = write_input(data, 0);
+        let lsn = log.append(&input).map_err(|e| format!("append: {e}"))?;
+        let encoded = encode_record(&input, lsn, log.generation(), NODE).map_err(|e| e.to_string())?;
+        expected.insert((LOCAL, lsn), encoded);
+        if i == 0 {
+            log.set_mirror_state(DR, nvlog::MirrorState::InSync).map_err(|e| format!("header: {e}"))?;
+        }
+    }
+    drop(log);
+    let again = recover_records(media.snapshot(), options)?;
+    if !again.failed.is_empty() {
+        return Err(format!("partition failed: {:?}", again.failed));
+    }
+    // Records released at open (the lsn floor) are legitimately gone; everything else stays.
+    expected.retain(|(kind, lsn), _| *lsn > again.released[kind]);
+    if again.records != expected {
+        return Err("records differ after appending to the recovered log".into());
+    }
+    Ok(())
 }
 
 /// Enumerates crash images over `workloads` random workloads; returns the tally.
@@ -336,20 +335,13 @@ fn enumerate(seed: u64, workloads: u64, faults: Faults) -> Tally {
     let mut tally = Tally::default();
     let mut rng = SplitMix64(seed);
     for index in 0..workloads {
-        let durability = if index % 2 == 0 {
-            Durability::Power
-        } else {
-            Durability::Process
-        };
+        let durability = if index % 2 == 0 { Durability::Power } else { Durability::Process };
         let workload_seed = rng.next_u64();
         let workload = Workload::run(workload_seed, durability, faults);
         // Recovery of the images runs the real journal, without the write-side fault.
         let options = Options {
             durability,
-            faults: Faults {
-                ack_before_persist: false,
-                ..faults
-            },
+            faults: Faults { ack_before_persist: false, ..faults },
             ..Options::default()
         };
         let trace = workload.media.trace();
@@ -403,10 +395,7 @@ fn seed() -> u64 {
 }
 
 fn workloads(default: u64) -> u64 {
-    std::env::var("NVLOG_CRASH_WORKLOADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var("NVLOG_CRASH_WORKLOADS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
 #[test]
@@ -429,16 +418,10 @@ fn every_acknowledged_record_survives_every_crash_image() {
 fn checker_catches_acknowledging_before_persisting() {
     let seed = seed();
     println!("seed: {seed:#x}");
-    let faults = Faults {
-        ack_before_persist: true,
-        ..Faults::default()
-    };
+    let faults = Faults { ack_before_persist: true, ..Faults::default() };
     let tally = enumerate(seed, workloads(20), faults);
     println!("images: {}, violations: {}", tally.images, tally.violations.len());
-    assert!(
-        tally.violations.iter().any(|v| v.contains("lost")),
-        "the checker missed ack-before-persist"
-    );
+    assert!(tally.violations.iter().any(|v| v.contains("lost")), "the checker missed ack-before-persist");
 }
 
 /// The checker bites: recovery without the CRC check replays torn or flipped records.
@@ -446,10 +429,7 @@ fn checker_catches_acknowledging_before_persisting() {
 fn checker_catches_recovery_without_crc_check() {
     let seed = seed();
     println!("seed: {seed:#x}");
-    let faults = Faults {
-        skip_crc_check: true,
-        ..Faults::default()
-    };
+    let faults = Faults { skip_crc_check: true, ..Faults::default() };
     let tally = enumerate(seed, workloads(20), faults);
     println!("images: {}, violations: {}", tally.images, tally.violations.len());
     assert!(

@@ -34,13 +34,7 @@ fn reopen(media: &Arc<MemMedia>, durability: Durability) -> (Nvlog<Arc<MemMedia>
 /// A partner's record as its writer would send it.
 fn partner_record(lsn: u64, generation: u64, data: &[u8]) -> Vec<u8> {
     let input = common::write_input(data, lsn * 4096);
-    let input = nvlog::RecordInput {
-        epoch: Epoch {
-            number: 1,
-            owner: PARTNER,
-        },
-        ..input
-    };
+    let input = nvlog::RecordInput { epoch: Epoch { number: 1, owner: PARTNER }, ..input };
     encode_record(&input, Lsn(lsn), Generation(generation), PARTNER).unwrap()
 }
 
@@ -61,10 +55,7 @@ fn appended_records_replay_in_order_after_reopen() {
         let (log, report) = reopen(&media, durability);
         assert_eq!(report.header_case, Case::Valid);
         assert!(report.partitions.iter().all(|p| p.case == Case::Valid));
-        assert!(
-            log.generation() > generation,
-            "the generation rises at every open"
-        );
+        assert!(log.generation() > generation, "the generation rises at every open");
         let records = replay_all(&log, LOCAL);
         assert_eq!(records.len(), 21);
         for (i, data) in expected.iter().enumerate() {
@@ -84,10 +75,7 @@ fn appended_records_replay_in_order_after_reopen() {
 #[test]
 fn lsns_start_above_the_floor() {
     let media = Arc::new(MemMedia::new(64 * 1024));
-    let opts = nvlog::Options {
-        lsn_floor: Lsn(100),
-        ..options(Durability::Power)
-    };
+    let opts = nvlog::Options { lsn_floor: Lsn(100), ..options(Durability::Power) };
     let (log, _) = Nvlog::format(media.clone(), &spec(), opts).unwrap();
     assert_eq!(log.append(&write_input(b"x", 0)).unwrap(), Lsn(101));
     assert_eq!(log.status(LOCAL).unwrap().released_lsn, Lsn(100));
@@ -100,10 +88,7 @@ fn one_mib_records_round_trip_and_larger_are_refused() {
     let big = payload(7, nvlog::MAX_PAYLOAD_BYTES as usize);
     log.append(&write_input(&big, 0)).unwrap();
     let too_big = vec![1u8; nvlog::MAX_PAYLOAD_BYTES as usize + 1];
-    assert!(matches!(
-        log.append(&write_input(&too_big, 0)),
-        Err(NvlogError::InvalidRecord(_))
-    ));
+    assert!(matches!(log.append(&write_input(&too_big, 0)), Err(NvlogError::InvalidRecord(_))));
     drop(log);
     let (log, _) = reopen(&media, Durability::Power);
     assert_eq!(&replay_all(&log, LOCAL)[0].payload[..], &big[..]);
@@ -113,10 +98,7 @@ fn one_mib_records_round_trip_and_larger_are_refused() {
 fn a_record_larger_than_half_a_partition_is_refused_not_truncated() {
     let (_media, log) = mem_log(DATA_START + 2 * 16384, Durability::Process);
     let data = vec![1u8; 9000];
-    assert!(matches!(
-        log.append(&write_input(&data, 0)),
-        Err(NvlogError::RecordTooLarge { .. })
-    ));
+    assert!(matches!(log.append(&write_input(&data, 0)), Err(NvlogError::RecordTooLarge { .. })));
     assert_eq!(log.status(LOCAL).unwrap().last_lsn, Lsn::ZERO);
 }
 
@@ -143,10 +125,7 @@ fn full_partition_applies_back_pressure_until_release() {
     };
     // The waiter cannot complete until a release frees the sealed half.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(
-        !waiter.is_finished(),
-        "an append completed while the partition was full"
-    );
+    assert!(!waiter.is_finished(), "an append completed while the partition was full");
     log.release(LOCAL, last).unwrap();
     let lsn = waiter.join().unwrap();
     assert_eq!(lsn, last.next());
@@ -154,18 +133,13 @@ fn full_partition_applies_back_pressure_until_release() {
     drop(log);
     let (log, _) = reopen(&media, Durability::Power);
     let records = replay_all(&log, LOCAL);
-    assert_eq!(
-        records.iter().map(|r| r.header.lsn).collect::<Vec<_>>(),
-        vec![last.next()]
-    );
+    assert_eq!(records.iter().map(|r| r.header.lsn).collect::<Vec<_>>(), vec![last.next()]);
 }
 
 #[test]
 fn partner_records_keep_the_writers_bytes() {
     let (media, log) = mem_log(256 * 1024, Durability::Power);
-    let sent: Vec<Vec<u8>> = (1..=5)
-        .map(|lsn| partner_record(lsn, 3, &payload(lsn, 300)))
-        .collect();
+    let sent: Vec<Vec<u8>> = (1..=5).map(|lsn| partner_record(lsn, 3, &payload(lsn, 300))).collect();
     for bytes in &sent {
         log.append_copy(DR, bytes).unwrap();
     }
@@ -175,11 +149,7 @@ fn partner_records_keep_the_writers_bytes() {
     let (log, _) = reopen(&media, Durability::Power);
     assert_eq!(log.records_above(DR, Lsn::ZERO).unwrap(), sent);
     let records = replay_all(&log, DR);
-    assert!(
-        records
-            .iter()
-            .all(|r| r.header.generation == Generation(3) && r.header.writer == PARTNER)
-    );
+    assert!(records.iter().all(|r| r.header.generation == Generation(3) && r.header.writer == PARTNER));
 }
 
 /// S13: a receiver acknowledges only contiguous lsns and reports any gap.
@@ -189,28 +159,16 @@ fn partner_gaps_duplicates_and_strangers_are_refused() {
     log.append_copy(DR, &partner_record(1, 1, b"a")).unwrap();
     assert!(matches!(
         log.append_copy(DR, &partner_record(3, 1, b"c")),
-        Err(NvlogError::Gap {
-            expected: Lsn(2),
-            got: Lsn(3)
-        })
+        Err(NvlogError::Gap { expected: Lsn(2), got: Lsn(3) })
     ));
-    assert!(matches!(
-        log.append_copy(DR, &partner_record(1, 1, b"a")),
-        Err(NvlogError::NotAfterTail { .. })
-    ));
+    assert!(matches!(log.append_copy(DR, &partner_record(1, 1, b"a")), Err(NvlogError::NotAfterTail { .. })));
     // A record of this node in the partner's partition.
     let own = encode_record(&write_input(b"x", 0), Lsn(2), Generation(1), NODE).unwrap();
-    assert!(matches!(
-        log.append_copy(DR, &own),
-        Err(NvlogError::WrongWriter { .. })
-    ));
+    assert!(matches!(log.append_copy(DR, &own), Err(NvlogError::WrongWriter { .. })));
     // A corrupted record.
     let mut bad = partner_record(2, 1, b"b");
     bad[100] ^= 1;
-    assert!(matches!(
-        log.append_copy(DR, &bad),
-        Err(NvlogError::InvalidRecord(_))
-    ));
+    assert!(matches!(log.append_copy(DR, &bad), Err(NvlogError::InvalidRecord(_))));
     assert_eq!(log.status(DR).unwrap().last_lsn, Lsn(1));
 }
 
@@ -224,13 +182,7 @@ fn declared_gap_is_accepted_and_reported_by_replay() {
     log.append_copy(DR, &partner_record(5, 1, b"e")).unwrap();
     log.append_copy(DR, &partner_record(6, 1, b"f")).unwrap();
     let replay = log.replay(DR, &ReplayFilter::default()).unwrap();
-    assert_eq!(
-        replay.gaps,
-        vec![nvlog::LsnGap {
-            after: Lsn(1),
-            next: Lsn(5)
-        }]
-    );
+    assert_eq!(replay.gaps, vec![nvlog::LsnGap { after: Lsn(1), next: Lsn(5) }]);
     assert_eq!(replay.records.len(), 3);
     log.release(DR, Lsn(4)).unwrap();
     let replay = log.replay(DR, &ReplayFilter::default()).unwrap();
@@ -250,10 +202,7 @@ fn partner_partition_holds_several_generations_until_released() {
     ));
     drop(log);
     let (log, _) = reopen(&media, Durability::Power);
-    let generations: Vec<_> = replay_all(&log, DR)
-        .iter()
-        .map(|r| r.header.generation.0)
-        .collect();
+    let generations: Vec<_> = replay_all(&log, DR).iter().map(|r| r.header.generation.0).collect();
     assert_eq!(generations, vec![4, 4, 5]);
     log.release(DR, Lsn(2)).unwrap();
     drop(log);
@@ -269,52 +218,15 @@ fn replay_filter_skips_covered_lsns_and_foreign_epochs() {
     for lsn in 1..=4 {
         log.append_copy(DR, &partner_record(lsn, 1, b"r")).unwrap();
     }
-    let filter = ReplayFilter {
-        after_lsn: Lsn(2),
-        frozen_epochs: None,
-    };
-    let lsns: Vec<_> = log
-        .replay(DR, &filter)
-        .unwrap()
-        .records
-        .iter()
-        .map(|r| r.header.lsn.0)
-        .collect();
+    let filter = ReplayFilter { after_lsn: Lsn(2), frozen_epochs: None };
+    let lsns: Vec<_> = log.replay(DR, &filter).unwrap().records.iter().map(|r| r.header.lsn.0).collect();
     assert_eq!(lsns, vec![3, 4]);
-    let stale = HashMap::from([(
-        AGGREGATE,
-        Epoch {
-            number: 2,
-            owner: PARTNER,
-        },
-    )]);
-    let replay = log
-        .replay(
-            DR,
-            &ReplayFilter {
-                after_lsn: Lsn::ZERO,
-                frozen_epochs: Some(stale),
-            },
-        )
-        .unwrap();
+    let stale = HashMap::from([(AGGREGATE, Epoch { number: 2, owner: PARTNER })]);
+    let replay = log.replay(DR, &ReplayFilter { after_lsn: Lsn::ZERO, frozen_epochs: Some(stale) }).unwrap();
     assert!(replay.records.is_empty());
     assert_eq!(replay.skipped_for_epoch, 4);
-    let frozen = HashMap::from([(
-        AGGREGATE,
-        Epoch {
-            number: 1,
-            owner: PARTNER,
-        },
-    )]);
-    let replay = log
-        .replay(
-            DR,
-            &ReplayFilter {
-                after_lsn: Lsn::ZERO,
-                frozen_epochs: Some(frozen),
-            },
-        )
-        .unwrap();
+    let frozen = HashMap::from([(AGGREGATE, Epoch { number: 1, owner: PARTNER })]);
+    let replay = log.replay(DR, &ReplayFilter { after_lsn: Lsn::ZERO, frozen_epochs: Some(frozen) }).unwrap();
     assert_eq!(replay.records.len(), 4);
 }
 
@@ -325,15 +237,9 @@ fn failed_persist_latches_the_log_until_reopen() {
     let (media, log) = mem_log(256 * 1024, Durability::Power);
     log.append(&write_input(b"durable", 0)).unwrap();
     media.fail_persists(true);
-    assert!(matches!(
-        log.append(&write_input(b"lost", 0)),
-        Err(NvlogError::Io { .. })
-    ));
+    assert!(matches!(log.append(&write_input(b"lost", 0)), Err(NvlogError::Io { .. })));
     media.fail_persists(false);
-    assert!(matches!(
-        log.append(&write_input(b"after", 0)),
-        Err(NvlogError::Failed)
-    ));
+    assert!(matches!(log.append(&write_input(b"after", 0)), Err(NvlogError::Failed)));
     assert!(matches!(log.release(LOCAL, Lsn(1)), Err(NvlogError::Failed)));
     assert_eq!(log.stats().io_errors, 1);
     drop(log);
@@ -346,15 +252,9 @@ fn failed_persist_latches_the_log_until_reopen() {
 fn failed_write_latches_the_log() {
     let (media, log) = mem_log(256 * 1024, Durability::Process);
     media.fail_writes(true);
-    assert!(matches!(
-        log.append(&write_input(b"x", 0)),
-        Err(NvlogError::Io { .. })
-    ));
+    assert!(matches!(log.append(&write_input(b"x", 0)), Err(NvlogError::Io { .. })));
     media.fail_writes(false);
-    assert!(matches!(
-        log.append(&write_input(b"x", 0)),
-        Err(NvlogError::Failed)
-    ));
+    assert!(matches!(log.append(&write_input(b"x", 0)), Err(NvlogError::Failed)));
 }
 
 #[test]
@@ -408,19 +308,9 @@ fn recovery_row_corrupt_before_tail_fails_the_partition() {
     media.write(DATA_START + 150, &[0x5A]).unwrap();
     let (log, report) = reopen(&media, Durability::Power);
     let local = &report.partitions[0];
-    assert_eq!(
-        (local.case, local.action),
-        (Case::CorruptBeforeTail, Action::FailPartition),
-        "{local:?}"
-    );
-    assert!(matches!(
-        log.replay(LOCAL, &ReplayFilter::default()),
-        Err(NvlogError::PartitionFailed(_))
-    ));
-    assert!(matches!(
-        log.append(&write_input(b"x", 0)),
-        Err(NvlogError::PartitionFailed(_))
-    ));
+    assert_eq!((local.case, local.action), (Case::CorruptBeforeTail, Action::FailPartition), "{local:?}");
+    assert!(matches!(log.replay(LOCAL, &ReplayFilter::default()), Err(NvlogError::PartitionFailed(_))));
+    assert!(matches!(log.append(&write_input(b"x", 0)), Err(NvlogError::PartitionFailed(_))));
     // The mark is persistent, and a reset is the way out (after S8 recovered the records).
     drop(log);
     let (log, report) = reopen(&media, Durability::Power);
@@ -442,10 +332,7 @@ fn recovery_row_stale_generation_is_never_replayed() {
     let before = media.snapshot();
     let (log, report) = reopen(&media, Durability::Process);
     let local = &report.partitions[0];
-    assert_eq!(
-        (local.case, local.action),
-        (Case::StaleGeneration, Action::FailPartition)
-    );
+    assert_eq!((local.case, local.action), (Case::StaleGeneration, Action::FailPartition));
     assert!(log.replay(LOCAL, &ReplayFilter::default()).is_err());
     // Nothing that verifies is destroyed: the records are where they were.
     let data = (DATA_START as usize)..(DATA_START as usize + 4096);
@@ -458,18 +345,12 @@ fn recovery_row_foreign_identity_is_refused_untouched() {
     log.append(&write_input(b"mine", 0)).unwrap();
     drop(log);
     let before = media.snapshot();
-    let other = Identity {
-        node: NodeId(9),
-        ..IDENTITY
-    };
+    let other = Identity { node: NodeId(9), ..IDENTITY };
     assert!(matches!(
         Nvlog::open(media.clone(), other, options(Durability::Power)),
         Err(NvlogError::ForeignIdentity { .. })
     ));
-    let other_cluster = Identity {
-        cluster: nvlog::ClusterId([9; 16]),
-        ..IDENTITY
-    };
+    let other_cluster = Identity { cluster: nvlog::ClusterId([9; 16]), ..IDENTITY };
     assert!(Nvlog::open(media.clone(), other_cluster, options(Durability::Power)).is_err());
     assert_eq!(media.snapshot(), before, "a refused open wrote to the log");
 }
@@ -497,11 +378,7 @@ fn recovery_row_header_copies_disagree_uses_the_valid_one() {
     let (log, report) = Nvlog::open(copy.clone(), IDENTITY, options(Durability::Power)).unwrap();
     assert_eq!(report.header_case, Case::HeaderCopiesDisagree);
     assert_eq!(&replay_all(&log, LOCAL)[0].payload[..], b"kept");
-    assert_eq!(
-        log.status(DR).unwrap().mirror_state,
-        MirrorState::None,
-        "the torn write never happened"
-    );
+    assert_eq!(log.status(DR).unwrap().mirror_state, MirrorState::None, "the torn write never happened");
     drop(log);
     // The open rewrote the torn copy: both are valid again.
     let (_log, report) = Nvlog::open(copy, IDENTITY, options(Durability::Power)).unwrap();
@@ -573,10 +450,7 @@ fn concurrent_appenders_share_persists() {
     let mut acked: Vec<(Lsn, Vec<u8>)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     acked.sort();
     assert_eq!(acked.len(), 1600);
-    assert!(
-        acked.windows(2).all(|w| w[1].0 == w[0].0.next()),
-        "lsns are unique and contiguous"
-    );
+    assert!(acked.windows(2).all(|w| w[1].0 == w[0].0.next()), "lsns are unique and contiguous");
     drop(log);
     let (log, _) = reopen(&media, Durability::Power);
     let records = replay_all(&log, LOCAL);
@@ -597,19 +471,12 @@ fn mapped_file_round_trip() {
     }
     log.release(LOCAL, Lsn(50)).unwrap();
     drop(log);
-    let (log, _) = Nvlog::open(
-        MmapMedia::open(&path).unwrap(),
-        IDENTITY,
-        options(Durability::Power),
-    )
-    .unwrap();
+    let (log, _) =
+        Nvlog::open(MmapMedia::open(&path).unwrap(), IDENTITY, options(Durability::Power)).unwrap();
     let records = replay_all(&log, LOCAL);
     assert_eq!(records.first().unwrap().header.lsn, Lsn(51));
     assert_eq!(records.len(), 50);
-    assert!(
-        MmapMedia::create(&path, 4096).is_err(),
-        "create never clobbers an existing log"
-    );
+    assert!(MmapMedia::create(&path, 4096).is_err(), "create never clobbers an existing log");
 }
 
 proptest! {
@@ -717,11 +584,7 @@ fn a_host_payload_that_looks_like_a_record_is_never_replayed() {
     let filler = log.append(&write_input(&vec![1u8; 8000], 0)).unwrap();
     log.release(LOCAL, first).unwrap();
     let last = log.append(&write_input(&[2u8; 104], 0)).unwrap();
-    assert_eq!(
-        log.status(LOCAL).unwrap().used_bytes,
-        8096 + 200,
-        "the record sits at the start of half 0"
-    );
+    assert_eq!(log.status(LOCAL).unwrap().used_bytes, 8096 + 200, "the record sits at the start of half 0");
     drop(log);
     let (log, _) = reopen(&media, Durability::Process);
     let lsns: Vec<_> = replay_all(&log, LOCAL).iter().map(|r| r.header.lsn).collect();

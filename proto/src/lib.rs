@@ -22,3 +22,29 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mc_d
 /// The largest gRPC message a peer may send us: a 1 MiB NVLog payload plus its header and the
 /// protobuf framing, with headroom. Raised deliberately above tonic's default, never removed.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// A full-size NVLog record (1 MiB of payload and its 96-byte header) must fit in one
+    /// message under the decode limit we configure, or mirroring it would fail at run time.
+    #[test]
+    fn largest_record_fits_the_message_limit() {
+        let message = v1::WriterMessage {
+            body: Some(v1::writer_message::Body::Record(v1::MirroredRecord {
+                lsn: u64::MAX,
+                encoded: vec![0xA5; 96 + (1 << 20)],
+            })),
+        };
+        assert!(message.encoded_len() < MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn descriptor_set_names_the_mirror_service() {
+        let text = String::from_utf8_lossy(FILE_DESCRIPTOR_SET);
+        assert!(text.contains("NvlogMirror") && text.contains("nvlog_mirror.proto"));
+    }
+}

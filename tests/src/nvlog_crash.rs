@@ -51,18 +51,12 @@ pub const LOG_FILE_BYTES: u64 = 12 * 1024 * 1024 + nvlog::header::DATA_START;
 
 /// The identity of node `node` of the crash tests' cluster.
 pub fn identity(node: NodeId) -> Identity {
-    Identity {
-        cluster: CLUSTER,
-        node,
-    }
+    Identity { cluster: CLUSTER, node }
 }
 
 /// The epoch node `node` stamps its records with.
 pub fn epoch(node: NodeId) -> Epoch {
-    Epoch {
-        number: 1,
-        owner: node,
-    }
+    Epoch { number: 1, owner: node }
 }
 
 /// SplitMix64: a tiny, fast, well-mixed hash; the generator's only source of "randomness".
@@ -77,11 +71,8 @@ fn mix(mut x: u64) -> u64 {
 /// one record in sixteen 8 KiB to 64 KiB.
 pub fn payload_len(seed: u64, lsn: Lsn) -> usize {
     let draw = mix(mix(seed) ^ lsn.0);
-    let (low, high) = if draw.is_multiple_of(16) {
-        (8193, MAX_GENERATED_PAYLOAD_BYTES as u64)
-    } else {
-        (1, 8192)
-    };
+    let (low, high) =
+        if draw.is_multiple_of(16) { (8193, MAX_GENERATED_PAYLOAD_BYTES as u64) } else { (1, 8192) };
     let len = low + (draw >> 8) % (high - low + 1);
     usize::try_from(len).expect("at most 64 KiB")
 }
@@ -165,10 +156,7 @@ impl Line {
         let mut number = || words.next()?.parse::<u64>().ok();
         let line = match tag {
             "S" => Line::Serving { next: Lsn(number()?) },
-            "A" => Line::Ack {
-                lsn: Lsn(number()?),
-                len: u32::try_from(number()?).ok()?,
-            },
+            "A" => Line::Ack { lsn: Lsn(number()?), len: u32::try_from(number()?).ok()? },
             "R" => Line::ReleaseIntent(Lsn(number()?)),
             "D" => Line::Released(Lsn(number()?)),
             _ => return None,
@@ -195,11 +183,7 @@ impl History {
             Line::Serving { .. } => None,
             Line::Ack { lsn, len } => {
                 let earlier = self.acked.insert(lsn, len)?;
-                Some(Violation::AckedTwice {
-                    lsn,
-                    earlier_len: earlier,
-                    len,
-                })
+                Some(Violation::AckedTwice { lsn, earlier_len: earlier, len })
             }
             Line::ReleaseIntent(lsn) => {
                 self.max_intent = self.max_intent.max(lsn);
@@ -237,10 +221,7 @@ pub struct Recovered {
 /// partition. The log is closed again before this returns.
 pub fn recover(path: &Path, node: NodeId, durability: Durability) -> Result<Recovered, String> {
     let media = MmapMedia::open(path).map_err(|e| format!("map the NVLog file: {e}"))?;
-    let options = Options {
-        durability,
-        ..Options::default()
-    };
+    let options = Options { durability, ..Options::default() };
     let (log, report) = Nvlog::open(media, identity(node), options).map_err(|e| format!("open: {e}"))?;
     let local = report
         .partitions
@@ -249,19 +230,11 @@ pub fn recover(path: &Path, node: NodeId, durability: Durability) -> Result<Reco
         .ok_or("recovery reports no local partition")?;
     let case = format!("{:?}", local.case);
     let defect = local.defect;
-    let status = log
-        .status(PartitionKind::Local)
-        .map_err(|e| format!("status: {e}"))?;
+    let status = log.status(PartitionKind::Local).map_err(|e| format!("status: {e}"))?;
     let replay = log
         .replay(PartitionKind::Local, &ReplayFilter::default())
         .map_err(|e| format!("replay (recovery found {case}: {defect:?}): {e}"))?;
-    Ok(Recovered {
-        released: status.released_lsn,
-        records: replay.records,
-        gaps: replay.gaps,
-        case,
-        defect,
-    })
+    Ok(Recovered { released: status.released_lsn, records: replay.records, gaps: replay.gaps, case, defect })
 }
 
 /// A broken rule, with the values that show it.
@@ -336,50 +309,27 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Violation::Unrecoverable(why) => write!(f, "the log cannot be recovered: {why}"),
-            Violation::AckedLost {
-                lsn,
-                len,
-                released,
-                replayed_up_to,
-            } => write!(
+            Violation::AckedLost { lsn, len, released, replayed_up_to } => write!(
                 f,
                 "acknowledged lsn {lsn} ({len} bytes) is not replayed (released {released}, \
                  replayed up to {replayed_up_to})"
             ),
             Violation::AckedLengthDiffers { lsn, acked, replayed } => {
-                write!(
-                    f,
-                    "acknowledged lsn {lsn} had {acked} bytes, replay has {replayed}"
-                )
+                write!(f, "acknowledged lsn {lsn} had {acked} bytes, replay has {replayed}")
             }
             Violation::Corrupt { lsn, what } => write!(f, "replayed lsn {lsn} is corrupt: {what}"),
             Violation::OutOfOrder { lsn, after } => write!(f, "replayed lsn {lsn} after lsn {after}"),
-            Violation::Gap(gap) => write!(
-                f,
-                "replay has a gap between lsn {} and lsn {}",
-                gap.after, gap.next
-            ),
+            Violation::Gap(gap) => {
+                write!(f, "replay has a gap between lsn {} and lsn {}", gap.after, gap.next)
+            }
             Violation::ReleasedBeyondIntent { released, intent } => {
-                write!(
-                    f,
-                    "released up to {released}, but no release above {intent} was issued"
-                )
+                write!(f, "released up to {released}, but no release above {intent} was issued")
             }
             Violation::ReleaseLost { released, completed } => {
-                write!(
-                    f,
-                    "released up to {released}, but a release up to {completed} had returned"
-                )
+                write!(f, "released up to {released}, but a release up to {completed} had returned")
             }
-            Violation::AckedTwice {
-                lsn,
-                earlier_len,
-                len,
-            } => {
-                write!(
-                    f,
-                    "lsn {lsn} acknowledged twice ({earlier_len} bytes, then {len} bytes)"
-                )
+            Violation::AckedTwice { lsn, earlier_len, len } => {
+                write!(f, "lsn {lsn} acknowledged twice ({earlier_len} bytes, then {len} bytes)")
             }
             Violation::Child(why) => write!(f, "child: {why}"),
         }
@@ -390,44 +340,18 @@ impl fmt::Display for Violation {
 fn record_defect(node: NodeId, record: &Record) -> Option<String> {
     let header = &record.header;
     let lsn = header.lsn;
-    let expected = (
-        OpKind::Write,
-        node,
-        VOLUME,
-        AGGREGATE,
-        epoch(node),
-        record_offset(lsn),
-    );
-    let found = (
-        header.op,
-        header.writer,
-        header.volume,
-        header.aggregate,
-        header.epoch,
-        header.offset,
-    );
+    let expected = (OpKind::Write, node, VOLUME, AGGREGATE, epoch(node), record_offset(lsn));
+    let found = (header.op, header.writer, header.volume, header.aggregate, header.epoch, header.offset);
     if found != expected {
         return Some(format!("header fields {found:?}, expected {expected:?}"));
     }
     if header.range_len != record.payload.len() as u64 {
-        return Some(format!(
-            "range of {} bytes, payload of {}",
-            header.range_len,
-            record.payload.len()
-        ));
+        return Some(format!("range of {} bytes, payload of {}", header.range_len, record.payload.len()));
     }
     let want = payload(lsn, record.payload.len());
     if record.payload[..] != want[..] {
-        let first = record
-            .payload
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a != b)
-            .unwrap_or_default();
-        return Some(format!(
-            "payload of {} bytes differs from byte {first} on",
-            want.len()
-        ));
+        let first = record.payload.iter().zip(&want).position(|(a, b)| a != b).unwrap_or_default();
+        return Some(format!("payload of {} bytes differs from byte {first} on", want.len()));
     }
     None
 }
@@ -438,16 +362,10 @@ pub fn check(node: NodeId, history: &History, recovered: &Recovered) -> Vec<Viol
     let mut violations = Vec::new();
     let released = recovered.released;
     if released > history.max_intent {
-        violations.push(Violation::ReleasedBeyondIntent {
-            released,
-            intent: history.max_intent,
-        });
+        violations.push(Violation::ReleasedBeyondIntent { released, intent: history.max_intent });
     }
     if released < history.max_released {
-        violations.push(Violation::ReleaseLost {
-            released,
-            completed: history.max_released,
-        });
+        violations.push(Violation::ReleaseLost { released, completed: history.max_released });
     }
     violations.extend(recovered.gaps.iter().map(|&gap| Violation::Gap(gap)));
     let mut replayed = BTreeMap::new();
@@ -466,18 +384,9 @@ pub fn check(node: NodeId, history: &History, recovered: &Recovered) -> Vec<Viol
     let replayed_up_to = replayed.keys().next_back().copied().unwrap_or(released);
     for (lsn, len) in history.acked_above(released) {
         match replayed.get(&lsn) {
-            None => violations.push(Violation::AckedLost {
-                lsn,
-                len,
-                released,
-                replayed_up_to,
-            }),
+            None => violations.push(Violation::AckedLost { lsn, len, released, replayed_up_to }),
             Some(&replayed) if replayed != len as usize => {
-                violations.push(Violation::AckedLengthDiffers {
-                    lsn,
-                    acked: len,
-                    replayed,
-                });
+                violations.push(Violation::AckedLengthDiffers { lsn, acked: len, replayed });
             }
             Some(_) => {}
         }
@@ -512,36 +421,18 @@ mod tests {
             offset: input.offset,
             range_len: input.range_len,
         };
-        Record {
-            header,
-            payload: Bytes::from(payload),
-        }
+        Record { header, payload: Bytes::from(payload) }
     }
 
     /// Lsns 1..=5 acknowledged, released up to 2 (intent 2), lsns 3..=6 replayed (6 unacked).
     fn good_case() -> (History, Recovered) {
         let mut history = History::default();
         for lsn in 1..=5u32 {
-            assert_eq!(
-                history.observe(Line::Ack {
-                    lsn: Lsn(lsn.into()),
-                    len: 100 + lsn
-                }),
-                None
-            );
+            assert_eq!(history.observe(Line::Ack { lsn: Lsn(lsn.into()), len: 100 + lsn }), None);
         }
         history.observe(Line::ReleaseIntent(Lsn(2)));
-        let records = (3..=6u8)
-            .map(|lsn| record(lsn.into(), 100 + usize::from(lsn)))
-            .collect();
-        (
-            history,
-            Recovered {
-                released: Lsn(2),
-                records,
-                ..Recovered::default()
-            },
-        )
+        let records = (3..=6u8).map(|lsn| record(lsn.into(), 100 + usize::from(lsn))).collect();
+        (history, Recovered { released: Lsn(2), records, ..Recovered::default() })
     }
 
     #[test]
@@ -556,10 +447,7 @@ mod tests {
         let (history, mut recovered) = good_case();
         recovered.records.truncate(2);
         let violations = check(NODE, &history, &recovered);
-        assert!(
-            matches!(violations[..], [Violation::AckedLost { lsn: Lsn(5), .. }]),
-            "{violations:?}"
-        );
+        assert!(matches!(violations[..], [Violation::AckedLost { lsn: Lsn(5), .. }]), "{violations:?}");
     }
 
     /// A checker that trusted replay would pass a torn record replayed without its CRC check.
@@ -572,17 +460,11 @@ mod tests {
             bytes[7] ^= 0x10;
             recovered.records[index].payload = Bytes::from(bytes);
             let violations = check(NODE, &history, &recovered);
-            assert!(
-                matches!(violations[..], [Violation::Corrupt { .. }]),
-                "{violations:?}"
-            );
+            assert!(matches!(violations[..], [Violation::Corrupt { .. }]), "{violations:?}");
         }
         let (history, mut recovered) = good_case();
         recovered.records[1].header.offset += BLOCK_BYTES;
-        assert!(matches!(
-            check(NODE, &history, &recovered)[..],
-            [Violation::Corrupt { .. }]
-        ));
+        assert!(matches!(check(NODE, &history, &recovered)[..], [Violation::Corrupt { .. }]));
     }
 
     #[test]
@@ -590,17 +472,11 @@ mod tests {
         let (mut history, mut recovered) = good_case();
         recovered.released = Lsn(3);
         recovered.records.remove(0);
-        assert!(matches!(
-            check(NODE, &history, &recovered)[..],
-            [Violation::ReleasedBeyondIntent { .. }]
-        ));
+        assert!(matches!(check(NODE, &history, &recovered)[..], [Violation::ReleasedBeyondIntent { .. }]));
         let (_, recovered) = good_case();
         history.observe(Line::ReleaseIntent(Lsn(3)));
         history.observe(Line::Released(Lsn(3)));
-        assert!(matches!(
-            check(NODE, &history, &recovered)[..],
-            [Violation::ReleaseLost { .. }]
-        ));
+        assert!(matches!(check(NODE, &history, &recovered)[..], [Violation::ReleaseLost { .. }]));
     }
 
     #[test]
@@ -611,20 +487,14 @@ mod tests {
             Some(Violation::AckedTwice { lsn: Lsn(5), .. })
         ));
         recovered.records[2] = record(5, 7);
-        assert!(matches!(
-            check(NODE, &history, &recovered)[..],
-            [Violation::AckedLengthDiffers { .. }]
-        ));
+        assert!(matches!(check(NODE, &history, &recovered)[..], [Violation::AckedLengthDiffers { .. }]));
     }
 
     #[test]
     fn lines_round_trip_and_garbage_is_refused() {
         for line in [
             Line::Serving { next: Lsn(7) },
-            Line::Ack {
-                lsn: Lsn(9),
-                len: 4096,
-            },
+            Line::Ack { lsn: Lsn(9), len: 4096 },
             Line::ReleaseIntent(Lsn(3)),
             Line::Released(Lsn(3)),
         ] {
@@ -641,10 +511,7 @@ mod tests {
         assert_ne!(payload(Lsn(5), 100), payload(Lsn(6), 100));
         assert_ne!(payload(Lsn(5), 100)[..50], payload(Lsn(5), 50)[..]);
         let lens: Vec<_> = (1..=4000).map(|lsn| payload_len(42, Lsn(lsn))).collect();
-        assert!(
-            lens.iter()
-                .all(|&len| (1..=MAX_GENERATED_PAYLOAD_BYTES).contains(&len))
-        );
+        assert!(lens.iter().all(|&len| (1..=MAX_GENERATED_PAYLOAD_BYTES).contains(&len)));
         assert!(lens.iter().any(|&len| len > 8192), "some records must be large");
         assert!(lens.iter().any(|&len| len < 64), "some records must be tiny");
     }

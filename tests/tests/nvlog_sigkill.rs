@@ -35,9 +35,7 @@ const NODE: NodeId = NodeId(1);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+        Ok(value) => value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
         Err(_) => default,
     }
 }
@@ -98,6 +96,7 @@ fn format_log(path: &Path) {
     let spec = FormatSpec {
         identity: identity(NODE),
         partitions: vec![(PartitionKind::Local, NODE)],
+        generation_floor: nvlog::Generation(0),
     };
     Nvlog::format(media, &spec, Options::default()).expect("format the NVLog");
 }
@@ -176,11 +175,7 @@ fn run_kills(kills: u64, seed: u64, bug_ack_before_write: bool) -> Summary {
             }
         }
         summary.kills_during_startup += u64::from(!serving);
-        let durability = if power {
-            Durability::Power
-        } else {
-            Durability::Process
-        };
+        let durability = if power { Durability::Power } else { Durability::Process };
         match recover(&path, NODE, durability) {
             Ok(recovered) => {
                 violations.extend(check(NODE, &history, &recovered));
@@ -196,10 +191,7 @@ fn run_kills(kills: u64, seed: u64, bug_ack_before_write: bool) -> Summary {
             summary.failed_kill = Some((kill, stderr));
             if !bug_ack_before_write {
                 // Keep the file for a post-mortem; an expected violation needs none.
-                println!(
-                    "kill {kill}: the NVLog file is kept at {}",
-                    dir.keep().join("nvlog").display()
-                );
+                println!("kill {kill}: the NVLog file is kept at {}", dir.keep().join("nvlog").display());
             }
             break;
         }
@@ -237,12 +229,7 @@ fn acknowledged_records_survive_sigkill() {
         summary.cases,
     );
     if let Some((kill, stderr)) = &summary.failed_kill {
-        let list: Vec<String> = summary
-            .violations
-            .iter()
-            .take(20)
-            .map(|v| format!("  {v}"))
-            .collect();
+        let list: Vec<String> = summary.violations.iter().take(20).map(|v| format!("  {v}")).collect();
         panic!(
             "seed {seed}, kill {kill}: {} violations:\n{}\nchild stderr:\n{stderr}",
             summary.violations.len(),
@@ -285,10 +272,7 @@ fn checker_catches_acknowledgement_before_write() {
         println!("  {violation}");
     }
     assert!(
-        summary
-            .violations
-            .iter()
-            .all(|v| matches!(v, Violation::AckedLost { .. })),
+        summary.violations.iter().all(|v| matches!(v, Violation::AckedLost { .. })),
         "the bug loses acknowledged records and nothing else: {:?}",
         summary.violations
     );

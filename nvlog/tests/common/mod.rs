@@ -5,34 +5,26 @@ use std::sync::Arc;
 
 use nvlog::mem::MemMedia;
 use nvlog::{
-    AggregateId, ClusterId, Durability, Epoch, FormatSpec, Identity, NodeId, Nvlog, OpKind, Options,
-    PartitionKind, RecordInput, VolumeId,
+    AggregateId, ClusterId, Durability, Epoch, FormatSpec, Generation, Identity, NodeId, Nvlog, OpKind,
+    Options, PartitionKind, RecordInput, VolumeId,
 };
 
 pub const NODE: NodeId = NodeId(1);
 pub const PARTNER: NodeId = NodeId(2);
-pub const IDENTITY: Identity = Identity {
-    cluster: ClusterId([0xC1; 16]),
-    node: NODE,
-};
+pub const IDENTITY: Identity = Identity { cluster: ClusterId([0xC1; 16]), node: NODE };
 pub const AGGREGATE: AggregateId = AggregateId([0xA6; 16]);
-pub const EPOCH: Epoch = Epoch {
-    number: 1,
-    owner: NODE,
-};
+pub const EPOCH: Epoch = Epoch { number: 1, owner: NODE };
 
 pub fn spec() -> FormatSpec {
     FormatSpec {
         identity: IDENTITY,
         partitions: vec![(PartitionKind::Local, NODE), (PartitionKind::DrPartner, PARTNER)],
+        generation_floor: Generation(0),
     }
 }
 
 pub fn options(durability: Durability) -> Options {
-    Options {
-        durability,
-        ..Options::default()
-    }
+    Options { durability, ..Options::default() }
 }
 
 /// A formatted in-memory log of `len` bytes.

@@ -77,13 +77,8 @@ impl Config {
     fn from_args(args: Args) -> anyhow::Result<Config> {
         ensure!(args.node != 0, "node id 0 is not a node");
         ensure!(args.release_every > 0, "--release-every must be at least 1");
-        let threads = args
-            .threads
-            .unwrap_or(if args.seed.is_multiple_of(2) { 1 } else { 4 });
-        ensure!(
-            (1..=64).contains(&threads),
-            "--threads must be 1 to 64, not {threads}"
-        );
+        let threads = args.threads.unwrap_or(if args.seed.is_multiple_of(2) { 1 } else { 4 });
+        ensure!((1..=64).contains(&threads), "--threads must be 1 to 64, not {threads}");
         Ok(Config {
             file: args.file,
             durability: match args.mode {
@@ -121,8 +116,7 @@ fn emit(line: Line) -> anyhow::Result<()> {
 
 fn release(log: &Nvlog<MmapMedia>, lsn: Lsn) -> anyhow::Result<()> {
     emit(Line::ReleaseIntent(lsn))?;
-    log.release(PartitionKind::Local, lsn)
-        .with_context(|| format!("release up to lsn {lsn}"))?;
+    log.release(PartitionKind::Local, lsn).with_context(|| format!("release up to lsn {lsn}"))?;
     emit(Line::Released(lsn))
 }
 
@@ -140,10 +134,7 @@ impl Appender {
         let mut payload = Vec::new();
         loop {
             let (lsn, len) = {
-                let mut next = self
-                    .next
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("an appender panicked"))?;
+                let mut next = self.next.lock().map_err(|_| anyhow::anyhow!("an appender panicked"))?;
                 let lsn = *next;
                 let len = payload_len(self.config.seed, lsn);
                 fill_payload(lsn, len, &mut payload);
@@ -180,31 +171,19 @@ impl Appender {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let media = MmapMedia::open(&config.file).with_context(|| format!("map {}", config.file.display()))?;
-    let options = Options {
-        durability: config.durability,
-        ..Options::default()
-    };
+    let options = Options { durability: config.durability, ..Options::default() };
     let (log, _report) = Nvlog::open(media, identity(config.node), options).context("open the NVLog")?;
-    let replay = log
-        .replay(PartitionKind::Local, &ReplayFilter::default())
-        .context("replay the NVLog")?;
+    let replay = log.replay(PartitionKind::Local, &ReplayFilter::default()).context("replay the NVLog")?;
     if let Some(last) = replay.records.last() {
         // The CP that applies the replayed records before serving.
         release(&log, last.header.lsn)?;
     }
-    let status = log
-        .status(PartitionKind::Local)
-        .context("read the partition status")?;
+    let status = log.status(PartitionKind::Local).context("read the partition status")?;
     let next = status.last_lsn.max(status.released_lsn).next();
     emit(Line::Serving { next })?;
 
     let threads = config.threads;
-    let appender = Arc::new(Appender {
-        log,
-        config,
-        next: Mutex::new(next),
-        appended: AtomicU64::new(0),
-    });
+    let appender = Arc::new(Appender { log, config, next: Mutex::new(next), appended: AtomicU64::new(0) });
     let (failures, failed) = mpsc::channel();
     for index in 0..threads {
         let appender = Arc::clone(&appender);
