@@ -180,6 +180,8 @@ struct PartState {
     /// `persisted_pos` of the new half.
     round: u64,
     flushing: bool,
+    /// The sealed half is being zeroed, without the partition lock.
+    zeroing: bool,
     /// The last lsn of each half's current contents, or 0.
     half_last: [Lsn; 2],
     /// Bytes written in the sealed half (what must be zeroed before reuse).
@@ -718,7 +720,7 @@ impl<M: Media> Nvlog<M> {
                 return Ok(state);
             }
             if state.sealed_free {
-                self.switch_half(part, &mut state)?;
+                state = self.switch_half(part, state)?;
                 continue;
             }
             if !may_wait {
@@ -733,7 +735,11 @@ impl<M: Media> Nvlog<M> {
     }
 
     /// Seals the active half and activates the other (which is free: released and zeroed).
-    fn switch_half(&self, part: &Partition, state: &mut PartState) -> Result<()> {
+    fn switch_half<'a>(
+        &self,
+        part: &'a Partition,
+        mut state: MutexGuard<'a, PartState>,
+    ) -> Result<MutexGuard<'a, PartState>> {
         assert!(state.sealed_free, "switching into a half that holds unreleased records");
         let old = state.active_half;
         let new = 1 - old;
@@ -759,22 +765,48 @@ impl<M: Media> Nvlog<M> {
         self.free_sealed_if_released(part, state)
     }
 
-    /// Zeroes (and persists) the sealed half once all of it is released, making it reusable.
-    fn free_sealed_if_released(&self, part: &Partition, state: &mut PartState) -> Result<()> {
+    /// Zeroes (and, in `power` mode, persists) the sealed half once all of it is released,
+    /// making it reusable. The zeroing runs without the partition lock, so appends go on in the
+    /// active half meanwhile; the half stays unusable until it is done, and a reset waits for it.
+    fn free_sealed_if_released<'a>(
+        &self,
+        part: &'a Partition,
+        mut state: MutexGuard<'a, PartState>,
+    ) -> Result<MutexGuard<'a, PartState>> {
         let sealed = 1 - state.active_half;
-        if state.sealed_free || state.half_last[sealed as usize] > state.released {
-            return Ok(());
+        if state.sealed_free || state.zeroing || state.half_last[sealed as usize] > state.released {
+            return Ok(state);
         }
+        state.zeroing = true;
         let offset = part.half_offset(sealed);
-        zero_range(&self.media, offset, state.sealed_extent)
-            .map_err(|e| self.fail("zero a released half", e))?;
-        if self.options.durability == Durability::Power && state.sealed_extent > 0 {
-            self.media_persist(offset, state.sealed_extent)?;
-        }
+        let extent = state.sealed_extent;
+        drop(state);
+        let result = self.zero_and_persist(offset, extent);
+        let mut state = part.lock();
+        state.zeroing = false;
+        part.changed.notify_all();
+        result?;
+        // Nothing else touched the sealed half meanwhile: a switch needs it free and a reset
+        // waits for the zeroing.
+        assert_eq!(1 - state.active_half, sealed, "the sealed half changed while it was being zeroed");
         state.sealed_extent = 0;
         state.half_last[sealed as usize] = Lsn::ZERO;
         state.sealed_free = true;
-        part.changed.notify_all();
+        Ok(state)
+    }
+
+    /// Writes zeroes over a range whose contents are known to be records (no read first), then
+    /// persists it in `power` mode.
+    fn zero_and_persist(&self, offset: u64, len: u64) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let chunk = usize::try_from((len - done).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
+            self.media_write(offset + done, &ZEROES[..chunk])?;
+            done += chunk as u64;
+        }
+        if self.options.durability == Durability::Power && len > 0 {
+            self.media_persist(offset, len)?;
+        }
         Ok(())
     }
 
@@ -848,7 +880,8 @@ impl<M: Media> Nvlog<M> {
         while state.index.front().is_some_and(|entry| entry.lsn <= lsn) {
             state.index.pop_front();
         }
-        self.free_sealed_if_released(part, &mut state)?;
+        let state = self.free_sealed_if_released(part, state)?;
+        drop(state);
         part.changed.notify_all();
         Ok(())
     }
@@ -868,8 +901,9 @@ impl<M: Media> Nvlog<M> {
     pub fn reset_partition(&self, kind: PartitionKind) -> Result<u64> {
         let part = self.partition(kind)?;
         let mut state = part.lock();
-        // A group-commit leader still in its msync must not land its result in the new state.
-        while state.flushing {
+        // A group-commit leader still in its msync must not land its result in the new state,
+        // and a zeroing in progress must not land in the records that come after the reset.
+        while state.flushing || state.zeroing {
             state = wait(part, state);
         }
         if self.failed.load(Ordering::Acquire) {
@@ -1015,6 +1049,7 @@ fn empty_state(released: Lsn) -> PartState {
         persisted_pos: 0,
         round: 0,
         flushing: false,
+        zeroing: false,
         half_last: [Lsn::ZERO; 2],
         sealed_extent: 0,
         sealed_free: true,
