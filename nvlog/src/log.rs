@@ -618,6 +618,11 @@ impl<M: Media> Nvlog<M> {
                 "a generation of this node that has not started yet",
             )));
         }
+        let total = u64::from(header.total_len);
+        // A receiver must never block its stream (the release that frees space arrives on it):
+        // a full partition is an error it answers by not acknowledging yet. Making room may
+        // drop the lock (to zero a released half), so the order checks come after it.
+        state = self.make_room(part, state, total, false)?;
         let tail = state.tail();
         if header.lsn <= tail {
             return Err(NvlogError::NotAfterTail { got: header.lsn, tail });
@@ -630,10 +635,6 @@ impl<M: Media> Nvlog<M> {
         {
             return Err(NvlogError::StaleGeneration { got: header.generation, newest: newest.generation });
         }
-        let total = u64::from(header.total_len);
-        // A receiver must never block its stream (the release that frees space arrives on it):
-        // a full partition is an error it answers by not acknowledging yet.
-        state = self.make_room(part, state, total, false)?;
         self.list_generation(part, &mut state, header.generation, header.lsn)?;
         let offset = part.half_offset(state.active_half) + state.write_pos;
         self.media_write(offset, encoded)?;
@@ -704,7 +705,8 @@ impl<M: Media> Nvlog<M> {
     }
 
     /// Makes room for a record of `total` bytes in the active half, switching halves when the
-    /// other one is free; with `wait`, waits for a release while both are in use.
+    /// other one is free; with `may_wait`, waits for a release while both are in use. May drop
+    /// and retake the lock (waiting, or zeroing a released half): callers decide lsns after it.
     fn make_room<'a>(
         &self,
         part: &'a Partition,
