@@ -30,7 +30,7 @@ use crate::header::{
 use crate::media::Media;
 use crate::record::{
     MAX_RECORD_BYTES, RECORD_HEADER_BYTES, Record, RecordHeader, RecordInput, align_up, check_input,
-    decode_header, encode_header, encoded_len, payload_crc, seal_header_with, verify_crc,
+    decode_header, encode_header, encoded_len, seal_header, verify_crc,
 };
 use crate::recovery::{
     Action, Case, Found, PartitionRecovery, RecoveryReport, Stop, action_for, header_case, scan_half,
@@ -558,8 +558,6 @@ impl<M: Media> Nvlog<M> {
         let part = self.partition(PartitionKind::Local)?;
         check_input(input)?;
         let total = encoded_len(input.payload.len()) as u64;
-        // The payload's CRC needs no lsn: compute it before the lock is taken.
-        let payload_crc = payload_crc(input.payload);
         let mut state = part.lock();
         state = self.make_room(part, state, total, wait)?;
         let lsn = state
@@ -570,7 +568,7 @@ impl<M: Media> Nvlog<M> {
             .ok_or(NvlogError::LsnExhausted)?;
         let mut header = encode_header(input, lsn, self.generation, self.identity.node)?;
         self.list_generation(part, &mut state, self.generation, lsn)?;
-        seal_header_with(&mut header, self.generation, &payload_crc);
+        seal_header(&mut header, self.generation, input.payload);
         let offset = part.half_offset(state.active_half) + state.write_pos;
         self.media_write(offset, &header)?;
         self.media_write(offset + RECORD_HEADER_BYTES as u64, input.payload)?;

@@ -226,10 +226,8 @@ pub(crate) fn encode_header(
 
 const PADDING: [u8; RECORD_ALIGN] = [0; RECORD_ALIGN];
 
-/// The salted CRC-32 of a record in one pass: generation, header without the CRC field, payload,
-/// padding. The reference the combined computation is tested against.
-#[cfg(test)]
-fn record_crc(generation: Generation, header: &[u8], payload: &[u8], padding: usize) -> u32 {
+/// The salted CRC-32 of a record: generation, header without the CRC field, payload, padding.
+pub(crate) fn record_crc(generation: Generation, header: &[u8], payload: &[u8], padding: usize) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&generation.0.to_le_bytes());
     hasher.update(&header[..field::CRC.start]);
@@ -241,31 +239,9 @@ fn record_crc(generation: Generation, header: &[u8], payload: &[u8], padding: us
 
 /// Sets the CRC of an encoded header.
 pub(crate) fn seal_header(header: &mut [u8; RECORD_HEADER_BYTES], generation: Generation, payload: &[u8]) {
-    seal_header_with(header, generation, &payload_crc(payload));
-}
-
-/// The CRC state of a payload and its padding alone. It does not depend on the lsn, so the
-/// journal computes it before taking its lock and combines it into the record's CRC after.
-pub(crate) fn payload_crc(payload: &[u8]) -> crc32fast::Hasher {
     let padding = align_up(payload.len()) - payload.len();
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(payload);
-    hasher.update(&PADDING[..padding]);
-    hasher
-}
-
-/// Sets the CRC of an encoded header from the payload's CRC state (`payload_crc`).
-pub(crate) fn seal_header_with(
-    header: &mut [u8; RECORD_HEADER_BYTES],
-    generation: Generation,
-    payload: &crc32fast::Hasher,
-) {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&generation.0.to_le_bytes());
-    hasher.update(&header[..field::CRC.start]);
-    hasher.update(&header[field::CRC.end..RECORD_HEADER_BYTES]);
-    hasher.combine(payload);
-    header[field::CRC].copy_from_slice(&hasher.finalize().to_le_bytes());
+    let crc = record_crc(generation, header, payload, padding);
+    header[field::CRC].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encodes a whole record (header, payload, padding) into one buffer, as it travels to a
@@ -419,25 +395,6 @@ mod tests {
         let mut bytes = encode_record(&input(b"x"), Lsn(1), Generation(4), NodeId(1)).unwrap();
         bytes[field::GENERATION].copy_from_slice(&5u64.to_le_bytes());
         assert!(matches!(Record::decode(&bytes), Err(RecordDefect::BadCrc { .. })));
-    }
-
-    /// The CRC combined from a payload computed apart must equal the one computed in one pass.
-    #[test]
-    fn combined_crc_equals_the_one_pass_crc() {
-        for len in [0usize, 1, 7, 8, 9, 4096, 4099] {
-            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-            let input = RecordInput {
-                op: if len == 0 { OpKind::Trim } else { OpKind::Write },
-                range_len: len.max(1) as u64,
-                ..input(&payload)
-            };
-            let header = encode_header(&input, Lsn(3), Generation(9), NodeId(1)).unwrap();
-            let padding = align_up(len) - len;
-            let one_pass = record_crc(Generation(9), &header, &payload, padding);
-            let mut sealed = header;
-            seal_header_with(&mut sealed, Generation(9), &payload_crc(&payload));
-            assert_eq!(u32_at(&sealed, field::CRC), one_pass, "payload of {len} bytes");
-        }
     }
 
     #[test]
