@@ -1,8 +1,20 @@
 //! Disks, disk labels, plexes and mirrored aggregates: the storage side of SyncMirror
 //! (DESIGN §6).
 //!
-//! This crate is filled by the plex issue. It will hold the `BlockDevice` trait with its
-//! io_uring, pread/pwrite and fault-injecting in-memory implementations, the two-copy disk
-//! label, plexes, the mirrored aggregate with its persistent dirty bitmap, and resync whose
-//! direction follows the plex generations only (S4, S5). It knows nothing of `nvlog`,
-//! `proto` or the daemons.
+//! So far: the `BlockDevice` trait that every disk is used through (owned, 4 KiB-aligned
+//! buffers, so the same trait fits pread/pwrite, io_uring with O_DIRECT and, later, a remote
+//! plex over gRPC), a pread/pwrite device, an in-memory device with injectable faults, and the
+//! conformance test body every device must pass. Labels, plexes, the mirrored aggregate, the
+//! dirty bitmap and resync follow (issue 4). This crate knows nothing of `nvlog`, `proto` or
+//! the daemons, and nothing in it may assume that a disk is local.
+
+pub mod buf;
+pub mod device;
+pub mod file;
+pub mod mem;
+pub mod testing;
+
+pub use buf::AlignedBuf;
+pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
+pub use file::FileDevice;
+pub use mem::{MemDevice, MemFaults};

@@ -1,0 +1,139 @@
+//! The conformance body every `BlockDevice` must pass (pread/pwrite, in-memory, io_uring, and
+//! later the remote plex), and small helpers for device tests.
+//!
+//! It panics with a message naming the broken property; call it from a test.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::Poll;
+
+use crate::buf::AlignedBuf;
+use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError};
+
+/// Blocks the conformance body needs at least.
+pub const CONFORMANCE_BLOCKS: u64 = 64;
+
+/// Runs every future to completion concurrently on the current task and returns their outputs
+/// in order: many requests in flight at once, without spawning.
+pub async fn join_all<'a, T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|output| output.expect("every future completed")).collect()
+}
+
+/// A block-sized pattern that differs per block and per `seed`.
+pub fn pattern(seed: u64, blocks: u64) -> AlignedBuf {
+    let len = usize::try_from(blocks * BLOCK_BYTES).expect("a test buffer fits usize");
+    let mut buf = AlignedBuf::zeroed(len);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for byte in buf.as_mut_slice() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state.to_le_bytes()[3];
+    }
+    buf
+}
+
+async fn read(device: &(impl BlockDevice + ?Sized), offset: u64, blocks: u64) -> AlignedBuf {
+    let len = usize::try_from(blocks * BLOCK_BYTES).expect("fits");
+    let (result, buf) = device.read(offset, AlignedBuf::zeroed(len)).await;
+    if let Err(e) = result {
+        panic!("read of {blocks} blocks at {offset} failed: {e}");
+    }
+    buf
+}
+
+async fn write(device: &(impl BlockDevice + ?Sized), offset: u64, data: AlignedBuf) {
+    let expected = data.clone();
+    let (result, returned) = device.write(offset, data).await;
+    if let Err(e) = result {
+        panic!("write at {offset} failed: {e}");
+    }
+    assert_eq!(returned, expected, "a write must hand its buffer back unchanged");
+}
+
+/// Checks the `BlockDevice` contract on a fresh, zeroed device of at least
+/// `CONFORMANCE_BLOCKS` blocks.
+pub async fn conformance(device: &(impl BlockDevice + ?Sized)) {
+    let size = device.size_bytes();
+    assert!(size.is_multiple_of(BLOCK_BYTES), "size {size} is not a whole number of blocks");
+    assert!(size >= CONFORMANCE_BLOCKS * BLOCK_BYTES, "the device is too small for the conformance body");
+    let block = BLOCK_BYTES;
+
+    // A fresh device reads as zeroes.
+    assert!(read(device, 0, 4).await.as_slice().iter().all(|&b| b == 0), "a fresh device is not zeroed");
+
+    // Round trips, single and multi-block, and a read of part of a multi-block write.
+    write(device, 0, pattern(1, 1)).await;
+    assert_eq!(read(device, 0, 1).await, pattern(1, 1), "single-block round trip");
+    write(device, 16 * block, pattern(2, 8)).await;
+    assert_eq!(read(device, 16 * block, 8).await, pattern(2, 8), "multi-block round trip");
+    let part = read(device, 18 * block, 2).await;
+    assert_eq!(part.as_slice(), &pattern(2, 8).as_slice()[2 * 4096..4 * 4096], "partial read");
+    // Overwrite is visible; its neighbours are not touched.
+    write(device, 17 * block, pattern(3, 1)).await;
+    assert_eq!(read(device, 17 * block, 1).await, pattern(3, 1), "overwrite");
+    assert_eq!(read(device, 16 * block, 1).await.as_slice(), &pattern(2, 8).as_slice()[..4096], "neighbour");
+    // The last block.
+    write(device, size - block, pattern(4, 1)).await;
+    assert_eq!(read(device, size - block, 1).await, pattern(4, 1), "last block");
+
+    // Bad ranges are errors that touch nothing and give the buffer back.
+    let before = read(device, 0, 1).await;
+    let bad = [(size, 1u64), (size - block, 2), (u64::MAX - block + 1, 1)];
+    for (offset, blocks) in bad {
+        let data = pattern(9, blocks);
+        let (result, back) = device.write(offset, data.clone()).await;
+        assert!(matches!(result, Err(DeviceError::OutOfRange { .. })), "write at {offset}: {result:?}");
+        assert_eq!(back, data, "the buffer of a refused write comes back");
+        let (result, _) = device.read(offset, AlignedBuf::zeroed(data.len())).await;
+        assert!(matches!(result, Err(DeviceError::OutOfRange { .. })), "read at {offset}: {result:?}");
+    }
+    for (offset, len) in [(1u64, 4096usize), (4096, 100), (512, 512)] {
+        let (result, _) = device.write(offset, AlignedBuf::zeroed(len)).await;
+        assert!(matches!(result, Err(DeviceError::Misaligned { .. })), "write {offset}+{len}: {result:?}");
+        let (result, _) = device.read(offset, AlignedBuf::zeroed(len)).await;
+        assert!(matches!(result, Err(DeviceError::Misaligned { .. })), "read {offset}+{len}: {result:?}");
+    }
+    assert_eq!(read(device, 0, 1).await, before, "a refused I/O changed the device");
+    assert_eq!(read(device, size - block, 1).await, pattern(4, 1), "a refused I/O changed the last block");
+
+    // Many requests in flight at once, on distinct blocks.
+    let writes = (0..32u64)
+        .map(|i| {
+            let offset = (32 + i % 32) * block;
+            let future: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                device.write(offset, pattern(100 + i, 1));
+            future
+        })
+        .collect();
+    for (result, _) in join_all(writes).await {
+        result.expect("a concurrent write failed");
+    }
+    let reads = (0..32u64)
+        .map(|i| {
+            let future: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                device.read((32 + i) * block, AlignedBuf::zeroed(4096));
+            future
+        })
+        .collect();
+    for (i, (result, buf)) in join_all(reads).await.into_iter().enumerate() {
+        result.expect("a concurrent read failed");
+        assert_eq!(buf, pattern(100 + i as u64, 1), "concurrent write {i} read back");
+    }
+
+    device.flush().await.expect("flush");
+}
