@@ -4,17 +4,21 @@
 //! So far: the `BlockDevice` trait that every disk is used through (owned, 4 KiB-aligned
 //! buffers, so the same trait fits pread/pwrite, io_uring with O_DIRECT and, later, a remote
 //! plex over gRPC), a pread/pwrite device, an in-memory device with injectable faults, and the
-//! conformance test body every device must pass. Labels, plexes, the mirrored aggregate, the
+//! conformance test body every device must pass, and the two-copy disk label. Plexes, plexes, the mirrored aggregate, the
 //! dirty bitmap and resync follow (issue 4). This crate knows nothing of `nvlog`, `proto` or
 //! the daemons, and nothing in it may assume that a disk is local.
 
 pub mod buf;
 pub mod device;
 pub mod file;
+pub mod label;
 pub mod mem;
 pub mod testing;
+pub mod types;
 
 pub use buf::AlignedBuf;
 pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
 pub use file::FileDevice;
+pub use label::{CpRecord, DiskLabel, Extent, LabelCopies, LabelDefect, LabelError, read_label, write_label};
 pub use mem::{MemDevice, MemFaults};
+pub use types::{CpId, Epoch, Lsn, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
