@@ -3,11 +3,13 @@
 //!
 //! So far: the `BlockDevice` trait that every disk is used through (owned, 4 KiB-aligned
 //! buffers, so the same trait fits pread/pwrite, io_uring with O_DIRECT and, later, a remote
-//! plex over gRPC), a pread/pwrite device, an in-memory device with injectable faults, and the
-//! conformance test body every device must pass, and the two-copy disk label. Plexes, plexes, the mirrored aggregate, the
-//! dirty bitmap and resync follow (issue 4). This crate knows nothing of `nvlog`, `proto` or
+//! plex over gRPC), a pread/pwrite device, an in-memory device with injectable faults, the
+//! conformance test body every device must pass, the two-copy disk label and the persistent
+//! dirty bitmap. Plexes, the mirrored aggregate, resync and the io_uring device follow
+//! (issue 4). This crate knows nothing of `nvlog`, `proto` or
 //! the daemons, and nothing in it may assume that a disk is local.
 
+pub mod bitmap;
 pub mod buf;
 pub mod device;
 pub mod file;
@@ -16,6 +18,7 @@ pub mod mem;
 pub mod testing;
 pub mod types;
 
+pub use bitmap::{BitmapError, DirtyBitmap};
 pub use buf::AlignedBuf;
 pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
 pub use file::FileDevice;
