@@ -15,6 +15,7 @@ pub mod device;
 pub mod file;
 pub mod label;
 pub mod mem;
+pub mod plex;
 pub mod testing;
 pub mod types;
 
@@ -24,4 +25,5 @@ pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
 pub use file::FileDevice;
 pub use label::{CpRecord, DiskLabel, Extent, LabelCopies, LabelDefect, LabelError, read_label, write_label};
 pub use mem::{MemDevice, MemFaults};
+pub use plex::{Plex, PlexDisk, PlexError};
 pub use types::{CpId, Epoch, Lsn, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
