@@ -144,6 +144,8 @@ fn f2_reset_during_flush_never_acknowledges_unpersisted_records() {
         let log = log.clone();
         std::thread::spawn(move || log.reset_partition(LOCAL))
     };
+    // Gives the reset time to reach its wait on the leader's flush. The test cannot fail for
+    // timing: if the reset starts later, it simply runs after the leader (a weaker check).
     std::thread::sleep(std::time::Duration::from_millis(20));
     resume_tx.send(()).unwrap();
     leader.join().unwrap().unwrap();
@@ -306,7 +308,9 @@ fn f5_no_header_write_after_a_failed_header_msync() {
         let log = log.clone();
         std::thread::spawn(move || log.set_mirror_state(LOCAL, MirrorState::None))
     };
-    std::thread::sleep(std::time::Duration::from_millis(200)); // y passed the failed check
+    // Gives y time to pass the `failed` check and wait for the header lock. If it has not, it
+    // starts after the failure and must be refused all the same: no timing makes this flaky.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     gate_tx.send(()).unwrap();
     println!("x: {:?}", x.join().unwrap());
     let y = y.join().unwrap();
@@ -392,6 +396,8 @@ fn f2_partner_reset_during_flush_never_acks_an_unpersisted_copy() {
         let log = log.clone();
         std::thread::spawn(move || log.reset_partition(DR)) // e.g. the receiver rejoins as resyncing
     };
+    // Gives the reset time to reach its wait on the leader's flush. The test cannot fail for
+    // timing: if the reset starts later, it simply runs after the leader (a weaker check).
     std::thread::sleep(std::time::Duration::from_millis(20));
     resume_tx.send(()).unwrap();
     stream_a.join().unwrap().unwrap();
