@@ -222,6 +222,39 @@ impl DirtyBitmap {
         self.persist(device).await
     }
 
+    /// Sets the bits of `regions` in memory only and returns those that were clean; `persist`
+    /// makes them durable. Out-of-range regions are ignored.
+    pub fn set_regions(&mut self, regions: Range<u64>) -> Vec<u64> {
+        let end = regions.end.min(self.regions);
+        (regions.start..end).filter(|region| self.set(*region)).collect()
+    }
+
+    /// Clears the bit of `region` in memory only (a copy that became redundant); `persist` makes
+    /// it durable. Losing it in a crash costs an extra copy, never a missed one.
+    pub fn unset(&mut self, region: u64) {
+        if region < self.regions {
+            let (word, bit) = (usize::try_from(region / 64).expect("in bitmap"), region % 64);
+            if self.words[word] & (1 << bit) != 0 {
+                self.words[word] &= !(1 << bit);
+                self.unwritten.insert(region / REGIONS_PER_BLOCK);
+            }
+        }
+    }
+
+    /// The first dirty region at or after `from`.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        let mut region = from;
+        while region < self.regions {
+            let word = self.words[usize::try_from(region / 64).expect("in bitmap")] >> (region % 64);
+            if word != 0 {
+                let found = region + u64::from(word.trailing_zeros());
+                return (found < self.regions).then_some(found);
+            }
+            region = (region / 64 + 1) * 64;
+        }
+        None
+    }
+
     /// Adds every dirty region of `other` (heal after a switchover merges the returning plex's
     /// bitmap, DESIGN §6.4). Call `persist` after.
     pub fn merge(&mut self, other: &DirtyBitmap) {

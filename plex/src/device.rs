@@ -9,9 +9,10 @@
 //! - after a failed write or flush the device refuses writes and flushes until it is reopened
 //!   (S10); a failed flush is never retried.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::task::Poll;
 
 use crate::buf::AlignedBuf;
 
@@ -84,4 +85,24 @@ pub fn check_range(offset: u64, len: usize, size: u64) -> Result<(), DeviceError
         Some(end) if end <= size => Ok(()),
         _ => Err(DeviceError::OutOfRange { offset, len, size }),
     }
+}
+
+/// Runs every future to completion concurrently on the current task and returns their outputs
+/// in order: many requests in flight at once, without spawning.
+pub async fn join_all<'a, T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|output| output.expect("every future completed")).collect()
 }

@@ -9,16 +9,25 @@
 //! (issue 4). This crate knows nothing of `nvlog`, `proto` or
 //! the daemons, and nothing in it may assume that a disk is local.
 
+pub mod aggregate;
 pub mod bitmap;
 pub mod buf;
 pub mod device;
 pub mod file;
 pub mod label;
+pub mod layout;
 pub mod mem;
 pub mod plex;
+mod regions;
 pub mod testing;
 pub mod types;
+pub mod uring;
 
+pub use aggregate::{
+    Aggregate, AggregateCounters, AggregateError, AggregateOptions, AggregateSpec, AggregateState,
+    AggregateStatus, Decision, DropHook, DropReason, GenerationRule, PlexDrop, PlexStatus, ResyncProgress,
+    decide, next_generation,
+};
 pub use bitmap::{BitmapError, DirtyBitmap};
 pub use buf::AlignedBuf;
 pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
@@ -27,3 +36,4 @@ pub use label::{CpRecord, DiskLabel, Extent, LabelCopies, LabelDefect, LabelErro
 pub use mem::{MemDevice, MemFaults};
 pub use plex::{Plex, PlexDisk, PlexError};
 pub use types::{CpId, Epoch, Lsn, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
+pub use uring::{DirectIo, UringDevice, UringOptions};

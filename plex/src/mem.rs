@@ -42,7 +42,6 @@ struct Contents {
 }
 
 /// A disk in memory.
-#[derive(Debug)]
 pub struct MemDevice {
     contents: Mutex<Contents>,
     faults: Mutex<MemFaults>,
@@ -52,6 +51,17 @@ pub struct MemDevice {
 
 fn eio() -> std::io::Error {
     std::io::Error::from_raw_os_error(5)
+}
+
+impl std::fmt::Debug for MemDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the contents: a test failure must not print megabytes.
+        f.debug_struct("MemDevice")
+            .field("size_bytes", &self.contents().current.len())
+            .field("failed", &self.failed.load(Ordering::Acquire))
+            .field("hung", &*self.hung.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemDevice {
@@ -115,6 +125,15 @@ impl MemDevice {
             }
         }
         image
+    }
+
+    /// Flips bits of the byte at `offset` with `xor`, in what reads see and in what survives a
+    /// power loss (bit rot under the file system's feet).
+    pub fn corrupt(&self, offset: u64, xor: u8) {
+        let mut contents = self.contents();
+        let at = usize::try_from(offset).expect("offset fits usize");
+        contents.current[at] ^= xor;
+        contents.durable[at] ^= xor;
     }
 
     /// Completed writes not yet flushed.

@@ -6,23 +6,45 @@
 //! - a block's CRC is salted with its disk's uuid and its block index on that disk, so a
 //!   misdirected write or a block of another disk never verifies;
 //! - a block whose data and CRC are both zero was never written and reads as zeroes;
-//! - a piece's data and its checksum block are written under one lock, so concurrent writes
-//!   never lose each other's CRCs nor pair one write's data with another's CRC (one lock per
-//!   plex for now: the io_uring work will narrow it to checksum blocks);
+//! - each checksum block is cached in memory once read (4 bytes per 4 KiB of data) and has its
+//!   own lock; a write holds the locks of the checksum blocks it touches, in ascending order,
+//!   while it writes its data and those checksum blocks (concurrently), so concurrent writes
+//!   never lose each other's CRCs nor pair one write's data with another's CRC, and writes to
+//!   different checksum blocks (4 MiB of data each) run in parallel;
+//! - the cache holds what was last written; a checksum block that fails to write leaves its
+//!   device failed (S10), so the cache never outlives a disk that disagrees with it;
 //! - a read concurrent with a write of the same block may see a mismatch: the aggregate orders
 //!   reads and writes of a region (reads come from the write cache first, DESIGN §4);
 //! - a write is complete (data and CRCs) before `write` returns; `flush` makes it durable.
 
 use std::sync::Arc;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use crate::buf::AlignedBuf;
-use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError};
+use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture, join_all};
 use crate::label::DiskLabel;
 
 /// CRCs per checksum block.
 const CRCS_PER_BLOCK: u64 = BLOCK_BYTES / 4;
+/// A block, as a buffer length.
+#[allow(clippy::cast_possible_truncation)]
+const BLOCK_LEN: usize = BLOCK_BYTES as usize;
+
+/// A length or offset inside one I/O buffer (which fits in memory) as `usize`.
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).expect("an in-buffer offset fits usize")
+}
+
+/// The stored CRC of data block `block` from the locked checksum blocks starting at the one
+/// holding `first_block`.
+fn crc_of(guards: &[MutexGuard<'_, Option<AlignedBuf>>], first_block: u64, block: u64) -> u32 {
+    let sums = guards[usize_of(block / CRCS_PER_BLOCK - first_block / CRCS_PER_BLOCK)]
+        .as_ref()
+        .expect("locked checksum blocks are loaded");
+    let at = usize_of(block % CRCS_PER_BLOCK * 4);
+    u32::from_le_bytes(sums.as_slice()[at..at + 4].try_into().expect("4 bytes"))
+}
 
 /// Why a plex I/O failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +95,8 @@ pub struct Plex {
     /// Plex offset where each disk's data starts.
     starts: Vec<u64>,
     size: u64,
-    checksum_lock: Mutex<()>,
+    /// Per disk, per checksum block: its cached contents once loaded.
+    checksums: Vec<Vec<Mutex<Option<AlignedBuf>>>>,
 }
 
 fn block_crc(disk: &DiskLabel, block: u64, data: &[u8]) -> u32 {
@@ -108,7 +131,14 @@ impl Plex {
             starts.push(size);
             size += label.data.len;
         }
-        Ok(Plex { disks, starts, size, checksum_lock: Mutex::new(()) })
+        let checksums = disks
+            .iter()
+            .map(|disk| {
+                let blocks = (disk.label.data.len / BLOCK_BYTES).div_ceil(CRCS_PER_BLOCK);
+                (0..blocks).map(|_| Mutex::new(None)).collect()
+            })
+            .collect();
+        Ok(Plex { disks, starts, size, checksums })
     }
 
     /// Bytes of data the plex holds.
@@ -139,50 +169,62 @@ impl Plex {
         Ok(pieces)
     }
 
-    async fn read_checksums(
+    /// Locks the checksum blocks covering `blocks` data blocks from `first_block` of `disk`,
+    /// loading each from the disk the first time.
+    async fn lock_checksums(
         &self,
         disk: usize,
         first_block: u64,
         blocks: u64,
-    ) -> Result<(u64, AlignedBuf), PlexError> {
+    ) -> Result<Vec<MutexGuard<'_, Option<AlignedBuf>>>, PlexError> {
         let label = &self.disks[disk].label;
-        let first = first_block / CRCS_PER_BLOCK;
-        let last = (first_block + blocks - 1) / CRCS_PER_BLOCK;
-        let len = usize::try_from((last - first + 1) * BLOCK_BYTES).expect("checksum blocks fit usize");
-        let (result, buf) = self.disks[disk]
-            .device
-            .read(label.checksums.offset + first * BLOCK_BYTES, AlignedBuf::zeroed(len))
-            .await;
-        result.map_err(|source| PlexError::Device { disk, source })?;
-        Ok((first * CRCS_PER_BLOCK, buf))
+        let (first, last) = (first_block / CRCS_PER_BLOCK, (first_block + blocks - 1) / CRCS_PER_BLOCK);
+        let mut guards = Vec::with_capacity(usize::try_from(last - first + 1).unwrap_or(1));
+        for index in first..=last {
+            let mut guard =
+                self.checksums[disk][usize::try_from(index).expect("checksum blocks fit usize")].lock().await;
+            if guard.is_none() {
+                let (result, buf) = self.disks[disk]
+                    .device
+                    .read(label.checksums.offset + index * BLOCK_BYTES, AlignedBuf::zeroed(BLOCK_LEN))
+                    .await;
+                result.map_err(|source| PlexError::Device { disk, source })?;
+                *guard = Some(buf);
+            }
+            guards.push(guard);
+        }
+        Ok(guards)
     }
 
     /// Reads `len` bytes at plex offset `offset`; every block is verified.
     pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf, PlexError> {
-        let mut out = AlignedBuf::zeroed(usize::try_from(len).expect("a read fits in memory"));
-        for (disk, within, plex_at, take) in self.pieces(offset, len)? {
+        let pieces = self.pieces(offset, len)?;
+        let mut out = AlignedBuf::zeroed(usize::try_from(len).map_err(|_| PlexError::Range {
+            offset,
+            len,
+            size: self.size,
+        })?);
+        for (disk, within, plex_at, take) in pieces {
             let label = &self.disks[disk].label;
-            let (result, data) = self.disks[disk]
-                .device
-                .read(label.data.offset + within, AlignedBuf::zeroed(usize::try_from(take).expect("fits")))
-                .await;
-            result.map_err(|source| PlexError::Device { disk, source })?;
             let first_block = within / BLOCK_BYTES;
             let blocks = take / BLOCK_BYTES;
-            let (base, crcs) = self.read_checksums(disk, first_block, blocks).await?;
-            for i in 0..blocks {
-                let block = first_block + i;
-                let at = usize::try_from((block - base) * 4).expect("fits");
-                let stored = u32::from_le_bytes(crcs.as_slice()[at..at + 4].try_into().expect("4 bytes"));
-                let range = usize::try_from(i * BLOCK_BYTES).expect("fits")
-                    ..usize::try_from((i + 1) * BLOCK_BYTES).expect("fits");
-                let bytes = &data.as_slice()[range];
+            let stored: Vec<u32> = {
+                let guards = self.lock_checksums(disk, first_block, blocks).await?;
+                (first_block..first_block + blocks).map(|block| crc_of(&guards, first_block, block)).collect()
+            };
+            let (result, data) = self.disks[disk]
+                .device
+                .read(label.data.offset + within, AlignedBuf::zeroed(usize_of(take)))
+                .await;
+            result.map_err(|source| PlexError::Device { disk, source })?;
+            for (i, stored) in (0..blocks).zip(stored) {
+                let bytes = &data.as_slice()[usize_of(i * BLOCK_BYTES)..usize_of((i + 1) * BLOCK_BYTES)];
                 let never_written = stored == 0 && bytes.iter().all(|&b| b == 0);
-                if !never_written && block_crc(label, block, bytes) != stored {
+                if !never_written && block_crc(label, first_block + i, bytes) != stored {
                     return Err(PlexError::Checksum { offset: plex_at + i * BLOCK_BYTES });
                 }
             }
-            let start = usize::try_from(plex_at - offset).expect("fits");
+            let start = usize_of(plex_at - offset);
             out.as_mut_slice()[start..start + data.len()].copy_from_slice(data.as_slice());
         }
         Ok(out)
@@ -192,33 +234,37 @@ impl Plex {
     pub async fn write(&self, offset: u64, data: &AlignedBuf) -> Result<(), PlexError> {
         for (disk, within, plex_at, take) in self.pieces(offset, data.len() as u64)? {
             let label = &self.disks[disk].label;
-            let start = usize::try_from(plex_at - offset).expect("fits");
-            let piece =
-                AlignedBuf::from_slice(&data.as_slice()[start..start + usize::try_from(take).expect("fits")]);
+            let device = &self.disks[disk].device;
+            let start = usize_of(plex_at - offset);
+            let piece = AlignedBuf::from_slice(&data.as_slice()[start..start + usize_of(take)]);
             let first_block = within / BLOCK_BYTES;
             let blocks = take / BLOCK_BYTES;
-            let crcs: Vec<u32> = (0..blocks)
-                .map(|i| {
-                    let range = usize::try_from(i * BLOCK_BYTES).expect("fits")
-                        ..usize::try_from((i + 1) * BLOCK_BYTES).expect("fits");
-                    block_crc(label, first_block + i, &piece.as_slice()[range])
-                })
-                .collect();
-            // Data and CRCs of a piece change together: concurrent writes of one checksum block
-            // (or one data block) never interleave into a block whose CRC is another write's.
-            let _guard = self.checksum_lock.lock().await;
-            let (result, _) = self.disks[disk].device.write(label.data.offset + within, piece).await;
-            result.map_err(|source| PlexError::Device { disk, source })?;
-            let (base, mut sums) = self.read_checksums(disk, first_block, blocks).await?;
-            for (i, crc) in crcs.iter().enumerate() {
-                let at = usize::try_from((first_block + i as u64 - base) * 4).expect("fits");
+            // Data and CRCs of a piece change together under the checksum blocks' locks:
+            // concurrent writes of one checksum block (or one data block) never interleave into
+            // a block whose CRC is another write's.
+            let mut guards = self.lock_checksums(disk, first_block, blocks).await?;
+            let first_sum_block = first_block / CRCS_PER_BLOCK;
+            for i in 0..blocks {
+                let block = first_block + i;
+                let bytes = &piece.as_slice()[usize_of(i * BLOCK_BYTES)..usize_of((i + 1) * BLOCK_BYTES)];
+                let crc = block_crc(label, block, bytes);
+                let sums = guards[usize_of(block / CRCS_PER_BLOCK - first_sum_block)]
+                    .as_mut()
+                    .expect("locked checksum blocks are loaded");
+                let at = usize_of(block % CRCS_PER_BLOCK * 4);
                 sums.as_mut_slice()[at..at + 4].copy_from_slice(&crc.to_le_bytes());
             }
-            let (result, _) = self.disks[disk]
-                .device
-                .write(label.checksums.offset + base / CRCS_PER_BLOCK * BLOCK_BYTES, sums)
-                .await;
-            result.map_err(|source| PlexError::Device { disk, source })?;
+            let mut writes: Vec<IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)>> =
+                vec![device.write(label.data.offset + within, piece)];
+            for (n, guard) in guards.iter().enumerate() {
+                let sums = guard.as_ref().expect("locked checksum blocks are loaded").clone();
+                let index = first_sum_block + n as u64;
+                writes.push(device.write(label.checksums.offset + index * BLOCK_BYTES, sums));
+            }
+            for (result, _) in join_all(writes).await {
+                result.map_err(|source| PlexError::Device { disk, source })?;
+            }
+            drop(guards);
         }
         Ok(())
     }

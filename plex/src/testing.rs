@@ -3,9 +3,8 @@
 //!
 //! It panics with a message naming the broken property; call it from a test.
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
 
 use crate::buf::AlignedBuf;
 use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError};
@@ -13,25 +12,7 @@ use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError};
 /// Blocks the conformance body needs at least.
 pub const CONFORMANCE_BLOCKS: u64 = 64;
 
-/// Runs every future to completion concurrently on the current task and returns their outputs
-/// in order: many requests in flight at once, without spawning.
-pub async fn join_all<'a, T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
-    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
-    poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    outputs.into_iter().map(|output| output.expect("every future completed")).collect()
-}
+pub use crate::device::join_all;
 
 /// A block-sized pattern that differs per block and per `seed`.
 pub fn pattern(seed: u64, blocks: u64) -> AlignedBuf {
@@ -136,4 +117,58 @@ pub async fn conformance(device: &(impl BlockDevice + ?Sized)) {
     }
 
     device.flush().await.expect("flush");
+}
+
+/// A `DropHook` that records every drop, and can refuse the first few (a partner that does
+/// not answer yet).
+#[derive(Debug, Default)]
+pub struct RecordingHook {
+    drops: std::sync::Mutex<Vec<crate::aggregate::PlexDrop>>,
+    refuse: std::sync::atomic::AtomicUsize,
+}
+
+impl RecordingHook {
+    /// A hook that refuses the first `n` calls.
+    pub fn refusing(n: usize) -> RecordingHook {
+        RecordingHook { drops: std::sync::Mutex::default(), refuse: std::sync::atomic::AtomicUsize::new(n) }
+    }
+
+    /// The drops recorded so far.
+    pub fn drops(&self) -> Vec<crate::aggregate::PlexDrop> {
+        self.drops.lock().expect("hook lock").clone()
+    }
+}
+
+impl crate::aggregate::DropHook for RecordingHook {
+    fn plex_dropped<'a>(
+        &'a self,
+        drop: &'a crate::aggregate::PlexDrop,
+    ) -> crate::device::IoFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            use std::sync::atomic::Ordering;
+            if self.refuse.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
+                return Err("the partner does not answer".to_string());
+            }
+            self.drops.lock().expect("hook lock").push(drop.clone());
+            Ok(())
+        })
+    }
+}
+
+/// The raw bytes of a plex's data area (its disks' data extents, concatenated), read through
+/// the labels; the first `len` bytes. For comparing plexes byte for byte.
+pub async fn plex_data(devices: &[std::sync::Arc<dyn BlockDevice>], len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for device in devices {
+        let (label, _) = crate::label::read_label(device.as_ref()).await.expect("a labelled disk");
+        let take = label.data.len.min(len - out.len() as u64);
+        let (result, buf) =
+            device.read(label.data.offset, AlignedBuf::zeroed(usize::try_from(take).expect("fits"))).await;
+        result.expect("read of a data area");
+        out.extend_from_slice(buf.as_slice());
+        if out.len() as u64 == len {
+            break;
+        }
+    }
+    out
 }

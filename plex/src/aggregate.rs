@@ -1,0 +1,1749 @@
+//! A mirrored aggregate: plex 0 and plex 1 written concurrently (DESIGN §6.3), the mirror
+//! timeout and the drop of a plex (§4.1, S3, S4), read repair (§6.3), and resync (§6.4, S5).
+//!
+//! Invariants:
+//! - a write completes when both plexes hold it, or when one plex holds it and the other has
+//!   been dropped; a drop persists the survivor's bitmap marks (every region whose write to the
+//!   dropped plex had not completed), then the survivor's label (peer `out_of_date` or
+//!   `failed`, a new generation), then calls the caller's `DropHook` (S3) until it succeeds,
+//!   and only then are the writes that waited on it completed;
+//! - while a plex is not `normal`, every write marks its regions in the normal plex's bitmap,
+//!   durably, before it is issued (S4);
+//! - a plex that is `resyncing` (or `out_of_date`, `failed`) is never a read source, nor a
+//!   resync source (S5); reads are repaired only from a `normal` plex and a region that is not
+//!   dirty, and the repair holds the region exclusively so it never overwrites a newer write;
+//! - resync direction comes from the labels only (`decide`, rules logged by name); a split
+//!   brain is refused until the operator names the plex to discard; a plex without a valid
+//!   label is only ever the target of a full resync;
+//! - the target is `resyncing` on disk before its first byte is copied; a bit is cleared only
+//!   after the region's copy is flushed on the target; copies hold their regions exclusively,
+//!   so a concurrent write to the region lands after the copy on both plexes;
+//! - the resync target becomes `normal` (its label takes the source's generation) only after
+//!   the whole bitmap is clean, under the gate that keeps writes from marking meanwhile.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex as AsyncMutex, RwLock as AsyncRwLock, watch};
+
+use crate::bitmap::{BitmapError, DirtyBitmap};
+use crate::buf::AlignedBuf;
+use crate::device::{BLOCK_BYTES, BlockDevice, IoFuture, join_all};
+use crate::label::{CpRecord, DiskLabel, LabelError, read_label, write_label};
+use crate::layout::{LayoutError, plan_plex};
+use crate::plex::{Plex, PlexDisk, PlexError};
+use crate::regions::RegionLocks;
+use crate::types::{Epoch, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
+
+/// How an aggregate behaves.
+#[derive(Clone, Debug)]
+pub struct AggregateOptions {
+    /// How long a write waits for a plex before the plex is dropped (DESIGN §4.1).
+    pub mirror_timeout: Duration,
+    /// Resync bandwidth limit in bytes per second; `None` copies as fast as the disks go.
+    pub resync_bytes_per_second: Option<u64>,
+    /// Bytes one resync batch copies before it flushes the target and clears the batch's bits.
+    pub resync_batch_bytes: u64,
+}
+
+impl Default for AggregateOptions {
+    fn default() -> AggregateOptions {
+        AggregateOptions {
+            mirror_timeout: Duration::from_secs(30),
+            resync_bytes_per_second: None,
+            resync_batch_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What a new aggregate is.
+#[derive(Clone, Debug)]
+pub struct AggregateSpec {
+    /// The cluster.
+    pub cluster: Uuid,
+    /// The aggregate.
+    pub aggregate: Uuid,
+    /// The controller that owns it.
+    pub owner: NodeId,
+    /// The site of each plex's disks.
+    pub sites: [Site; 2],
+    /// Bytes per dirty-bitmap region (DESIGN §6.4: 64 KiB by default).
+    pub region_bytes: u32,
+    /// The first epoch.
+    pub epoch: Epoch,
+}
+
+/// Why a plex was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// It did not answer within the mirror timeout.
+    Timeout,
+    /// It failed an I/O.
+    Failed,
+}
+
+/// What the `DropHook` is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlexDrop {
+    /// The aggregate.
+    pub aggregate: Uuid,
+    /// The dropped plex.
+    pub plex: u8,
+    /// Why.
+    pub reason: DropReason,
+    /// The survivor's generation after the drop.
+    pub survivor_generation: PlexGeneration,
+}
+
+/// Records a plex drop wherever S3 requires (the DR partner, the mediator) before the writes
+/// that wait on it complete. An error is retried (with back-off) until it succeeds: until
+/// then those writes stall, as S3 requires.
+pub trait DropHook: Send + Sync + fmt::Debug {
+    /// Records `drop`; returns once it is durable there.
+    fn plex_dropped<'a>(&'a self, drop: &'a PlexDrop) -> IoFuture<'a, Result<(), String>>;
+}
+
+/// The generation rules of DESIGN §6.4, in the order they are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationRule {
+    /// A plex's label says `resyncing`: it is the target, whatever else holds (S5).
+    ResyncInProgress,
+    /// Equal generations: in sync; only bitmap bits left over are copied.
+    EqualGenerations,
+    /// One plex's peer-sync generation is the other's current: the one that moved on is the
+    /// source.
+    PeerMovedOn,
+    /// Both moved on (or the generations are unrelated): refused until a plex is discarded.
+    SplitBrain,
+    /// A plex without a valid label (new or replaced disk): target of a full resync.
+    NoValidLabel,
+}
+
+impl GenerationRule {
+    /// The name the rule is logged and shown by.
+    pub fn name(self) -> &'static str {
+        match self {
+            GenerationRule::ResyncInProgress => "resync-in-progress",
+            GenerationRule::EqualGenerations => "equal-generations",
+            GenerationRule::PeerMovedOn => "peer-moved-on",
+            GenerationRule::SplitBrain => "split-brain",
+            GenerationRule::NoValidLabel => "no-valid-label",
+        }
+    }
+}
+
+impl fmt::Display for GenerationRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the generation rules decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The rule that applied.
+    pub rule: GenerationRule,
+    /// `Some((source, target, level))` when a resync is needed (or may be, for
+    /// `EqualGenerations`, if a bitmap has bits left).
+    pub resync: Option<(usize, usize, ResyncLevel)>,
+}
+
+/// Why an aggregate operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    /// A plex I/O failed.
+    #[error("plex {plex}: {source}")]
+    Plex {
+        /// Which plex.
+        plex: usize,
+        /// What failed.
+        #[source]
+        source: PlexError,
+    },
+    /// A label could not be read or written.
+    #[error("plex {plex} disk {disk} label: {source}")]
+    Label {
+        /// Which plex.
+        plex: usize,
+        /// Which disk of it.
+        disk: usize,
+        /// What failed.
+        #[source]
+        source: LabelError,
+    },
+    /// The bitmap could not be read or written.
+    #[error("plex {plex} bitmap: {source}")]
+    Bitmap {
+        /// Which plex.
+        plex: usize,
+        /// What failed.
+        #[source]
+        source: BitmapError,
+    },
+    /// No plex is `normal`: nothing can be read or written.
+    #[error("no plex of the aggregate is normal ({0})")]
+    NoUsablePlex(String),
+    /// A read failed and could not be repaired from the other plex.
+    #[error("read at {offset} failed on plex {plex} and cannot be repaired ({why}): {source}")]
+    Unrepairable {
+        /// Where.
+        offset: u64,
+        /// The plex read.
+        plex: usize,
+        /// Why the other plex could not serve it.
+        why: &'static str,
+        /// The read error.
+        #[source]
+        source: PlexError,
+    },
+    /// Both plexes were written independently (DESIGN §6.4): refused until one is discarded.
+    #[error(
+        "split brain: plex 0 is at generation {g0} (peer-sync {s0}), plex 1 at {g1} (peer-sync {s1}); \
+         both were written without the other; name the plex whose changes are discarded"
+    )]
+    SplitBrain {
+        /// Plex 0's generation.
+        g0: u64,
+        /// Plex 0's peer-sync generation.
+        s0: u64,
+        /// Plex 1's generation.
+        g1: u64,
+        /// Plex 1's peer-sync generation.
+        s1: u64,
+    },
+    /// The disks do not form this aggregate.
+    #[error("invalid aggregate: {0}")]
+    Invalid(String),
+    /// Disks cannot be laid out.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A range outside the aggregate or not block-aligned.
+    #[error("range {offset}+{len} is not block-aligned inside the aggregate of {size} bytes")]
+    Range {
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The aggregate's size.
+        size: u64,
+    },
+    /// The resync target was dropped during the resync; it resumes when the plex returns.
+    #[error("resync stopped: the target plex {0} was dropped")]
+    TargetDropped(usize),
+}
+
+/// The aggregate's state, as ONTAP shows it (DESIGN §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AggregateState {
+    /// Both plexes `normal`.
+    MirroredNormal,
+    /// One plex is not `normal` and none is resyncing.
+    MirrorDegraded,
+    /// One plex is being resynced.
+    Resyncing,
+}
+
+impl fmt::Display for AggregateState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AggregateState::MirroredNormal => "mirrored,normal",
+            AggregateState::MirrorDegraded => "mirror degraded",
+            AggregateState::Resyncing => "resyncing",
+        })
+    }
+}
+
+/// A running or last resync's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// Full or incremental.
+    pub level: ResyncLevel,
+    /// The source plex.
+    pub source: usize,
+    /// The target plex.
+    pub target: usize,
+    /// Bytes to copy (grows when writes dirty more regions meanwhile).
+    pub total_bytes: u64,
+    /// Bytes copied and durable on the target.
+    pub copied_bytes: u64,
+    /// Since the resync (or its resumption) started.
+    pub elapsed: Duration,
+    /// Whether it completed.
+    pub complete: bool,
+}
+
+impl ResyncProgress {
+    /// Percent done (100 only once complete).
+    pub fn percent(&self) -> u64 {
+        if self.complete {
+            return 100;
+        }
+        (self.copied_bytes.saturating_mul(100).checked_div(self.total_bytes).unwrap_or(0)).min(99)
+    }
+
+    /// Bytes per second so far.
+    pub fn rate(&self) -> u64 {
+        let millis = u64::try_from(self.elapsed.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.copied_bytes.saturating_mul(1000) / millis
+    }
+
+    /// Time left at the rate so far.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        (rate > 0).then(|| Duration::from_secs(self.total_bytes.saturating_sub(self.copied_bytes) / rate))
+    }
+}
+
+impl fmt::Display for ResyncProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.level {
+            ResyncLevel::Full => "full",
+            ResyncLevel::Incremental => "incremental",
+        };
+        write!(
+            f,
+            "{level} resync plex{} -> plex{}: {}%, {} of {} bytes, {} bytes/s",
+            self.source,
+            self.target,
+            self.percent(),
+            self.copied_bytes,
+            self.total_bytes,
+            self.rate()
+        )?;
+        match self.eta() {
+            Some(eta) if !self.complete => write!(f, ", ETA {}s", eta.as_secs()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One plex's state for display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlexStatus {
+    /// The state.
+    pub state: PlexState,
+    /// Its generation (from its label; 0 without one).
+    pub generation: PlexGeneration,
+    /// Percent copied when resyncing.
+    pub percent: Option<u64>,
+}
+
+impl fmt::Display for PlexStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            PlexState::Normal => f.write_str("normal"),
+            PlexState::Failed => f.write_str("failed"),
+            PlexState::OutOfDate => f.write_str("out_of_date"),
+            PlexState::Resyncing { level, .. } => {
+                let level = match level {
+                    ResyncLevel::Full => "full",
+                    ResyncLevel::Incremental => "incremental",
+                };
+                write!(f, "resyncing ({level}, {}%)", self.percent.unwrap_or(0))
+            }
+        }
+    }
+}
+
+/// The aggregate's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AggregateStatus {
+    /// `mirrored,normal`, `mirror degraded` or `resyncing`.
+    pub state: AggregateState,
+    /// Each plex.
+    pub plexes: [PlexStatus; 2],
+    /// The bitmap of the plex that tracks dirty regions, DataKeeper style.
+    pub bitmap: String,
+    /// The running or last resync.
+    pub resync: Option<ResyncProgress>,
+}
+
+impl fmt::Display for AggregateStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "state: {}", self.state)?;
+        for (index, plex) in self.plexes.iter().enumerate() {
+            writeln!(f, "plex{index}: {plex}, generation {}", plex.generation.0)?;
+        }
+        writeln!(f, "{}", self.bitmap)?;
+        if let Some(resync) = &self.resync {
+            writeln!(f, "{resync}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggregateCounters {
+    /// Reads served from the other plex, with the bad copy rewritten.
+    pub read_repairs: u64,
+    /// Reads that failed and could not be repaired.
+    pub read_errors: u64,
+    /// Plexes dropped.
+    pub drops: u64,
+    /// Regions copied by resync.
+    pub regions_resynced: u64,
+}
+
+/// One plex of the aggregate.
+#[derive(Debug)]
+struct Side {
+    devices: Vec<Arc<dyn BlockDevice>>,
+    /// `None` while the plex has no valid labels (a new or replaced disk before its resync).
+    plex: RwLock<Option<Arc<Plex>>>,
+    /// The disks' labels (disk 0's is the plex's: it is written last, as the commit point).
+    labels: AsyncMutex<Option<Vec<DiskLabel>>>,
+    /// The plex's dirty bitmap (on its first disk).
+    bitmap: AsyncMutex<Option<DirtyBitmap>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    states: [PlexState; 2],
+    /// A drop of this plex is being recorded: it gets no new I/O, and writes wait.
+    dropping: [bool; 2],
+    /// Writes issued to each plex and not yet finished: id -> regions.
+    inflight: [std::collections::BTreeMap<u64, Range<u64>>; 2],
+    next_id: u64,
+    resync: Option<ResyncProgress>,
+    counters: AggregateCounters,
+}
+
+/// A mirrored aggregate.
+#[derive(Debug)]
+pub struct Aggregate {
+    uuid: Uuid,
+    size: u64,
+    region_bytes: u64,
+    options: AggregateOptions,
+    hook: Arc<dyn DropHook>,
+    sides: [Side; 2],
+    inner: Mutex<Inner>,
+    /// Bumped whenever a drop completes.
+    changed: watch::Sender<u64>,
+    regions: Arc<RegionLocks>,
+    /// Writes hold it shared from their state decision to their bitmap mark; resync completion
+    /// holds it exclusively.
+    gate: AsyncRwLock<()>,
+    resync_running: AsyncMutex<()>,
+}
+
+/// What a plex's disks hold.
+enum Found {
+    /// Every disk has a valid label.
+    Labelled(Vec<DiskLabel>),
+    /// Some disk has no valid label: a new or replaced disk.
+    NoLabel,
+    /// Some disk cannot be read.
+    Unreadable(String),
+}
+
+async fn find_labels(devices: &[Arc<dyn BlockDevice>]) -> Found {
+    let mut labels = Vec::with_capacity(devices.len());
+    let mut blank = false;
+    for (disk, device) in devices.iter().enumerate() {
+        match read_label(device.as_ref()).await {
+            Ok((label, _)) => labels.push(label),
+            Err(LabelError::NoValidLabel { .. }) => blank = true,
+            Err(e) => return Found::Unreadable(format!("disk {disk}: {e}")),
+        }
+    }
+    if blank { Found::NoLabel } else { Found::Labelled(labels) }
+}
+
+/// Applies the generation rules of DESIGN §6.4, in order, to the two plexes' labels (`None`:
+/// no valid label). Pure: the aggregate logs and acts on the result.
+pub fn decide(labels: [Option<&DiskLabel>; 2]) -> Result<Decision, AggregateError> {
+    let decision = |rule, resync| Ok(Decision { rule, resync });
+    // Rule 0 (S5): a plex whose label says `resyncing` is the target, never a source.
+    for target in 0..2 {
+        if let Some(PlexState::Resyncing { level, .. }) = labels[target].map(|label| label.plex_state) {
+            let source = 1 - target;
+            return match labels[source].map(|label| label.plex_state) {
+                Some(PlexState::Normal) => {
+                    decision(GenerationRule::ResyncInProgress, Some((source, target, level)))
+                }
+                _ => Err(AggregateError::NoUsablePlex(format!(
+                    "plex {target} is an unfinished resync target and plex {source} is not normal"
+                ))),
+            };
+        }
+    }
+    match labels {
+        [Some(a), Some(b)] => {
+            let (ga, gb) = (a.plex_generation, b.plex_generation);
+            if ga == gb {
+                return decision(GenerationRule::EqualGenerations, None);
+            }
+            if a.peer_sync_generation == gb && ga > gb {
+                return decision(GenerationRule::PeerMovedOn, Some((0, 1, ResyncLevel::Incremental)));
+            }
+            if b.peer_sync_generation == ga && gb > ga {
+                return decision(GenerationRule::PeerMovedOn, Some((1, 0, ResyncLevel::Incremental)));
+            }
+            Err(AggregateError::SplitBrain {
+                g0: ga.0,
+                s0: a.peer_sync_generation.0,
+                g1: gb.0,
+                s1: b.peer_sync_generation.0,
+            })
+        }
+        [Some(_), None] => decision(GenerationRule::NoValidLabel, Some((0, 1, ResyncLevel::Full))),
+        [None, Some(_)] => decision(GenerationRule::NoValidLabel, Some((1, 0, ResyncLevel::Full))),
+        [None, None] => Err(AggregateError::Invalid("neither plex has a valid label".into())),
+    }
+}
+
+fn side_error(plex: usize) -> impl Fn(PlexError) -> AggregateError {
+    move |source| AggregateError::Plex { plex, source }
+}
+
+fn bitmap_error(plex: usize) -> impl Fn(BitmapError) -> AggregateError {
+    move |source| AggregateError::Bitmap { plex, source }
+}
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).expect("an I/O size fits usize")
+}
+
+impl Aggregate {
+    /// Labels the disks of both plexes as a new aggregate (both `normal`, generation 1, clean
+    /// bitmaps, zeroed checksum areas) and opens it. Disks that hold a valid label are refused.
+    pub async fn create(
+        spec: &AggregateSpec,
+        plexes: [Vec<Arc<dyn BlockDevice>>; 2],
+        options: AggregateOptions,
+        hook: Arc<dyn DropHook>,
+    ) -> Result<Aggregate, AggregateError> {
+        for (index, devices) in plexes.iter().enumerate() {
+            if let Found::Labelled(_) = find_labels(devices).await {
+                return Err(AggregateError::Invalid(format!(
+                    "plex {index} has a labelled disk; refusing to overwrite it"
+                )));
+            }
+            let labels = label_plex(spec, index, devices, PlexGeneration(1), PlexState::Normal)?;
+            let _ = format_plex(index, devices, labels, spec.aggregate).await?;
+        }
+        Aggregate::open(plexes, options, hook).await
+    }
+
+    /// Opens an aggregate from its disks, applying the generation rules (DESIGN §6.4). A plex
+    /// whose disks cannot be read is dropped (through the hook) and the aggregate runs
+    /// degraded. A split brain is refused: see `open_discarding`.
+    pub async fn open(
+        plexes: [Vec<Arc<dyn BlockDevice>>; 2],
+        options: AggregateOptions,
+        hook: Arc<dyn DropHook>,
+    ) -> Result<Aggregate, AggregateError> {
+        Aggregate::open_inner(plexes, options, hook, None).await
+    }
+
+    /// Opens an aggregate whose plexes were written independently (split brain), discarding
+    /// the changes of plex `discard`: it becomes the target of a resync of every region either
+    /// plex wrote since they were last in sync. Refused unless the rules find a split brain.
+    pub async fn open_discarding(
+        plexes: [Vec<Arc<dyn BlockDevice>>; 2],
+        options: AggregateOptions,
+        hook: Arc<dyn DropHook>,
+        discard: usize,
+    ) -> Result<Aggregate, AggregateError> {
+        if discard > 1 {
+            return Err(AggregateError::Invalid(format!("there is no plex {discard}")));
+        }
+        Aggregate::open_inner(plexes, options, hook, Some(discard)).await
+    }
+
+    async fn open_inner(
+        plexes: [Vec<Arc<dyn BlockDevice>>; 2],
+        options: AggregateOptions,
+        hook: Arc<dyn DropHook>,
+        discard: Option<usize>,
+    ) -> Result<Aggregate, AggregateError> {
+        let [devices0, devices1] = plexes;
+        let found = [find_labels(&devices0).await, find_labels(&devices1).await];
+        let labels: [Option<&Vec<DiskLabel>>; 2] = [0, 1].map(|i| match &found[i] {
+            Found::Labelled(labels) => Some(labels),
+            _ => None,
+        });
+        for (index, labels) in labels.iter().enumerate() {
+            if let Some(labels) = labels {
+                check_plex_labels(index, labels)?;
+            }
+        }
+        let (uuid, region_bytes) = match (labels[0], labels[1]) {
+            (Some(a), Some(b)) => {
+                if a[0].aggregate != b[0].aggregate {
+                    return Err(AggregateError::Invalid("the plexes belong to different aggregates".into()));
+                }
+                if a[0].region_bytes != b[0].region_bytes {
+                    return Err(AggregateError::Invalid("the plexes have different region sizes".into()));
+                }
+                (a[0].aggregate, a[0].region_bytes)
+            }
+            (Some(a), None) | (None, Some(a)) => (a[0].aggregate, a[0].region_bytes),
+            (None, None) => {
+                return Err(AggregateError::Invalid("neither plex has a valid label".into()));
+            }
+        };
+        let unreadable: [Option<&String>; 2] = [0, 1].map(|i| match &found[i] {
+            Found::Unreadable(why) => Some(why),
+            _ => None,
+        });
+        let decision = if let Some(index) = unreadable.iter().position(Option::is_some) {
+            let other = 1 - index;
+            if unreadable[other].is_some() || labels[other].is_none() {
+                return Err(AggregateError::NoUsablePlex("both plexes unreadable or unlabelled".into()));
+            }
+            tracing::warn!(aggregate = ?uuid, plex = index, why = unreadable[index].map(String::as_str), "plex unreadable at open");
+            None
+        } else {
+            let decided = decide([labels[0].map(|l| &l[0]), labels[1].map(|l| &l[0])]);
+            match (decided, discard) {
+                (Err(AggregateError::SplitBrain { .. }), Some(discard)) => {
+                    tracing::warn!(aggregate = ?uuid, rule = "split-brain", discard, "discarding plex {discard}'s changes as the operator asked");
+                    Some(Decision {
+                        rule: GenerationRule::SplitBrain,
+                        resync: Some((1 - discard, discard, ResyncLevel::Incremental)),
+                    })
+                }
+                (Err(e), _) => {
+                    tracing::error!(aggregate = ?uuid, "generation rules refuse the aggregate: {e}");
+                    return Err(e);
+                }
+                (Ok(_), Some(_)) => {
+                    return Err(AggregateError::Invalid(
+                        "no split brain: the generation rules decide the direction, not a discard".into(),
+                    ));
+                }
+                (Ok(decision), None) => {
+                    tracing::info!(aggregate = ?uuid, rule = decision.rule.name(), resync = ?decision.resync, "generation rule");
+                    Some(decision)
+                }
+            }
+        };
+
+        let mut sides = Vec::with_capacity(2);
+        let mut sizes = [0u64; 2];
+        for (index, devices) in [devices0, devices1].into_iter().enumerate() {
+            let (plex, disk_labels, bitmap) = match &found[index] {
+                Found::Labelled(disk_labels) => {
+                    let plex = Plex::new(
+                        devices
+                            .iter()
+                            .zip(disk_labels)
+                            .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
+                            .collect(),
+                    )
+                    .map_err(side_error(index))?;
+                    sizes[index] = plex.size_bytes();
+                    let first = &disk_labels[0];
+                    let bitmap = DirtyBitmap::load(
+                        devices[0].as_ref(),
+                        first.bitmap,
+                        uuid,
+                        first.region_bytes,
+                        plex.size_bytes(),
+                    )
+                    .await;
+                    let bitmap = match bitmap {
+                        Ok(bitmap) => Some(bitmap),
+                        Err(e) if unreadable[index].is_none() => return Err(bitmap_error(index)(e)),
+                        Err(_) => None,
+                    };
+                    (Some(Arc::new(plex)), Some(disk_labels.clone()), bitmap)
+                }
+                _ => (None, None, None),
+            };
+            sides.push(Side {
+                devices,
+                plex: RwLock::new(plex),
+                labels: AsyncMutex::new(disk_labels),
+                bitmap: AsyncMutex::new(bitmap),
+            });
+        }
+        let size = match (sizes[0], sizes[1]) {
+            (0, s) | (s, 0) => s,
+            (a, b) => a.min(b),
+        };
+        let mut states = [PlexState::Normal; 2];
+        let mut pending_drop = None;
+        match decision {
+            None => {
+                let index = unreadable.iter().position(Option::is_some).unwrap_or(0);
+                let other_label = labels[1 - index].map(|l| &l[0]);
+                if let Some(PlexState::Resyncing { .. }) = other_label.map(|l| l.plex_state) {
+                    return Err(AggregateError::NoUsablePlex(format!(
+                        "plex {index} is unreadable and plex {} is an unfinished resync target",
+                        1 - index
+                    )));
+                }
+                states[index] = PlexState::Failed;
+                if other_label.map(|l| l.peer_state) == Some(PeerState::Normal) {
+                    states[index] = PlexState::Normal;
+                    pending_drop = Some(index);
+                }
+            }
+            Some(Decision { resync: Some((_, target, level)), rule }) => {
+                states[target] = match rule {
+                    GenerationRule::ResyncInProgress => {
+                        let label = labels[target].map(|l| &l[0]);
+                        label.map(|l| l.plex_state).unwrap_or(PlexState::Resyncing { level, next_region: 0 })
+                    }
+                    _ => PlexState::OutOfDate,
+                };
+            }
+            Some(Decision { resync: None, .. }) => {}
+        }
+        let side_array: [Side; 2] = match sides.try_into() {
+            Ok(array) => array,
+            Err(_) => return Err(AggregateError::Invalid("two plexes expected".into())),
+        };
+        let aggregate = Aggregate {
+            uuid,
+            size,
+            region_bytes: u64::from(region_bytes),
+            options,
+            hook,
+            sides: side_array,
+            inner: Mutex::new(Inner {
+                states,
+                dropping: [false; 2],
+                inflight: Default::default(),
+                next_id: 0,
+                resync: None,
+                counters: AggregateCounters::default(),
+            }),
+            changed: watch::channel(0).0,
+            regions: Arc::default(),
+            gate: AsyncRwLock::new(()),
+            resync_running: AsyncMutex::new(()),
+        };
+        if let Some(Decision { rule: GenerationRule::EqualGenerations, .. }) = decision {
+            aggregate.settle_equal_generations().await?;
+        }
+        if let Some(index) = pending_drop {
+            aggregate.drop_plex(index, DropReason::Failed, Vec::new()).await?;
+        }
+        Ok(aggregate)
+    }
+
+    /// Equal generations: leftover bits in a bitmap (writes in flight at a drop that was not
+    /// recorded before a crash) make the other plex `out_of_date` for an incremental resync.
+    async fn settle_equal_generations(&self) -> Result<(), AggregateError> {
+        let mut dirty = [false; 2];
+        for (index, side) in self.sides.iter().enumerate() {
+            dirty[index] = side.bitmap.lock().await.as_ref().is_some_and(|bitmap| bitmap.dirty_count() > 0);
+        }
+        // Both dirty: plex 1's bits merge into plex 0's, which is the source.
+        let target = match dirty {
+            [true, _] => 1,
+            [false, true] => 0,
+            [false, false] => return Ok(()),
+        };
+        tracing::info!(aggregate = ?self.uuid, rule = "equal-generations", target, "bits left in a bitmap: plex {target} is resynced from them");
+        self.inner().states[target] = PlexState::OutOfDate;
+        Ok(())
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("aggregate state holder panicked")
+    }
+
+    fn plex(&self, index: usize) -> Option<Arc<Plex>> {
+        self.sides[index].plex.read().expect("plex holder panicked").clone()
+    }
+
+    /// The aggregate's uuid.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    /// Bytes of data.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> AggregateCounters {
+        self.inner().counters
+    }
+
+    /// The plexes' states.
+    pub fn plex_states(&self) -> [PlexState; 2] {
+        self.inner().states
+    }
+
+    /// The state and plexes, as ONTAP and DataKeeper show them.
+    pub async fn status(&self) -> AggregateStatus {
+        let (states, resync) = {
+            let inner = self.inner();
+            (inner.states, inner.resync)
+        };
+        let mut generations = [PlexGeneration::default(); 2];
+        for (index, side) in self.sides.iter().enumerate() {
+            if let Some(labels) = side.labels.lock().await.as_ref() {
+                generations[index] = labels[0].plex_generation;
+            }
+        }
+        let state = if states.iter().any(|s| matches!(s, PlexState::Resyncing { .. })) {
+            AggregateState::Resyncing
+        } else if states == [PlexState::Normal; 2] {
+            AggregateState::MirroredNormal
+        } else {
+            AggregateState::MirrorDegraded
+        };
+        let tracker = states.iter().position(|s| *s == PlexState::Normal).unwrap_or(0);
+        let bitmap = match self.sides[tracker].bitmap.lock().await.as_ref() {
+            Some(bitmap) => bitmap.status_line(),
+            None => "Bitmap: unavailable".to_string(),
+        };
+        let plexes = [0, 1].map(|index| PlexStatus {
+            state: states[index],
+            generation: generations[index],
+            percent: match states[index] {
+                PlexState::Resyncing { .. } => Some(resync.map_or(0, |progress| progress.percent())),
+                _ => None,
+            },
+        });
+        AggregateStatus { state, plexes, bitmap, resync }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<Range<u64>, AggregateError> {
+        let aligned = offset.is_multiple_of(BLOCK_BYTES) && len.is_multiple_of(BLOCK_BYTES) && len > 0;
+        if !aligned || offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(AggregateError::Range { offset, len, size: self.size });
+        }
+        Ok(offset / self.region_bytes..(offset + len).div_ceil(self.region_bytes))
+    }
+
+    /// Writes `data` at `offset` to both plexes (DESIGN §6.3); see the module invariants.
+    pub async fn write(&self, offset: u64, data: &AlignedBuf) -> Result<(), AggregateError> {
+        let regions = self.check_range(offset, data.len() as u64)?;
+        let guard = self.regions.lock(regions.clone(), false).await;
+        let (issue, id, waited_drops, mark_on) = {
+            let _gate = self.gate.read().await;
+            let (issue, mark_on, id, waited_drops) = {
+                let mut inner = self.inner();
+                let usable = |i: usize| {
+                    matches!(inner.states[i], PlexState::Normal | PlexState::Resyncing { .. })
+                        && !inner.dropping[i]
+                };
+                let normal = |i: usize| inner.states[i] == PlexState::Normal && !inner.dropping[i];
+                let issue = [usable(0), usable(1)];
+                if !normal(0) && !normal(1) {
+                    return Err(AggregateError::NoUsablePlex(format!("{:?}", inner.states)));
+                }
+                let mark_on = match (normal(0), normal(1)) {
+                    (true, true) => None,
+                    (true, false) => Some(0),
+                    _ => Some(1),
+                };
+                let id = inner.next_id;
+                inner.next_id += 1;
+                for (plex, issued) in issue.iter().enumerate() {
+                    if *issued {
+                        inner.inflight[plex].insert(id, regions.clone());
+                    }
+                }
+                (issue, mark_on, id, inner.dropping)
+            };
+            if let Some(tracker) = mark_on {
+                // S4: marked durably before the write is issued.
+                let newly = self.mark(tracker, regions.clone()).await;
+                match newly {
+                    Ok(newly) if issue == [true, true] => self.regions.clear_on_release(&newly),
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.forget_inflight(id);
+                        return Err(e);
+                    }
+                }
+            }
+            (issue, id, waited_drops, mark_on)
+        };
+
+        let timeout = self.options.mirror_timeout;
+        let plexes = [self.plex(0), self.plex(1)];
+        let attempt = |index: usize| {
+            let plex = plexes[index].clone();
+            async move {
+                let plex = plex.ok_or(DropReason::Failed)?;
+                match tokio::time::timeout(timeout, plex.write(offset, data)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        tracing::warn!(plex = index, "write failed: {e}");
+                        Err(DropReason::Failed)
+                    }
+                    Err(_) => Err(DropReason::Timeout),
+                }
+            }
+        };
+        let skipped = async { Err::<(), DropReason>(DropReason::Failed) };
+        let (r0, r1) = match issue {
+            [true, true] => tokio::join!(attempt(0), attempt(1)),
+            [true, false] => (attempt(0).await, skipped.await),
+            [false, true] => (skipped.await, attempt(1).await),
+            [false, false] => (skipped.await, Err(DropReason::Failed)),
+        };
+        let results = [r0, r1];
+        let mut failed = false;
+        for (index, result) in results.iter().enumerate() {
+            if let (true, Err(reason)) = (issue[index], result) {
+                failed = true;
+                if let Err(e) = self.drop_plex(index, *reason, vec![regions.clone()]).await {
+                    self.forget_inflight(id);
+                    return Err(e);
+                }
+            }
+        }
+        self.forget_inflight(id);
+        // Writes that skipped a plex being dropped complete only once the drop is recorded.
+        for (index, dropping) in waited_drops.iter().enumerate() {
+            if *dropping {
+                self.wait_drop(index).await?;
+            }
+        }
+        let states = self.inner().states;
+        let held = (0..2).any(|i| issue[i] && results[i].is_ok() && states[i] == PlexState::Normal);
+        let clear = guard.release(!failed);
+        if let (false, Some(tracker)) = (clear.is_empty(), mark_on) {
+            self.unmark_in_memory(tracker, &clear).await;
+        }
+        if held {
+            Ok(())
+        } else {
+            Err(AggregateError::NoUsablePlex(format!("the write reached no normal plex ({states:?})")))
+        }
+    }
+
+    fn forget_inflight(&self, id: u64) {
+        let mut inner = self.inner();
+        inner.inflight[0].remove(&id);
+        inner.inflight[1].remove(&id);
+    }
+
+    /// Marks `regions` in plex `tracker`'s bitmap durably; returns the regions that were clean.
+    async fn mark(&self, tracker: usize, regions: Range<u64>) -> Result<Vec<u64>, AggregateError> {
+        let mut bitmap = self.sides[tracker].bitmap.lock().await;
+        let bitmap = bitmap
+            .as_mut()
+            .ok_or_else(|| AggregateError::NoUsablePlex(format!("plex {tracker} has no bitmap")))?;
+        let newly = bitmap.set_regions(regions);
+        bitmap.persist(self.sides[tracker].devices[0].as_ref()).await.map_err(bitmap_error(tracker))?;
+        Ok(newly)
+    }
+
+    /// Clears, in memory, marks that resync-time writes made redundant (both plexes hold them).
+    async fn unmark_in_memory(&self, tracker: usize, regions: &[u64]) {
+        if let Some(bitmap) = self.sides[tracker].bitmap.lock().await.as_mut() {
+            for region in regions {
+                bitmap.unset(*region);
+            }
+        }
+    }
+
+    async fn wait_drop(&self, index: usize) -> Result<(), AggregateError> {
+        let mut changed = self.changed.subscribe();
+        loop {
+            {
+                let inner = self.inner();
+                if !inner.dropping[index] {
+                    return if inner.states.contains(&PlexState::Normal) {
+                        Ok(())
+                    } else {
+                        Err(AggregateError::NoUsablePlex(format!("{:?}", inner.states)))
+                    };
+                }
+            }
+            if changed.changed().await.is_err() {
+                return Err(AggregateError::NoUsablePlex("the aggregate is closing".into()));
+            }
+        }
+    }
+
+    /// Drops plex `index` (S3, S4): marks every region with a write to it in flight (and
+    /// `extra`) in the survivor's bitmap, records the drop in the survivor's label (new
+    /// generation), calls the hook until it succeeds, and only then lets waiting writes
+    /// complete.
+    async fn drop_plex(
+        &self,
+        index: usize,
+        reason: DropReason,
+        extra: Vec<Range<u64>>,
+    ) -> Result<(), AggregateError> {
+        let survivor = 1 - index;
+        let to_mark = loop {
+            if self.inner().dropping[index] {
+                self.wait_drop(index).await?;
+            }
+            let mut inner = self.inner();
+            if inner.dropping[index] {
+                // Another drop began between the two locks: wait for it too.
+                continue;
+            }
+            if !matches!(inner.states[index], PlexState::Normal | PlexState::Resyncing { .. }) {
+                return Ok(());
+            }
+            if inner.states[survivor] != PlexState::Normal || inner.dropping[survivor] {
+                inner.states[index] = PlexState::Failed;
+                return Err(AggregateError::NoUsablePlex(format!(
+                    "plex {index} failed and plex {survivor} is not normal"
+                )));
+            }
+            inner.dropping[index] = true;
+            let mut regions: Vec<Range<u64>> = inner.inflight[index].values().cloned().collect();
+            regions.extend(extra);
+            self.regions.keep_marks(&regions);
+            break regions;
+        };
+        tracing::warn!(aggregate = ?self.uuid, plex = index, ?reason, "dropping plex");
+        let result = self.record_drop(index, reason, to_mark).await;
+        {
+            let mut inner = self.inner();
+            inner.dropping[index] = false;
+            match &result {
+                Ok(()) => {
+                    inner.states[index] = match reason {
+                        DropReason::Timeout => PlexState::OutOfDate,
+                        DropReason::Failed => PlexState::Failed,
+                    };
+                    inner.counters.drops += 1;
+                }
+                Err(_) => {
+                    inner.states = [PlexState::Failed; 2];
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+        result
+    }
+
+    async fn record_drop(
+        &self,
+        index: usize,
+        reason: DropReason,
+        to_mark: Vec<Range<u64>>,
+    ) -> Result<(), AggregateError> {
+        let survivor = 1 - index;
+        {
+            let mut bitmap = self.sides[survivor].bitmap.lock().await;
+            let bitmap = bitmap
+                .as_mut()
+                .ok_or_else(|| AggregateError::NoUsablePlex(format!("plex {survivor} has no bitmap")))?;
+            for regions in to_mark {
+                bitmap.set_regions(regions);
+            }
+            bitmap.persist(self.sides[survivor].devices[0].as_ref()).await.map_err(bitmap_error(survivor))?;
+        }
+        let peer_state = match reason {
+            DropReason::Timeout => PeerState::OutOfDate,
+            DropReason::Failed => PeerState::Failed,
+        };
+        let generation = self
+            .update_labels(survivor, |label| {
+                if label.peer_state == PeerState::Normal {
+                    label.plex_generation = next_generation(label.plex_generation, index_of(survivor));
+                }
+                label.peer_state = peer_state;
+            })
+            .await?;
+        let record =
+            PlexDrop { aggregate: self.uuid, plex: index_of(index), reason, survivor_generation: generation };
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.hook.plex_dropped(&record).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(aggregate = ?self.uuid, plex = index, "the drop is not recorded yet, writes stall: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Rewrites the labels of plex `index` with `update` applied (other disks first, disk 0
+    /// last as the commit point); returns the plex's generation after.
+    async fn update_labels(
+        &self,
+        index: usize,
+        update: impl Fn(&mut DiskLabel),
+    ) -> Result<PlexGeneration, AggregateError> {
+        let mut labels = self.sides[index].labels.lock().await;
+        let labels =
+            labels.as_mut().ok_or_else(|| AggregateError::Invalid(format!("plex {index} has no labels")))?;
+        let devices = &self.sides[index].devices;
+        for disk in (0..labels.len()).rev() {
+            let mut next = labels[disk].clone();
+            update(&mut next);
+            write_label(devices[disk].as_ref(), &mut next).await.map_err(|source| AggregateError::Label {
+                plex: index,
+                disk,
+                source,
+            })?;
+            labels[disk] = next;
+        }
+        Ok(labels[0].plex_generation)
+    }
+
+    /// Records a consistency point in the labels of every `normal` plex (S12: call after the
+    /// CP's data is flushed; the label is durable on return).
+    pub async fn record_cp(&self, cp: CpRecord) -> Result<(), AggregateError> {
+        let states = self.inner().states;
+        for (index, state) in states.iter().enumerate() {
+            if *state == PlexState::Normal {
+                self.update_labels(index, |label| label.last_cp = cp).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable on every plex that is `normal` or `resyncing`.
+    pub async fn flush(&self) -> Result<(), AggregateError> {
+        let states = self.inner().states;
+        for (index, state) in states.iter().enumerate() {
+            if matches!(state, PlexState::Normal | PlexState::Resyncing { .. })
+                && let Some(plex) = self.plex(index)
+            {
+                let flushed = tokio::time::timeout(self.options.mirror_timeout, plex.flush()).await;
+                match flushed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(plex = index, "flush failed: {e}");
+                        self.drop_plex(index, DropReason::Failed, Vec::new()).await?;
+                    }
+                    Err(_) => self.drop_plex(index, DropReason::Timeout, Vec::new()).await?,
+                }
+            }
+        }
+        if self.inner().states.contains(&PlexState::Normal) {
+            Ok(())
+        } else {
+            Err(AggregateError::NoUsablePlex("no plex left after flush".into()))
+        }
+    }
+
+    /// Reads `len` bytes at `offset` from a `normal` plex (plex 0 first), repairing a bad copy
+    /// from the other plex when DESIGN §6.3 allows it.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf, AggregateError> {
+        let regions = self.check_range(offset, len)?;
+        let states = self.inner().states;
+        let dropping = self.inner().dropping;
+        let normal = |i: usize| states[i] == PlexState::Normal && !dropping[i];
+        let Some(first) = (0..2).find(|i| normal(*i)) else {
+            return Err(AggregateError::NoUsablePlex(format!("{states:?}")));
+        };
+        let plex = self.plex(first).ok_or_else(|| AggregateError::NoUsablePlex("no plex".into()))?;
+        let error = match tokio::time::timeout(self.options.mirror_timeout, plex.read(offset, len)).await {
+            Ok(Ok(data)) => return Ok(data),
+            Ok(Err(PlexError::Range { offset, len, size })) => {
+                return Err(AggregateError::Range { offset, len, size });
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                // A plex that does not answer a read is dropped like one that does not answer a
+                // write; the read then goes to the other plex (or fails if there is none).
+                tracing::warn!(aggregate = ?self.uuid, plex = first, offset, "read timed out");
+                self.drop_plex(first, DropReason::Timeout, Vec::new()).await?;
+                return Box::pin(self.read(offset, len)).await;
+            }
+        };
+        tracing::warn!(aggregate = ?self.uuid, plex = first, offset, "read failed: {error}");
+        let other = 1 - first;
+        let refuse = |why: &'static str, source: PlexError| {
+            self.inner().counters.read_errors += 1;
+            Err(AggregateError::Unrepairable { offset, plex: first, why, source })
+        };
+        if !normal(other) {
+            return refuse("the other plex is not normal", error);
+        }
+        let guard = self.regions.lock(regions.clone(), true).await;
+        for side in &self.sides {
+            if let Some(bitmap) = side.bitmap.lock().await.as_ref()
+                && regions.clone().any(|region| bitmap.is_dirty(region))
+            {
+                return refuse("the region is dirty", error);
+            }
+        }
+        // Under the exclusive lock: a write that completed meanwhile may have fixed it.
+        if let Ok(data) = plex.read(offset, len).await {
+            return Ok(data);
+        }
+        let Some(good) = self.plex(other) else { return refuse("the other plex is gone", error) };
+        let data = match good.read(offset, len).await {
+            Ok(data) => data,
+            Err(_) => return refuse("the other plex failed too", error),
+        };
+        if let Err(e) = plex.write(offset, &data).await {
+            tracing::warn!(plex = first, "read repair write failed: {e}");
+            drop(guard);
+            self.drop_plex(first, DropReason::Failed, vec![regions]).await?;
+        } else {
+            tracing::info!(aggregate = ?self.uuid, plex = first, offset, len, "read repaired from plex {other}");
+        }
+        self.inner().counters.read_repairs += 1;
+        Ok(data)
+    }
+
+    /// Lets a dropped plex come back (its disks answer again, or were reopened after a
+    /// failure): re-reads its labels and applies the generation rules. It becomes `out_of_date`,
+    /// ready for `resync`; a split brain is refused and the plex stays out.
+    pub async fn reattach(&self, index: usize) -> Result<Decision, AggregateError> {
+        if index > 1 {
+            return Err(AggregateError::Invalid(format!("there is no plex {index}")));
+        }
+        let state = self.inner().states[index];
+        if matches!(state, PlexState::Normal | PlexState::Resyncing { .. }) {
+            return Err(AggregateError::Invalid(format!("plex {index} is attached ({state:?})")));
+        }
+        let found = find_labels(&self.sides[index].devices).await;
+        let other = self.sides[1 - index].labels.lock().await.as_ref().map(|labels| labels[0].clone());
+        let decision = match &found {
+            Found::Unreadable(why) => {
+                return Err(AggregateError::Invalid(format!("plex {index} is still unreadable: {why}")));
+            }
+            Found::Labelled(labels) => {
+                check_plex_labels(index, labels)?;
+                if labels[0].aggregate != self.uuid {
+                    return Err(AggregateError::Invalid(format!(
+                        "plex {index}'s disks belong to another aggregate"
+                    )));
+                }
+                let mut pair = [None, None];
+                pair[index] = Some(&labels[0]);
+                pair[1 - index] = other.as_ref();
+                decide(pair)?
+            }
+            Found::NoLabel => {
+                let mut pair = [None, None];
+                pair[1 - index] = other.as_ref();
+                decide(pair)?
+            }
+        };
+        tracing::info!(aggregate = ?self.uuid, plex = index, rule = decision.rule.name(), resync = ?decision.resync, "generation rule at reattach");
+        match decision.resync {
+            Some((source, target, _)) if target == index && source == 1 - index => {}
+            None if decision.rule == GenerationRule::EqualGenerations => {}
+            _ => {
+                return Err(AggregateError::Invalid(format!(
+                    "rule {} would make plex {index} a source; refused (S5)",
+                    decision.rule
+                )));
+            }
+        }
+        if let Found::Labelled(labels) = found {
+            let plex = Plex::new(
+                self.sides[index]
+                    .devices
+                    .iter()
+                    .zip(&labels)
+                    .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
+                    .collect(),
+            )
+            .map_err(side_error(index))?;
+            if plex.size_bytes() < self.size {
+                return Err(AggregateError::Invalid(format!("plex {index} is smaller than the aggregate")));
+            }
+            let bitmap = DirtyBitmap::load(
+                self.sides[index].devices[0].as_ref(),
+                labels[0].bitmap,
+                self.uuid,
+                labels[0].region_bytes,
+                plex.size_bytes(),
+            )
+            .await
+            .map_err(bitmap_error(index))?;
+            *self.sides[index].plex.write().expect("plex holder panicked") = Some(Arc::new(plex));
+            *self.sides[index].labels.lock().await = Some(labels);
+            *self.sides[index].bitmap.lock().await = Some(bitmap);
+        } else {
+            *self.sides[index].plex.write().expect("plex holder panicked") = None;
+            *self.sides[index].labels.lock().await = None;
+            *self.sides[index].bitmap.lock().await = None;
+        }
+        let mut inner = self.inner();
+        inner.states[index] = match decision.rule {
+            GenerationRule::ResyncInProgress => match decision.resync {
+                Some((_, _, level)) => PlexState::Resyncing { level, next_region: 0 },
+                None => PlexState::OutOfDate,
+            },
+            _ => PlexState::OutOfDate,
+        };
+        Ok(decision)
+    }
+
+    /// Runs `resync` in a background task (DESIGN §6.4); the handle says how it ended.
+    pub fn spawn_resync(
+        self: &Arc<Self>,
+    ) -> tokio::task::JoinHandle<Result<Option<ResyncProgress>, AggregateError>> {
+        let aggregate = self.clone();
+        tokio::spawn(async move { aggregate.resync().await })
+    }
+
+    /// The running (or last) resync's progress.
+    pub fn resync_progress(&self) -> Option<ResyncProgress> {
+        self.inner().resync
+    }
+
+    /// Resyncs the plex that is `out_of_date` or `resyncing` from the `normal` one (DESIGN §6.4)
+    /// and returns when it is `normal` again. Writes go on meanwhile; run it in a task.
+    /// Returns `None` when nothing needed a resync.
+    pub async fn resync(&self) -> Result<Option<ResyncProgress>, AggregateError> {
+        let _running = self.resync_running.lock().await;
+        let (source, target, resuming, level) = {
+            let inner = self.inner();
+            let target = match inner.states.iter().position(|s| {
+                matches!(s, PlexState::OutOfDate | PlexState::Resyncing { .. }) || *s == PlexState::Failed
+            }) {
+                Some(target) => target,
+                None => return Ok(None),
+            };
+            let source = 1 - target;
+            if inner.states[source] != PlexState::Normal || inner.dropping.contains(&true) {
+                return Err(AggregateError::NoUsablePlex(format!(
+                    "no normal source for plex {target}: {:?}",
+                    inner.states
+                )));
+            }
+            match inner.states[target] {
+                PlexState::Resyncing { level, .. } => (source, target, true, level),
+                PlexState::Failed => {
+                    return Err(AggregateError::Invalid(format!(
+                        "plex {target} is failed: reattach it (or replace its disks) first"
+                    )));
+                }
+                _ => {
+                    let level = if self.plex(target).is_none() {
+                        ResyncLevel::Full
+                    } else {
+                        ResyncLevel::Incremental
+                    };
+                    (source, target, false, level)
+                }
+            }
+        };
+        if !resuming {
+            self.start_resync(source, target, level).await?;
+        }
+        let result = self.copy_dirty(source, target, level).await;
+        if let Err(e) = &result {
+            tracing::warn!(aggregate = ?self.uuid, source, target, "resync stopped: {e}");
+        }
+        result.map(Some)
+    }
+
+    /// Everything that must be durable before the first byte is copied (S5).
+    async fn start_resync(
+        &self,
+        source: usize,
+        target: usize,
+        level: ResyncLevel,
+    ) -> Result<(), AggregateError> {
+        let source_labels = self.sides[source]
+            .labels
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| AggregateError::Invalid("source has no labels".into()))?;
+        // 1. The resync set, durable in the source's bitmap: everything for a full resync, the
+        //    merge of both bitmaps for an incremental one.
+        {
+            let target_bitmap = self.sides[target].bitmap.lock().await.clone();
+            let mut bitmap = self.sides[source].bitmap.lock().await;
+            let bitmap =
+                bitmap.as_mut().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
+            let device = self.sides[source].devices[0].as_ref();
+            match (level, target_bitmap) {
+                (ResyncLevel::Full, _) => {
+                    bitmap.set_regions(0..self.size.div_ceil(self.region_bytes));
+                    bitmap.persist(device).await.map_err(bitmap_error(source))?;
+                }
+                (ResyncLevel::Incremental, Some(theirs)) => {
+                    bitmap.merge(&theirs);
+                    bitmap.persist(device).await.map_err(bitmap_error(source))?;
+                }
+                (ResyncLevel::Incremental, None) => {}
+            }
+        }
+        // 2. The target is `resyncing` on disk before its first byte (S5).
+        let resyncing = PlexState::Resyncing { level, next_region: 0 };
+        if self.plex(target).is_none() {
+            let spec = AggregateSpec {
+                cluster: source_labels[0].cluster,
+                aggregate: self.uuid,
+                owner: source_labels[0].owner,
+                sites: [source_labels[0].site; 2],
+                region_bytes: source_labels[0].region_bytes,
+                epoch: source_labels[0].epoch_high_water,
+            };
+            let devices = &self.sides[target].devices;
+            let mut labels = label_plex(&spec, target, devices, PlexGeneration(0), resyncing)?;
+            for label in &mut labels {
+                label.home_owner = source_labels[0].home_owner;
+                label.dr_home_owner = source_labels[0].dr_home_owner;
+                label.last_cp = source_labels[0].last_cp;
+            }
+            let (plex, bitmap, labels) = format_plex(target, devices, labels, self.uuid).await?;
+            if plex.size_bytes() < self.size {
+                return Err(AggregateError::Invalid(format!(
+                    "the new plex {target} is smaller than the aggregate"
+                )));
+            }
+            *self.sides[target].labels.lock().await = Some(labels);
+            *self.sides[target].bitmap.lock().await = Some(bitmap);
+            *self.sides[target].plex.write().expect("plex holder panicked") = Some(Arc::new(plex));
+        } else {
+            self.update_labels(target, |label| label.plex_state = resyncing).await?;
+            // Its own marks were merged into the source's: start it clean.
+            let mut bitmap = self.sides[target].bitmap.lock().await;
+            if let Some(bitmap) = bitmap.as_mut() {
+                for region in bitmap.dirty_regions().collect::<Vec<_>>() {
+                    bitmap.unset(region);
+                }
+                bitmap.persist(self.sides[target].devices[0].as_ref()).await.map_err(bitmap_error(target))?;
+            }
+        }
+        self.update_labels(source, |label| label.peer_state = PeerState::Resyncing).await?;
+        tracing::info!(aggregate = ?self.uuid, source, target, ?level, "resync started");
+        // 3. From now on writes go to the target too (and mark the source's bitmap).
+        self.inner().states[target] = resyncing;
+        Ok(())
+    }
+
+    async fn copy_dirty(
+        &self,
+        source: usize,
+        target: usize,
+        level: ResyncLevel,
+    ) -> Result<ResyncProgress, AggregateError> {
+        let started = Instant::now();
+        let region_bytes = self.region_bytes;
+        let regions_total = self.size.div_ceil(region_bytes);
+        let initial = self.dirty_count(source).await?;
+        let mut progress = ResyncProgress {
+            level,
+            source,
+            target,
+            total_bytes: initial * region_bytes,
+            copied_bytes: 0,
+            elapsed: Duration::ZERO,
+            complete: false,
+        };
+        self.inner().resync = Some(progress);
+        let batch_regions = (self.options.resync_batch_bytes / region_bytes).max(1);
+        let (src, dst) = match (self.plex(source), self.plex(target)) {
+            (Some(src), Some(dst)) => (src, dst),
+            _ => return Err(AggregateError::Invalid("a resync plex has no disks".into())),
+        };
+        let mut cursor = 0u64;
+        let mut last_label = Instant::now();
+        loop {
+            let state = self.inner().states[target];
+            if !matches!(state, PlexState::Resyncing { .. }) {
+                return Err(AggregateError::TargetDropped(target));
+            }
+            // Regions marked only by writes in flight to both plexes need no copy.
+            let next = {
+                let bitmap = self.sides[source].bitmap.lock().await;
+                let mut next = bitmap.as_ref().and_then(|bitmap| bitmap.next_dirty(cursor));
+                while let (Some(region), Some(bitmap)) = (next, bitmap.as_ref()) {
+                    if region >= regions_total || !self.regions.marked_by_writes_in_flight(region) {
+                        break;
+                    }
+                    next = bitmap.next_dirty(region + 1);
+                }
+                next.filter(|r| *r < regions_total)
+            };
+            let Some(first) = next else {
+                if cursor == 0 {
+                    if self.try_complete(source, target).await? {
+                        break;
+                    }
+                    continue;
+                }
+                cursor = 0;
+                continue;
+            };
+            let batch = first..(first + batch_regions).min(regions_total);
+            let guard = self.regions.lock(batch.clone(), true).await;
+            let dirty: Vec<u64> = {
+                let bitmap = self.sides[source].bitmap.lock().await;
+                let bitmap =
+                    bitmap.as_ref().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
+                batch.clone().filter(|r| bitmap.is_dirty(*r)).collect()
+            };
+            // Contiguous runs of dirty regions, copied concurrently.
+            let mut runs: Vec<Range<u64>> = Vec::new();
+            for region in &dirty {
+                match runs.last_mut() {
+                    Some(run) if run.end == *region => run.end += 1,
+                    _ => runs.push(*region..*region + 1),
+                }
+            }
+            let timeout = self.options.mirror_timeout;
+            let copies: Vec<IoFuture<'_, Result<(), Result<AggregateError, DropReason>>>> = runs
+                .iter()
+                .map(|run| {
+                    let offset = run.start * region_bytes;
+                    let len = (run.end * region_bytes).min(self.size) - offset;
+                    let (src, dst) = (src.clone(), dst.clone());
+                    let copy: IoFuture<'_, _> = Box::pin(async move {
+                        let data = match tokio::time::timeout(timeout, src.read(offset, len)).await {
+                            Ok(read) => read.map_err(|e| Ok(side_error(source)(e)))?,
+                            Err(_) => {
+                                return Err(Ok(AggregateError::NoUsablePlex(format!(
+                                    "the resync source plex {source} does not answer"
+                                ))));
+                            }
+                        };
+                        match tokio::time::timeout(timeout, dst.write(offset, &data)).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(_)) => Err(Err(DropReason::Failed)),
+                            Err(_) => Err(Err(DropReason::Timeout)),
+                        }
+                    });
+                    copy
+                })
+                .collect();
+            let mut outcome = Ok(());
+            for result in join_all(copies).await {
+                if let Err(e) = result {
+                    outcome = Err(e);
+                }
+            }
+            if outcome.is_ok() {
+                outcome = match tokio::time::timeout(timeout, dst.flush()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(Err(DropReason::Failed)),
+                    Err(_) => Err(Err(DropReason::Timeout)),
+                };
+            }
+            match outcome {
+                Ok(()) => {}
+                Err(Ok(source_error)) => return Err(source_error),
+                Err(Err(reason)) => {
+                    drop(guard);
+                    self.drop_plex(target, reason, Vec::new()).await?;
+                    return Err(AggregateError::TargetDropped(target));
+                }
+            }
+            // The copies are durable on the target: now their bits may go.
+            {
+                let mut bitmap = self.sides[source].bitmap.lock().await;
+                let bitmap =
+                    bitmap.as_mut().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
+                for region in &dirty {
+                    bitmap.unset(*region);
+                }
+                bitmap.persist(self.sides[source].devices[0].as_ref()).await.map_err(bitmap_error(source))?;
+            }
+            drop(guard);
+            cursor = batch.end;
+            let copied: u64 = runs
+                .iter()
+                .map(|run| ((run.end * region_bytes).min(self.size)) - run.start * region_bytes)
+                .sum();
+            progress.copied_bytes += copied;
+            progress.total_bytes = progress.total_bytes.max(progress.copied_bytes);
+            progress.elapsed = started.elapsed();
+            {
+                let mut inner = self.inner();
+                inner.counters.regions_resynced += dirty.len() as u64;
+                if let PlexState::Resyncing { level, .. } = inner.states[target] {
+                    inner.states[target] = PlexState::Resyncing { level, next_region: cursor };
+                }
+                inner.resync = Some(progress);
+            }
+            // The resume point, for display after a restart (the bitmap is what resumes).
+            if last_label.elapsed() > Duration::from_secs(1) {
+                let next_region = cursor;
+                self.update_labels(target, |label| {
+                    label.plex_state = PlexState::Resyncing { level, next_region }
+                })
+                .await?;
+                last_label = Instant::now();
+            }
+            if let Some(rate) = self.options.resync_bytes_per_second.filter(|rate| *rate > 0) {
+                let due = Duration::from_secs_f64(progress.copied_bytes as f64 / rate as f64);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    tokio::time::sleep(due - elapsed).await;
+                }
+            }
+        }
+        progress.complete = true;
+        progress.elapsed = started.elapsed();
+        self.inner().resync = Some(progress);
+        tracing::info!(aggregate = ?self.uuid, source, target, "resync complete: {progress}");
+        Ok(progress)
+    }
+
+    async fn dirty_count(&self, index: usize) -> Result<u64, AggregateError> {
+        let bitmap = self.sides[index].bitmap.lock().await;
+        Ok(bitmap.as_ref().map_or(0, DirtyBitmap::dirty_count))
+    }
+
+    /// Makes the target `normal` if the bitmap is clean, with writes kept from marking.
+    async fn try_complete(&self, source: usize, target: usize) -> Result<bool, AggregateError> {
+        let _gate = self.gate.write().await;
+        let regions = self.size.div_ceil(self.region_bytes);
+        // Bits set only by writes still in flight to both plexes need no copy (and those writes
+        // clear them); any other bit does.
+        let left = {
+            let bitmap = self.sides[source].bitmap.lock().await;
+            let bitmap =
+                bitmap.as_ref().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
+            bitmap
+                .dirty_regions()
+                .take_while(|region| *region < regions)
+                .any(|region| !self.regions.marked_by_writes_in_flight(region))
+        };
+        if left {
+            return Ok(false);
+        }
+        let Some(dst) = self.plex(target) else { return Err(AggregateError::TargetDropped(target)) };
+        if let Err(e) = dst.flush().await {
+            tracing::warn!(plex = target, "flush at resync completion failed: {e}");
+            self.drop_plex(target, DropReason::Failed, Vec::new()).await?;
+            return Err(AggregateError::TargetDropped(target));
+        }
+        let generation = self.sides[source]
+            .labels
+            .lock()
+            .await
+            .as_ref()
+            .map(|labels| labels[0].plex_generation)
+            .ok_or_else(|| AggregateError::Invalid("source has no labels".into()))?;
+        // Target first: with equal generations the pair is in sync whatever the source's label
+        // says about its peer.
+        self.update_labels(target, |label| {
+            label.plex_state = PlexState::Normal;
+            label.peer_state = PeerState::Normal;
+            label.plex_generation = generation;
+            label.peer_sync_generation = generation;
+        })
+        .await?;
+        self.update_labels(source, |label| {
+            label.peer_state = PeerState::Normal;
+            label.peer_sync_generation = generation;
+        })
+        .await?;
+        self.inner().states[target] = PlexState::Normal;
+        Ok(true)
+    }
+}
+
+/// The generation a plex starts when its peer is dropped: the next one above `current` whose
+/// parity is the plex's index. Two plexes that move on from the same generation, each without
+/// the other (each site alone), therefore never reach equal generations, which would read as
+/// "in sync" (DRBD makes its generation ids random for the same reason).
+pub fn next_generation(current: PlexGeneration, plex: u8) -> PlexGeneration {
+    let mut next = current.0.saturating_add(1);
+    if next % 2 != u64::from(plex % 2) {
+        next = next.saturating_add(1);
+    }
+    PlexGeneration(next)
+}
+
+fn index_of(plex: usize) -> u8 {
+    u8::from(plex == 1)
+}
+
+fn check_plex_labels(index: usize, labels: &[DiskLabel]) -> Result<(), AggregateError> {
+    let first = &labels[0];
+    for (disk, label) in labels.iter().enumerate() {
+        if label.aggregate != first.aggregate || usize::from(label.plex_index) != index {
+            return Err(AggregateError::Invalid(format!(
+                "plex {index} disk {disk} is labelled for plex {} of another aggregate or slot",
+                label.plex_index
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Labels for the disks of plex `index` of a new aggregate (or a replaced plex).
+fn label_plex(
+    spec: &AggregateSpec,
+    index: usize,
+    devices: &[Arc<dyn BlockDevice>],
+    generation: PlexGeneration,
+    state: PlexState,
+) -> Result<Vec<DiskLabel>, AggregateError> {
+    let sizes: Vec<u64> = devices.iter().map(|device| device.size_bytes()).collect();
+    let areas = plan_plex(&sizes, spec.region_bytes)?;
+    let plex_index = u8::try_from(index).map_err(|_| AggregateError::Invalid(format!("plex {index}")))?;
+    Ok(areas
+        .iter()
+        .zip(&sizes)
+        .map(|(areas, size)| DiskLabel {
+            sequence: 0,
+            cluster: spec.cluster,
+            disk: Uuid(rand::random()),
+            site: spec.sites[index],
+            pool: plex_index,
+            size_bytes: *size,
+            owner: spec.owner,
+            home_owner: spec.owner,
+            dr_home_owner: spec.owner,
+            aggregate: spec.aggregate,
+            plex_index,
+            plex_state: state,
+            peer_state: PeerState::Normal,
+            plex_generation: generation,
+            peer_sync_generation: generation,
+            epoch_high_water: spec.epoch,
+            last_cp: CpRecord::default(),
+            region_bytes: spec.region_bytes,
+            bitmap: areas.bitmap,
+            checksums: areas.checksums,
+            data: areas.data,
+        })
+        .collect())
+}
+
+/// Zeroes the checksum areas, formats the bitmap, then writes the labels (last, so a crash
+/// leaves no label over an unformatted disk).
+async fn format_plex(
+    index: usize,
+    devices: &[Arc<dyn BlockDevice>],
+    mut labels: Vec<DiskLabel>,
+    aggregate: Uuid,
+) -> Result<(Plex, DirtyBitmap, Vec<DiskLabel>), AggregateError> {
+    const ZERO_CHUNK: u64 = 1 << 20;
+    for (disk, (device, label)) in devices.iter().zip(&labels).enumerate() {
+        let mut at = label.checksums.offset;
+        let end = label.checksums.offset + label.checksums.len;
+        while at < end {
+            let len = (end - at).min(ZERO_CHUNK);
+            let (result, _) = device.write(at, AlignedBuf::zeroed(usize_of(len))).await;
+            result.map_err(|source| AggregateError::Plex {
+                plex: index,
+                source: PlexError::Device { disk, source },
+            })?;
+            at += len;
+        }
+    }
+    let plex = Plex::new(
+        devices
+            .iter()
+            .zip(&labels)
+            .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
+            .collect(),
+    )
+    .map_err(side_error(index))?;
+    let first = &labels[0];
+    let mut bitmap = DirtyBitmap::new(first.bitmap, aggregate, first.region_bytes, plex.size_bytes())
+        .map_err(bitmap_error(index))?;
+    bitmap.format(devices[0].as_ref()).await.map_err(bitmap_error(index))?;
+    for (disk, (device, label)) in devices.iter().zip(labels.iter_mut()).enumerate().rev() {
+        write_label(device.as_ref(), label).await.map_err(|source| AggregateError::Label {
+            plex: index,
+            disk,
+            source,
+        })?;
+    }
+    Ok((plex, bitmap, labels))
+}
