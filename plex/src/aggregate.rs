@@ -82,6 +82,9 @@ pub enum DropReason {
     Timeout,
     /// It failed an I/O.
     Failed,
+    /// Found out of date when the aggregate was opened: its peer's bitmap holds regions it
+    /// may not have (writes in flight at a drop that a crash kept from being recorded).
+    OutOfDate,
 }
 
 /// What the `DropHook` is told.
@@ -729,9 +732,28 @@ impl Aggregate {
         Ok(aggregate)
     }
 
-    /// Equal generations: leftover bits in a bitmap (writes in flight at a drop that was not
-    /// recorded before a crash) make the other plex `out_of_date` for an incremental resync.
+    /// Equal generations: the plexes were in sync when last recorded. Labels left behind by a
+    /// crash (a peer still recorded `resyncing` or `out_of_date` by a completed resync) are set
+    /// back to `normal`, so that the next drop starts a new generation. Bits left in a bitmap
+    /// (writes in flight at a drop that a crash kept from being recorded) make the other plex a
+    /// target: that is recorded as a drop, with a new generation, before anything is written
+    /// to one plex alone.
     async fn settle_equal_generations(&self) -> Result<(), AggregateError> {
+        for index in 0..2 {
+            let stale = self.sides[index].labels.lock().await.as_ref().is_some_and(|labels| {
+                labels.iter().any(|label| {
+                    label.peer_state != PeerState::Normal
+                        || label.peer_sync_generation != label.plex_generation
+                })
+            });
+            if stale {
+                self.update_labels(index, |label| {
+                    label.peer_state = PeerState::Normal;
+                    label.peer_sync_generation = label.plex_generation;
+                })
+                .await?;
+            }
+        }
         let mut dirty = [false; 2];
         for (index, side) in self.sides.iter().enumerate() {
             dirty[index] = side.bitmap.lock().await.as_ref().is_some_and(|bitmap| bitmap.dirty_count() > 0);
@@ -743,8 +765,7 @@ impl Aggregate {
             [false, false] => return Ok(()),
         };
         tracing::info!(aggregate = ?self.uuid, rule = "equal-generations", target, "bits left in a bitmap: plex {target} is resynced from them");
-        self.inner().states[target] = PlexState::OutOfDate;
-        Ok(())
+        self.drop_plex(target, DropReason::OutOfDate, Vec::new()).await
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -1006,7 +1027,7 @@ impl Aggregate {
             match &result {
                 Ok(()) => {
                     inner.states[index] = match reason {
-                        DropReason::Timeout => PlexState::OutOfDate,
+                        DropReason::Timeout | DropReason::OutOfDate => PlexState::OutOfDate,
                         DropReason::Failed => PlexState::Failed,
                     };
                     inner.counters.drops += 1;
@@ -1038,7 +1059,7 @@ impl Aggregate {
             bitmap.persist(self.sides[survivor].devices[0].as_ref()).await.map_err(bitmap_error(survivor))?;
         }
         let peer_state = match reason {
-            DropReason::Timeout => PeerState::OutOfDate,
+            DropReason::Timeout | DropReason::OutOfDate => PeerState::OutOfDate,
             DropReason::Failed => PeerState::Failed,
         };
         let generation = self

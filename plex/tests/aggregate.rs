@@ -494,3 +494,26 @@ async fn a_read_from_a_hung_plex_is_served_by_the_other_after_the_timeout() {
     assert!(resync.await.unwrap().unwrap().is_some_and(|progress| progress.complete));
     assert_eq!(aggregate.status().await.state, AggregateState::MirroredNormal);
 }
+
+/// A crash between the two label writes that complete a resync leaves equal generations and a
+/// source that still records its peer `resyncing`. Opening sets that back to `normal`, so the
+/// next drop still starts a new generation (without one, a later split brain would read as
+/// "in sync").
+#[tokio::test]
+async fn labels_left_by_a_crash_at_resync_completion_still_start_a_generation_at_the_next_drop() {
+    let rig = Rig::new();
+    drop(create(&rig, no_hook()).await);
+    let disk = rig.disks[0][0].clone();
+    let (mut label, _) = read_label(disk.as_ref()).await.unwrap();
+    label.peer_state = PeerState::Resyncing;
+    plex::write_label(disk.as_ref(), &mut label).await.unwrap();
+
+    let hook = Arc::new(RecordingHook::default());
+    let aggregate = Aggregate::open(rig.plexes(), options(), hook.clone()).await.unwrap();
+    assert_eq!(aggregate.status().await.state, AggregateState::MirroredNormal);
+    assert_eq!(read_label(disk.as_ref()).await.unwrap().0.peer_state, PeerState::Normal);
+    rig.hang(1);
+    aggregate.write(0, &pattern(1, 1)).await.unwrap();
+    assert_eq!(hook.drops()[0].survivor_generation, PlexGeneration(2));
+    rig.unhang(1);
+}
