@@ -33,6 +33,7 @@ use crate::buf::AlignedBuf;
 use crate::device::{BLOCK_BYTES, BlockDevice, IoFuture, join_all};
 use crate::label::{CpRecord, DiskLabel, LabelError, read_label, write_label};
 use crate::layout::{LayoutError, plan_plex};
+use crate::metrics::PlexMetrics;
 use crate::plex::{Plex, PlexDisk, PlexError};
 use crate::regions::RegionLocks;
 use crate::types::{Epoch, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
@@ -46,6 +47,8 @@ pub struct AggregateOptions {
     pub resync_bytes_per_second: Option<u64>,
     /// Bytes one resync batch copies before it flushes the target and clears the batch's bits.
     pub resync_batch_bytes: u64,
+    /// Where the aggregate counts repairs, errors, drops and resync bytes.
+    pub metrics: PlexMetrics,
 }
 
 impl Default for AggregateOptions {
@@ -54,6 +57,7 @@ impl Default for AggregateOptions {
             mirror_timeout: Duration::from_secs(30),
             resync_bytes_per_second: None,
             resync_batch_bytes: 8 << 20,
+            metrics: PlexMetrics::default(),
         }
     }
 }
@@ -894,10 +898,14 @@ impl Aggregate {
                 match tokio::time::timeout(timeout, plex.write(offset, data)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => {
-                        tracing::warn!(plex = index, "write failed: {e}");
+                        tracing::warn!(aggregate = ?self.uuid, plex = index, "write failed: {e}");
+                        self.count_error(index, &e);
                         Err(DropReason::Failed)
                     }
-                    Err(_) => Err(DropReason::Timeout),
+                    Err(_) => {
+                        self.options.metrics.io_error(self.uuid, index, "timeout");
+                        Err(DropReason::Timeout)
+                    }
                 }
             }
         };
@@ -937,6 +945,17 @@ impl Aggregate {
         } else {
             Err(AggregateError::NoUsablePlex(format!("the write reached no normal plex ({states:?})")))
         }
+    }
+
+    /// Counts a plex error in the metrics by its kind.
+    fn count_error(&self, plex: usize, error: &PlexError) {
+        let kind = match error {
+            PlexError::Checksum { .. } => "checksum",
+            PlexError::Device { source: crate::device::DeviceError::Io { op, .. }, .. } => op,
+            PlexError::Device { .. } => "refused",
+            PlexError::Range { .. } | PlexError::Invalid(_) => "invalid",
+        };
+        self.options.metrics.io_error(self.uuid, plex, kind);
     }
 
     fn forget_inflight(&self, id: u64) {
@@ -1031,6 +1050,7 @@ impl Aggregate {
                         DropReason::Failed => PlexState::Failed,
                     };
                     inner.counters.drops += 1;
+                    self.options.metrics.dropped(self.uuid, index);
                 }
                 Err(_) => {
                     inner.states = [PlexState::Failed; 2];
@@ -1132,10 +1152,14 @@ impl Aggregate {
                 match flushed {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(plex = index, "flush failed: {e}");
+                        tracing::warn!(aggregate = ?self.uuid, plex = index, "flush failed: {e}");
+                        self.count_error(index, &e);
                         self.drop_plex(index, DropReason::Failed, Vec::new()).await?;
                     }
-                    Err(_) => self.drop_plex(index, DropReason::Timeout, Vec::new()).await?,
+                    Err(_) => {
+                        self.options.metrics.io_error(self.uuid, index, "timeout");
+                        self.drop_plex(index, DropReason::Timeout, Vec::new()).await?;
+                    }
                 }
             }
         }
@@ -1162,11 +1186,15 @@ impl Aggregate {
             Ok(Err(PlexError::Range { offset, len, size })) => {
                 return Err(AggregateError::Range { offset, len, size });
             }
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => {
+                self.count_error(first, &e);
+                e
+            }
             Err(_) => {
                 // A plex that does not answer a read is dropped like one that does not answer a
                 // write; the read then goes to the other plex (or fails if there is none).
                 tracing::warn!(aggregate = ?self.uuid, plex = first, offset, "read timed out");
+                self.options.metrics.io_error(self.uuid, first, "timeout");
                 self.drop_plex(first, DropReason::Timeout, Vec::new()).await?;
                 return Box::pin(self.read(offset, len)).await;
             }
@@ -1175,6 +1203,8 @@ impl Aggregate {
         let other = 1 - first;
         let refuse = |why: &'static str, source: PlexError| {
             self.inner().counters.read_errors += 1;
+            self.options.metrics.read_unrepaired(self.uuid, first);
+            tracing::error!(aggregate = ?self.uuid, plex = first, offset, len, why, "read failed and cannot be repaired: {source}");
             Err(AggregateError::Unrepairable { offset, plex: first, why, source })
         };
         if !normal(other) {
@@ -1195,9 +1225,13 @@ impl Aggregate {
         let Some(good) = self.plex(other) else { return refuse("the other plex is gone", error) };
         let data = match good.read(offset, len).await {
             Ok(data) => data,
-            Err(_) => return refuse("the other plex failed too", error),
+            Err(e) => {
+                self.count_error(other, &e);
+                return refuse("the other plex failed too", error);
+            }
         };
         if let Err(e) = plex.write(offset, &data).await {
+            self.count_error(first, &e);
             tracing::warn!(plex = first, "read repair write failed: {e}");
             drop(guard);
             self.drop_plex(first, DropReason::Failed, vec![regions]).await?;
@@ -1205,6 +1239,7 @@ impl Aggregate {
             tracing::info!(aggregate = ?self.uuid, plex = first, offset, len, "read repaired from plex {other}");
         }
         self.inner().counters.read_repairs += 1;
+        self.options.metrics.read_repaired(self.uuid, first);
         Ok(data)
     }
 
@@ -1512,8 +1547,13 @@ impl Aggregate {
                     let (src, dst) = (src.clone(), dst.clone());
                     let copy: IoFuture<'_, _> = Box::pin(async move {
                         let data = match tokio::time::timeout(timeout, src.read(offset, len)).await {
-                            Ok(read) => read.map_err(|e| Ok(side_error(source)(e)))?,
+                            Ok(Ok(data)) => data,
+                            Ok(Err(e)) => {
+                                self.count_error(source, &e);
+                                return Err(Ok(side_error(source)(e)));
+                            }
                             Err(_) => {
+                                self.options.metrics.io_error(self.uuid, source, "timeout");
                                 return Err(Ok(AggregateError::NoUsablePlex(format!(
                                     "the resync source plex {source} does not answer"
                                 ))));
@@ -1521,8 +1561,14 @@ impl Aggregate {
                         };
                         match tokio::time::timeout(timeout, dst.write(offset, &data)).await {
                             Ok(Ok(())) => Ok(()),
-                            Ok(Err(_)) => Err(Err(DropReason::Failed)),
-                            Err(_) => Err(Err(DropReason::Timeout)),
+                            Ok(Err(e)) => {
+                                self.count_error(target, &e);
+                                Err(Err(DropReason::Failed))
+                            }
+                            Err(_) => {
+                                self.options.metrics.io_error(self.uuid, target, "timeout");
+                                Err(Err(DropReason::Timeout))
+                            }
                         }
                     });
                     copy
@@ -1537,8 +1583,14 @@ impl Aggregate {
             if outcome.is_ok() {
                 outcome = match tokio::time::timeout(timeout, dst.flush()).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(Err(DropReason::Failed)),
-                    Err(_) => Err(Err(DropReason::Timeout)),
+                    Ok(Err(e)) => {
+                        self.count_error(target, &e);
+                        Err(Err(DropReason::Failed))
+                    }
+                    Err(_) => {
+                        self.options.metrics.io_error(self.uuid, target, "timeout");
+                        Err(Err(DropReason::Timeout))
+                    }
                 };
             }
             match outcome {
@@ -1572,6 +1624,7 @@ impl Aggregate {
             {
                 let mut inner = self.inner();
                 inner.counters.regions_resynced += dirty.len() as u64;
+                self.options.metrics.resync_copied(self.uuid, target, copied);
                 if let PlexState::Resyncing { level, .. } = inner.states[target] {
                     inner.states[target] = PlexState::Resyncing { level, next_region: cursor };
                 }

@@ -1,13 +1,18 @@
 //! Disks, disk labels, plexes and mirrored aggregates: the storage side of SyncMirror
 //! (DESIGN §6).
 //!
-//! So far: the `BlockDevice` trait that every disk is used through (owned, 4 KiB-aligned
-//! buffers, so the same trait fits pread/pwrite, io_uring with O_DIRECT and, later, a remote
-//! plex over gRPC), a pread/pwrite device, an in-memory device with injectable faults, the
-//! conformance test body every device must pass, the two-copy disk label and the persistent
-//! dirty bitmap. Plexes, the mirrored aggregate, resync and the io_uring device follow
-//! (issue 4). This crate knows nothing of `nvlog`, `proto` or
-//! the daemons, and nothing in it may assume that a disk is local.
+//! - `device`: the `BlockDevice` trait every disk is used through (owned, 4 KiB-aligned
+//!   buffers, so the same trait fits pread/pwrite, io_uring with O_DIRECT and a remote plex over
+//!   gRPC), with three implementations: `uring` (the production path), `file` (pread/pwrite)
+//!   and `mem` (in memory, with injectable faults), and the conformance body in `testing`;
+//! - `label` (two-copy disk label), `layout` (where a disk's areas go), `bitmap` (the
+//!   persistent dirty bitmap), `plex` (disks concatenated, with salted per-block checksums);
+//! - `aggregate`: plex 0 and plex 1 written concurrently, the drop of a plex after the mirror
+//!   timeout (S3, S4), read repair, the generation rules and resync (S5);
+//! - `metrics`: every counter of the crate.
+//!
+//! This crate knows nothing of `nvlog`, `proto` or the daemons, and nothing in it may assume
+//! that a disk is local.
 
 pub mod aggregate;
 pub mod bitmap;
@@ -17,6 +22,7 @@ pub mod file;
 pub mod label;
 pub mod layout;
 pub mod mem;
+pub mod metrics;
 pub mod plex;
 mod regions;
 pub mod testing;
@@ -34,6 +40,7 @@ pub use device::{BLOCK_BYTES, BlockDevice, DeviceError, IoFuture};
 pub use file::FileDevice;
 pub use label::{CpRecord, DiskLabel, Extent, LabelCopies, LabelDefect, LabelError, read_label, write_label};
 pub use mem::{MemDevice, MemFaults};
+pub use metrics::PlexMetrics;
 pub use plex::{Plex, PlexDisk, PlexError};
 pub use types::{CpId, Epoch, Lsn, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel, Site, Uuid};
 pub use uring::{DirectIo, UringDevice, UringOptions};

@@ -517,3 +517,36 @@ async fn labels_left_by_a_crash_at_resync_completion_still_start_a_generation_at
     assert_eq!(hook.drops()[0].survivor_generation, PlexGeneration(2));
     rig.unhang(1);
 }
+
+/// STYLE 14: repairs, I/O errors (checksum, timeout), drops and resync bytes reach the
+/// registered metrics with the aggregate and plex as labels.
+#[tokio::test]
+async fn metrics_count_repairs_errors_drops_and_resync_bytes() {
+    let rig = Rig::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = plex::PlexMetrics::default();
+    metrics.register(&mut registry);
+    let options = AggregateOptions { metrics, ..options() };
+    let aggregate = Aggregate::create(&spec(), rig.plexes(), options, no_hook()).await.unwrap();
+    aggregate.write(0, &pattern(1, 16)).await.unwrap();
+    let (label, _) = read_label(rig.disks[0][0].as_ref()).await.unwrap();
+    rig.disks[0][0].corrupt(label.data.offset + 5, 1);
+    aggregate.read(0, REGION).await.unwrap();
+    rig.hang(1);
+    aggregate.write(REGION, &pattern(2, 16)).await.unwrap();
+    rig.unhang(1);
+    aggregate.reattach(1).await.unwrap();
+    aggregate.resync().await.unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let agg = "aggregate=\"02020202020202020202020202020202\"";
+    for line in [
+        format!("plex_read_repairs_total{{{agg},plex=\"0\"}} 1"),
+        format!("plex_io_errors_total{{{agg},plex=\"0\",kind=\"checksum\"}} 1"),
+        format!("plex_io_errors_total{{{agg},plex=\"1\",kind=\"timeout\"}} 1"),
+        format!("plex_drops_total{{{agg},plex=\"1\"}} 1"),
+        format!("plex_resync_copied_bytes_total{{{agg},plex=\"1\"}} 65536"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+    }
+}
