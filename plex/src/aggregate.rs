@@ -3,24 +3,36 @@
 //!
 //! Invariants:
 //! - a write completes when both plexes hold it, or when one plex holds it and the other has
-//!   been dropped; a drop persists the survivor's bitmap marks (every region whose write to the
-//!   dropped plex had not completed), then the survivor's label (peer `out_of_date` or
-//!   `failed`, a new generation), then calls the caller's `DropHook` (S3) until it succeeds,
-//!   and only then are the writes that waited on it completed;
+//!   been dropped; every plex I/O (data, flush, label) is bounded by `mirror_timeout`, after
+//!   which the plex is dropped;
+//! - a drop marks in the survivor's bitmap, durably, every region with a write to the dropped
+//!   plex in flight or completed since its last successful flush (it may never have become
+//!   durable there), then records the drop in the survivor's label (peer `out_of_date` or
+//!   `failed`; a new generation unless the peer was already recorded out of date or failed),
+//!   then calls the caller's `DropHook` (S3) until it succeeds; only then do the writes that
+//!   waited on it complete. Opening an aggregate records (again, the hook is idempotent) every
+//!   drop its labels show, before anything is written to one plex alone;
 //! - while a plex is not `normal`, every write marks its regions in the normal plex's bitmap,
-//!   durably, before it is issued (S4);
+//!   durably, before it is issued (S4). A mark made by a write that reaches both plexes during a
+//!   resync is cleared only after a flush of the target that began after the write completed,
+//!   and only if no drop came in between;
 //! - a plex that is `resyncing` (or `out_of_date`, `failed`) is never a read source, nor a
 //!   resync source (S5); reads are repaired only from a `normal` plex and a region that is not
 //!   dirty, and the repair holds the region exclusively so it never overwrites a newer write;
 //! - resync direction comes from the labels only (`decide`, rules logged by name); a split
 //!   brain is refused until the operator names the plex to discard; a plex without a valid
-//!   label is only ever the target of a full resync;
+//!   label is only ever the target of a full resync, and only if the other plex holds
+//!   everything its remaining disks held;
+//! - generations only increase, and a plex only starts generations of its own parity;
 //! - the target is `resyncing` on disk before its first byte is copied; a bit is cleared only
 //!   after the region's copy is flushed on the target; copies hold their regions exclusively,
 //!   so a concurrent write to the region lands after the copy on both plexes;
 //! - the resync target becomes `normal` (its label takes the source's generation) only after
-//!   the whole bitmap is clean, under the gate that keeps writes from marking meanwhile.
+//!   every bit left needs no copy, under the gate that keeps writes from marking meanwhile;
+//! - a caller that drops its future in the middle of a drop leaves the plex `normal` in
+//!   memory, to be dropped again by the next I/O that fails; nothing waits on it forever.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
@@ -236,6 +248,14 @@ pub enum AggregateError {
         /// The aggregate's size.
         size: u64,
     },
+    /// A plex did not answer within the mirror timeout.
+    #[error("plex {plex}: {what} timed out")]
+    Timeout {
+        /// Which plex.
+        plex: usize,
+        /// What timed out.
+        what: &'static str,
+    },
     /// The resync target was dropped during the resync; it resumes when the plex returns.
     #[error("resync stopped: the target plex {0} was dropped")]
     TargetDropped(usize),
@@ -397,7 +417,8 @@ pub struct AggregateCounters {
 /// One plex of the aggregate.
 #[derive(Debug)]
 struct Side {
-    devices: Vec<Arc<dyn BlockDevice>>,
+    /// The plex's disks, in order; `reattach_with` replaces them (a reopened or new device).
+    devices: RwLock<Vec<Arc<dyn BlockDevice>>>,
     /// `None` while the plex has no valid labels (a new or replaced disk before its resync).
     plex: RwLock<Option<Arc<Plex>>>,
     /// The disks' labels (disk 0's is the plex's: it is written last, as the commit point).
@@ -413,6 +434,20 @@ struct Inner {
     dropping: [bool; 2],
     /// Writes issued to each plex and not yet finished: id -> regions.
     inflight: [std::collections::BTreeMap<u64, Range<u64>>; 2],
+    /// Regions written to each plex since its last successful flush began: a drop marks them
+    /// too, since the dropped plex may never have made them durable (S4).
+    unflushed: [BTreeSet<u64>; 2],
+    /// Raised by every drop: a resync-time mark is cleared only if no drop came between the
+    /// write that made it and the flush that makes it redundant.
+    drop_epoch: u64,
+    /// Regions whose bit a write in flight to both plexes set during a resync (region -> writes).
+    /// They need no copy: the write puts the same data on both plexes.
+    marked_by_writes: HashMap<u64, u32>,
+    /// Regions whose bit such a write set and which completed on both plexes in this drop
+    /// epoch: cleared after the next successful flush of the target that begins after them.
+    clear_after_flush: BTreeSet<u64>,
+    /// Each plex's generation as its labels say (for status without the labels lock).
+    generations: [PlexGeneration; 2],
     next_id: u64,
     resync: Option<ResyncProgress>,
     counters: AggregateCounters,
@@ -437,12 +472,31 @@ pub struct Aggregate {
     resync_running: AsyncMutex<()>,
 }
 
+/// Undoes `dropping` when a drop's future is dropped before it completed (a cancelled write):
+/// the plex is then still `normal` in memory and the next I/O that fails begins the drop again,
+/// so nothing waits forever on a drop nobody is recording.
+struct CancelledDrop<'a> {
+    aggregate: &'a Aggregate,
+    index: usize,
+    armed: bool,
+}
+
+impl Drop for CancelledDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.aggregate.inner().dropping[self.index] = false;
+            self.aggregate.changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 /// What a plex's disks hold.
 enum Found {
     /// Every disk has a valid label.
     Labelled(Vec<DiskLabel>),
-    /// Some disk has no valid label: a new or replaced disk.
-    NoLabel,
+    /// Some disk has no valid label: a new or replaced disk. `partial` is a valid label of
+    /// another disk of the plex, if any: it tells what the plex held before.
+    NoLabel { partial: Option<DiskLabel> },
     /// Some disk cannot be read.
     Unreadable(String),
 }
@@ -457,7 +511,46 @@ async fn find_labels(devices: &[Arc<dyn BlockDevice>]) -> Found {
             Err(e) => return Found::Unreadable(format!("disk {disk}: {e}")),
         }
     }
-    if blank { Found::NoLabel } else { Found::Labelled(labels) }
+    if blank {
+        // The label of the first disk is the plex's commit point; any valid one says as much
+        // about the plex's generation as a partly replaced plex can.
+        Found::NoLabel { partial: labels.into_iter().max_by_key(|label| label.plex_generation) }
+    } else {
+        Found::Labelled(labels)
+    }
+}
+
+/// A plex with a replaced disk may only be the target of a full resync if the other plex holds
+/// everything it held: their generations are equal, or the other moved on from it, or it was
+/// a resync target anyway. Otherwise the plex with the replaced disk held writes the other
+/// lacks, and making the other the source would roll them back silently (S9).
+fn check_partly_blank(
+    index: usize,
+    partial: Option<&DiskLabel>,
+    other: Option<&DiskLabel>,
+) -> Result<(), AggregateError> {
+    let (Some(mine), Some(other)) = (partial, other) else { return Ok(()) };
+    let covered = mine.plex_generation == other.plex_generation
+        || (other.peer_sync_generation == mine.plex_generation
+            && other.plex_generation > mine.plex_generation)
+        || matches!(mine.plex_state, PlexState::Resyncing { .. });
+    if other.plex_state != PlexState::Normal {
+        return Err(AggregateError::NoUsablePlex(format!(
+            "plex {index} has a replaced disk and plex {} is not normal",
+            1 - index
+        )));
+    }
+    if covered {
+        return Ok(());
+    }
+    Err(AggregateError::Invalid(format!(
+        "plex {index} has a replaced disk, and its other disks are at generation {} while plex {} is at \
+         {} (peer-sync {}): plex {index} held writes the other plex lacks; refusing to resync from it",
+        mine.plex_generation.0,
+        1 - index,
+        other.plex_generation.0,
+        other.peer_sync_generation.0
+    )))
 }
 
 /// Applies the generation rules of DESIGN §6.4, in order, to the two plexes' labels (`None`:
@@ -525,7 +618,10 @@ impl Aggregate {
         hook: Arc<dyn DropHook>,
     ) -> Result<Aggregate, AggregateError> {
         for (index, devices) in plexes.iter().enumerate() {
-            if let Found::Labelled(_) = find_labels(devices).await {
+            if devices.is_empty() {
+                return Err(AggregateError::Invalid(format!("plex {index} has no disks")));
+            }
+            if let Found::Labelled(_) | Found::NoLabel { partial: Some(_) } = find_labels(devices).await {
                 return Err(AggregateError::Invalid(format!(
                     "plex {index} has a labelled disk; refusing to overwrite it"
                 )));
@@ -569,6 +665,9 @@ impl Aggregate {
         discard: Option<usize>,
     ) -> Result<Aggregate, AggregateError> {
         let [devices0, devices1] = plexes;
+        if devices0.is_empty() || devices1.is_empty() {
+            return Err(AggregateError::Invalid("each plex needs at least one disk".into()));
+        }
         let found = [find_labels(&devices0).await, find_labels(&devices1).await];
         let labels: [Option<&Vec<DiskLabel>>; 2] = [0, 1].map(|i| match &found[i] {
             Found::Labelled(labels) => Some(labels),
@@ -577,6 +676,18 @@ impl Aggregate {
         for (index, labels) in labels.iter().enumerate() {
             if let Some(labels) = labels {
                 check_plex_labels(index, labels)?;
+            }
+        }
+        for index in 0..2 {
+            if let Found::NoLabel { partial } = &found[index] {
+                if let (Some(mine), Some(other)) = (partial, labels[1 - index])
+                    && mine.aggregate != other[0].aggregate
+                {
+                    return Err(AggregateError::Invalid(format!(
+                        "plex {index}'s disks belong to another aggregate"
+                    )));
+                }
+                check_partly_blank(index, partial.as_ref(), labels[1 - index].map(|l| &l[0]))?;
             }
         }
         let (uuid, region_bytes) = match (labels[0], labels[1]) {
@@ -664,7 +775,7 @@ impl Aggregate {
                 _ => (None, None, None),
             };
             sides.push(Side {
-                devices,
+                devices: RwLock::new(devices),
                 plex: RwLock::new(plex),
                 labels: AsyncMutex::new(disk_labels),
                 bitmap: AsyncMutex::new(bitmap),
@@ -687,12 +798,9 @@ impl Aggregate {
                     )));
                 }
                 states[index] = PlexState::Failed;
-                if other_label.map(|l| l.peer_state) == Some(PeerState::Normal) {
-                    states[index] = PlexState::Normal;
-                    pending_drop = Some(index);
-                }
+                pending_drop = Some((index, DropReason::Failed));
             }
-            Some(Decision { resync: Some((_, target, level)), rule }) => {
+            Some(Decision { resync: Some((source, target, level)), rule }) => {
                 states[target] = match rule {
                     GenerationRule::ResyncInProgress => {
                         let label = labels[target].map(|l| &l[0]);
@@ -700,6 +808,15 @@ impl Aggregate {
                     }
                     _ => PlexState::OutOfDate,
                 };
+                if rule != GenerationRule::ResyncInProgress {
+                    // Recorded (again) before anything is written to the source alone: a crash
+                    // may have come between the label and the hook (S3); the hook is idempotent.
+                    let reason = match labels[source].map(|l| l[0].peer_state) {
+                        Some(PeerState::Failed) => DropReason::Failed,
+                        _ => DropReason::OutOfDate,
+                    };
+                    pending_drop = Some((target, reason));
+                }
             }
             Some(Decision { resync: None, .. }) => {}
         }
@@ -718,6 +835,12 @@ impl Aggregate {
                 states,
                 dropping: [false; 2],
                 inflight: Default::default(),
+                unflushed: Default::default(),
+                drop_epoch: 0,
+                marked_by_writes: HashMap::new(),
+                clear_after_flush: BTreeSet::new(),
+                generations: [0, 1]
+                    .map(|i| labels[i].map_or(PlexGeneration::default(), |labels| labels[0].plex_generation)),
                 next_id: 0,
                 resync: None,
                 counters: AggregateCounters::default(),
@@ -730,8 +853,10 @@ impl Aggregate {
         if let Some(Decision { rule: GenerationRule::EqualGenerations, .. }) = decision {
             aggregate.settle_equal_generations().await?;
         }
-        if let Some(index) = pending_drop {
-            aggregate.drop_plex(index, DropReason::Failed, Vec::new()).await?;
+        if let Some((index, reason)) = pending_drop {
+            tracing::warn!(aggregate = ?uuid, plex = index, ?reason, "recording plex {index} as dropped at open");
+            aggregate.record_drop(index, reason, Vec::new()).await?;
+            aggregate.options.metrics.dropped(uuid, index);
         }
         Ok(aggregate)
     }
@@ -760,7 +885,14 @@ impl Aggregate {
         }
         let mut dirty = [false; 2];
         for (index, side) in self.sides.iter().enumerate() {
-            dirty[index] = side.bitmap.lock().await.as_ref().is_some_and(|bitmap| bitmap.dirty_count() > 0);
+            // Bits past the aggregate's end (a larger plex, a damaged bitmap block) cover no data.
+            let regions = self.size.div_ceil(self.region_bytes);
+            dirty[index] = side
+                .bitmap
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|bitmap| bitmap.next_dirty(0).is_some_and(|region| region < regions));
         }
         // Both dirty: plex 1's bits merge into plex 0's, which is the source.
         let target = match dirty {
@@ -774,6 +906,15 @@ impl Aggregate {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("aggregate state holder panicked")
+    }
+
+    fn devices(&self, index: usize) -> Vec<Arc<dyn BlockDevice>> {
+        self.sides[index].devices.read().expect("device list holder panicked").clone()
+    }
+
+    /// The first disk of a plex: its bitmap lives there.
+    fn device0(&self, index: usize) -> Arc<dyn BlockDevice> {
+        self.sides[index].devices.read().expect("device list holder panicked")[0].clone()
     }
 
     fn plex(&self, index: usize) -> Option<Arc<Plex>> {
@@ -802,16 +943,10 @@ impl Aggregate {
 
     /// The state and plexes, as ONTAP and DataKeeper show them.
     pub async fn status(&self) -> AggregateStatus {
-        let (states, resync) = {
+        let (states, resync, generations) = {
             let inner = self.inner();
-            (inner.states, inner.resync)
+            (inner.states, inner.resync, inner.generations)
         };
-        let mut generations = [PlexGeneration::default(); 2];
-        for (index, side) in self.sides.iter().enumerate() {
-            if let Some(labels) = side.labels.lock().await.as_ref() {
-                generations[index] = labels[0].plex_generation;
-            }
-        }
         let state = if states.iter().any(|s| matches!(s, PlexState::Resyncing { .. })) {
             AggregateState::Resyncing
         } else if states == [PlexState::Normal; 2] {
@@ -846,10 +981,10 @@ impl Aggregate {
     /// Writes `data` at `offset` to both plexes (DESIGN §6.3); see the module invariants.
     pub async fn write(&self, offset: u64, data: &AlignedBuf) -> Result<(), AggregateError> {
         let regions = self.check_range(offset, data.len() as u64)?;
-        let guard = self.regions.lock(regions.clone(), false).await;
-        let (issue, id, waited_drops, mark_on) = {
+        let _guard = self.regions.lock(regions.clone(), false).await;
+        let (issue, id, waited_drops, newly, epoch) = {
             let _gate = self.gate.read().await;
-            let (issue, mark_on, id, waited_drops) = {
+            let (issue, mark_on, id, waited_drops, epoch) = {
                 let mut inner = self.inner();
                 let usable = |i: usize| {
                     matches!(inner.states[i], PlexState::Normal | PlexState::Resyncing { .. })
@@ -872,13 +1007,21 @@ impl Aggregate {
                         inner.inflight[plex].insert(id, regions.clone());
                     }
                 }
-                (issue, mark_on, id, inner.dropping)
+                (issue, mark_on, id, inner.dropping, inner.drop_epoch)
             };
+            let mut newly = Vec::new();
             if let Some(tracker) = mark_on {
                 // S4: marked durably before the write is issued.
-                let newly = self.mark(tracker, regions.clone()).await;
-                match newly {
-                    Ok(newly) if issue == [true, true] => self.regions.clear_on_release(&newly),
+                match self.mark(tracker, regions.clone()).await {
+                    // Issued to both plexes (a resync target): the mark only covers a crash or a
+                    // drop while the write is in flight.
+                    Ok(set) if issue == [true, true] => {
+                        let mut inner = self.inner();
+                        for region in &set {
+                            *inner.marked_by_writes.entry(*region).or_default() += 1;
+                        }
+                        newly = set;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         self.forget_inflight(id);
@@ -886,7 +1029,7 @@ impl Aggregate {
                     }
                 }
             }
-            (issue, id, waited_drops, mark_on)
+            (issue, id, waited_drops, newly, epoch)
         };
 
         let timeout = self.options.mirror_timeout;
@@ -917,17 +1060,27 @@ impl Aggregate {
             [false, false] => (skipped.await, Err(DropReason::Failed)),
         };
         let results = [r0, r1];
+        // Completed writes join their plex's unflushed set in the same critical section that
+        // ends their in-flight entry, so a drop always sees them in one or the other.
+        {
+            let mut inner = self.inner();
+            for plex in 0..2 {
+                if issue[plex] && results[plex].is_ok() {
+                    inner.unflushed[plex].extend(regions.clone());
+                }
+            }
+        }
         let mut failed = false;
         for (index, result) in results.iter().enumerate() {
             if let (true, Err(reason)) = (issue[index], result) {
                 failed = true;
                 if let Err(e) = self.drop_plex(index, *reason, vec![regions.clone()]).await {
-                    self.forget_inflight(id);
+                    self.finish_write(id, &newly, false, epoch);
                     return Err(e);
                 }
             }
         }
-        self.forget_inflight(id);
+        self.finish_write(id, &newly, !failed, epoch);
         // Writes that skipped a plex being dropped complete only once the drop is recorded.
         for (index, dropping) in waited_drops.iter().enumerate() {
             if *dropping {
@@ -936,15 +1089,89 @@ impl Aggregate {
         }
         let states = self.inner().states;
         let held = (0..2).any(|i| issue[i] && results[i].is_ok() && states[i] == PlexState::Normal);
-        let clear = guard.release(!failed);
-        if let (false, Some(tracker)) = (clear.is_empty(), mark_on) {
-            self.unmark_in_memory(tracker, &clear).await;
-        }
         if held {
             Ok(())
         } else {
             Err(AggregateError::NoUsablePlex(format!("the write reached no normal plex ({states:?})")))
         }
+    }
+
+    /// Ends a write's in-flight entry; its resync-time marks wait for the next target flush if
+    /// it reached both plexes and no drop came meanwhile.
+    fn finish_write(&self, id: u64, newly: &[u64], reached_both: bool, epoch: u64) {
+        let mut inner = self.inner();
+        inner.inflight[0].remove(&id);
+        inner.inflight[1].remove(&id);
+        let same_epoch = inner.drop_epoch == epoch;
+        for region in newly {
+            if let Some(count) = inner.marked_by_writes.get_mut(region) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.marked_by_writes.remove(region);
+                }
+            }
+            if reached_both && same_epoch {
+                inner.clear_after_flush.insert(*region);
+            }
+        }
+    }
+
+    /// Whether resync may skip `region`: its bit was set only by resync-time writes that reach
+    /// both plexes.
+    fn needs_no_copy(&self, region: u64) -> bool {
+        let inner = self.inner();
+        inner.marked_by_writes.contains_key(&region) || inner.clear_after_flush.contains(&region)
+    }
+
+    /// Flushes plex `index`; on success its unflushed set (as it was when the flush began) is
+    /// durable, and if it is the resync target, the resync-time marks that were waiting for it
+    /// (in an unchanged drop epoch) are cleared in memory (the next persist writes them; a crash
+    /// before that costs an extra copy only).
+    async fn flush_plex(&self, index: usize) -> Result<(), DropReason> {
+        let Some(plex) = self.plex(index) else { return Err(DropReason::Failed) };
+        let (taken, clearable, epoch) = {
+            let mut inner = self.inner();
+            let taken = std::mem::take(&mut inner.unflushed[index]);
+            let is_target = matches!(inner.states[index], PlexState::Resyncing { .. });
+            let clearable = if is_target { inner.clear_after_flush.clone() } else { BTreeSet::new() };
+            (taken, clearable, inner.drop_epoch)
+        };
+        let outcome = match tokio::time::timeout(self.options.mirror_timeout, plex.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(aggregate = ?self.uuid, plex = index, "flush failed: {e}");
+                self.count_error(index, &e);
+                Err(DropReason::Failed)
+            }
+            Err(_) => {
+                self.options.metrics.io_error(self.uuid, index, "timeout");
+                Err(DropReason::Timeout)
+            }
+        };
+        let clear: Vec<u64> = {
+            let mut inner = self.inner();
+            if outcome.is_err() {
+                // Not durable after all: a drop must mark them.
+                inner.unflushed[index].extend(taken);
+                return outcome;
+            }
+            if inner.drop_epoch != epoch {
+                return Ok(());
+            }
+            clearable.into_iter().filter(|region| inner.clear_after_flush.remove(region)).collect()
+        };
+        if !clear.is_empty() {
+            let source = 1 - index;
+            if let Some(bitmap) = self.sides[source].bitmap.lock().await.as_mut() {
+                // Re-checked under the bitmap lock: a drop that began meanwhile keeps them.
+                if self.inner().drop_epoch == epoch {
+                    for region in clear {
+                        bitmap.unset(region);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Counts a plex error in the metrics by its kind.
@@ -971,17 +1198,8 @@ impl Aggregate {
             .as_mut()
             .ok_or_else(|| AggregateError::NoUsablePlex(format!("plex {tracker} has no bitmap")))?;
         let newly = bitmap.set_regions(regions);
-        bitmap.persist(self.sides[tracker].devices[0].as_ref()).await.map_err(bitmap_error(tracker))?;
+        bitmap.persist(self.device0(tracker).as_ref()).await.map_err(bitmap_error(tracker))?;
         Ok(newly)
-    }
-
-    /// Clears, in memory, marks that resync-time writes made redundant (both plexes hold them).
-    async fn unmark_in_memory(&self, tracker: usize, regions: &[u64]) {
-        if let Some(bitmap) = self.sides[tracker].bitmap.lock().await.as_mut() {
-            for region in regions {
-                bitmap.unset(*region);
-            }
-        }
     }
 
     async fn wait_drop(&self, index: usize) -> Result<(), AggregateError> {
@@ -1003,10 +1221,11 @@ impl Aggregate {
         }
     }
 
-    /// Drops plex `index` (S3, S4): marks every region with a write to it in flight (and
-    /// `extra`) in the survivor's bitmap, records the drop in the survivor's label (new
-    /// generation), calls the hook until it succeeds, and only then lets waiting writes
-    /// complete.
+    /// Drops plex `index` (S3, S4): marks in the survivor's bitmap every region with a write to
+    /// it in flight or written to it since its last successful flush (and `extra`), records the
+    /// drop in the survivor's label (new generation), calls the hook until it succeeds, and only
+    /// then lets waiting writes complete. If the caller's future is dropped midway, the drop is
+    /// undone in memory (`dropping` cleared) and the next write or flush begins it again.
     async fn drop_plex(
         &self,
         index: usize,
@@ -1034,12 +1253,19 @@ impl Aggregate {
             }
             inner.dropping[index] = true;
             let mut regions: Vec<Range<u64>> = inner.inflight[index].values().cloned().collect();
+            let unflushed = std::mem::take(&mut inner.unflushed[index]);
+            regions.extend(unflushed.into_iter().map(|region| region..region + 1));
             regions.extend(extra);
-            self.regions.keep_marks(&regions);
+            // Resync-time marks are no longer redundant: the dropped plex may lack those writes.
+            inner.drop_epoch += 1;
+            inner.marked_by_writes.clear();
+            inner.clear_after_flush.clear();
             break regions;
         };
+        let mut cancelled = CancelledDrop { aggregate: self, index, armed: true };
         tracing::warn!(aggregate = ?self.uuid, plex = index, ?reason, "dropping plex");
         let result = self.record_drop(index, reason, to_mark).await;
+        cancelled.armed = false;
         {
             let mut inner = self.inner();
             inner.dropping[index] = false;
@@ -1076,16 +1302,39 @@ impl Aggregate {
             for regions in to_mark {
                 bitmap.set_regions(regions);
             }
-            bitmap.persist(self.sides[survivor].devices[0].as_ref()).await.map_err(bitmap_error(survivor))?;
+            bitmap.persist(self.device0(survivor).as_ref()).await.map_err(bitmap_error(survivor))?;
         }
         let peer_state = match reason {
             DropReason::Timeout | DropReason::OutOfDate => PeerState::OutOfDate,
             DropReason::Failed => PeerState::Failed,
         };
+        let (current, peer) = {
+            let labels = self.sides[survivor].labels.lock().await;
+            let label = labels
+                .as_ref()
+                .map(|labels| &labels[0])
+                .ok_or_else(|| AggregateError::NoUsablePlex(format!("plex {survivor} has no labels")))?;
+            (label.plex_generation, label.peer_state)
+        };
+        // Only a peer already recorded out of date or failed means this plex moved on before;
+        // `resyncing` (a crash or cancellation during a resync or its completion) counts as in
+        // sync.
+        // The generation moved on from is the one both shared: with a peer `resyncing`, it is
+        // the current one if the resync completed (a resync target that did not complete is
+        // `resyncing` in its own label, which the rules check first).
+        let (next, peer_sync) = if matches!(peer, PeerState::Normal | PeerState::Resyncing) {
+            let next = next_generation(current, index_of(survivor)).ok_or_else(|| {
+                AggregateError::Invalid(format!("plex {survivor}'s generations are exhausted"))
+            })?;
+            (next, Some(current))
+        } else {
+            (current, None)
+        };
         let generation = self
             .update_labels(survivor, |label| {
-                if label.peer_state == PeerState::Normal {
-                    label.plex_generation = next_generation(label.plex_generation, index_of(survivor));
+                label.plex_generation = next;
+                if let Some(peer_sync) = peer_sync {
+                    label.peer_sync_generation = peer_sync;
                 }
                 label.peer_state = peer_state;
             })
@@ -1115,17 +1364,25 @@ impl Aggregate {
         let mut labels = self.sides[index].labels.lock().await;
         let labels =
             labels.as_mut().ok_or_else(|| AggregateError::Invalid(format!("plex {index} has no labels")))?;
-        let devices = &self.sides[index].devices;
+        let devices = self.devices(index);
         for disk in (0..labels.len()).rev() {
             let mut next = labels[disk].clone();
             update(&mut next);
-            write_label(devices[disk].as_ref(), &mut next).await.map_err(|source| AggregateError::Label {
-                plex: index,
-                disk,
-                source,
-            })?;
-            labels[disk] = next;
+            match tokio::time::timeout(
+                self.options.mirror_timeout,
+                write_label(devices[disk].as_ref(), &mut next),
+            )
+            .await
+            {
+                Ok(Ok(())) => labels[disk] = next,
+                Ok(Err(source)) => return Err(AggregateError::Label { plex: index, disk, source }),
+                Err(_) => {
+                    self.options.metrics.io_error(self.uuid, index, "timeout");
+                    return Err(AggregateError::Timeout { plex: index, what: "label write" });
+                }
+            }
         }
+        self.inner().generations[index] = labels[0].plex_generation;
         Ok(labels[0].plex_generation)
     }
 
@@ -1134,11 +1391,23 @@ impl Aggregate {
     pub async fn record_cp(&self, cp: CpRecord) -> Result<(), AggregateError> {
         let states = self.inner().states;
         for (index, state) in states.iter().enumerate() {
-            if *state == PlexState::Normal {
-                self.update_labels(index, |label| label.last_cp = cp).await?;
+            if *state == PlexState::Normal
+                && let Err(e) = self.update_labels(index, |label| label.last_cp = cp).await
+            {
+                tracing::warn!(aggregate = ?self.uuid, plex = index, "CP label write failed: {e}");
+                let reason = if matches!(e, AggregateError::Timeout { .. }) {
+                    DropReason::Timeout
+                } else {
+                    DropReason::Failed
+                };
+                self.drop_plex(index, reason, Vec::new()).await?;
             }
         }
-        Ok(())
+        if self.inner().states.contains(&PlexState::Normal) {
+            Ok(())
+        } else {
+            Err(AggregateError::NoUsablePlex("no plex recorded the CP".into()))
+        }
     }
 
     /// Makes every completed write durable on every plex that is `normal` or `resyncing`.
@@ -1146,21 +1415,9 @@ impl Aggregate {
         let states = self.inner().states;
         for (index, state) in states.iter().enumerate() {
             if matches!(state, PlexState::Normal | PlexState::Resyncing { .. })
-                && let Some(plex) = self.plex(index)
+                && let Err(reason) = self.flush_plex(index).await
             {
-                let flushed = tokio::time::timeout(self.options.mirror_timeout, plex.flush()).await;
-                match flushed {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(aggregate = ?self.uuid, plex = index, "flush failed: {e}");
-                        self.count_error(index, &e);
-                        self.drop_plex(index, DropReason::Failed, Vec::new()).await?;
-                    }
-                    Err(_) => {
-                        self.options.metrics.io_error(self.uuid, index, "timeout");
-                        self.drop_plex(index, DropReason::Timeout, Vec::new()).await?;
-                    }
-                }
+                self.drop_plex(index, reason, Vec::new()).await?;
             }
         }
         if self.inner().states.contains(&PlexState::Normal) {
@@ -1211,6 +1468,16 @@ impl Aggregate {
             return refuse("the other plex is not normal", error);
         }
         let guard = self.regions.lock(regions.clone(), true).await;
+        // The states may have changed while the lock was awaited.
+        let both_normal = {
+            let inner = self.inner();
+            let normal = |i: usize| inner.states[i] == PlexState::Normal && !inner.dropping[i];
+            normal(first) && normal(other)
+        };
+        if !both_normal {
+            drop(guard);
+            return Box::pin(self.read(offset, len)).await;
+        }
         for side in &self.sides {
             if let Some(bitmap) = side.bitmap.lock().await.as_ref()
                 && regions.clone().any(|region| bitmap.is_dirty(region))
@@ -1218,35 +1485,75 @@ impl Aggregate {
                 return refuse("the region is dirty", error);
             }
         }
+        let timeout = self.options.mirror_timeout;
         // Under the exclusive lock: a write that completed meanwhile may have fixed it.
-        if let Ok(data) = plex.read(offset, len).await {
+        if let Ok(Ok(data)) = tokio::time::timeout(timeout, plex.read(offset, len)).await {
             return Ok(data);
         }
         let Some(good) = self.plex(other) else { return refuse("the other plex is gone", error) };
-        let data = match good.read(offset, len).await {
-            Ok(data) => data,
-            Err(e) => {
+        let data = match tokio::time::timeout(timeout, good.read(offset, len)).await {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => {
                 self.count_error(other, &e);
                 return refuse("the other plex failed too", error);
             }
+            Err(_) => {
+                // The only good copy does not answer: it is dropped like any plex that hangs,
+                // and the read fails (the bad copy is all that is left).
+                self.options.metrics.io_error(self.uuid, other, "timeout");
+                drop(guard);
+                self.drop_plex(other, DropReason::Timeout, Vec::new()).await?;
+                return refuse("the other plex does not answer", error);
+            }
         };
-        if let Err(e) = plex.write(offset, &data).await {
-            self.count_error(first, &e);
-            tracing::warn!(plex = first, "read repair write failed: {e}");
-            drop(guard);
-            self.drop_plex(first, DropReason::Failed, vec![regions]).await?;
-        } else {
-            tracing::info!(aggregate = ?self.uuid, plex = first, offset, len, "read repaired from plex {other}");
+        let repaired = match tokio::time::timeout(timeout, plex.write(offset, &data)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                self.count_error(first, &e);
+                tracing::warn!(aggregate = ?self.uuid, plex = first, "read repair write failed: {e}");
+                Some(DropReason::Failed)
+            }
+            Err(_) => {
+                self.options.metrics.io_error(self.uuid, first, "timeout");
+                Some(DropReason::Timeout)
+            }
+        };
+        match repaired {
+            None => {
+                tracing::info!(aggregate = ?self.uuid, plex = first, offset, len, "read repaired from plex {other}")
+            }
+            Some(reason) => {
+                drop(guard);
+                self.drop_plex(first, reason, vec![regions]).await?;
+            }
         }
         self.inner().counters.read_repairs += 1;
         self.options.metrics.read_repaired(self.uuid, first);
         Ok(data)
     }
 
-    /// Lets a dropped plex come back (its disks answer again, or were reopened after a
-    /// failure): re-reads its labels and applies the generation rules. It becomes `out_of_date`,
-    /// ready for `resync`; a split brain is refused and the plex stays out.
+    /// Lets a dropped plex come back on the same devices (they answer again): re-reads its
+    /// labels and applies the generation rules. It becomes `out_of_date`, ready for `resync`; a
+    /// split brain is refused and the plex stays out.
     pub async fn reattach(&self, index: usize) -> Result<Decision, AggregateError> {
+        self.reattach_inner(index, None).await
+    }
+
+    /// `reattach` with new devices for the plex: reopened ones (a device that failed refuses
+    /// writes until reopened, S10) or replaced disks (blank: the target of a full resync).
+    pub async fn reattach_with(
+        &self,
+        index: usize,
+        devices: Vec<Arc<dyn BlockDevice>>,
+    ) -> Result<Decision, AggregateError> {
+        self.reattach_inner(index, Some(devices)).await
+    }
+
+    async fn reattach_inner(
+        &self,
+        index: usize,
+        devices: Option<Vec<Arc<dyn BlockDevice>>>,
+    ) -> Result<Decision, AggregateError> {
         if index > 1 {
             return Err(AggregateError::Invalid(format!("there is no plex {index}")));
         }
@@ -1254,7 +1561,14 @@ impl Aggregate {
         if matches!(state, PlexState::Normal | PlexState::Resyncing { .. }) {
             return Err(AggregateError::Invalid(format!("plex {index} is attached ({state:?})")));
         }
-        let found = find_labels(&self.sides[index].devices).await;
+        if let Some(devices) = devices {
+            if devices.is_empty() {
+                return Err(AggregateError::Invalid(format!("plex {index} needs at least one disk")));
+            }
+            *self.sides[index].devices.write().expect("device list holder panicked") = devices;
+        }
+        let devices = self.devices(index);
+        let found = find_labels(&devices).await;
         let other = self.sides[1 - index].labels.lock().await.as_ref().map(|labels| labels[0].clone());
         let decision = match &found {
             Found::Unreadable(why) => {
@@ -1262,6 +1576,12 @@ impl Aggregate {
             }
             Found::Labelled(labels) => {
                 check_plex_labels(index, labels)?;
+                if labels[0].region_bytes != u32::try_from(self.region_bytes).unwrap_or(0) {
+                    return Err(AggregateError::Invalid(format!(
+                        "plex {index}'s bitmap regions are {} bytes, the aggregate's {}",
+                        labels[0].region_bytes, self.region_bytes
+                    )));
+                }
                 if labels[0].aggregate != self.uuid {
                     return Err(AggregateError::Invalid(format!(
                         "plex {index}'s disks belong to another aggregate"
@@ -1272,7 +1592,8 @@ impl Aggregate {
                 pair[1 - index] = other.as_ref();
                 decide(pair)?
             }
-            Found::NoLabel => {
+            Found::NoLabel { partial } => {
+                check_partly_blank(index, partial.as_ref(), other.as_ref())?;
                 let mut pair = [None, None];
                 pair[1 - index] = other.as_ref();
                 decide(pair)?
@@ -1291,8 +1612,7 @@ impl Aggregate {
         }
         if let Found::Labelled(labels) = found {
             let plex = Plex::new(
-                self.sides[index]
-                    .devices
+                devices
                     .iter()
                     .zip(&labels)
                     .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
@@ -1303,7 +1623,7 @@ impl Aggregate {
                 return Err(AggregateError::Invalid(format!("plex {index} is smaller than the aggregate")));
             }
             let bitmap = DirtyBitmap::load(
-                self.sides[index].devices[0].as_ref(),
+                devices[0].as_ref(),
                 labels[0].bitmap,
                 self.uuid,
                 labels[0].region_bytes,
@@ -1312,6 +1632,7 @@ impl Aggregate {
             .await
             .map_err(bitmap_error(index))?;
             *self.sides[index].plex.write().expect("plex holder panicked") = Some(Arc::new(plex));
+            self.inner().generations[index] = labels[0].plex_generation;
             *self.sides[index].labels.lock().await = Some(labels);
             *self.sides[index].bitmap.lock().await = Some(bitmap);
         } else {
@@ -1410,7 +1731,8 @@ impl Aggregate {
             let mut bitmap = self.sides[source].bitmap.lock().await;
             let bitmap =
                 bitmap.as_mut().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
-            let device = self.sides[source].devices[0].as_ref();
+            let device = self.device0(source);
+            let device = device.as_ref();
             match (level, target_bitmap) {
                 (ResyncLevel::Full, _) => {
                     bitmap.set_regions(0..self.size.div_ceil(self.region_bytes));
@@ -1434,7 +1756,8 @@ impl Aggregate {
                 region_bytes: source_labels[0].region_bytes,
                 epoch: source_labels[0].epoch_high_water,
             };
-            let devices = &self.sides[target].devices;
+            let devices = self.devices(target);
+            let devices = &devices;
             let mut labels = label_plex(&spec, target, devices, PlexGeneration(0), resyncing)?;
             for label in &mut labels {
                 label.home_owner = source_labels[0].home_owner;
@@ -1447,6 +1770,7 @@ impl Aggregate {
                     "the new plex {target} is smaller than the aggregate"
                 )));
             }
+            self.inner().generations[target] = labels[0].plex_generation;
             *self.sides[target].labels.lock().await = Some(labels);
             *self.sides[target].bitmap.lock().await = Some(bitmap);
             *self.sides[target].plex.write().expect("plex holder panicked") = Some(Arc::new(plex));
@@ -1458,7 +1782,7 @@ impl Aggregate {
                 for region in bitmap.dirty_regions().collect::<Vec<_>>() {
                     bitmap.unset(region);
                 }
-                bitmap.persist(self.sides[target].devices[0].as_ref()).await.map_err(bitmap_error(target))?;
+                bitmap.persist(self.device0(target).as_ref()).await.map_err(bitmap_error(target))?;
             }
         }
         self.update_labels(source, |label| label.peer_state = PeerState::Resyncing).await?;
@@ -1505,7 +1829,7 @@ impl Aggregate {
                 let bitmap = self.sides[source].bitmap.lock().await;
                 let mut next = bitmap.as_ref().and_then(|bitmap| bitmap.next_dirty(cursor));
                 while let (Some(region), Some(bitmap)) = (next, bitmap.as_ref()) {
-                    if region >= regions_total || !self.regions.marked_by_writes_in_flight(region) {
+                    if region >= regions_total || !self.needs_no_copy(region) {
                         break;
                     }
                     next = bitmap.next_dirty(region + 1);
@@ -1581,17 +1905,7 @@ impl Aggregate {
                 }
             }
             if outcome.is_ok() {
-                outcome = match tokio::time::timeout(timeout, dst.flush()).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => {
-                        self.count_error(target, &e);
-                        Err(Err(DropReason::Failed))
-                    }
-                    Err(_) => {
-                        self.options.metrics.io_error(self.uuid, target, "timeout");
-                        Err(Err(DropReason::Timeout))
-                    }
-                };
+                outcome = self.flush_plex(target).await.map_err(Err);
             }
             match outcome {
                 Ok(()) => {}
@@ -1610,7 +1924,7 @@ impl Aggregate {
                 for region in &dirty {
                     bitmap.unset(*region);
                 }
-                bitmap.persist(self.sides[source].devices[0].as_ref()).await.map_err(bitmap_error(source))?;
+                bitmap.persist(self.device0(source).as_ref()).await.map_err(bitmap_error(source))?;
             }
             drop(guard);
             cursor = batch.end;
@@ -1661,10 +1975,10 @@ impl Aggregate {
 
     /// Makes the target `normal` if the bitmap is clean, with writes kept from marking.
     async fn try_complete(&self, source: usize, target: usize) -> Result<bool, AggregateError> {
-        let _gate = self.gate.write().await;
+        let gate = self.gate.write().await;
         let regions = self.size.div_ceil(self.region_bytes);
-        // Bits set only by writes still in flight to both plexes need no copy (and those writes
-        // clear them); any other bit does.
+        // Bits set only by resync-time writes that reach both plexes need no copy; any other
+        // bit does.
         let left = {
             let bitmap = self.sides[source].bitmap.lock().await;
             let bitmap =
@@ -1672,39 +1986,40 @@ impl Aggregate {
             bitmap
                 .dirty_regions()
                 .take_while(|region| *region < regions)
-                .any(|region| !self.regions.marked_by_writes_in_flight(region))
+                .any(|region| !self.needs_no_copy(region))
         };
         if left {
             return Ok(false);
         }
-        let Some(dst) = self.plex(target) else { return Err(AggregateError::TargetDropped(target)) };
-        if let Err(e) = dst.flush().await {
-            tracing::warn!(plex = target, "flush at resync completion failed: {e}");
+        if let Err(reason) = self.flush_plex(target).await {
+            drop(gate);
+            self.drop_plex(target, reason, Vec::new()).await?;
+            return Err(AggregateError::TargetDropped(target));
+        }
+        let generation = self.inner().generations[source];
+        // Target first: with equal generations the pair is in sync whatever the source's label
+        // says about its peer (opening settles that label).
+        let relabelled = self
+            .update_labels(target, |label| {
+                label.plex_state = PlexState::Normal;
+                label.peer_state = PeerState::Normal;
+                label.plex_generation = generation;
+                label.peer_sync_generation = generation;
+            })
+            .await;
+        if let Err(e) = relabelled {
+            tracing::warn!(aggregate = ?self.uuid, plex = target, "label write at resync completion failed: {e}");
+            drop(gate);
             self.drop_plex(target, DropReason::Failed, Vec::new()).await?;
             return Err(AggregateError::TargetDropped(target));
         }
-        let generation = self.sides[source]
-            .labels
-            .lock()
-            .await
-            .as_ref()
-            .map(|labels| labels[0].plex_generation)
-            .ok_or_else(|| AggregateError::Invalid("source has no labels".into()))?;
-        // Target first: with equal generations the pair is in sync whatever the source's label
-        // says about its peer.
-        self.update_labels(target, |label| {
-            label.plex_state = PlexState::Normal;
-            label.peer_state = PeerState::Normal;
-            label.plex_generation = generation;
-            label.peer_sync_generation = generation;
-        })
-        .await?;
+        self.inner().states[target] = PlexState::Normal;
+        drop(gate);
         self.update_labels(source, |label| {
             label.peer_state = PeerState::Normal;
             label.peer_sync_generation = generation;
         })
         .await?;
-        self.inner().states[target] = PlexState::Normal;
         Ok(true)
     }
 }
@@ -1713,12 +2028,14 @@ impl Aggregate {
 /// parity is the plex's index. Two plexes that move on from the same generation, each without
 /// the other (each site alone), therefore never reach equal generations, which would read as
 /// "in sync" (DRBD makes its generation ids random for the same reason).
-pub fn next_generation(current: PlexGeneration, plex: u8) -> PlexGeneration {
-    let mut next = current.0.saturating_add(1);
+/// `None` when the generations are exhausted (only a corrupt label gets near 2^64): the drop
+/// then fails rather than reuse a generation.
+pub fn next_generation(current: PlexGeneration, plex: u8) -> Option<PlexGeneration> {
+    let mut next = current.0.checked_add(1)?;
     if next % 2 != u64::from(plex % 2) {
-        next = next.saturating_add(1);
+        next = next.checked_add(1)?;
     }
-    PlexGeneration(next)
+    Some(PlexGeneration(next))
 }
 
 fn index_of(plex: usize) -> u8 {

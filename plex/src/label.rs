@@ -437,7 +437,14 @@ pub async fn write_label(
     label: &mut DiskLabel,
 ) -> Result<(), LabelError> {
     let mut next = label.clone();
-    next.sequence = label.sequence.checked_add(1).expect("2^64 label writes never happen");
+    next.sequence = match label.sequence.checked_add(1) {
+        Some(sequence) => sequence,
+        // Only a corrupt label that still passed its CRC gets here; never wrap the sequence.
+        None => {
+            let defect = LabelDefect::BadField("sequence number exhausted");
+            return Err(LabelError::NoValidLabel { slot0: defect, slot1: defect });
+        }
+    };
     if let Err(defect) = next.check(device.size_bytes()) {
         return Err(LabelError::NoValidLabel { slot0: defect, slot1: defect });
     }

@@ -5,10 +5,7 @@
 //! - writes hold their regions shared, resync copies and read repairs hold them exclusive; a
 //!   lock of several regions is taken all at once or not at all, so nothing deadlocks;
 //! - an exclusive waiter is never starved: once it waits on a region, new shared lockers of
-//!   that region wait behind it (a resync converges under a steady write load);
-//! - a region whose bit a resync-time write set (the region was clean) is cleared again when
-//!   the last write holding the region releases it with success, unless a plex drop claimed the
-//!   bit meanwhile (S4: the drop's marks are never undone).
+//!   that region wait behind it (a resync converges under a steady write load).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,8 +19,6 @@ struct Entry {
     exclusive: bool,
     /// Exclusive lockers waiting for this region.
     exclusive_waiting: u32,
-    /// Set by a resync-time write that dirtied a clean region; cleared by a drop.
-    clear_on_release: bool,
 }
 
 #[derive(Debug, Default)]
@@ -65,13 +60,12 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A held lock; released on drop (without clearing bits) or by `release`.
+/// A held lock; released on drop.
 #[derive(Debug)]
 pub(crate) struct RegionGuard {
     locks: Arc<RegionLocks>,
     regions: Range<u64>,
     exclusive: bool,
-    released: bool,
 }
 
 impl RegionLocks {
@@ -111,7 +105,7 @@ impl RegionLocks {
                             entry.shared += 1;
                         }
                     }
-                    return RegionGuard { locks: self.clone(), regions, exclusive, released: false };
+                    return RegionGuard { locks: self.clone(), regions, exclusive };
                 }
                 if exclusive && waiting.is_none() {
                     for region in regions.clone() {
@@ -124,35 +118,7 @@ impl RegionLocks {
         }
     }
 
-    /// Marks `regions` (held shared by the caller) to be cleared when their last writer succeeds.
-    pub(crate) fn clear_on_release(&self, regions: &[u64]) {
-        let mut table = self.table();
-        for region in regions {
-            if let Some(entry) = table.entries.get_mut(region) {
-                entry.clear_on_release = true;
-            }
-        }
-    }
-
-    /// Whether `region`'s bit was set only by resync-time writes still in flight to both plexes
-    /// (it needs no copy: those writes put the same data on both).
-    pub(crate) fn marked_by_writes_in_flight(&self, region: u64) -> bool {
-        self.table().entries.get(&region).is_some_and(|entry| entry.clear_on_release)
-    }
-
-    /// A drop marked `regions`: their bits stay set whatever the writes holding them do.
-    pub(crate) fn keep_marks(&self, regions: &[Range<u64>]) {
-        let mut table = self.table();
-        for region in regions.iter().flat_map(|range| range.clone()) {
-            if let Some(entry) = table.entries.get_mut(&region) {
-                entry.clear_on_release = false;
-            }
-        }
-    }
-
-    /// Releases `guard`'s regions; returns the regions whose bits may now be cleared.
-    fn unlock(&self, guard: &RegionGuard, success: bool) -> Vec<u64> {
-        let mut clear = Vec::new();
+    fn unlock(&self, guard: &RegionGuard) {
         {
             let mut table = self.table();
             for region in guard.regions.clone() {
@@ -161,41 +127,19 @@ impl RegionLocks {
                     entry.exclusive = false;
                 } else {
                     entry.shared = entry.shared.saturating_sub(1);
-                    if !success {
-                        entry.clear_on_release = false;
-                    }
                 }
-                if entry.shared == 0 && !entry.exclusive {
-                    if entry.clear_on_release {
-                        clear.push(region);
-                        entry.clear_on_release = false;
-                    }
-                    if entry.exclusive_waiting == 0 {
-                        table.entries.remove(&region);
-                    }
+                if entry.shared == 0 && !entry.exclusive && entry.exclusive_waiting == 0 {
+                    table.entries.remove(&region);
                 }
             }
         }
         self.released.notify_waiters();
-        clear
-    }
-}
-
-impl RegionGuard {
-    /// Releases the lock; `success` says whether the write reached every plex it was issued to.
-    /// Returns the regions whose resync-time marks are now redundant.
-    pub(crate) fn release(mut self, success: bool) -> Vec<u64> {
-        self.released = true;
-        self.locks.unlock(&self, success)
     }
 }
 
 impl Drop for RegionGuard {
     fn drop(&mut self) {
-        if !self.released {
-            // A cancelled write: keep every mark.
-            let _ = self.locks.unlock(self, false);
-        }
+        self.locks.unlock(self);
     }
 }
 
@@ -262,22 +206,5 @@ mod tests {
         let _ = cancelled.await;
         tokio::time::timeout(Duration::from_secs(5), locks.lock(0..1, false)).await.unwrap();
         drop(shared);
-    }
-
-    #[tokio::test]
-    async fn marks_clear_only_after_the_last_successful_writer_and_never_after_a_drop() {
-        let locks = Arc::new(RegionLocks::default());
-        let first = locks.lock(0..2, false).await;
-        let second = locks.lock(1..2, false).await;
-        locks.clear_on_release(&[0, 1]);
-        assert_eq!(first.release(true), vec![0], "region 1 still has a writer");
-        assert_eq!(second.release(true), vec![1]);
-        let writer = locks.lock(0..1, false).await;
-        locks.clear_on_release(&[0]);
-        locks.keep_marks(&[Range { start: 0, end: 1 }]);
-        assert!(writer.release(true).is_empty(), "a drop's mark was cleared");
-        let failed = locks.lock(0..1, false).await;
-        locks.clear_on_release(&[0]);
-        assert!(failed.release(false).is_empty(), "a failed write's mark was cleared");
     }
 }

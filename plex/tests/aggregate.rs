@@ -135,6 +135,9 @@ async fn a_hung_plex_is_dropped_at_the_timeout_and_resynced_incrementally() {
     let aggregate = create(&rig, hook.clone()).await;
     let size = aggregate.size_bytes();
     aggregate.write(0, &pattern(1, 64)).await.unwrap();
+    // Durable on both: a drop need not mark it (an unflushed one would be marked, see
+    // `writes_not_yet_flushed_on_a_dropped_plex_are_resynced`).
+    aggregate.flush().await.unwrap();
 
     rig.hang(1);
     let started = Instant::now();
@@ -529,6 +532,7 @@ async fn metrics_count_repairs_errors_drops_and_resync_bytes() {
     let options = AggregateOptions { metrics, ..options() };
     let aggregate = Aggregate::create(&spec(), rig.plexes(), options, no_hook()).await.unwrap();
     aggregate.write(0, &pattern(1, 16)).await.unwrap();
+    aggregate.flush().await.unwrap();
     let (label, _) = read_label(rig.disks[0][0].as_ref()).await.unwrap();
     rig.disks[0][0].corrupt(label.data.offset + 5, 1);
     aggregate.read(0, REGION).await.unwrap();
@@ -549,4 +553,25 @@ async fn metrics_count_repairs_errors_drops_and_resync_bytes() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
     }
+}
+
+/// A device that failed stays failed until reopened (S10); `reattach_with` takes the reopened
+/// device, so a failed plex can be resynced without closing the aggregate.
+#[tokio::test]
+async fn a_failed_plex_comes_back_on_reopened_devices() {
+    let mut rig = Rig::new();
+    let aggregate = create(&rig, no_hook()).await;
+    aggregate.write(0, &pattern(1, 16)).await.unwrap();
+    aggregate.flush().await.unwrap();
+    rig.disks[1][1].set_faults(MemFaults { write_error: true, ..MemFaults::default() });
+    // Plex 1's second disk starts at 4 MiB minus its metadata: write across it.
+    aggregate.write((4 << 20) - 8 * REGION, &pattern(2, 256)).await.unwrap();
+    assert_eq!(aggregate.plex_states()[1], PlexState::Failed);
+    // The old device objects refuse writes for good; "reopen" them as new objects.
+    rig.disks[1] = rig.disks[1].iter().map(|disk| Arc::new(MemDevice::from_image(disk.snapshot()))).collect();
+    aggregate.reattach_with(1, rig.plex(1)).await.unwrap();
+    aggregate.resync().await.unwrap().unwrap();
+    assert_eq!(aggregate.status().await.state, AggregateState::MirroredNormal);
+    rig.assert_identical(aggregate.size_bytes()).await;
+    assert!(matches!(aggregate.reattach_with(0, Vec::new()).await, Err(AggregateError::Invalid(_))));
 }
