@@ -1824,19 +1824,31 @@ impl Aggregate {
             if !matches!(state, PlexState::Resyncing { .. }) {
                 return Err(AggregateError::TargetDropped(target));
             }
-            // Regions marked only by writes in flight to both plexes need no copy.
-            let next = {
+            // The next batch: up to `batch_regions` dirty regions from the cursor, so a sparse
+            // bitmap is copied in few batches (each pays a flush of the target). Regions marked
+            // only by resync-time writes that reach both plexes need no copy.
+            let wanted: Vec<Range<u64>> = {
                 let bitmap = self.sides[source].bitmap.lock().await;
-                let mut next = bitmap.as_ref().and_then(|bitmap| bitmap.next_dirty(cursor));
-                while let (Some(region), Some(bitmap)) = (next, bitmap.as_ref()) {
-                    if region >= regions_total || !self.needs_no_copy(region) {
+                let bitmap =
+                    bitmap.as_ref().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
+                let (mut runs, mut count, mut at) = (Vec::<Range<u64>>::new(), 0u64, cursor);
+                while count < batch_regions {
+                    let Some(region) = bitmap.next_dirty(at).filter(|region| *region < regions_total) else {
                         break;
+                    };
+                    at = region + 1;
+                    if self.needs_no_copy(region) {
+                        continue;
                     }
-                    next = bitmap.next_dirty(region + 1);
+                    match runs.last_mut() {
+                        Some(run) if run.end == region => run.end += 1,
+                        _ => runs.push(region..region + 1),
+                    }
+                    count += 1;
                 }
-                next.filter(|r| *r < regions_total)
+                runs
             };
-            let Some(first) = next else {
+            let Some(last) = wanted.last().map(|run| run.end) else {
                 if cursor == 0 {
                     if self.try_complete(source, target).await? {
                         break;
@@ -1846,13 +1858,18 @@ impl Aggregate {
                 cursor = 0;
                 continue;
             };
-            let batch = first..(first + batch_regions).min(regions_total);
-            let guard = self.regions.lock(batch.clone(), true).await;
+            // Locked run by run, in ascending order; writers take all their regions at once and
+            // hold nothing while they wait, so this cannot deadlock.
+            let mut guards = Vec::with_capacity(wanted.len());
+            for run in &wanted {
+                guards.push(self.regions.lock(run.clone(), true).await);
+            }
+            let batch = wanted[0].start..last;
             let dirty: Vec<u64> = {
                 let bitmap = self.sides[source].bitmap.lock().await;
                 let bitmap =
                     bitmap.as_ref().ok_or_else(|| AggregateError::Invalid("source has no bitmap".into()))?;
-                batch.clone().filter(|r| bitmap.is_dirty(*r)).collect()
+                wanted.iter().flat_map(|run| run.clone()).filter(|r| bitmap.is_dirty(*r)).collect()
             };
             // Contiguous runs of dirty regions, copied concurrently.
             let mut runs: Vec<Range<u64>> = Vec::new();
@@ -1911,7 +1928,7 @@ impl Aggregate {
                 Ok(()) => {}
                 Err(Ok(source_error)) => return Err(source_error),
                 Err(Err(reason)) => {
-                    drop(guard);
+                    drop(guards);
                     self.drop_plex(target, reason, Vec::new()).await?;
                     return Err(AggregateError::TargetDropped(target));
                 }
@@ -1926,7 +1943,7 @@ impl Aggregate {
                 }
                 bitmap.persist(self.device0(source).as_ref()).await.map_err(bitmap_error(source))?;
             }
-            drop(guard);
+            drop(guards);
             cursor = batch.end;
             let copied: u64 = runs
                 .iter()

@@ -199,11 +199,9 @@ impl Plex {
     /// Reads `len` bytes at plex offset `offset`; every block is verified.
     pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf, PlexError> {
         let pieces = self.pieces(offset, len)?;
-        let mut out = AlignedBuf::zeroed(usize::try_from(len).map_err(|_| PlexError::Range {
-            offset,
-            len,
-            size: self.size,
-        })?);
+        let size = usize::try_from(len).map_err(|_| PlexError::Range { offset, len, size: self.size })?;
+        // Only a range that spans disks needs a buffer of its own.
+        let mut out = if pieces.len() > 1 { AlignedBuf::zeroed(size) } else { AlignedBuf::zeroed(0) };
         for (disk, within, plex_at, take) in pieces {
             let label = &self.disks[disk].label;
             let first_block = within / BLOCK_BYTES;
@@ -223,6 +221,10 @@ impl Plex {
                 if !never_written && block_crc(label, first_block + i, bytes) != stored {
                     return Err(PlexError::Checksum { offset: plex_at + i * BLOCK_BYTES });
                 }
+            }
+            if data.len() as u64 == len {
+                // The whole range was on one disk: the device's buffer is the answer.
+                return Ok(data);
             }
             let start = usize_of(plex_at - offset);
             out.as_mut_slice()[start..start + data.len()].copy_from_slice(data.as_slice());
