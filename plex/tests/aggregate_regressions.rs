@@ -500,3 +500,46 @@ async fn f10_clear_on_release_clears_a_degraded_mark() {
 fn no_hook() -> Arc<RecordingHook> {
     Arc::default()
 }
+
+/// A resync-time mark made redundant by a write that reached both plexes must not be cleared
+/// (nor skipped by the copy) once a drop came after that write: a later degraded write to the
+/// same region reaches plex 0 only, and the next resync, in the same aggregate, must copy it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_time_mark_survives_a_drop_that_follows_its_write() {
+    let rig = Rig::new();
+    let slow = AggregateOptions {
+        resync_batch_bytes: REGION,
+        resync_bytes_per_second: Some(256 << 10),
+        ..options()
+    };
+    let aggregate = Arc::new(Aggregate::create(&spec(), rig.plexes(), slow, no_hook()).await.unwrap());
+    let size = aggregate.size_bytes();
+    aggregate.flush().await.unwrap();
+    rig.hang(1);
+    for region in [20u64, 21, 22, 23] {
+        aggregate.write(region * REGION, &pattern(region, 1)).await.unwrap();
+    }
+    rig.unhang(1);
+    aggregate.reattach(1).await.unwrap();
+    let resync = aggregate.spawn_resync();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(aggregate.plex_states()[1], PlexState::Resyncing { .. }) {
+        assert!(std::time::Instant::now() < deadline, "the resync did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // W1: region 2 was clean; the write reaches both plexes and its mark becomes redundant.
+    aggregate.write(2 * REGION, &pattern(1, 1)).await.unwrap();
+    // Plex 1 fails: dropped.
+    rig.faults(1, MemFaults { write_error: true, ..MemFaults::default() });
+    aggregate.write(5 * REGION, &pattern(5, 1)).await.unwrap();
+    assert_eq!(aggregate.plex_states()[1], PlexState::Failed);
+    // W4: region 2 again, plex 0 only.
+    aggregate.write(2 * REGION + BLOCK_BYTES, &pattern(4, 1)).await.unwrap();
+    assert!(matches!(resync.await.unwrap(), Err(AggregateError::TargetDropped(1))));
+    rig.faults(1, MemFaults::default());
+    rig.disks[1].iter().for_each(|disk| disk.reopen());
+    aggregate.reattach(1).await.unwrap();
+    aggregate.resync().await.unwrap().unwrap();
+    aggregate.flush().await.unwrap();
+    assert_eq!(rig.first_difference(size).await, None, "the plexes differ after the resync");
+}
