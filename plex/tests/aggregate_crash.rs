@@ -125,7 +125,10 @@ fn plexes(devices: &[Arc<dyn BlockDevice>]) -> [Vec<Arc<dyn BlockDevice>>; 2] {
 }
 
 /// Three in-memory disks and their journalled views.
-fn journaled_disks() -> (Vec<Arc<MemDevice>>, Arc<Mutex<Vec<Op>>>, Vec<Arc<dyn BlockDevice>>) {
+/// The disks, the shared journal, and the journalled views of the disks.
+type JournaledDisks = (Vec<Arc<MemDevice>>, Arc<Mutex<Vec<Op>>>, Vec<Arc<dyn BlockDevice>>);
+
+fn journaled_disks() -> JournaledDisks {
     let disks: Vec<Arc<MemDevice>> = vec![
         Arc::new(MemDevice::new(4 << 20)),
         Arc::new(MemDevice::new(2 << 20)),
