@@ -1,6 +1,12 @@
 //! The `mc-controller` daemon and the `mcctl` admin CLI (DESIGN §4, §8, §9, §11).
 //!
-//! This crate is filled by the controller issues: the write path that acknowledges a host
-//! write only once its record is persisted in the local NVLog and at every partner in the
-//! ack set (S1), consistency points, the NBD export, the gRPC services, switchover, heal,
-//! switchback and NVFAIL. It uses `nvlog`, `plex` and `mc-proto`, never `mediator`.
+//! So far: `config` (the validated TOML configuration with the timer rules of DESIGN §10.1)
+//! and `daemon` (`run`: the NVLog opened or formatted, `grpc.health.v1`, reflection,
+//! `/metrics`, a clean stop on SIGTERM). The controller issues add the write path that
+//! acknowledges a host write only once its record is persisted in the local NVLog and at every
+//! partner in the ack set (S1), consistency points, the NBD export, the other gRPC services,
+//! switchover, heal, switchback and NVFAIL. It uses `nvlog`, `plex` and `mc-proto`, never
+//! `mediator`.
+
+pub mod config;
+pub mod daemon;

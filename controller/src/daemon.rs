@@ -1,0 +1,287 @@
+//! The controller daemon's life (DESIGN §8, §13): open (or create) the NVLog, serve gRPC
+//! (`grpc.health.v1`, server reflection) and Prometheus `/metrics`, stop on request.
+//!
+//! So far the daemon holds its NVLog open and reports it; the services of the write path
+//! (`NvlogMirror`, the data API, `Admin`) are added by issue 5's next steps.
+//!
+//! Invariants:
+//! - the NVLog file is opened with the configured durability and an exclusive lock (a second
+//!   daemon on the same file fails at start, never shares it); a new file is formatted with a
+//!   `local` partition for this node and a `dr_partner` partition for its DR partner;
+//! - health is `SERVING` only after the NVLog is open, and `NOT_SERVING` from the moment a
+//!   shutdown begins;
+//! - `run` returns only after both servers have stopped, or `DRAIN_TIMEOUT` after the shutdown
+//!   began (connections still open are then cut); the bound addresses are printed first, on one
+//!   line, so that a test or the lab can find servers bound to port 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use nvlog::{ClusterId, FormatSpec, Generation, Identity, MmapMedia, NodeId, Nvlog, Options, PartitionKind};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::config::{Config, Durability};
+
+/// How long a shutdown waits for open connections to finish.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why the daemon cannot start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The NVLog cannot be opened or created.
+    #[error("NVLog {path}: {message}")]
+    Nvlog {
+        /// The file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// A listen address cannot be bound.
+    #[error("bind {what} on {address}: {source}")]
+    Bind {
+        /// `grpc` or `metrics`.
+        what: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server failed.
+    #[error("{what} server: {message}")]
+    Serve {
+        /// `grpc` or `metrics`.
+        what: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Labels of a per-partition gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    partition: String,
+    writer: u64,
+}
+
+/// Every metric of the controller so far (STYLE 14: named `controller_<noun>_<unit>`).
+#[derive(Debug, Default)]
+struct Metrics {
+    nvlog_used: Family<PartitionLabels, Gauge>,
+    nvlog_size: Family<PartitionLabels, Gauge>,
+    nvlog_last_lsn: Family<PartitionLabels, Gauge>,
+}
+
+impl Metrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "controller_nvlog_used",
+            "NVLog bytes holding unreleased records, per partition",
+            Unit::Bytes,
+            self.nvlog_used.clone(),
+        );
+        registry.register_with_unit(
+            "controller_nvlog_size",
+            "NVLog partition size",
+            Unit::Bytes,
+            self.nvlog_size.clone(),
+        );
+        registry.register(
+            "controller_nvlog_last_lsn",
+            "The highest lsn written in each partition",
+            self.nvlog_last_lsn.clone(),
+        );
+    }
+
+    /// Reads the NVLog's state into the gauges (at every scrape).
+    fn update(&self, nvlog: &Nvlog<MmapMedia>) {
+        for kind in PartitionKind::ALL {
+            if let Ok(status) = nvlog.status(kind) {
+                let labels = PartitionLabels {
+                    partition: kind.name().to_string(),
+                    writer: u64::from(status.writer.0),
+                };
+                self.nvlog_used
+                    .get_or_create(&labels)
+                    .set(i64::try_from(status.used_bytes).unwrap_or(i64::MAX));
+                self.nvlog_size
+                    .get_or_create(&labels)
+                    .set(i64::try_from(status.size_bytes).unwrap_or(i64::MAX));
+                self.nvlog_last_lsn
+                    .get_or_create(&labels)
+                    .set(i64::try_from(status.last_lsn.0).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+/// Opens the NVLog, or creates and formats it if the file does not exist.
+fn open_nvlog(config: &Config) -> Result<Nvlog<MmapMedia>, DaemonError> {
+    let path = &config.nvlog_path;
+    let error = |message: String| DaemonError::Nvlog { path: path.display().to_string(), message };
+    let options = Options {
+        durability: match config.durability {
+            Durability::Process => nvlog::Durability::Process,
+            Durability::Power => nvlog::Durability::Power,
+        },
+        ..Options::default()
+    };
+    let identity = Identity { cluster: ClusterId(config.cluster_id), node: NodeId(config.node_id) };
+    if Path::new(path).exists() {
+        let media = MmapMedia::open(path).map_err(|e| error(format!("open: {e}")))?;
+        let (log, report) =
+            Nvlog::open(media, identity, options).map_err(|e| error(format!("recover: {e}")))?;
+        tracing::info!(path = %path.display(), ?report, "NVLog recovered");
+        Ok(log)
+    } else {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| error(format!("create {}: {e}", dir.display())))?;
+        }
+        let media =
+            MmapMedia::create(path, config.nvlog_size_bytes).map_err(|e| error(format!("create: {e}")))?;
+        let spec = FormatSpec {
+            identity,
+            partitions: vec![
+                (PartitionKind::Local, NodeId(config.node_id)),
+                (PartitionKind::DrPartner, NodeId(config.dr_partner.node_id)),
+            ],
+            generation_floor: Generation(0),
+        };
+        let (log, _) = Nvlog::format(media, &spec, options).map_err(|e| error(format!("format: {e}")))?;
+        tracing::info!(path = %path.display(), size_bytes = config.nvlog_size_bytes, "NVLog formatted");
+        Ok(log)
+    }
+}
+
+async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(address).await.map_err(|source| DaemonError::Bind { what, address, source })
+}
+
+/// Runs the daemon until `shutdown` completes, then stops the servers and returns.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let span = tracing::info_span!("controller", node = config.node_id);
+    run_in_span(config, shutdown).instrument(span).await
+}
+
+async fn run_in_span(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let nvlog = Arc::new(open_nvlog(&config)?);
+
+    let grpc_listener = bind("grpc", config.grpc_listen).await?;
+    let metrics_listener = bind("metrics", config.metrics_listen).await?;
+    let grpc_address = grpc_listener.local_addr().map_err(|source| DaemonError::Bind {
+        what: "grpc",
+        address: config.grpc_listen,
+        source,
+    })?;
+    let metrics_address = metrics_listener.local_addr().map_err(|source| DaemonError::Bind {
+        what: "metrics",
+        address: config.metrics_listen,
+        source,
+    })?;
+    // One line that tests and the lab parse; keep its shape.
+    println!("mc-controller node {} listening grpc={grpc_address} metrics={metrics_address}", config.node_id);
+    tracing::info!(%grpc_address, %metrics_address, "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mc_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DaemonError::Serve { what: "grpc", message: format!("reflection: {e}") })?;
+
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener),
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            )
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+    let app = {
+        let (metrics, registry, nvlog) = (metrics.clone(), registry.clone(), nvlog.clone());
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, registry, nvlog) = (metrics.clone(), registry.clone(), nvlog.clone());
+                async move {
+                    metrics.update(&nvlog);
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            axum::http::StatusCode::OK,
+                            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            text,
+                        ),
+                        Err(e) => (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            [("content-type", "text/plain; charset=utf-8")],
+                            format!("encoding the metrics failed: {e}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+    };
+    let http = {
+        let mut stop = stop_rx.clone();
+        axum::serve(metrics_listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+    };
+
+    let grpc = tokio::spawn(grpc);
+    let http = tokio::spawn(async move { http.await });
+    shutdown.await;
+    tracing::info!("shutting down");
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let _ = stop_tx.send(true);
+    // Servers stop accepting at once and drain open connections; a client that keeps its
+    // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { (grpc.await, http.await) }).await;
+    let (grpc, http) = match drained {
+        Ok(results) => results,
+        Err(_) => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open at shutdown are cut");
+            return Ok(());
+        }
+    };
+    match grpc {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(DaemonError::Serve { what: "grpc", message: e.to_string() }),
+        Err(e) => return Err(DaemonError::Serve { what: "grpc", message: e.to_string() }),
+    }
+    match http {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(DaemonError::Serve { what: "metrics", message: e.to_string() }),
+        Err(e) => return Err(DaemonError::Serve { what: "metrics", message: e.to_string() }),
+    }
+    // The NVLog is closed (and its lock released) when the last reference goes.
+    drop(nvlog);
+    tracing::info!("stopped");
+    Ok(())
+}
