@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::admin::AdminService;
 use crate::config::{Config, Durability};
 
 /// How long a shutdown waits for open connections to finish.
@@ -199,6 +200,7 @@ async fn run_in_span(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter.set_service_status("mc.v1.Admin", tonic_health::ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mc_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -207,9 +209,13 @@ async fn run_in_span(
 
     let grpc = {
         let mut stop = stop_rx.clone();
+        let admin =
+            mc_proto::v1::admin_server::AdminServer::new(AdminService::new(config.clone(), nvlog.clone()))
+                .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(admin)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc_listener),
                 async move {
@@ -259,6 +265,7 @@ async fn run_in_span(
     shutdown.await;
     tracing::info!("shutting down");
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health_reporter.set_service_status("mc.v1.Admin", tonic_health::ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     // Servers stop accepting at once and drain open connections; a client that keeps its
     // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.

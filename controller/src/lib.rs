@@ -1,6 +1,6 @@
 //! The `mc-controller` daemon and the `mcctl` admin CLI (DESIGN §4, §8, §9, §11).
 //!
-//! So far: `config` (the validated TOML configuration with the timer rules of DESIGN §10.1)
+//! So far: `admin` (the `Admin` service's `Status`), `config` (the validated TOML configuration with the timer rules of DESIGN §10.1)
 //! and `daemon` (`run`: the NVLog opened or formatted, `grpc.health.v1`, reflection,
 //! `/metrics`, a clean stop on SIGTERM). The controller issues add the write path that
 //! acknowledges a host write only once its record is persisted in the local NVLog and at every
@@ -8,5 +8,6 @@
 //! switchover, heal, switchback and NVFAIL. It uses `nvlog`, `plex` and `mc-proto`, never
 //! `mediator`.
 
+pub mod admin;
 pub mod config;
 pub mod daemon;

@@ -94,6 +94,14 @@ fn scrape(address: &str) -> String {
     response
 }
 
+/// `Admin.Status` as the daemon answers it, for the cluster id `cluster`.
+async fn status(address: &str, cluster: Vec<u8>) -> Result<mc_proto::v1::StatusReply, tonic::Status> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let mut client = mc_proto::v1::admin_client::AdminClient::new(channel);
+    client.status(mc_proto::v1::StatusRequest { cluster_id: cluster }).await.map(tonic::Response::into_inner)
+}
+
 async fn health(address: &str) -> i32 {
     let channel =
         tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
@@ -124,6 +132,18 @@ async fn the_daemon_serves_health_and_metrics_and_stops_on_sigterm() {
     let config = config(dir.path(), "");
     let daemon = start(&config);
     assert_eq!(health(&daemon.grpc).await, 1, "health is SERVING");
+    // Admin.Status: both partitions, for our cluster only.
+    let cluster: Vec<u8> = (0..16u8).map(|i| i * 0x11).collect();
+    let reply = status(&daemon.grpc, cluster.clone()).await.unwrap();
+    assert_eq!(reply.site, "A");
+    assert_eq!(reply.identity.unwrap().sender_node, 1);
+    let kinds: Vec<(String, u32)> =
+        reply.partitions.iter().map(|p| (p.kind.clone(), p.writer_node)).collect();
+    assert_eq!(kinds, [("local".to_string(), 1), ("dr_partner".to_string(), 2)]);
+    let mut other = cluster.clone();
+    other[0] ^= 1;
+    assert_eq!(status(&daemon.grpc, other).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status(&daemon.grpc, vec![1, 2, 3]).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     let metrics = scrape(&daemon.metrics);
     assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
