@@ -1,8 +1,9 @@
 //! The controller daemon's life (DESIGN §8, §13): open (or create) the NVLog, serve gRPC
 //! (`grpc.health.v1`, server reflection) and Prometheus `/metrics`, stop on request.
 //!
-//! So far the daemon holds its NVLog open and reports it; the services of the write path
-//! (`NvlogMirror`, the data API, `Admin`) are added by issue 5's next steps.
+//! So far the daemon holds its NVLog open, receives its DR partner's records (`NvlogMirror`,
+//! see `mirror_receiver`) and reports its state (`Admin.Status`, `/metrics`); the write path,
+//! the data API and CPs are added by issue 5's next steps.
 //!
 //! Invariants:
 //! - the NVLog file is opened with the configured durability and an exclusive lock (a second
@@ -30,6 +31,7 @@ use tracing::Instrument;
 
 use crate::admin::AdminService;
 use crate::config::{Config, Durability};
+use crate::mirror_receiver::{MirrorReceiver, MirrorService, ReceiverIdentity, ReceiverTimers};
 
 /// How long a shutdown waits for open connections to finish.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -157,6 +159,10 @@ fn open_nvlog(config: &Config) -> Result<Nvlog<MmapMedia>, DaemonError> {
             generation_floor: Generation(0),
         };
         let (log, _) = Nvlog::format(media, &spec, options).map_err(|e| error(format!("format: {e}")))?;
+        // A new log holds none of the partner's records it may have held before (a lost file):
+        // the receiver is `resyncing` until the writer's covering CP (S13, DESIGN §4.2).
+        log.set_mirror_state(PartitionKind::DrPartner, nvlog::MirrorState::Resyncing)
+            .map_err(|e| error(format!("record the receiver as resyncing: {e}")))?;
         tracing::info!(path = %path.display(), size_bytes = config.nvlog_size_bytes, "NVLog formatted");
         Ok(log)
     }
@@ -212,10 +218,25 @@ async fn run_in_span(
         let admin =
             mc_proto::v1::admin_server::AdminServer::new(AdminService::new(config.clone(), nvlog.clone()))
                 .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        let receiver = MirrorReceiver::new(
+            nvlog.clone(),
+            ReceiverIdentity {
+                cluster: config.cluster_id,
+                node: config.node_id,
+                writer: config.dr_partner.node_id,
+            },
+            ReceiverTimers {
+                keepalive_interval: config.timers.keepalive_interval,
+                silence_limit: config.timers.mirror_timeout.saturating_sub(config.timers.margin),
+            },
+        );
+        let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
+            .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(admin)
+            .add_service(mirror)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc_listener),
                 async move {

@@ -1,0 +1,406 @@
+//! The receiving side of the NVLog mirror (DESIGN §4.2, §5, §8; S13): the `NvlogMirror`
+//! service stores the DR partner's records in this node's `dr_partner` partition exactly as the
+//! writer encoded them, and keeps its own account of the mirror.
+//!
+//! The stream, as the receiver sees it:
+//! 1. the writer's hello (identities checked: our cluster, sender = our DR partner, receiver =
+//!    us) is answered with our hello (partition generation, durable tail, mirror state, whether
+//!    records were lost), then with every record held above the writer's recovered tail (S8);
+//! 2. a record is acknowledged only once it is durable here, and only if its lsn follows the
+//!    durable tail (S13: contiguous lsns only); a gap persists `out_of_sync` and tells the
+//!    writer, which re-establishes (§4.2);
+//! 3. the writer's announcement `resyncing` at lsn N (a re-establish) allows the gap below N and
+//!    persists `resyncing`; `in_sync` (after the covering CP) persists `in_sync`;
+//! 4. `Release` releases; keepalives are answered with this node's epochs.
+//!
+//! Invariants:
+//! - the mirror state is changed only by the rules above and by the silence rule: with no
+//!   completed round trip with the writer (a reply to our own keepalive) for
+//!   `mirror_timeout − margin`, `out_of_sync` is persisted by the receiver itself (S13);
+//! - a record is acknowledged at most after it is durable in the configured mode; nothing that
+//!   fails a check is stored or acknowledged;
+//! - bad input (wrong identity, a malformed message, a record that fails its checks) is an
+//!   error value on the stream, never a panic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mc_proto::v1::nvlog_mirror_server::NvlogMirror;
+use mc_proto::v1::receiver_message::Body as Out;
+use mc_proto::v1::writer_message::Body as In;
+use mc_proto::v1::{
+    Identity, Keepalive, KeepaliveReply, MirrorState as WireMirrorState, MirroredRecord, ReceiverHello,
+    ReceiverMessage, ReceiverStateChange, RecordAck, WriterMessage,
+};
+use nvlog::{Lsn, Media, MirrorState, Nvlog, NvlogError, PartitionKind};
+use tokio::sync::mpsc;
+use tonic::codegen::tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+const KIND: PartitionKind = PartitionKind::DrPartner;
+
+/// Who we are and whom we receive from.
+#[derive(Clone, Copy, Debug)]
+pub struct ReceiverIdentity {
+    /// The cluster.
+    pub cluster: [u8; 16],
+    /// This node.
+    pub node: u32,
+    /// The DR partner whose records we hold.
+    pub writer: u32,
+}
+
+/// Timers of the receiver (DESIGN §10.1).
+#[derive(Clone, Copy, Debug)]
+pub struct ReceiverTimers {
+    /// How often the receiver sends its own keepalive.
+    pub keepalive_interval: Duration,
+    /// `mirror_timeout − margin`: silence after which the receiver persists `out_of_sync`.
+    pub silence_limit: Duration,
+}
+
+/// The service.
+#[derive(Debug)]
+pub struct MirrorReceiver<M: Media> {
+    nvlog: Arc<Nvlog<M>>,
+    identity: ReceiverIdentity,
+    timers: ReceiverTimers,
+    /// When the last round trip with the writer completed (ms since `epoch`).
+    last_round_trip_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+fn nvlog_status(e: &NvlogError) -> Status {
+    match e {
+        NvlogError::InvalidRecord(_) | NvlogError::WrongWriter { .. } | NvlogError::RecordTooLarge { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        NvlogError::StaleGeneration { .. } | NvlogError::NotAfterTail { .. } | NvlogError::Gap { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        NvlogError::Full(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
+fn wire_state(state: MirrorState) -> WireMirrorState {
+    match state {
+        MirrorState::None => WireMirrorState::Unspecified,
+        MirrorState::InSync => WireMirrorState::InSync,
+        MirrorState::OutOfSync => WireMirrorState::OutOfSync,
+        MirrorState::Resyncing => WireMirrorState::Resyncing,
+        MirrorState::Offline => WireMirrorState::Offline,
+    }
+}
+
+/// Runs a blocking NVLog call off the runtime's threads (a `power` append msyncs).
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, NvlogError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(result) => result.map_err(|e| nvlog_status(&e)),
+        Err(e) => Err(Status::internal(format!("NVLog task lost: {e}"))),
+    }
+}
+
+impl<M: Media + 'static> MirrorReceiver<M> {
+    /// A receiver over `nvlog`'s `dr_partner` partition. Its silence watchdog runs on the
+    /// current runtime for as long as the receiver lives.
+    pub fn new(
+        nvlog: Arc<Nvlog<M>>,
+        identity: ReceiverIdentity,
+        timers: ReceiverTimers,
+    ) -> Arc<MirrorReceiver<M>> {
+        let receiver = Arc::new(MirrorReceiver {
+            nvlog,
+            identity,
+            timers,
+            last_round_trip_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        });
+        let weak = Arc::downgrade(&receiver);
+        tokio::spawn(async move {
+            loop {
+                let interval = match weak.upgrade() {
+                    Some(receiver) => {
+                        receiver.check_silence().await;
+                        receiver.timers.keepalive_interval
+                    }
+                    None => return,
+                };
+                tokio::time::sleep(interval).await;
+            }
+        });
+        receiver
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// S13: no round trip with the writer for `silence_limit` persists `out_of_sync`.
+    async fn check_silence(&self) {
+        let silent_ms = self.now_ms().saturating_sub(self.last_round_trip_ms.load(Ordering::Acquire));
+        if silent_ms < u64::try_from(self.timers.silence_limit.as_millis()).unwrap_or(u64::MAX) {
+            return;
+        }
+        let nvlog = self.nvlog.clone();
+        let changed = blocking(move || {
+            let state = nvlog.status(KIND)?.mirror_state;
+            if matches!(state, MirrorState::InSync | MirrorState::Resyncing) {
+                nvlog.set_mirror_state(KIND, MirrorState::OutOfSync)?;
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await;
+        if let Ok(true) = changed {
+            tracing::warn!(
+                writer = self.identity.writer,
+                silent_ms,
+                "no round trip with the writer: out_of_sync (S13)"
+            );
+        }
+    }
+
+    fn check_identity(&self, identity: Option<&Identity>) -> Result<(), Status> {
+        let identity = identity.ok_or_else(|| Status::invalid_argument("hello without identity"))?;
+        if identity.cluster_id.as_slice() != self.identity.cluster {
+            return Err(Status::failed_precondition("the writer belongs to another cluster"));
+        }
+        if identity.sender_node != self.identity.writer {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not this node's DR partner (node {})",
+                identity.sender_node, self.identity.writer
+            )));
+        }
+        if identity.receiver_node != self.identity.node {
+            return Err(Status::failed_precondition(format!(
+                "the hello is for node {}, this is node {}",
+                identity.receiver_node, self.identity.node
+            )));
+        }
+        Ok(())
+    }
+
+    fn our_identity(&self) -> Identity {
+        Identity {
+            cluster_id: self.identity.cluster.to_vec(),
+            sender_node: self.identity.node,
+            receiver_node: self.identity.writer,
+        }
+    }
+
+    /// Handles one stream until it ends or fails; every outgoing message goes through `out`.
+    async fn serve(
+        self: Arc<Self>,
+        mut inbound: Streaming<WriterMessage>,
+        out: mpsc::Sender<Result<ReceiverMessage, Status>>,
+    ) -> Result<(), Status> {
+        let send = |body: Out| {
+            let out = out.clone();
+            async move { out.send(Ok(ReceiverMessage { body: Some(body) })).await.is_ok() }
+        };
+        // 1. The hello.
+        let hello = match inbound.message().await? {
+            Some(WriterMessage { body: Some(In::Hello(hello)) }) => hello,
+            Some(_) => return Err(Status::invalid_argument("the first message must be the writer's hello")),
+            None => return Ok(()),
+        };
+        self.check_identity(hello.identity.as_ref())?;
+        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
+        let nvlog = self.nvlog.clone();
+        let status = blocking(move || nvlog.status(KIND)).await?;
+        tracing::info!(
+            writer = self.identity.writer,
+            writer_generation = hello.log_generation,
+            recovered_tail = hello.recovered_tail_lsn,
+            durable_tail = status.durable_lsn.0,
+            state = ?status.mirror_state,
+            "writer hello"
+        );
+        let reply = ReceiverHello {
+            identity: Some(self.our_identity()),
+            partition_generation: status.partition_generation,
+            durable_tail_lsn: status.durable_lsn.0,
+            mirror_state: wire_state(status.mirror_state) as i32,
+            lost_records: status.mirror_state == MirrorState::Resyncing,
+            epochs: Vec::new(),
+        };
+        if !send(Out::Hello(reply)).await {
+            return Ok(());
+        }
+        // S8: the records we hold above the writer's recovered tail go back to it.
+        let nvlog = self.nvlog.clone();
+        let tail = Lsn(hello.recovered_tail_lsn);
+        let returned = blocking(move || nvlog.records_above(KIND, tail)).await?;
+        for (n, encoded) in returned.into_iter().enumerate() {
+            let lsn = hello.recovered_tail_lsn + n as u64 + 1;
+            if !send(Out::ReturnedRecord(MirroredRecord { lsn, encoded })).await {
+                return Ok(());
+            }
+        }
+        // 2-4. Records, announcements, releases and keepalives, with our own keepalives between.
+        let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
+        let sequence = AtomicU64::new(0);
+        let outstanding = AtomicU64::new(0);
+        loop {
+            let message = tokio::select! {
+                message = inbound.message() => message?,
+                _ = keepalive.tick() => {
+                    let next = sequence.fetch_add(1, Ordering::AcqRel) + 1;
+                    outstanding.store(next, Ordering::Release);
+                    if !send(Out::Keepalive(Keepalive { sequence: next, epochs: Vec::new() })).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let Some(WriterMessage { body }) = message else { return Ok(()) };
+            match body {
+                None => return Err(Status::invalid_argument("an empty message")),
+                Some(In::Hello(_)) => return Err(Status::invalid_argument("a second hello on one stream")),
+                Some(In::Record(record)) => {
+                    let nvlog = self.nvlog.clone();
+                    let encoded = record.encoded;
+                    match blocking(move || nvlog.append_copy(KIND, &encoded)).await {
+                        Ok(lsn) => {
+                            if lsn.0 != record.lsn {
+                                return Err(Status::invalid_argument(format!(
+                                    "record announced as lsn {} is lsn {}",
+                                    record.lsn, lsn.0
+                                )));
+                            }
+                            if !send(Out::Ack(RecordAck { lsn: lsn.0 })).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                            // A gap or an out-of-order record: never acknowledged (S13).
+                            let nvlog = self.nvlog.clone();
+                            blocking(move || nvlog.set_mirror_state(KIND, MirrorState::OutOfSync)).await?;
+                            tracing::warn!(
+                                writer = self.identity.writer,
+                                "record refused, out_of_sync: {}",
+                                status.message()
+                            );
+                            let change = ReceiverStateChange {
+                                state: WireMirrorState::OutOfSync as i32,
+                                reason: status.message().to_string(),
+                            };
+                            if !send(Out::StateChange(change)).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(status) => return Err(status),
+                    }
+                }
+                Some(In::Release(release)) => {
+                    let nvlog = self.nvlog.clone();
+                    blocking(move || nvlog.release(KIND, Lsn(release.lsn))).await?;
+                }
+                Some(In::Announcement(announcement)) => {
+                    let nvlog = self.nvlog.clone();
+                    let state = WireMirrorState::try_from(announcement.state)
+                        .map_err(|_| Status::invalid_argument("unknown mirror state"))?;
+                    let lsn = Lsn(announcement.lsn);
+                    let new_state = match state {
+                        // §4.2: the mirror restarts at the writer's next lsn; below it we are
+                        // missing records until the covering CP.
+                        WireMirrorState::Resyncing => {
+                            blocking(move || {
+                                let tail = nvlog.status(KIND)?.durable_lsn;
+                                if lsn.0 > tail.0 + 1 {
+                                    nvlog.allow_gap_at(KIND, lsn)?;
+                                }
+                                nvlog.set_mirror_state(KIND, MirrorState::Resyncing)
+                            })
+                            .await?;
+                            MirrorState::Resyncing
+                        }
+                        WireMirrorState::InSync => {
+                            // Only from `resyncing` or `in_sync`: after an `out_of_sync` the writer
+                            // must re-establish first.
+                            let current = {
+                                let nvlog = nvlog.clone();
+                                blocking(move || nvlog.status(KIND)).await?.mirror_state
+                            };
+                            if !matches!(current, MirrorState::Resyncing | MirrorState::InSync) {
+                                return Err(Status::failed_precondition(format!(
+                                    "in_sync announced while this receiver is {current:?}: re-establish first"
+                                )));
+                            }
+                            blocking(move || nvlog.set_mirror_state(KIND, MirrorState::InSync)).await?;
+                            MirrorState::InSync
+                        }
+                        other => {
+                            return Err(Status::invalid_argument(format!("announcement of {other:?}")));
+                        }
+                    };
+                    tracing::info!(writer = self.identity.writer, state = ?new_state, lsn = lsn.0, "mirror state announced");
+                }
+                Some(In::Keepalive(keepalive)) => {
+                    let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
+                    if !send(Out::KeepaliveReply(reply)).await {
+                        return Ok(());
+                    }
+                }
+                Some(In::KeepaliveReply(reply)) => {
+                    // A round trip completed only when the writer answers our own keepalive.
+                    if reply.sequence != 0 && reply.sequence <= sequence.load(Ordering::Acquire) {
+                        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The response stream.
+pub type ReceiverStream = Pin<Box<dyn Stream<Item = Result<ReceiverMessage, Status>> + Send>>;
+
+/// The gRPC face of a shared receiver.
+#[derive(Debug)]
+pub struct MirrorService<M: Media>(pub Arc<MirrorReceiver<M>>);
+
+#[tonic::async_trait]
+impl<M: Media + 'static> NvlogMirror for MirrorService<M> {
+    type MirrorStream = ReceiverStream;
+
+    async fn mirror(
+        &self,
+        request: Request<Streaming<WriterMessage>>,
+    ) -> Result<Response<Self::MirrorStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let receiver = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(status) = receiver.clone().serve(inbound, tx.clone()).await {
+                tracing::warn!(writer = receiver.identity.writer, "mirror stream ends: {status}");
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        let stream = futures_stream(rx);
+        Ok(Response::new(stream))
+    }
+}
+
+/// An mpsc receiver as a stream.
+struct RxStream(mpsc::Receiver<Result<ReceiverMessage, Status>>);
+
+impl Stream for RxStream {
+    type Item = Result<ReceiverMessage, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn futures_stream(rx: mpsc::Receiver<Result<ReceiverMessage, Status>>) -> ReceiverStream {
+    Box::pin(RxStream(rx))
+}
