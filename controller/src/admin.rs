@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mc_proto::v1::admin_server::Admin;
 use mc_proto::v1::{Identity, MirrorState as WireMirrorState, NvlogPartition, StatusReply, StatusRequest};
-use nvlog::{MirrorState, MmapMedia, Nvlog, PartitionKind};
+use nvlog::{MmapMedia, Nvlog, PartitionKind};
 use tonic::{Request, Response, Status};
 
 use crate::config::{Config, Site};
@@ -25,16 +25,6 @@ impl AdminService {
     /// A service over this node's configuration and NVLog.
     pub fn new(config: Config, nvlog: Arc<Nvlog<MmapMedia>>) -> AdminService {
         AdminService { config, nvlog }
-    }
-}
-
-fn wire_state(state: MirrorState) -> WireMirrorState {
-    match state {
-        MirrorState::None => WireMirrorState::Unspecified,
-        MirrorState::InSync => WireMirrorState::InSync,
-        MirrorState::OutOfSync => WireMirrorState::OutOfSync,
-        MirrorState::Resyncing => WireMirrorState::Resyncing,
-        MirrorState::Offline => WireMirrorState::Offline,
     }
 }
 
@@ -60,7 +50,7 @@ impl Admin for AdminService {
                 mirror_state: if kind == PartitionKind::Local {
                     WireMirrorState::Unspecified as i32
                 } else {
-                    wire_state(status.mirror_state) as i32
+                    crate::wire::mirror_state(status.mirror_state) as i32
                 },
                 partition_generation: status.partition_generation,
                 released_lsn: status.released_lsn.0,

@@ -12,3 +12,4 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod mirror_receiver;
+pub mod wire;

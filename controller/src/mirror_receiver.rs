@@ -85,16 +85,6 @@ fn nvlog_status(e: &NvlogError) -> Status {
     }
 }
 
-fn wire_state(state: MirrorState) -> WireMirrorState {
-    match state {
-        MirrorState::None => WireMirrorState::Unspecified,
-        MirrorState::InSync => WireMirrorState::InSync,
-        MirrorState::OutOfSync => WireMirrorState::OutOfSync,
-        MirrorState::Resyncing => WireMirrorState::Resyncing,
-        MirrorState::Offline => WireMirrorState::Offline,
-    }
-}
-
 /// Runs a blocking NVLog call off the runtime's threads (a `power` append msyncs).
 async fn blocking<T: Send + 'static>(
     op: impl FnOnce() -> Result<T, NvlogError> + Send + 'static,
@@ -225,7 +215,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             identity: Some(self.our_identity()),
             partition_generation: status.partition_generation,
             durable_tail_lsn: status.durable_lsn.0,
-            mirror_state: wire_state(status.mirror_state) as i32,
+            mirror_state: crate::wire::mirror_state(status.mirror_state) as i32,
             lost_records: status.mirror_state == MirrorState::Resyncing,
             epochs: Vec::new(),
         };

@@ -1032,24 +1032,12 @@ impl Aggregate {
             (issue, id, waited_drops, newly, epoch)
         };
 
-        let timeout = self.options.mirror_timeout;
         let plexes = [self.plex(0), self.plex(1)];
         let attempt = |index: usize| {
             let plex = plexes[index].clone();
             async move {
                 let plex = plex.ok_or(DropReason::Failed)?;
-                match tokio::time::timeout(timeout, plex.write(offset, data)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => {
-                        tracing::warn!(aggregate = ?self.uuid, plex = index, "write failed: {e}");
-                        self.count_error(index, &e);
-                        Err(DropReason::Failed)
-                    }
-                    Err(_) => {
-                        self.options.metrics.io_error(self.uuid, index, "timeout");
-                        Err(DropReason::Timeout)
-                    }
-                }
+                self.bounded(index, "write", plex.write(offset, data)).await
             }
         };
         let skipped = async { Err::<(), DropReason>(DropReason::Failed) };
@@ -1136,18 +1124,7 @@ impl Aggregate {
             let clearable = if is_target { inner.clear_after_flush.clone() } else { BTreeSet::new() };
             (taken, clearable, inner.drop_epoch)
         };
-        let outcome = match tokio::time::timeout(self.options.mirror_timeout, plex.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!(aggregate = ?self.uuid, plex = index, "flush failed: {e}");
-                self.count_error(index, &e);
-                Err(DropReason::Failed)
-            }
-            Err(_) => {
-                self.options.metrics.io_error(self.uuid, index, "timeout");
-                Err(DropReason::Timeout)
-            }
-        };
+        let outcome = self.bounded(index, "flush", plex.flush()).await;
         let clear: Vec<u64> = {
             let mut inner = self.inner();
             if outcome.is_err() {
@@ -1172,6 +1149,29 @@ impl Aggregate {
             }
         }
         Ok(())
+    }
+
+    /// Runs one I/O of plex `index` bounded by the mirror timeout (DESIGN §4.1); a failure or a
+    /// timeout is logged, counted, and becomes the reason to drop the plex.
+    async fn bounded<T>(
+        &self,
+        index: usize,
+        what: &str,
+        io: impl std::future::Future<Output = Result<T, PlexError>>,
+    ) -> Result<T, DropReason> {
+        match tokio::time::timeout(self.options.mirror_timeout, io).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                tracing::warn!(aggregate = ?self.uuid, plex = index, "{what} failed: {e}");
+                self.count_error(index, &e);
+                Err(DropReason::Failed)
+            }
+            Err(_) => {
+                tracing::warn!(aggregate = ?self.uuid, plex = index, "{what} timed out");
+                self.options.metrics.io_error(self.uuid, index, "timeout");
+                Err(DropReason::Timeout)
+            }
+        }
     }
 
     /// Counts a plex error in the metrics by its kind.
@@ -1900,17 +1900,7 @@ impl Aggregate {
                                 ))));
                             }
                         };
-                        match tokio::time::timeout(timeout, dst.write(offset, &data)).await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => {
-                                self.count_error(target, &e);
-                                Err(Err(DropReason::Failed))
-                            }
-                            Err(_) => {
-                                self.options.metrics.io_error(self.uuid, target, "timeout");
-                                Err(Err(DropReason::Timeout))
-                            }
-                        }
+                        self.bounded(target, "resync write", dst.write(offset, &data)).await.map_err(Err)
                     });
                     copy
                 })
