@@ -172,3 +172,79 @@ pub async fn plex_data(devices: &[std::sync::Arc<dyn BlockDevice>], len: u64) ->
     }
     out
 }
+
+/// Two plexes on in-memory disks for aggregate tests: plex 0 is one 8 MiB disk, plex 1 two
+/// 4 MiB disks concatenated (so plex 1 always spans a disk boundary).
+#[derive(Debug)]
+pub struct MirrorRig {
+    /// The disks of plex 0 and plex 1.
+    pub disks: [Vec<std::sync::Arc<crate::mem::MemDevice>>; 2],
+}
+
+impl Default for MirrorRig {
+    fn default() -> MirrorRig {
+        MirrorRig::new()
+    }
+}
+
+impl MirrorRig {
+    /// Fresh, zeroed disks.
+    pub fn new() -> MirrorRig {
+        use crate::mem::MemDevice;
+        use std::sync::Arc;
+        MirrorRig {
+            disks: [
+                vec![Arc::new(MemDevice::new(8 << 20))],
+                vec![Arc::new(MemDevice::new(4 << 20)), Arc::new(MemDevice::new(4 << 20))],
+            ],
+        }
+    }
+
+    /// Plex `index`'s disks, as the aggregate takes them.
+    pub fn plex(&self, index: usize) -> Vec<std::sync::Arc<dyn BlockDevice>> {
+        self.disks[index].iter().map(|disk| disk.clone() as std::sync::Arc<dyn BlockDevice>).collect()
+    }
+
+    /// Both plexes.
+    pub fn plexes(&self) -> [Vec<std::sync::Arc<dyn BlockDevice>>; 2] {
+        [self.plex(0), self.plex(1)]
+    }
+
+    /// Plex `index`'s disks stop answering.
+    pub fn hang(&self, index: usize) {
+        self.disks[index].iter().for_each(|disk| disk.hang());
+    }
+
+    /// Plex `index`'s disks answer again.
+    pub fn unhang(&self, index: usize) {
+        self.disks[index].iter().for_each(|disk| disk.unhang());
+    }
+
+    /// Sets the faults of every disk of plex `index`.
+    pub fn faults(&self, index: usize, faults: crate::mem::MemFaults) {
+        self.disks[index].iter().for_each(|disk| disk.set_faults(faults.clone()));
+    }
+
+    /// What a power loss now leaves: the flushed writes only, on new disks.
+    pub fn crashed(&self) -> MirrorRig {
+        use crate::mem::MemDevice;
+        use std::sync::Arc;
+        let image = |disk: &Arc<MemDevice>| Arc::new(MemDevice::from_image(disk.power_loss_image(|_| false)));
+        MirrorRig { disks: [0, 1].map(|i| self.disks[i].iter().map(image).collect()) }
+    }
+
+    /// The first byte at which the plexes' data areas differ, within `size` bytes.
+    pub async fn first_difference(&self, size: u64) -> Option<u64> {
+        let a = plex_data(&self.plex(0), size).await;
+        let b = plex_data(&self.plex(1), size).await;
+        assert_eq!(a.len() as u64, size, "plex 0 holds less than {size} bytes");
+        a.iter().zip(&b).position(|(x, y)| x != y).map(|at| at as u64)
+    }
+
+    /// Panics, naming the byte and its 64 KiB region, unless the plexes are byte-identical.
+    pub async fn assert_identical(&self, size: u64) {
+        if let Some(at) = self.first_difference(size).await {
+            panic!("the plexes differ at byte {at} (region {})", at / 65536);
+        }
+    }
+}

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plex::testing::{RecordingHook, pattern, plex_data};
+use plex::testing::{MirrorRig, RecordingHook, pattern, plex_data};
 use plex::{
-    Aggregate, AggregateError, AggregateOptions, AggregateSpec, AggregateState, BLOCK_BYTES, BlockDevice,
-    DropReason, Epoch, GenerationRule, MemDevice, MemFaults, NodeId, PeerState, PlexGeneration, PlexState,
-    ResyncLevel, Site, Uuid, read_label,
+    Aggregate, AggregateError, AggregateOptions, AggregateSpec, AggregateState, BLOCK_BYTES, DropReason,
+    Epoch, GenerationRule, MemDevice, MemFaults, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel,
+    Site, Uuid, read_label,
 };
 use rand::{Rng, SeedableRng};
 
@@ -46,52 +46,7 @@ fn seed() -> u64 {
     seed
 }
 
-/// Plex 0 is one 8 MiB disk, plex 1 two 4 MiB disks concatenated.
-struct Rig {
-    disks: [Vec<Arc<MemDevice>>; 2],
-}
-
-impl Rig {
-    fn new() -> Rig {
-        Rig {
-            disks: [
-                vec![Arc::new(MemDevice::new(8 << 20))],
-                vec![Arc::new(MemDevice::new(4 << 20)), Arc::new(MemDevice::new(4 << 20))],
-            ],
-        }
-    }
-
-    fn plex(&self, index: usize) -> Vec<Arc<dyn BlockDevice>> {
-        self.disks[index].iter().map(|disk| disk.clone() as Arc<dyn BlockDevice>).collect()
-    }
-
-    fn plexes(&self) -> [Vec<Arc<dyn BlockDevice>>; 2] {
-        [self.plex(0), self.plex(1)]
-    }
-
-    fn hang(&self, index: usize) {
-        self.disks[index].iter().for_each(|disk| disk.hang());
-    }
-
-    fn unhang(&self, index: usize) {
-        self.disks[index].iter().for_each(|disk| disk.unhang());
-    }
-
-    /// What survives a power loss now: flushed writes only.
-    fn crashed(&self) -> Rig {
-        let image = |disk: &Arc<MemDevice>| Arc::new(MemDevice::from_image(disk.power_loss_image(|_| false)));
-        Rig { disks: [0, 1].map(|i| self.disks[i].iter().map(image).collect()) }
-    }
-
-    async fn assert_identical(&self, size: u64) {
-        let a = plex_data(&self.plex(0), size).await;
-        let b = plex_data(&self.plex(1), size).await;
-        assert_eq!(a.len() as u64, size);
-        if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
-            panic!("the plexes differ at byte {at} (region {})", at as u64 / REGION);
-        }
-    }
-}
+type Rig = MirrorRig;
 
 async fn create(rig: &Rig, hook: Arc<RecordingHook>) -> Aggregate {
     Aggregate::create(&spec(), rig.plexes(), options(), hook).await.unwrap()

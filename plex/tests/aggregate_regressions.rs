@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use plex::testing::{RecordingHook, pattern, plex_data};
+use plex::testing::{MirrorRig, RecordingHook, pattern, plex_data};
 use plex::{
     Aggregate, AggregateError, AggregateOptions, AggregateSpec, AlignedBuf, BLOCK_BYTES, BlockDevice,
     CpRecord, DeviceError, DropHook, Epoch, IoFuture, MemDevice, MemFaults, NodeId, PeerState, PlexDrop,
@@ -40,45 +40,7 @@ fn options() -> AggregateOptions {
     }
 }
 
-struct Rig {
-    disks: [Vec<Arc<MemDevice>>; 2],
-}
-
-impl Rig {
-    fn new() -> Rig {
-        Rig {
-            disks: [
-                vec![Arc::new(MemDevice::new(8 << 20))],
-                vec![Arc::new(MemDevice::new(4 << 20)), Arc::new(MemDevice::new(4 << 20))],
-            ],
-        }
-    }
-    fn plex(&self, index: usize) -> Vec<Arc<dyn BlockDevice>> {
-        self.disks[index].iter().map(|disk| disk.clone() as Arc<dyn BlockDevice>).collect()
-    }
-    fn plexes(&self) -> [Vec<Arc<dyn BlockDevice>>; 2] {
-        [self.plex(0), self.plex(1)]
-    }
-    fn hang(&self, index: usize) {
-        self.disks[index].iter().for_each(|disk| disk.hang());
-    }
-    fn unhang(&self, index: usize) {
-        self.disks[index].iter().for_each(|disk| disk.unhang());
-    }
-    fn faults(&self, index: usize, faults: MemFaults) {
-        self.disks[index].iter().for_each(|disk| disk.set_faults(faults.clone()));
-    }
-    /// Power loss: flushed writes only.
-    fn crashed(&self) -> Rig {
-        let image = |disk: &Arc<MemDevice>| Arc::new(MemDevice::from_image(disk.power_loss_image(|_| false)));
-        Rig { disks: [0, 1].map(|i| self.disks[i].iter().map(image).collect()) }
-    }
-    async fn first_difference(&self, size: u64) -> Option<u64> {
-        let a = plex_data(&self.plex(0), size).await;
-        let b = plex_data(&self.plex(1), size).await;
-        a.iter().zip(&b).position(|(x, y)| x != y).map(|at| at as u64 / REGION)
-    }
-}
+type Rig = MirrorRig;
 
 fn unreadable() -> MemFaults {
     MemFaults { read_error: true, ..MemFaults::default() }
