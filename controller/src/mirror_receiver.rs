@@ -226,8 +226,12 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         let nvlog = self.nvlog.clone();
         let tail = Lsn(hello.recovered_tail_lsn);
         let returned = blocking(move || nvlog.records_above(KIND, tail)).await?;
-        for (n, encoded) in returned.into_iter().enumerate() {
-            let lsn = hello.recovered_tail_lsn + n as u64 + 1;
+        for encoded in returned {
+            // The lsn from the record itself: a re-established mirror may have a gap below.
+            let lsn = nvlog::record::decode_header(&encoded)
+                .map_err(|e| Status::internal(format!("a held record does not decode: {e}")))?
+                .lsn
+                .0;
             if !send(Out::ReturnedRecord(MirroredRecord { lsn, encoded })).await {
                 return Ok(());
             }
