@@ -205,6 +205,14 @@ async fn a_gap_is_never_acknowledged_and_makes_the_receiver_out_of_sync_until_re
     writer.send(In::Record(record(10))).await;
     assert!(matches!(writer.next().await.unwrap(), Out::Ack(ack) if ack.lsn == 10));
     assert_eq!(state(&rig), MirrorState::Resyncing);
+    // A writer that recovered nothing gets 1, 2 and 10 back, each under its own lsn.
+    drop(writer);
+    let mut writer = Writer::connect(&rig, identity(), 0).await.unwrap();
+    writer.next().await.unwrap();
+    for lsn in [1, 2, 10] {
+        let Out::ReturnedRecord(returned) = writer.next().await.unwrap() else { panic!("no record") };
+        assert_eq!(returned, record(lsn));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
