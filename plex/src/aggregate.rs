@@ -747,14 +747,7 @@ impl Aggregate {
         for (index, devices) in [devices0, devices1].into_iter().enumerate() {
             let (plex, disk_labels, bitmap) = match &found[index] {
                 Found::Labelled(disk_labels) => {
-                    let plex = Plex::new(
-                        devices
-                            .iter()
-                            .zip(disk_labels)
-                            .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
-                            .collect(),
-                    )
-                    .map_err(side_error(index))?;
+                    let plex = assemble(index, &devices, disk_labels)?;
                     sizes[index] = plex.size_bytes();
                     let first = &disk_labels[0];
                     let bitmap = DirtyBitmap::load(
@@ -1611,14 +1604,7 @@ impl Aggregate {
             }
         }
         if let Found::Labelled(labels) = found {
-            let plex = Plex::new(
-                devices
-                    .iter()
-                    .zip(&labels)
-                    .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
-                    .collect(),
-            )
-            .map_err(side_error(index))?;
+            let plex = assemble(index, &devices, &labels)?;
             if plex.size_bytes() < self.size {
                 return Err(AggregateError::Invalid(format!("plex {index} is smaller than the aggregate")));
             }
@@ -2049,6 +2035,20 @@ fn index_of(plex: usize) -> u8 {
     u8::from(plex == 1)
 }
 
+/// A plex from its devices and their labels, in order.
+fn assemble(
+    index: usize,
+    devices: &[Arc<dyn BlockDevice>],
+    labels: &[DiskLabel],
+) -> Result<Plex, AggregateError> {
+    let disks = devices
+        .iter()
+        .zip(labels)
+        .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
+        .collect();
+    Plex::new(disks).map_err(side_error(index))
+}
+
 fn check_plex_labels(index: usize, labels: &[DiskLabel]) -> Result<(), AggregateError> {
     let first = &labels[0];
     for (disk, label) in labels.iter().enumerate() {
@@ -2124,14 +2124,7 @@ async fn format_plex(
             at += len;
         }
     }
-    let plex = Plex::new(
-        devices
-            .iter()
-            .zip(&labels)
-            .map(|(device, label)| PlexDisk { device: device.clone(), label: label.clone() })
-            .collect(),
-    )
-    .map_err(side_error(index))?;
+    let plex = assemble(index, devices, &labels)?;
     let first = &labels[0];
     let mut bitmap = DirtyBitmap::new(first.bitmap, aggregate, first.region_bytes, plex.size_bytes())
         .map_err(bitmap_error(index))?;

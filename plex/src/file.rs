@@ -22,18 +22,21 @@ pub struct FileDevice {
     failed: Arc<AtomicBool>,
 }
 
+/// Creates a new sparse file of `size_bytes` (a non-zero multiple of 4 KiB) and syncs it; fails
+/// if the file exists. Shared by the devices that live in files.
+pub(crate) fn create_sparse(path: &Path, size_bytes: u64) -> io::Result<()> {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_BYTES) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "size must be a non-zero multiple of 4 KiB"));
+    }
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    file.set_len(size_bytes)?;
+    file.sync_all()
+}
+
 impl FileDevice {
     /// Creates a new sparse file of `size_bytes` (a multiple of 4 KiB); fails if it exists.
     pub fn create(path: &Path, size_bytes: u64) -> io::Result<FileDevice> {
-        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_BYTES) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "size must be a non-zero multiple of 4 KiB",
-            ));
-        }
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        file.set_len(size_bytes)?;
-        file.sync_all()?;
+        create_sparse(path, size_bytes)?;
         FileDevice::open(path)
     }
 

@@ -123,16 +123,7 @@ impl UringDevice {
 
     /// As `create`, with `options`.
     pub fn create_with(path: &Path, size_bytes: u64, options: UringOptions) -> io::Result<UringDevice> {
-        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_BYTES) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "size must be a non-zero multiple of 4 KiB",
-            ));
-        }
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        file.set_len(size_bytes)?;
-        file.sync_all()?;
-        drop(file);
+        crate::file::create_sparse(path, size_bytes)?;
         UringDevice::open_with(path, options)
     }
 
