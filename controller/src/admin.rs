@@ -1,49 +1,114 @@
-//! The `Admin` gRPC service (DESIGN §8, §11). So far: `Status`, the node's identity and the
-//! state of every NVLog partition.
+//! The `Admin` gRPC service (DESIGN §8, §11): the node's status (fencing, NVLog partitions, the
+//! DR mirror as the writer sees it, aggregates, plexes, volumes, CPs), aggregate and volume
+//! creation, and reading a partition's records (what a partner holds of ours, S8).
 //!
 //! Invariants: a request naming another cluster is refused with `FAILED_PRECONDITION` (a
 //! stale address or another cluster's tool, never answered as if it were ours); a malformed
-//! cluster id is `INVALID_ARGUMENT`; the service only reads.
+//! cluster id or argument is `INVALID_ARGUMENT`; status and record listing only read.
 
 use std::sync::Arc;
 
 use mc_proto::v1::admin_server::Admin;
-use mc_proto::v1::{Identity, MirrorState as WireMirrorState, NvlogPartition, StatusReply, StatusRequest};
-use nvlog::{MmapMedia, Nvlog, PartitionKind};
+use mc_proto::v1::{
+    AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, Identity,
+    MirrorState as WireMirrorState, NvlogPartition, PartitionRecord, PartitionRecordsReply,
+    PartitionRecordsRequest, PlexInfo, StatusReply, StatusRequest, VolumeInfo, WriterMirror,
+};
+use nvlog::{OpKind, PartitionKind};
 use tonic::{Request, Response, Status};
 
-use crate::config::{Config, Site};
+use crate::config::Site;
+use crate::node::{AggrSlot, Node};
+use crate::nvlog_mirror::WriterState;
+
+/// Refuses a malformed or foreign cluster id.
+pub fn check_cluster(ours: &[u8; 16], theirs: &[u8]) -> Result<(), Status> {
+    if theirs.len() != 16 {
+        return Err(Status::invalid_argument(format!("cluster_id is {} bytes, not 16", theirs.len())));
+    }
+    if theirs != ours {
+        return Err(Status::failed_precondition("this node belongs to another cluster"));
+    }
+    Ok(())
+}
+
+/// The most records one `PartitionRecords` call returns.
+const MAX_RECORDS_PER_CALL: u32 = 256;
 
 /// The service.
 #[derive(Debug)]
 pub struct AdminService {
-    config: Config,
-    nvlog: Arc<Nvlog<MmapMedia>>,
+    node: Arc<Node>,
 }
 
 impl AdminService {
-    /// A service over this node's configuration and NVLog.
-    pub fn new(config: Config, nvlog: Arc<Nvlog<MmapMedia>>) -> AdminService {
-        AdminService { config, nvlog }
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> AdminService {
+        AdminService { node }
+    }
+
+    fn check_cluster(&self, cluster: &[u8]) -> Result<(), Status> {
+        check_cluster(&self.node.config().cluster_id, cluster)
+    }
+}
+
+/// What status shows of one aggregate.
+pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
+    let status = aggr.aggregate.status().await;
+    let table = aggr.table().clone();
+    let last_cp = *aggr.last_cp.lock().expect("last CP lock");
+    let offline = node.offline_reasons();
+    AggregateInfo {
+        uuid: aggr.uuid.0.to_vec(),
+        name: table.name.clone(),
+        state: status.state.to_string(),
+        size_bytes: aggr.aggregate.size_bytes(),
+        plexes: (0..2)
+            .map(|i| PlexInfo {
+                index: u32::from(i == 1),
+                state: status.plexes[i].to_string(),
+                generation: status.plexes[i].generation.0,
+                disks: aggr.disks[i].clone(),
+            })
+            .collect(),
+        volumes: table
+            .volumes
+            .iter()
+            .map(|v| {
+                let reason = offline.get(&v.name).cloned();
+                VolumeInfo {
+                    id: v.id,
+                    name: v.name.clone(),
+                    aggregate_uuid: aggr.uuid.0.to_vec(),
+                    size_bytes: v.size,
+                    state: if reason.is_some() { "offline" } else { "online" }.to_string(),
+                    reason: reason.unwrap_or_default(),
+                }
+            })
+            .collect(),
+        last_cp_id: last_cp.id.0,
+        last_cp_lsn: last_cp.last_lsn.0,
+    }
+}
+
+fn op_name(op: OpKind) -> &'static str {
+    match op {
+        OpKind::Write => "write",
+        OpKind::Trim => "trim",
+        OpKind::WriteZeroes => "write_zeroes",
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let cluster = request.into_inner().cluster_id;
-        if cluster.len() != 16 {
-            return Err(Status::invalid_argument(format!("cluster_id is {} bytes, not 16", cluster.len())));
-        }
-        if cluster != self.config.cluster_id {
-            return Err(Status::failed_precondition("this node belongs to another cluster"));
-        }
+        self.check_cluster(&request.into_inner().cluster_id)?;
+        let node = &self.node;
+        let nvlog = node.nvlog();
         let mut partitions = Vec::new();
-        for kind in self.nvlog.partition_kinds() {
-            let status = self
-                .nvlog
-                .status(kind)
-                .map_err(|e| Status::internal(format!("NVLog partition {kind}: {e}")))?;
+        for kind in nvlog.partition_kinds() {
+            let status =
+                nvlog.status(kind).map_err(|e| Status::internal(format!("NVLog partition {kind}: {e}")))?;
             partitions.push(NvlogPartition {
                 kind: kind.name().to_string(),
                 writer_node: status.writer.0,
@@ -61,19 +126,132 @@ impl Admin for AdminService {
                 size_bytes: status.size_bytes,
             });
         }
+        let mirror = node.mirror().status();
+        let (state, resync_from) = match mirror.state {
+            WriterState::Unknown => (WireMirrorState::Unspecified, 0),
+            WriterState::InSync => (WireMirrorState::InSync, 0),
+            WriterState::Resyncing { from } => (WireMirrorState::Resyncing, from.0),
+        };
+        let mut aggregates = Vec::new();
+        for aggr in node.aggregates() {
+            aggregates.push(aggregate_info(node, &aggr).await);
+        }
+        let cp = node.cp_stats();
+        let state_now = node.state();
+        let mut reason = state_now.reason.clone();
+        for (uuid, why) in node.unavailable_aggregates() {
+            reason.push_str(&format!("; aggregate {} not served: {why}", crate::node::hex(&uuid.0)));
+        }
         Ok(Response::new(StatusReply {
             identity: Some(Identity {
-                cluster_id: self.config.cluster_id.to_vec(),
-                sender_node: self.config.node_id,
+                cluster_id: node.config().cluster_id.to_vec(),
+                sender_node: node.node_id(),
                 receiver_node: 0,
             }),
-            site: match self.config.site {
+            site: match node.config().site {
                 Site::A => "A",
                 Site::B => "B",
             }
             .to_string(),
-            log_generation: self.nvlog.generation().0,
+            log_generation: nvlog.generation().0,
             partitions,
+            node_state: state_now.phase.name().to_string(),
+            state_reason: reason,
+            dr_mirror: Some(WriterMirror {
+                partner_node: mirror.partner,
+                state: state as i32,
+                resync_from_lsn: resync_from,
+                connected: mirror.connected,
+                acked_lsn: mirror.acked.0,
+            }),
+            aggregates,
+            cp: Some(CpStats {
+                completed: cp.completed,
+                last_id: cp.last_id,
+                last_lsn: cp.last_lsn.0,
+                last_duration_us: u64::try_from(cp.last_duration.as_micros()).unwrap_or(u64::MAX),
+                last_blocks: cp.last_blocks,
+                backpressure_waits: cp.backpressure_waits,
+                replayed_records: cp.replayed_records,
+            }),
         }))
+    }
+
+    async fn create_aggregate(
+        &self,
+        request: Request<CreateAggregateRequest>,
+    ) -> Result<Response<AggregateInfo>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        let slot = self
+            .node
+            .create_aggregate(
+                &request.name,
+                [request.plex0_disks, request.plex1_disks],
+                request.disk_size_bytes,
+            )
+            .await
+            .map_err(|e| crate::data::status(&e))?;
+        Ok(Response::new(aggregate_info(&self.node, &slot).await))
+    }
+
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<VolumeInfo>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        let volume = self
+            .node
+            .create_volume(&request.aggregate, &request.name, request.size_bytes)
+            .await
+            .map_err(|e| crate::data::status(&e))?;
+        Ok(Response::new(VolumeInfo {
+            id: volume.entry.id,
+            name: volume.entry.name.clone(),
+            aggregate_uuid: volume.aggr.uuid.0.to_vec(),
+            size_bytes: volume.entry.size,
+            state: "online".into(),
+            reason: String::new(),
+        }))
+    }
+
+    async fn partition_records(
+        &self,
+        request: Request<PartitionRecordsRequest>,
+    ) -> Result<Response<PartitionRecordsReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        let kind = match request.partition.as_str() {
+            "local" => PartitionKind::Local,
+            "dr_partner" => PartitionKind::DrPartner,
+            other => return Err(Status::invalid_argument(format!("unknown partition {other:?}"))),
+        };
+        let limit = request.max_records.clamp(1, MAX_RECORDS_PER_CALL) as usize;
+        let nvlog = self.node.nvlog().clone();
+        let after = nvlog::Lsn(request.after_lsn);
+        let encoded = tokio::task::spawn_blocking(move || nvlog.records_above(kind, after))
+            .await
+            .map_err(|e| Status::internal(format!("NVLog task: {e}")))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let more = encoded.len() > limit;
+        let mut records = Vec::new();
+        for bytes in encoded.into_iter().take(limit) {
+            let record = nvlog::Record::decode(&bytes)
+                .map_err(|e| Status::internal(format!("a held record does not decode: {e}")))?;
+            let header = &record.header;
+            records.push(PartitionRecord {
+                lsn: header.lsn.0,
+                writer_node: header.writer.0,
+                log_generation: header.generation.0,
+                op: op_name(header.op).to_string(),
+                aggregate_uuid: header.aggregate.0.to_vec(),
+                volume_id: header.volume.0,
+                offset: header.offset,
+                range_length: header.range_len,
+                payload: if request.with_payload { record.payload.to_vec() } else { Vec::new() },
+            });
+        }
+        Ok(Response::new(PartitionRecordsReply { records, more }))
     }
 }

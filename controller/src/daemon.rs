@@ -1,9 +1,10 @@
 //! The controller daemon's life (DESIGN §8, §13): open (or create) the NVLog, serve gRPC
 //! (`grpc.health.v1`, server reflection) and Prometheus `/metrics`, stop on request.
 //!
-//! So far the daemon holds its NVLog open, receives its DR partner's records (`NvlogMirror`,
-//! see `mirror_receiver`) and reports its state (`Admin.Status`, `/metrics`); the write path,
-//! the data API and CPs are added by issue 5's next steps.
+//! The daemon reads the labels of its shelf (read only), opens its NVLog, starts the mirror
+//! writer to its DR partner and the gRPC services (`NvlogMirror` receiver, `Admin`, `Data`),
+//! then recovers (`Node::recover`: fenced until the partner confirms, S2) and runs CPs. On
+//! shutdown it stops serving, drains, runs a final CP and closes the streams.
 //!
 //! Invariants:
 //! - the NVLog file is opened with the configured durability and an exclusive lock (a second
@@ -20,7 +21,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use nvlog::{ClusterId, FormatSpec, Generation, Identity, MmapMedia, NodeId, Nvlog, Options, PartitionKind};
+use nvlog::{
+    ClusterId, FormatSpec, Generation, Identity, Lsn, MmapMedia, NodeId, Nvlog, Options, PartitionKind,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,7 +34,10 @@ use tracing::Instrument;
 
 use crate::admin::AdminService;
 use crate::config::{Config, Durability};
+use crate::data::DataService;
 use crate::mirror_receiver::{MirrorReceiver, MirrorService, ReceiverIdentity, ReceiverTimers};
+use crate::node::Node;
+use crate::nvlog_mirror::{MirrorWriter, WriterIdentity, WriterTimers};
 
 /// How long a shutdown waits for open connections to finish.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -127,14 +133,23 @@ impl Metrics {
 }
 
 /// Opens the NVLog, or creates and formats it if the file does not exist.
-fn open_nvlog(config: &Config) -> Result<Nvlog<MmapMedia>, DaemonError> {
+/// `lsn_floor`: the highest lsn of this node any label records (S8: lsns never go back);
+/// `generation_floor`: the highest log generation of this node any label records.
+fn open_nvlog(
+    config: &Config,
+    lsn_floor: Lsn,
+    generation_floor: u64,
+) -> Result<Nvlog<MmapMedia>, DaemonError> {
     let path = &config.nvlog_path;
     let error = |message: String| DaemonError::Nvlog { path: path.display().to_string(), message };
+    // `..default()` fills the test-only fields that exist when the workspace enables them.
+    #[allow(clippy::needless_update)]
     let options = Options {
         durability: match config.durability {
             Durability::Process => nvlog::Durability::Process,
             Durability::Power => nvlog::Durability::Power,
         },
+        lsn_floor,
         ..Options::default()
     };
     let identity = Identity { cluster: ClusterId(config.cluster_id), node: NodeId(config.node_id) };
@@ -156,7 +171,10 @@ fn open_nvlog(config: &Config) -> Result<Nvlog<MmapMedia>, DaemonError> {
                 (PartitionKind::Local, NodeId(config.node_id)),
                 (PartitionKind::DrPartner, NodeId(config.dr_partner.node_id)),
             ],
-            generation_floor: Generation(0),
+            // A lost log must never reuse a generation its partner may still hold records of:
+            // above every generation the labels record, and above the clock in microseconds,
+            // which no earlier life of this node can have reached by counting starts.
+            generation_floor: Generation(generation_floor.max(unix_micros())),
         };
         let (log, _) = Nvlog::format(media, &spec, options).map_err(|e| error(format!("format: {e}")))?;
         // A new log holds none of the partner's records it may have held before (a lost file):
@@ -166,6 +184,13 @@ fn open_nvlog(config: &Config) -> Result<Nvlog<MmapMedia>, DaemonError> {
         tracing::info!(path = %path.display(), size_bytes = config.nvlog_size_bytes, "NVLog formatted");
         Ok(log)
     }
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, DaemonError> {
@@ -185,7 +210,31 @@ async fn run_in_span(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let nvlog = Arc::new(open_nvlog(&config)?);
+    // The labels are read, never written, before the partner confirms the epoch (S2).
+    let disks = crate::shelf::scan(&config.shelf_dir).await.map_err(|e| DaemonError::Nvlog {
+        path: config.shelf_dir.display().to_string(),
+        message: format!("scan the shelf: {e}"),
+    })?;
+    let found = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
+    let ours = |cp: &plex::CpRecord| cp.writer.0 == config.node_id;
+    let lsn_floor = found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.last_lsn.0).max().unwrap_or(0);
+    let generation_floor =
+        found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.log_generation).max().unwrap_or(0);
+    let nvlog = Arc::new(open_nvlog(&config, Lsn(lsn_floor), generation_floor)?);
+    let mirror = MirrorWriter::start(
+        nvlog.clone(),
+        WriterIdentity {
+            cluster: config.cluster_id,
+            node: config.node_id,
+            partner: config.dr_partner.node_id,
+            address: config.dr_partner.address.clone(),
+        },
+        WriterTimers {
+            keepalive_interval: config.timers.keepalive_interval,
+            keepalive_timeout: config.timers.keepalive_timeout,
+        },
+    );
+    let node = Node::new(config.clone(), nvlog.clone(), mirror.clone());
 
     let grpc_listener = bind("grpc", config.grpc_listen).await?;
     let metrics_listener = bind("metrics", config.metrics_listen).await?;
@@ -213,11 +262,13 @@ async fn run_in_span(
         .build_v1()
         .map_err(|e| DaemonError::Serve { what: "grpc", message: format!("reflection: {e}") })?;
 
+    let receiver_handle;
     let grpc = {
         let mut stop = stop_rx.clone();
-        let admin =
-            mc_proto::v1::admin_server::AdminServer::new(AdminService::new(config.clone(), nvlog.clone()))
-                .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        let admin = mc_proto::v1::admin_server::AdminServer::new(AdminService::new(node.clone()))
+            .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        let data = mc_proto::v1::data_server::DataServer::new(DataService::new(node.clone()))
+            .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         let receiver = MirrorReceiver::new(
             nvlog.clone(),
             ReceiverIdentity {
@@ -230,6 +281,7 @@ async fn run_in_span(
                 silence_limit: config.timers.mirror_timeout.saturating_sub(config.timers.margin),
             },
         );
+        receiver_handle = receiver.clone();
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
             .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
@@ -237,8 +289,9 @@ async fn run_in_span(
             .add_service(reflection)
             .add_service(admin)
             .add_service(mirror)
+            .add_service(data)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener),
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 async move {
                     let _ = stop.wait_for(|stop| *stop).await;
                 },
@@ -283,11 +336,42 @@ async fn run_in_span(
 
     let grpc = tokio::spawn(grpc);
     let http = tokio::spawn(async move { http.await });
+    let recovery = {
+        let (node, stop) = (node.clone(), stop_rx.clone());
+        tokio::spawn(async move { node.recover(found, stop).await })
+    };
+    let cps = tokio::spawn(node.clone().run_cps(stop_rx.clone()));
+    // `mc.v1.Data` is SERVING exactly while the node serves volumes.
+    let data_health = {
+        let (node, reporter, mut stop) = (node.clone(), health_reporter.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut state = node.subscribe();
+            loop {
+                let serving = state.borrow_and_update().phase == crate::node::Phase::Serving;
+                let status = if serving {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("mc.v1.Data", status).await;
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { return },
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
+        })
+    };
     shutdown.await;
     tracing::info!("shutting down");
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health_reporter.set_service_status("mc.v1.Admin", tonic_health::ServingStatus::NotServing).await;
+    health_reporter.set_service_status("mc.v1.Data", tonic_health::ServingStatus::NotServing).await;
+    node.shutdown(DRAIN_TIMEOUT).await;
+    receiver_handle.stop();
+    recovery.abort();
     let _ = stop_tx.send(true);
+    let _ = cps.await;
+    let _ = data_health.await;
     // Servers stop accepting at once and drain open connections; a client that keeps its
     // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { (grpc.await, http.await) }).await;
@@ -309,6 +393,8 @@ async fn run_in_span(
         Err(e) => return Err(DaemonError::Serve { what: "metrics", message: e.to_string() }),
     }
     // The NVLog is closed (and its lock released) when the last reference goes.
+    drop(node);
+    drop(mirror);
     drop(nvlog);
     tracing::info!("stopped");
     Ok(())

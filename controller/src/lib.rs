@@ -10,6 +10,13 @@
 
 pub mod admin;
 pub mod config;
+pub mod cp;
 pub mod daemon;
+pub mod data;
 pub mod mirror_receiver;
+pub mod node;
+pub mod nvlog_mirror;
+pub mod shelf;
+pub mod volume;
 pub mod wire;
+pub mod write_path;

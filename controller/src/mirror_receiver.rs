@@ -70,6 +70,8 @@ pub struct MirrorReceiver<M: Media> {
     /// When the last round trip with the writer completed (ms since `epoch`).
     last_round_trip_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// Set at shutdown: every stream ends, so the server's drain does not wait for them.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -109,6 +111,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             timers,
             last_round_trip_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
+            stop: tokio::sync::watch::Sender::new(false),
         });
         let weak = Arc::downgrade(&receiver);
         tokio::spawn(async move {
@@ -124,6 +127,11 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             }
         });
         receiver
+    }
+
+    /// Ends every stream (shutdown).
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 
     fn now_ms(&self) -> u64 {
@@ -211,6 +219,11 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             state = ?status.mirror_state,
             "writer hello"
         );
+        // S8: the records we hold above the writer's recovered tail go back to it, right after
+        // the hello, which says how many follow.
+        let nvlog = self.nvlog.clone();
+        let tail = Lsn(hello.recovered_tail_lsn);
+        let returned = blocking(move || nvlog.records_above(KIND, tail)).await?;
         let reply = ReceiverHello {
             identity: Some(self.our_identity()),
             partition_generation: status.partition_generation,
@@ -218,14 +231,11 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             mirror_state: crate::wire::mirror_state(status.mirror_state) as i32,
             lost_records: status.mirror_state == MirrorState::Resyncing,
             epochs: Vec::new(),
+            returned_records: returned.len() as u64,
         };
         if !send(Out::Hello(reply)).await {
             return Ok(());
         }
-        // S8: the records we hold above the writer's recovered tail go back to it.
-        let nvlog = self.nvlog.clone();
-        let tail = Lsn(hello.recovered_tail_lsn);
-        let returned = blocking(move || nvlog.records_above(KIND, tail)).await?;
         for encoded in returned {
             // The lsn from the record itself: a re-established mirror may have a gap below.
             let lsn = nvlog::record::decode_header(&encoded)
@@ -237,11 +247,13 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             }
         }
         // 2-4. Records, announcements, releases and keepalives, with our own keepalives between.
+        let mut stop = self.stop.subscribe();
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let sequence = AtomicU64::new(0);
         let outstanding = AtomicU64::new(0);
         loop {
             let message = tokio::select! {
+                () = async { let _ = stop.wait_for(|stop| *stop).await; } => return Ok(()),
                 message = inbound.message() => message?,
                 _ = keepalive.tick() => {
                     let next = sequence.fetch_add(1, Ordering::AcqRel) + 1;

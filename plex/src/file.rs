@@ -24,7 +24,7 @@ pub struct FileDevice {
 
 /// Creates a new sparse file of `size_bytes` (a non-zero multiple of 4 KiB) and syncs it; fails
 /// if the file exists. Shared by the devices that live in files.
-pub(crate) fn create_sparse(path: &Path, size_bytes: u64) -> io::Result<()> {
+pub fn create_sparse(path: &Path, size_bytes: u64) -> io::Result<()> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_BYTES) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "size must be a non-zero multiple of 4 KiB"));
     }

@@ -1,0 +1,204 @@
+//! Consistency points (DESIGN §4 step 5; S12): every `cp_interval`, when half the local NVLog
+//! partition has been written since the last one, when a write finds the NVLog full, and at
+//! shutdown.
+//!
+//! A CP, in this order:
+//! 1. picks its lsn L (every record at or below L was applied to the cache or failed) and
+//!    freezes the cache: new writes go on into a fresh one;
+//! 2. destages the frozen blocks to both plexes of their aggregates and flushes every aggregate
+//!    (data durable: O_DIRECT writes plus `fdatasync`);
+//! 3. records the CP (id, writer, log generation, L) in the labels of every aggregate;
+//! 4. only then releases the records up to L locally and tells the partner to release them.
+//!
+//! Invariants: one CP at a time; a CP that fails puts its frozen blocks back under any newer
+//! ones and releases nothing, so nothing acknowledged is lost; a CP with nothing to do writes
+//! nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use nvlog::{Lsn, PartitionKind};
+use plex::{AlignedBuf, CpId, CpRecord};
+use tokio::task::JoinSet;
+
+use crate::node::{BLOCK, Block, DataError, Key, Node, Phase};
+
+/// The largest destage write.
+const DESTAGE_BYTES: u64 = 1 << 20;
+/// Destage writes in flight at once.
+const DESTAGE_DEPTH: usize = 16;
+
+impl Node {
+    /// Runs one CP now (waiting for a running one to finish first).
+    pub async fn cp(&self, why: &'static str) -> Result<(), DataError> {
+        let _one = self.cp_running.lock().await;
+        let started = Instant::now();
+        // 1. L, and the frozen cache.
+        let (lsn, frozen) = {
+            let mut append = self.lock_append();
+            let lsn = match append.inflight.first() {
+                Some(first) => Lsn(first.0 - 1),
+                None => append.last,
+            };
+            append.since_cp = 0;
+            let mut cache = self.lock_cache();
+            let frozen = Arc::new(std::mem::take(&mut cache.active));
+            cache.frozen = frozen.clone();
+            (lsn, frozen)
+        };
+        let released = self.nvlog.status(PartitionKind::Local).map(|s| s.released_lsn).unwrap_or_default();
+        if frozen.is_empty() && lsn <= released {
+            self.lock_cache().frozen = Arc::new(BTreeMap::new());
+            return Ok(());
+        }
+        let result = self.destage_and_record(lsn, &frozen).await;
+        match result {
+            Ok(id) => {
+                let nvlog = self.nvlog.clone();
+                let release =
+                    tokio::task::spawn_blocking(move || nvlog.release(PartitionKind::Local, lsn)).await;
+                match release {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(DataError::Nvlog(format!("release after CP {id}: {e}"))),
+                    Err(e) => return Err(DataError::Nvlog(format!("release task: {e}"))),
+                }
+                self.mirror.release(lsn);
+                self.lock_cache().frozen = Arc::new(BTreeMap::new());
+                let mut stats = self.lock_stats();
+                stats.completed += 1;
+                stats.last_id = id;
+                stats.last_lsn = lsn;
+                stats.last_duration = started.elapsed();
+                stats.last_blocks = frozen.len() as u64;
+                drop(stats);
+                tracing::debug!(
+                    node = self.config.node_id,
+                    id,
+                    lsn = lsn.0,
+                    blocks = frozen.len(),
+                    why,
+                    "CP done"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing was released: put the frozen blocks back under any newer ones.
+                let mut cache = self.lock_cache();
+                let newer = std::mem::take(&mut cache.active);
+                let mut merged = (*frozen).clone();
+                merged.extend(newer);
+                cache.active = merged;
+                cache.frozen = Arc::new(BTreeMap::new());
+                drop(cache);
+                tracing::error!(node = self.config.node_id, lsn = lsn.0, why, "CP failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 2 and 3; returns the CP id.
+    async fn destage_and_record(&self, lsn: Lsn, frozen: &BTreeMap<Key, Block>) -> Result<u64, DataError> {
+        let aggregates = self.aggregates();
+        let mut writes = JoinSet::new();
+        let mut run: Option<(u32, u64, Vec<u8>)> = None;
+        let issue = |writes: &mut JoinSet<Result<(), String>>, run: (u32, u64, Vec<u8>)| {
+            let (index, block, bytes) = run;
+            let aggregate = aggregates.iter().find(|a| a.index == index).map(|a| a.aggregate.clone());
+            writes.spawn(async move {
+                let aggregate = aggregate.ok_or_else(|| format!("no aggregate {index}"))?;
+                let data = AlignedBuf::from_slice(&bytes);
+                aggregate.write(block * BLOCK, &data).await.map_err(|e| e.to_string())
+            });
+        };
+        for (&(index, block), data) in frozen {
+            match &mut run {
+                Some((i, start, bytes))
+                    if *i == index
+                        && *start + bytes.len() as u64 / BLOCK == block
+                        && (bytes.len() as u64) < DESTAGE_BYTES =>
+                {
+                    bytes.extend_from_slice(data);
+                }
+                _ => {
+                    if let Some(done) = run.take() {
+                        issue(&mut writes, done);
+                    }
+                    run = Some((index, block, data.to_vec()));
+                }
+            }
+            while writes.len() >= DESTAGE_DEPTH {
+                if let Some(result) = writes.join_next().await {
+                    result
+                        .map_err(|e| DataError::Plex(format!("destage task: {e}")))?
+                        .map_err(DataError::Plex)?;
+                }
+            }
+        }
+        if let Some(done) = run.take() {
+            issue(&mut writes, done);
+        }
+        while let Some(result) = writes.join_next().await {
+            result.map_err(|e| DataError::Plex(format!("destage task: {e}")))?.map_err(DataError::Plex)?;
+        }
+        let id = self.next_cp_id.fetch_add(1, Ordering::Relaxed);
+        let record = CpRecord {
+            id: CpId(id),
+            writer: plex::NodeId(self.config.node_id),
+            log_generation: self.nvlog.generation().0,
+            last_lsn: plex::Lsn(lsn.0),
+        };
+        // S12: data durable on every aggregate before any label records the CP.
+        for aggr in &aggregates {
+            aggr.aggregate.flush().await.map_err(|e| DataError::Plex(e.to_string()))?;
+        }
+        for aggr in &aggregates {
+            aggr.aggregate.record_cp(record).await.map_err(|e| DataError::Plex(e.to_string()))?;
+            *aggr.last_cp.lock().expect("last CP lock") = record;
+        }
+        Ok(id)
+    }
+
+    /// Asks for a CP and waits until one that started after the request completes.
+    pub async fn wait_for_cp(&self) -> Result<(), DataError> {
+        let mut done = self.cp_done.subscribe();
+        let target = *done.borrow() + 2;
+        self.cp_request.notify_one();
+        loop {
+            if *done.borrow() >= target {
+                return Ok(());
+            }
+            self.check_serving()?;
+            let changed = tokio::time::timeout(self.config.timers.mirror_timeout, done.changed()).await;
+            match changed {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(DataError::Nvlog("the CP task stopped".into())),
+                Err(_) => {
+                    return Err(DataError::Nvlog(format!(
+                        "no CP freed NVLog space within {:?}",
+                        self.config.timers.mirror_timeout
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The CP loop: every `cp_interval`, or on request, while serving.
+    pub async fn run_cps(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.config.timers.cp_interval) => {}
+                () = self.cp_request.notified() => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            if self.state().phase != Phase::Serving {
+                // A request that came before serving must not be lost.
+                continue;
+            }
+            let _ = self.cp("timer or space").await;
+            // Every completed attempt counts for waiters, even a no-op one.
+            self.cp_done.send_modify(|n| *n += 1);
+        }
+    }
+}

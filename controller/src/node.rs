@@ -1,0 +1,760 @@
+//! One controller's storage engine (DESIGN §4, §7; S1, S2, S8, S12): its aggregates and their
+//! volume tables, the write cache, the fencing state, start-up recovery and shutdown. The
+//! write path is in `write_path`, consistency points in `cp`.
+//!
+//! The life of a node:
+//! 1. `starting`: the NVLog is open (formatted, if the file was lost, with lsns above every
+//!    CP its labels recorded and a generation above any it used before); the NVLog receiver
+//!    already runs, so two restarting sites never wait on each other;
+//! 2. `fenced`: until the DR partner completes a mirror handshake, which confirms the epoch
+//!    (S2; the partner's hello carries its epochs) and returns our records above the recovered
+//!    tail (S8). No plex or label is written, no volume served. Without a partner the node
+//!    stays here and says so in its log and status;
+//! 3. `recovering`: aggregates opened, volume tables read, the `local` partition replayed from
+//!    each aggregate's last CP into the write cache (a gap leaves every volume offline with the
+//!    reason), then a CP;
+//! 4. `serving` until shutdown; `stopping`: new I/O refused, I/O in flight drained, a final CP.
+//!
+//! Invariants:
+//! - no I/O is served and no plex or label written before `serving` (S2);
+//! - the write cache holds every acknowledged write not yet destaged by a CP; a CP covers an
+//!   lsn only when every record at or below it was applied to the cache or failed (so it was
+//!   never acknowledged);
+//! - writes to overlapping ranges of a volume are serialized, so the cache and replay agree on
+//!   the order of any two writes to one block.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use nvlog::{Lsn, MmapMedia, Nvlog, PartitionKind};
+use plex::{Aggregate, AggregateOptions, BLOCK_BYTES, CpRecord, DropHook, IoFuture, PlexDrop, Uuid};
+use tokio::sync::{Notify, watch};
+
+use crate::config::Config;
+use crate::nvlog_mirror::MirrorWriter;
+use crate::shelf::FoundAggregate;
+use crate::volume::{VolumeEntry, VolumeTable};
+
+/// Bytes of one cached block.
+pub const BLOCK: u64 = BLOCK_BYTES;
+/// `BLOCK` as a length.
+pub const BLOCK_LEN: usize = 4096;
+const _: () = assert!(BLOCK_LEN as u64 == BLOCK);
+
+/// Where a node is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The NVLog is open; nothing else yet.
+    Starting,
+    /// Waiting for the DR partner to confirm the epoch (S2).
+    Fenced,
+    /// Replaying the NVLog.
+    Recovering,
+    /// Serving volumes.
+    Serving,
+    /// Shutting down.
+    Stopping,
+}
+
+impl Phase {
+    /// The name status shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Fenced => "fenced",
+            Phase::Recovering => "recovering",
+            Phase::Serving => "serving",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// The phase and why.
+#[derive(Clone, Debug)]
+pub struct NodeState {
+    /// The phase.
+    pub phase: Phase,
+    /// Why the node is fenced, or what it is doing.
+    pub reason: String,
+}
+
+/// Why an I/O or admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The node does not serve volumes now (S2).
+    #[error("node {node} is {phase}: {reason}")]
+    NotServing {
+        /// This node.
+        node: u32,
+        /// Its phase.
+        phase: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// No such volume or aggregate.
+    #[error("{0}")]
+    NotFound(String),
+    /// The range is outside the volume or malformed.
+    #[error("{0}")]
+    Range(String),
+    /// The volume's records cannot be recovered (S8); it stays offline until NVFAIL exists.
+    #[error("volume {volume} is offline: {reason}")]
+    Offline {
+        /// The volume.
+        volume: String,
+        /// Why.
+        reason: String,
+    },
+    /// The DR partner did not acknowledge in time: the write was not acknowledged (S1).
+    #[error("{0}")]
+    Mirror(#[from] crate::nvlog_mirror::MirrorError),
+    /// The NVLog failed.
+    #[error("NVLog: {0}")]
+    Nvlog(String),
+    /// The plexes failed.
+    #[error("aggregate: {0}")]
+    Plex(String),
+    /// Bad input to an admin call.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A plex drop is recorded in the survivor's labels and bitmap by `plex` itself; recording it
+/// at the DR partner (S3) comes with the remote plexes of the next issue, where a plex can be
+/// at the other site. With both plexes at this site, the drop is logged here.
+#[derive(Debug)]
+pub struct LoggedDrops {
+    node: u32,
+}
+
+impl DropHook for LoggedDrops {
+    fn plex_dropped<'a>(&'a self, drop: &'a PlexDrop) -> IoFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            tracing::error!(
+                node = self.node,
+                aggregate = %hex(&drop.aggregate.0),
+                plex = drop.plex,
+                reason = ?drop.reason,
+                survivor_generation = drop.survivor_generation.0,
+                "plex dropped: the aggregate runs degraded"
+            );
+            Ok(())
+        })
+    }
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One aggregate this node owns.
+#[derive(Debug)]
+pub struct AggrSlot {
+    /// Its position in the node's list (the write cache's key).
+    pub index: u32,
+    /// Its uuid.
+    pub uuid: Uuid,
+    /// The mirrored aggregate.
+    pub aggregate: Arc<Aggregate>,
+    /// The epoch this node holds for it (S2), stamped on every record.
+    pub epoch: nvlog::Epoch,
+    /// Its volume table.
+    pub table: Mutex<VolumeTable>,
+    /// Disk names per plex.
+    pub disks: [Vec<String>; 2],
+    /// The last CP recorded in its labels.
+    pub last_cp: Mutex<CpRecord>,
+}
+
+impl AggrSlot {
+    /// The volume table.
+    pub fn table(&self) -> MutexGuard<'_, VolumeTable> {
+        self.table.lock().expect("a volume table lock holder panicked")
+    }
+}
+
+/// A volume and the aggregate it lives in.
+#[derive(Clone, Debug)]
+pub struct VolumeRef {
+    /// The aggregate.
+    pub aggr: Arc<AggrSlot>,
+    /// The volume.
+    pub entry: VolumeEntry,
+}
+
+/// A cached block: 4 KiB.
+pub type Block = Arc<[u8]>;
+/// (aggregate index, block number in the aggregate).
+pub type Key = (u32, u64);
+
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    /// Acknowledged writes since the last CP began.
+    pub(crate) active: BTreeMap<Key, Block>,
+    /// What the running CP destages; read until it is durable on the plexes.
+    pub(crate) frozen: Arc<BTreeMap<Key, Block>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct AppendState {
+    /// Lsns appended and not yet applied to the cache nor failed.
+    pub(crate) inflight: BTreeSet<Lsn>,
+    /// The last lsn appended.
+    pub(crate) last: Lsn,
+    /// Bytes appended since the last CP began (a CP starts at half a partition, DESIGN §4).
+    pub(crate) since_cp: u64,
+}
+
+/// CP and write-path counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpStats {
+    /// CPs completed.
+    pub completed: u64,
+    /// The last CP's id.
+    pub last_id: u64,
+    /// The last lsn it covers.
+    pub last_lsn: Lsn,
+    /// How long it took.
+    pub last_duration: Duration,
+    /// Blocks it destaged.
+    pub last_blocks: u64,
+    /// Writes that found both NVLog halves full and waited for a CP.
+    pub backpressure_waits: u64,
+    /// Records replayed at start.
+    pub replayed_records: u64,
+}
+
+/// Serializes overlapping ranges (same aggregate, overlapping blocks).
+#[derive(Debug, Default)]
+pub(crate) struct RangeLocks {
+    held: Mutex<Vec<(u64, Key, u64)>>,
+    released: Notify,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Holds a range until dropped.
+#[derive(Debug)]
+pub(crate) struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    id: u64,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.retain(|(id, _, _)| *id != self.id);
+        drop(held);
+        self.locks.released.notify_waiters();
+    }
+}
+
+impl RangeLocks {
+    /// Waits until no held range overlaps blocks `[start.1, end)` of aggregate `start.0`.
+    pub(crate) async fn lock(&self, start: Key, end: u64) -> RangeGuard<'_> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let busy = held.iter().any(|(_, s, e)| s.0 == start.0 && s.1 < end && start.1 < *e);
+                if !busy {
+                    held.push((id, start, end));
+                    return RangeGuard { locks: self, id };
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Node {
+    pub(crate) config: Config,
+    pub(crate) nvlog: Arc<Nvlog<MmapMedia>>,
+    pub(crate) mirror: Arc<MirrorWriter<MmapMedia>>,
+    state: watch::Sender<NodeState>,
+    pub(crate) aggregates: RwLock<Vec<Arc<AggrSlot>>>,
+    /// Aggregates found on the shelf that could not be opened, with why.
+    pub(crate) unavailable: Mutex<Vec<(Uuid, String)>>,
+    /// Volumes offline, by volume name, with why (S8).
+    pub(crate) offline: Mutex<HashMap<String, String>>,
+    pub(crate) cache: Mutex<Cache>,
+    pub(crate) locks: RangeLocks,
+    pub(crate) append: Mutex<AppendState>,
+    /// One CP at a time.
+    pub(crate) cp_running: tokio::sync::Mutex<()>,
+    pub(crate) cp_request: Notify,
+    pub(crate) cp_done: watch::Sender<u64>,
+    pub(crate) stats: Mutex<CpStats>,
+    pub(crate) next_cp_id: std::sync::atomic::AtomicU64,
+    /// Serializes aggregate and volume creation.
+    pub(crate) admin: tokio::sync::Mutex<()>,
+    /// Bytes of one half of the local partition.
+    pub(crate) half_bytes: u64,
+    /// Requests in flight (drained at shutdown).
+    pub(crate) busy: std::sync::atomic::AtomicU64,
+}
+
+impl Node {
+    /// A node over an open NVLog and a started mirror writer; `starting` until `recover`.
+    pub fn new(
+        config: Config,
+        nvlog: Arc<Nvlog<MmapMedia>>,
+        mirror: Arc<MirrorWriter<MmapMedia>>,
+    ) -> Arc<Node> {
+        let half_bytes = nvlog.status(PartitionKind::Local).map(|s| s.size_bytes / 2).unwrap_or(u64::MAX);
+        Arc::new(Node {
+            config,
+            nvlog,
+            mirror,
+            state: watch::Sender::new(NodeState { phase: Phase::Starting, reason: "opening".into() }),
+            aggregates: RwLock::new(Vec::new()),
+            unavailable: Mutex::new(Vec::new()),
+            offline: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
+            locks: RangeLocks::default(),
+            append: Mutex::new(AppendState::default()),
+            cp_running: tokio::sync::Mutex::new(()),
+            cp_request: Notify::new(),
+            cp_done: watch::Sender::new(0),
+            stats: Mutex::new(CpStats::default()),
+            next_cp_id: std::sync::atomic::AtomicU64::new(1),
+            admin: tokio::sync::Mutex::new(()),
+            half_bytes,
+            busy: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u32 {
+        self.config.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The NVLog.
+    pub fn nvlog(&self) -> &Arc<Nvlog<MmapMedia>> {
+        &self.nvlog
+    }
+
+    /// The mirror writer.
+    pub fn mirror(&self) -> &Arc<MirrorWriter<MmapMedia>> {
+        &self.mirror
+    }
+
+    /// The phase and why.
+    pub fn state(&self) -> NodeState {
+        self.state.borrow().clone()
+    }
+
+    /// Watches the phase.
+    pub fn subscribe(&self) -> watch::Receiver<NodeState> {
+        self.state.subscribe()
+    }
+
+    pub(crate) fn set_state(&self, phase: Phase, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::info!(node = self.config.node_id, phase = phase.name(), reason = %reason, "node state");
+        self.state.send_replace(NodeState { phase, reason });
+    }
+
+    pub(crate) fn lock_cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().expect("the write cache lock holder panicked")
+    }
+
+    pub(crate) fn lock_append(&self) -> MutexGuard<'_, AppendState> {
+        self.append.lock().expect("the append lock holder panicked")
+    }
+
+    pub(crate) fn lock_stats(&self) -> MutexGuard<'_, CpStats> {
+        self.stats.lock().expect("the CP stats lock holder panicked")
+    }
+
+    /// The aggregates this node serves.
+    pub fn aggregates(&self) -> Vec<Arc<AggrSlot>> {
+        self.aggregates.read().expect("the aggregate list lock holder panicked").clone()
+    }
+
+    /// CP counters.
+    pub fn cp_stats(&self) -> CpStats {
+        *self.lock_stats()
+    }
+
+    /// Errors unless the node serves volumes.
+    pub(crate) fn check_serving(&self) -> Result<(), DataError> {
+        let state = self.state.borrow();
+        if state.phase == Phase::Serving {
+            return Ok(());
+        }
+        Err(DataError::NotServing {
+            node: self.config.node_id,
+            phase: state.phase.name(),
+            reason: state.reason.clone(),
+        })
+    }
+
+    /// Finds a volume by name.
+    pub fn volume(&self, name: &str) -> Result<VolumeRef, DataError> {
+        for aggr in self.aggregates() {
+            let entry = aggr.table().volumes.iter().find(|v| v.name == name).cloned();
+            if let Some(entry) = entry {
+                if let Some(reason) = self.offline.lock().expect("offline lock").get(name) {
+                    return Err(DataError::Offline { volume: name.to_string(), reason: reason.clone() });
+                }
+                return Ok(VolumeRef { aggr, entry });
+            }
+        }
+        Err(DataError::NotFound(format!("no volume named {name:?} on node {}", self.config.node_id)))
+    }
+
+    pub(crate) fn aggregate_options(&self) -> AggregateOptions {
+        AggregateOptions { mirror_timeout: self.config.timers.mirror_timeout, ..AggregateOptions::default() }
+    }
+
+    pub(crate) fn drop_hook(&self) -> Arc<dyn DropHook> {
+        Arc::new(LoggedDrops { node: self.config.node_id })
+    }
+
+    /// Reads the volume table of an opened aggregate.
+    pub(crate) async fn read_table(aggregate: &Aggregate) -> Result<VolumeTable, String> {
+        let slots = aggregate
+            .read(0, crate::volume::TABLE_BYTES)
+            .await
+            .map_err(|e| format!("read the volume table: {e}"))?;
+        let bytes = slots.as_slice();
+        let half = bytes.len() / 2;
+        let table = VolumeTable::pick([&bytes[..half], &bytes[half..]], aggregate.size_bytes())
+            .map_err(|e| e.to_string())?;
+        if table.aggregate != aggregate.uuid().0 {
+            return Err("the volume table names another aggregate".into());
+        }
+        Ok(table)
+    }
+
+    /// Writes `table` into its slot and flushes both plexes.
+    pub(crate) async fn write_table(aggregate: &Aggregate, table: &VolumeTable) -> Result<(), String> {
+        let data = plex::AlignedBuf::from_slice(&table.encode());
+        aggregate
+            .write(table.slot_offset(), &data)
+            .await
+            .map_err(|e| format!("write the volume table: {e}"))?;
+        aggregate.flush().await.map_err(|e| format!("flush the volume table: {e}"))
+    }
+
+    /// Start-up after the NVLog is open (module doc, steps 2 and 3). Returns when the node
+    /// serves, or stays fenced until `stop` fires.
+    pub async fn recover(self: &Arc<Self>, found: Vec<FoundAggregate>, mut stop: watch::Receiver<bool>) {
+        let partner = &self.config.dr_partner;
+        self.set_state(
+            Phase::Fenced,
+            format!(
+                "waiting for the DR partner (node {} at {}) to confirm the epoch (S2) and return this node's \
+                 records (S8)",
+                partner.node_id, partner.address
+            ),
+        );
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                result = self.mirror.wait_handshakes(1) => {
+                    if result.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_secs(10)) => {
+                    let status = self.mirror.status();
+                    tracing::warn!(
+                        node = self.config.node_id,
+                        waited_s = started.elapsed().as_secs(),
+                        last_error = status.last_error.as_deref().unwrap_or("none"),
+                        "fenced: the DR partner has not confirmed the epoch yet (S2); an operator's forced \
+                         unfence is the only other way out"
+                    );
+                }
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+        // S2: the partner's epochs for our aggregates must not be above ours.
+        let partner_epochs = self.mirror.status().partner_epochs;
+        self.set_state(Phase::Recovering, "opening aggregates and replaying the NVLog");
+        let mut floors: HashMap<[u8; 16], Lsn> = HashMap::new();
+        let mut slots = Vec::new();
+        for found in found {
+            let uuid = found.uuid;
+            let last_cp = found.last_cp();
+            match self.open_found(&found, slots.len()).await {
+                Ok(slot) => {
+                    let ours = slot.epoch;
+                    let deposed = partner_epochs.iter().any(|e| {
+                        e.aggregate_uuid.as_slice() == uuid.0
+                            && e.epoch
+                                .as_ref()
+                                .is_some_and(|e| (e.number, e.owner_node) > (ours.number, ours.owner.0))
+                    });
+                    if deposed {
+                        self.unavailable_push(
+                            uuid,
+                            "the DR partner holds a higher epoch: this node was deposed (S2)",
+                        );
+                        continue;
+                    }
+                    floors.insert(uuid.0, Lsn(last_cp.last_lsn.0));
+                    self.next_cp_id.fetch_max(last_cp.id.0 + 1, std::sync::atomic::Ordering::Relaxed);
+                    slots.push(Arc::new(slot));
+                }
+                Err(e) => {
+                    tracing::error!(aggregate = %hex(&uuid.0), "aggregate not served: {e}");
+                    self.unavailable_push(uuid, &e);
+                }
+            }
+        }
+        *self.aggregates.write().expect("the aggregate list lock holder panicked") = slots;
+        if let Err(e) = self.replay(&floors).await {
+            tracing::error!(node = self.config.node_id, "replay: {e}");
+            let names: Vec<String> = self
+                .aggregates()
+                .iter()
+                .flat_map(|a| a.table().volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
+                .collect();
+            let mut offline = self.offline.lock().expect("offline lock");
+            for name in names {
+                offline.insert(name, format!("its NVLog records cannot be recovered: {e} (S8)"));
+            }
+        }
+        if let Err(e) = self.cp("recovery").await {
+            tracing::error!(node = self.config.node_id, "the CP after replay failed: {e}");
+            self.set_state(Phase::Fenced, format!("the CP after replay failed: {e}"));
+            return;
+        }
+        self.set_state(Phase::Serving, "serving");
+    }
+
+    fn unavailable_push(&self, uuid: Uuid, reason: &str) {
+        self.unavailable.lock().expect("unavailable lock").push((uuid, reason.to_string()));
+    }
+
+    async fn open_found(&self, found: &FoundAggregate, index: usize) -> Result<AggrSlot, String> {
+        let devices = crate::shelf::open_aggregate(found).map_err(|e| format!("open disks: {e}"))?;
+        let aggregate = Aggregate::open(devices, self.aggregate_options(), self.drop_hook())
+            .await
+            .map_err(|e| format!("open: {e}"))?;
+        let table = Node::read_table(&aggregate).await?;
+        let label = found
+            .plexes
+            .iter()
+            .flatten()
+            .filter_map(|d| d.label.as_ref())
+            .max_by_key(|l| l.epoch_high_water)
+            .ok_or("no label")?;
+        let epoch = nvlog::Epoch {
+            number: label.epoch_high_water.number,
+            owner: nvlog::NodeId(label.epoch_high_water.owner.0),
+        };
+        Ok(AggrSlot {
+            index: u32::try_from(index).map_err(|_| "too many aggregates")?,
+            uuid: found.uuid,
+            aggregate: Arc::new(aggregate),
+            epoch,
+            table: Mutex::new(table),
+            disks: [0, 1].map(|i| found.plexes[i].iter().map(|d| d.name.clone()).collect()),
+            last_cp: Mutex::new(found.last_cp()),
+        })
+    }
+
+    /// Replays the `local` partition above each aggregate's last CP into the write cache (S8).
+    async fn replay(&self, floors: &HashMap<[u8; 16], Lsn>) -> Result<(), String> {
+        let start = floors.values().min().copied().unwrap_or(Lsn::ZERO);
+        let nvlog = self.nvlog.clone();
+        let replay = tokio::task::spawn_blocking(move || {
+            nvlog.replay(PartitionKind::Local, &nvlog::ReplayFilter { after_lsn: start, frozen_epochs: None })
+        })
+        .await
+        .map_err(|e| format!("replay task: {e}"))?
+        .map_err(|e| e.to_string())?;
+        let aggregates = self.aggregates();
+        let mut applied = 0u64;
+        let mut last = Lsn::ZERO;
+        for record in &replay.records {
+            let header = &record.header;
+            last = last.max(header.lsn);
+            let Some(floor) = floors.get(&header.aggregate.0) else {
+                return Err(format!(
+                    "lsn {} belongs to aggregate {}, which is not served",
+                    header.lsn.0,
+                    hex(&header.aggregate.0)
+                ));
+            };
+            if header.lsn <= *floor {
+                continue;
+            }
+            let Some(aggr) = aggregates.iter().find(|a| a.uuid.0 == header.aggregate.0) else { continue };
+            let entry = aggr.table().volumes.iter().find(|v| v.id == header.volume.0).cloned();
+            let Some(entry) = entry else {
+                return Err(format!(
+                    "lsn {} names volume id {}, which does not exist",
+                    header.lsn.0, header.volume.0
+                ));
+            };
+            let volume = VolumeRef { aggr: aggr.clone(), entry };
+            let end = header.offset.checked_add(header.range_len);
+            if end.is_none_or(|end| end > volume.entry.size) {
+                return Err(format!("lsn {} is outside volume {}", header.lsn.0, volume.entry.name));
+            }
+            self.apply(&volume, header.op, header.offset, header.range_len, &record.payload)
+                .await
+                .map_err(|e| format!("apply lsn {}: {e}", header.lsn.0))?;
+            applied += 1;
+        }
+        {
+            let mut append = self.lock_append();
+            append.last = append
+                .last
+                .max(last)
+                .max(self.nvlog.status(PartitionKind::Local).map(|s| s.last_lsn).unwrap_or_default());
+        }
+        self.lock_stats().replayed_records = applied;
+        tracing::info!(node = self.config.node_id, applied, from = start.0, to = last.0, "NVLog replayed");
+        if let Some(gap) = replay.gaps.first() {
+            return Err(format!(
+                "lsns {}..{} are missing from the local partition",
+                gap.after.0 + 1,
+                gap.next.0
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops serving, drains I/O in flight (at most `drain`), runs a final CP and stops the
+    /// mirror.
+    pub async fn shutdown(&self, drain: Duration) {
+        let was_serving = self.state.borrow().phase == Phase::Serving;
+        self.set_state(Phase::Stopping, "shutting down");
+        let deadline = Instant::now() + drain;
+        while self.busy.load(std::sync::atomic::Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if was_serving && let Err(e) = self.cp("shutdown").await {
+            tracing::warn!(node = self.config.node_id, "final CP: {e}");
+        }
+        self.mirror.stop();
+    }
+}
+
+impl Node {
+    /// Labels disks of the shelf as a new mirrored aggregate owned by this node, writes its empty
+    /// volume table and starts serving it. Disk files that do not exist are created (sparse)
+    /// with `disk_size` bytes.
+    pub async fn create_aggregate(
+        &self,
+        name: &str,
+        disks: [Vec<String>; 2],
+        disk_size: u64,
+    ) -> Result<Arc<AggrSlot>, DataError> {
+        let _admin = self.admin.lock().await;
+        self.check_serving()?;
+        crate::volume::check_name(name).map_err(|e| DataError::Invalid(e.to_string()))?;
+        if self.aggregates().iter().any(|a| a.table().name == name) {
+            return Err(DataError::Invalid(format!("an aggregate named {name:?} exists")));
+        }
+        let mut devices: [Vec<Arc<dyn plex::BlockDevice>>; 2] = [Vec::new(), Vec::new()];
+        let mut sorted = disks.clone();
+        for (plex, names) in sorted.iter_mut().enumerate() {
+            if names.is_empty() {
+                return Err(DataError::Invalid(format!("plex {plex} has no disks")));
+            }
+            names.sort();
+            for disk in names.iter() {
+                if disks.iter().flatten().filter(|d| *d == disk).count() > 1 {
+                    return Err(DataError::Invalid(format!("disk {disk} is named twice")));
+                }
+                let path = crate::shelf::ensure_disk_file(&self.config.shelf_dir, disk, disk_size)
+                    .map_err(DataError::Invalid)?;
+                let device = crate::shelf::open_device(&path)
+                    .map_err(|e| DataError::Invalid(format!("open disk {disk}: {e}")))?;
+                devices[plex].push(device);
+            }
+        }
+        let uuid = Uuid(rand::random());
+        let site = match self.config.site {
+            crate::config::Site::A => plex::Site::A,
+            crate::config::Site::B => plex::Site::B,
+        };
+        let owner = plex::NodeId(self.config.node_id);
+        let spec = plex::AggregateSpec {
+            cluster: Uuid(self.config.cluster_id),
+            aggregate: uuid,
+            owner,
+            sites: [site, site],
+            region_bytes: 64 * 1024,
+            epoch: plex::Epoch { number: 1, owner },
+        };
+        let aggregate = Aggregate::create(&spec, devices, self.aggregate_options(), self.drop_hook())
+            .await
+            .map_err(|e| DataError::Invalid(format!("create aggregate {name}: {e}")))?;
+        let table = VolumeTable::new(uuid.0, name).map_err(|e| DataError::Invalid(e.to_string()))?;
+        Node::write_table(&aggregate, &table).await.map_err(DataError::Plex)?;
+        let mut list = self.aggregates.write().expect("the aggregate list lock holder panicked");
+        let slot = Arc::new(AggrSlot {
+            index: u32::try_from(list.len()).map_err(|_| DataError::Invalid("too many aggregates".into()))?,
+            uuid,
+            aggregate: Arc::new(aggregate),
+            epoch: nvlog::Epoch { number: 1, owner: nvlog::NodeId(self.config.node_id) },
+            table: Mutex::new(table),
+            disks: sorted,
+            last_cp: Mutex::new(CpRecord::default()),
+        });
+        list.push(slot.clone());
+        tracing::info!(node = self.config.node_id, aggregate = name, uuid = %hex(&uuid.0), "aggregate created");
+        Ok(slot)
+    }
+
+    /// Carves a volume of `size` bytes out of aggregate `aggregate`; the table is durable on
+    /// both plexes when this returns.
+    pub async fn create_volume(
+        &self,
+        aggregate: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<VolumeRef, DataError> {
+        let _admin = self.admin.lock().await;
+        self.check_serving()?;
+        if self.volume(name).is_ok() {
+            return Err(DataError::Invalid(format!("a volume named {name:?} exists")));
+        }
+        let aggr = self
+            .aggregates()
+            .into_iter()
+            .find(|a| a.table().name == aggregate)
+            .ok_or_else(|| DataError::NotFound(format!("no aggregate named {aggregate:?}")))?;
+        let table = aggr
+            .table()
+            .with_volume(name, size, aggr.aggregate.size_bytes())
+            .map_err(|e| DataError::Invalid(e.to_string()))?;
+        Node::write_table(&aggr.aggregate, &table).await.map_err(DataError::Plex)?;
+        let entry = table.volumes.last().cloned().ok_or_else(|| DataError::Invalid("no volume".into()))?;
+        *aggr.table() = table;
+        tracing::info!(node = self.config.node_id, aggregate, volume = name, size, "volume created");
+        Ok(VolumeRef { aggr, entry })
+    }
+}
+
+impl Node {
+    /// Volumes offline, with why.
+    pub fn offline_reasons(&self) -> HashMap<String, String> {
+        self.offline.lock().expect("offline lock").clone()
+    }
+
+    /// Aggregates found on the shelf and not served, with why.
+    pub fn unavailable_aggregates(&self) -> Vec<(Uuid, String)> {
+        self.unavailable.lock().expect("unavailable lock").clone()
+    }
+}

@@ -1,0 +1,607 @@
+//! The writing side of the NVLog mirror (DESIGN §4, §4.2, §5, §8; S1, S8, S13): one stream to
+//! the DR partner that carries this node's records, in lsn order, and brings back the partner's
+//! acknowledgements.
+//!
+//! A session, as the writer runs it:
+//! 1. hello with this log's generation and recovered tail; the partner answers with its hello
+//!    (its partition generation, durable tail and mirror state) and returns every record of
+//!    ours it holds above that tail, which we adopt into the `local` partition before anything
+//!    else (S8: a writer whose tail was torn or whose file was lost gets its records back);
+//! 2. everything we hold above the partner's durable tail is sent again (after a `Release` of
+//!    what our CPs already covered, so the partner never sees a gap): a partner that restarted
+//!    with its partition intact just resumes; one that lost records or marked itself
+//!    `out_of_sync` is told the mirror is `resyncing` from here (§4.2), and `in_sync` once a CP
+//!    covers every lsn below the point where mirroring restarted;
+//! 3. records, releases and announcements go out in the order they were queued; acks come
+//!    back; keepalives run both ways, and a partner silent for `keepalive_timeout`, a receiver
+//!    that reports `out_of_sync` or any protocol error ends the session, and a new one starts.
+//!
+//! Invariants:
+//! - records reach the stream in lsn order without a hole: the write path queues them under its
+//!   append lock, and a session resends from the NVLog what it did not queue;
+//! - `acked` only increases and only to an lsn the partner said is persisted (an ack, or its
+//!   durable tail in a hello);
+//! - the partner is never left out of the ack set here (S1): leaving it needs S3, which comes
+//!   with the mirror-timeout issue; a write simply waits for the ack.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mc_proto::v1::nvlog_mirror_client::NvlogMirrorClient;
+use mc_proto::v1::receiver_message::Body as In;
+use mc_proto::v1::writer_message::Body as Out;
+use mc_proto::v1::{
+    AggregateEpoch, Identity, Keepalive, KeepaliveReply, MirrorAnnouncement, MirrorState as WireMirrorState,
+    MirroredRecord, ReceiverMessage, Release, WriterHello, WriterMessage,
+};
+use nvlog::{Lsn, Media, Nvlog, NvlogError, PartitionKind};
+use tokio::sync::{Notify, mpsc, watch};
+use tonic::codegen::tokio_stream::Stream;
+
+const LOCAL: PartitionKind = PartitionKind::Local;
+
+/// Who we are and whom we mirror to.
+#[derive(Clone, Debug)]
+pub struct WriterIdentity {
+    /// The cluster.
+    pub cluster: [u8; 16],
+    /// This node.
+    pub node: u32,
+    /// The DR partner.
+    pub partner: u32,
+    /// The partner's gRPC address (`host:port`).
+    pub address: String,
+}
+
+/// Timers of the writer (DESIGN §10.1).
+#[derive(Clone, Copy, Debug)]
+pub struct WriterTimers {
+    /// How often we send a keepalive.
+    pub keepalive_interval: Duration,
+    /// Silence after which the session is considered dead and a new one starts.
+    pub keepalive_timeout: Duration,
+}
+
+/// Our account, as the writer, of the mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterState {
+    /// No session has completed its handshake yet.
+    Unknown,
+    /// The partner holds every unreleased record.
+    InSync,
+    /// Mirroring restarted; in sync once a CP covers every lsn below `from` (§4.2).
+    Resyncing {
+        /// The first lsn mirrored after the restart.
+        from: Lsn,
+    },
+}
+
+/// A snapshot for status and metrics.
+#[derive(Clone, Debug)]
+pub struct WriterStatus {
+    /// The partner.
+    pub partner: u32,
+    /// Our account of the mirror.
+    pub state: WriterState,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// Every record up to it is persisted at the partner.
+    pub acked: Lsn,
+    /// Completed handshakes since start.
+    pub handshakes: u64,
+    /// The partner's hello of the last handshake: its epochs (S2).
+    pub partner_epochs: Vec<AggregateEpoch>,
+    /// Why the last session ended, if one did.
+    pub last_error: Option<String>,
+}
+
+/// Why a write could not be mirrored.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The partner did not acknowledge within the bound.
+    #[error("the DR partner (node {partner}) did not acknowledge lsn {lsn} within {waited:?}")]
+    Timeout {
+        /// The partner.
+        partner: u32,
+        /// The record waited for.
+        lsn: Lsn,
+        /// How long.
+        waited: Duration,
+    },
+    /// The mirror is shutting down.
+    #[error("the NVLog mirror is stopped")]
+    Stopped,
+}
+
+enum Outgoing {
+    Record { lsn: Lsn, encoded: Bytes },
+    Release(Lsn),
+}
+
+struct Queue {
+    /// A session is up and takes new items; otherwise the next session resends from the NVLog.
+    accepting: bool,
+    items: VecDeque<Outgoing>,
+}
+
+struct State {
+    state: WriterState,
+    connected: bool,
+    handshakes: u64,
+    partner_epochs: Vec<AggregateEpoch>,
+    last_error: Option<String>,
+    /// The highest lsn our CPs released (what the partner may free).
+    released: Lsn,
+}
+
+/// The writer.
+pub struct MirrorWriter<M: Media> {
+    nvlog: Arc<Nvlog<M>>,
+    identity: WriterIdentity,
+    timers: WriterTimers,
+    queue: Mutex<Queue>,
+    queued: Notify,
+    acked: watch::Sender<Lsn>,
+    handshakes: watch::Sender<u64>,
+    state: Mutex<State>,
+    stop: watch::Sender<bool>,
+}
+
+impl<M: Media> std::fmt::Debug for MirrorWriter<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorWriter").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+/// Runs a blocking NVLog call off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, NvlogError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("NVLog task lost: {e}")),
+    }
+}
+
+fn message(body: Out) -> WriterMessage {
+    WriterMessage { body: Some(body) }
+}
+
+impl<M: Media + 'static> MirrorWriter<M> {
+    /// A writer over `nvlog`'s `local` partition; its sessions run on the current runtime until
+    /// `stop`.
+    pub fn start(
+        nvlog: Arc<Nvlog<M>>,
+        identity: WriterIdentity,
+        timers: WriterTimers,
+    ) -> Arc<MirrorWriter<M>> {
+        let writer = Arc::new(MirrorWriter {
+            nvlog,
+            identity,
+            timers,
+            queue: Mutex::new(Queue { accepting: false, items: VecDeque::new() }),
+            queued: Notify::new(),
+            acked: watch::Sender::new(Lsn::ZERO),
+            handshakes: watch::Sender::new(0),
+            state: Mutex::new(State {
+                state: WriterState::Unknown,
+                connected: false,
+                handshakes: 0,
+                partner_epochs: Vec::new(),
+                last_error: None,
+                released: Lsn::ZERO,
+            }),
+            stop: watch::Sender::new(false),
+        });
+        let task = writer.clone();
+        tokio::spawn(async move { task.run().await });
+        writer
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().expect("the mirror queue lock holder panicked")
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("the mirror state lock holder panicked")
+    }
+
+    /// Ends every session; waiting writes fail with `Stopped`.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Queues one of our records for the partner. Call in lsn order, under the same lock as the
+    /// append that gave the lsn (the write path's append lock).
+    pub fn enqueue_record(&self, lsn: Lsn, encoded: Bytes) {
+        let mut queue = self.lock_queue();
+        if queue.accepting {
+            queue.items.push_back(Outgoing::Record { lsn, encoded });
+            drop(queue);
+            self.queued.notify_one();
+        }
+    }
+
+    /// After a CP whose labels are durable and whose records were released locally (S12): the
+    /// partner may free every record up to `lsn`; a resyncing mirror becomes in sync when `lsn`
+    /// covers every record below its restart point (§4.2).
+    pub fn release(&self, lsn: Lsn) {
+        {
+            let mut state = self.lock_state();
+            state.released = state.released.max(lsn);
+        }
+        let mut queue = self.lock_queue();
+        if queue.accepting {
+            queue.items.push_back(Outgoing::Release(lsn));
+            drop(queue);
+            self.queued.notify_one();
+        }
+    }
+
+    /// Waits until the partner acknowledged `lsn`, at most `bound`.
+    pub async fn wait_acked(&self, lsn: Lsn, bound: Duration) -> Result<(), MirrorError> {
+        let mut acked = self.acked.subscribe();
+        let mut stop = self.stop.subscribe();
+        let wait = async {
+            tokio::select! {
+                result = acked.wait_for(|acked| *acked >= lsn) => result.map(|_| ()).map_err(|_| MirrorError::Stopped),
+                _ = stop.wait_for(|stop| *stop) => Err(MirrorError::Stopped),
+            }
+        };
+        match tokio::time::timeout(bound, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(MirrorError::Timeout { partner: self.identity.partner, lsn, waited: bound }),
+        }
+    }
+
+    /// Waits until `count` handshakes have completed (1: the first, which confirms the partner
+    /// is reachable and has returned our records, S2 and S8).
+    pub async fn wait_handshakes(&self, count: u64) -> Result<(), MirrorError> {
+        let mut handshakes = self.handshakes.subscribe();
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            result = handshakes.wait_for(|n| *n >= count) => result.map(|_| ()).map_err(|_| MirrorError::Stopped),
+            _ = stop.wait_for(|stop| *stop) => Err(MirrorError::Stopped),
+        }
+    }
+
+    /// A snapshot.
+    pub fn status(&self) -> WriterStatus {
+        let state = self.lock_state();
+        WriterStatus {
+            partner: self.identity.partner,
+            state: state.state,
+            connected: state.connected,
+            acked: *self.acked.borrow(),
+            handshakes: state.handshakes,
+            partner_epochs: state.partner_epochs.clone(),
+            last_error: state.last_error.clone(),
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = self.session() => result,
+                _ = stop.wait_for(|stop| *stop) => Ok(()),
+            };
+            {
+                let mut queue = self.lock_queue();
+                queue.accepting = false;
+                queue.items.clear();
+            }
+            {
+                let mut state = self.lock_state();
+                state.connected = false;
+                if let Err(e) = result {
+                    if state.last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(partner = self.identity.partner, "NVLog mirror session: {e}");
+                    }
+                    state.last_error = Some(e);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                backoff = Duration::from_millis(50);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn our_identity(&self) -> Identity {
+        Identity {
+            cluster_id: self.identity.cluster.to_vec(),
+            sender_node: self.identity.node,
+            receiver_node: self.identity.partner,
+        }
+    }
+
+    fn check_identity(&self, identity: Option<&Identity>) -> Result<(), String> {
+        let identity = identity.ok_or("the partner's hello has no identity")?;
+        if identity.cluster_id.as_slice() != self.identity.cluster {
+            return Err("the partner belongs to another cluster".into());
+        }
+        if identity.sender_node != self.identity.partner || identity.receiver_node != self.identity.node {
+            return Err(format!(
+                "the hello is from node {} for node {}; expected node {} for node {}",
+                identity.sender_node, identity.receiver_node, self.identity.partner, self.identity.node
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adopts a record of ours the partner returned (S8); a gap is declared so the record is
+    /// kept, and replay then reports the missing lsns (their volumes stay offline).
+    async fn adopt(&self, encoded: Vec<u8>) -> Result<(), String> {
+        let nvlog = self.nvlog.clone();
+        blocking(move || {
+            let header = nvlog::record::decode_header(&encoded).map_err(NvlogError::InvalidRecord)?;
+            let tail = nvlog.durable_tail(LOCAL)?;
+            if header.lsn <= tail {
+                return Ok(());
+            }
+            if header.lsn != tail.next() {
+                tracing::error!(
+                    tail = tail.0,
+                    next = header.lsn.0,
+                    "the partner returned records with a gap: the missing lsns cannot be recovered (S8)"
+                );
+                nvlog.allow_gap_at(LOCAL, header.lsn)?;
+            }
+            nvlog.append_copy(LOCAL, &encoded)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("adopting a returned record: {e}"))
+    }
+
+    async fn session(&self) -> Result<(), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.identity.address))
+            .map_err(|e| format!("partner address {}: {e}", self.identity.address))?
+            .connect_timeout(self.timers.keepalive_timeout)
+            .tcp_nodelay(true);
+        let channel =
+            endpoint.connect().await.map_err(|e| format!("connect to {}: {e}", self.identity.address))?;
+        let mut client =
+            NvlogMirrorClient::new(channel).max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<WriterMessage>(64);
+        let nvlog = self.nvlog.clone();
+        let ours = blocking(move || nvlog.status(LOCAL)).await?;
+        let recovered_tail = ours.last_lsn.max(ours.released_lsn);
+        let hello = WriterHello {
+            identity: Some(self.our_identity()),
+            log_generation: self.nvlog.generation().0,
+            recovered_tail_lsn: recovered_tail.0,
+            epochs: Vec::new(),
+        };
+        tx.send(message(Out::Hello(hello))).await.map_err(|_| "the stream closed")?;
+        let timeout = self.timers.keepalive_timeout;
+        let mut inbound = tokio::time::timeout(timeout, client.mirror(RxStream(rx)))
+            .await
+            .map_err(|_| "the partner did not answer the stream")?
+            .map_err(|e| format!("open the stream: {e}"))?
+            .into_inner();
+        let hello = match next(&mut inbound, timeout).await? {
+            In::Hello(hello) => hello,
+            _ => return Err("the partner's first message is not its hello".into()),
+        };
+        self.check_identity(hello.identity.as_ref())?;
+        // 1. Our records the partner holds above our recovered tail (S8).
+        let mut adopted = 0u64;
+        for _ in 0..hello.returned_records {
+            match next(&mut inbound, timeout).await? {
+                In::ReturnedRecord(record) => {
+                    self.adopt(record.encoded).await?;
+                    adopted += 1;
+                }
+                _ => return Err("a message other than a returned record inside the returned records".into()),
+            }
+        }
+        let nvlog = self.nvlog.clone();
+        let ours = blocking(move || nvlog.status(LOCAL)).await?;
+        let our_tail = ours.last_lsn.max(ours.released_lsn);
+        let receiver_tail = Lsn(hello.durable_tail_lsn);
+        if receiver_tail > our_tail {
+            return Err(format!(
+                "the partner's durable tail {} is above ours {} after adopting its records",
+                receiver_tail.0, our_tail.0
+            ));
+        }
+        self.acked.send_if_modified(|acked| {
+            let moved = receiver_tail > *acked;
+            *acked = (*acked).max(receiver_tail);
+            moved
+        });
+        // 2. Resume above what the partner holds; what our CPs covered is released first.
+        let released = ours.released_lsn.max(self.lock_state().released);
+        if released > receiver_tail {
+            tx.send(message(Out::Release(Release { lsn: released.0 })))
+                .await
+                .map_err(|_| "the stream closed")?;
+        }
+        let start = receiver_tail.max(released).next();
+        let receiver_state =
+            WireMirrorState::try_from(hello.mirror_state).unwrap_or(WireMirrorState::Unspecified);
+        let lost = hello.lost_records || receiver_state != WireMirrorState::InSync;
+        {
+            let mut state = self.lock_state();
+            if lost {
+                state.state = WriterState::Resyncing { from: our_tail.next() };
+            } else if state.state == WriterState::Unknown {
+                state.state = WriterState::InSync;
+            }
+        }
+        if lost {
+            let announcement = MirrorAnnouncement { state: WireMirrorState::Resyncing as i32, lsn: start.0 };
+            tx.send(message(Out::Announcement(announcement))).await.map_err(|_| "the stream closed")?;
+        }
+        tracing::info!(
+            partner = self.identity.partner,
+            receiver_tail = receiver_tail.0,
+            receiver_state = ?receiver_state,
+            lost_records = hello.lost_records,
+            adopted,
+            resend_from = start.0,
+            our_tail = our_tail.0,
+            "NVLog mirror session established"
+        );
+        {
+            self.lock_queue().accepting = true;
+        }
+        let mut sent = start.0.saturating_sub(1);
+        let nvlog = self.nvlog.clone();
+        let resend = blocking(move || nvlog.records_above(LOCAL, Lsn(sent))).await?;
+        for encoded in resend {
+            let lsn = nvlog::record::decode_header(&encoded).map_err(|e| format!("a local record: {e}"))?.lsn;
+            tx.send(message(Out::Record(MirroredRecord { lsn: lsn.0, encoded })))
+                .await
+                .map_err(|_| "the stream closed")?;
+            sent = lsn.0;
+        }
+        self.announce_if_covered(&tx, released).await?;
+        let handshakes = {
+            let mut state = self.lock_state();
+            state.connected = true;
+            state.handshakes += 1;
+            state.partner_epochs = hello.epochs.clone();
+            state.last_error = None;
+            state.handshakes
+        };
+        self.handshakes.send_replace(handshakes);
+        // 3. Steady state.
+        let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
+        let mut sequence = 0u64;
+        let mut last_heard = Instant::now();
+        loop {
+            let items: Vec<Outgoing> = self.lock_queue().items.drain(..).collect();
+            for item in items {
+                match item {
+                    Outgoing::Record { lsn, encoded } => {
+                        if lsn.0 <= sent {
+                            continue;
+                        }
+                        if lsn.0 != sent + 1 {
+                            return Err(format!("queued lsn {} after {sent}: a hole in the queue", lsn.0));
+                        }
+                        let record = MirroredRecord { lsn: lsn.0, encoded: encoded.to_vec() };
+                        tx.send(message(Out::Record(record))).await.map_err(|_| "the stream closed")?;
+                        sent = lsn.0;
+                    }
+                    Outgoing::Release(lsn) => {
+                        tx.send(message(Out::Release(Release { lsn: lsn.0 })))
+                            .await
+                            .map_err(|_| "the stream closed")?;
+                        self.announce_if_covered(&tx, lsn).await?;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.queued.notified() => {}
+                received = inbound.message() => {
+                    let body = match received {
+                        Err(status) => return Err(format!("the partner ended the stream: {status}")),
+                        Ok(None) => return Err("the partner closed the stream".into()),
+                        Ok(Some(ReceiverMessage { body: None })) => return Err("an empty message".into()),
+                        Ok(Some(ReceiverMessage { body: Some(body) })) => body,
+                    };
+                    last_heard = Instant::now();
+                    match body {
+                        In::Ack(ack) => {
+                            let lsn = Lsn(ack.lsn);
+                            if lsn.0 > sent {
+                                return Err(format!("an ack for lsn {} that was never sent", lsn.0));
+                            }
+                            self.acked.send_if_modified(|acked| {
+                                let moved = lsn > *acked;
+                                *acked = (*acked).max(lsn);
+                                moved
+                            });
+                        }
+                        In::StateChange(change) => {
+                            return Err(format!("the partner marked the mirror out of sync: {}", change.reason));
+                        }
+                        In::Keepalive(keepalive) => {
+                            let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
+                            tx.send(message(Out::KeepaliveReply(reply))).await.map_err(|_| "the stream closed")?;
+                        }
+                        In::KeepaliveReply(_) => {}
+                        In::Hello(_) | In::ReturnedRecord(_) => {
+                            return Err("a hello or returned record after the handshake".into());
+                        }
+                    }
+                }
+                _ = keepalive.tick() => {
+                    if last_heard.elapsed() > self.timers.keepalive_timeout {
+                        return Err(format!("nothing heard from the partner for {:?}", last_heard.elapsed()));
+                    }
+                    sequence += 1;
+                    tx.send(message(Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })))
+                        .await
+                        .map_err(|_| "the stream closed")?;
+                }
+            }
+        }
+    }
+
+    /// Announces `in_sync` when the release at `released` covers every lsn below the point
+    /// where a resyncing mirror restarted (§4.2).
+    async fn announce_if_covered(
+        &self,
+        tx: &mpsc::Sender<WriterMessage>,
+        released: Lsn,
+    ) -> Result<(), String> {
+        let covered = match self.lock_state().state {
+            WriterState::Resyncing { from } => released.next() >= from,
+            _ => false,
+        };
+        if !covered {
+            return Ok(());
+        }
+        let announcement = MirrorAnnouncement { state: WireMirrorState::InSync as i32, lsn: released.0 };
+        tx.send(message(Out::Announcement(announcement))).await.map_err(|_| "the stream closed")?;
+        self.lock_state().state = WriterState::InSync;
+        tracing::info!(
+            partner = self.identity.partner,
+            cp_lsn = released.0,
+            "NVLog mirror in sync (covering CP)"
+        );
+        Ok(())
+    }
+}
+
+/// The next message of the partner, at most `timeout` away.
+async fn next(inbound: &mut tonic::Streaming<ReceiverMessage>, timeout: Duration) -> Result<In, String> {
+    match tokio::time::timeout(timeout, inbound.message()).await {
+        Err(_) => Err(format!("the partner was silent for {timeout:?}")),
+        Ok(Err(status)) => Err(format!("the partner ended the stream: {status}")),
+        Ok(Ok(None)) => Err("the partner closed the stream".to_string()),
+        Ok(Ok(Some(ReceiverMessage { body: None }))) => Err("an empty message".to_string()),
+        Ok(Ok(Some(ReceiverMessage { body: Some(body) }))) => Ok(body),
+    }
+}
+
+/// An mpsc receiver as a request stream.
+struct RxStream(mpsc::Receiver<WriterMessage>);
+
+impl Stream for RxStream {
+    type Item = WriterMessage;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<WriterMessage>> {
+        self.0.poll_recv(cx)
+    }
+}
