@@ -158,6 +158,19 @@ fn open_nvlog(
         let (log, report) =
             Nvlog::open(media, identity, options).map_err(|e| error(format!("recover: {e}")))?;
         tracing::info!(path = %path.display(), ?report, "NVLog recovered");
+        // S8: a corrupt local partition is recovered from the partner's copy: emptied here
+        // (its release point and lsn floor stay), then refilled by the records the partner
+        // returns above that point at the first mirror handshake, before anything is served.
+        let local = log.status(PartitionKind::Local).map_err(|e| error(format!("status: {e}")))?;
+        if local.failed {
+            tracing::error!(
+                path = %path.display(),
+                released = local.released_lsn.0,
+                "the local NVLog partition is corrupt: its records will be taken from the DR partner's copy (S8)"
+            );
+            log.reset_partition(PartitionKind::Local)
+                .map_err(|e| error(format!("reset the local partition: {e}")))?;
+        }
         Ok(log)
     } else {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {

@@ -128,3 +128,160 @@ async fn kill_9_of_the_writer_loses_no_acknowledged_write() {
     let acked = model.lock().unwrap().acked;
     assert!(acked > 100, "only {acked} writes were acknowledged");
 }
+
+/// Kill A for good after acknowledged writes: every acknowledged write not covered by a CP is
+/// in B's `dr_partner` partition, readable through B's Admin API (S1, S8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partner_holds_every_acknowledged_write_not_covered_by_a_cp() {
+    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    let mut acked = Vec::new();
+    for n in 1..=300u64 {
+        let block = (n * 31) % BLOCKS;
+        let lsn = common::write_at(&mut data, block * BLOCK, block_data(block, n)).await.unwrap();
+        acked.push((lsn, block, n));
+    }
+    let covered = cluster.status(0).await.cp.unwrap().last_lsn;
+    cluster.kill(0);
+    let held = cluster.records(1, "dr_partner").await;
+    let mut found = 0;
+    for (lsn, block, n) in acked.iter().filter(|(lsn, _, _)| *lsn > covered) {
+        let record = held.iter().find(|r| r.lsn == *lsn).unwrap_or_else(|| panic!("lsn {lsn} is not at B"));
+        assert_eq!(record.writer_node, 1);
+        assert_eq!(record.op, "write");
+        assert_eq!(record.offset, block * BLOCK);
+        assert_eq!(record.payload, block_data(*block, *n), "lsn {lsn}");
+        found += 1;
+    }
+    assert!(found >= 250, "only {found} writes were above the last CP {covered}");
+}
+
+/// Writes 300 records to 60 blocks (each block overwritten five times), kills A, changes its
+/// NVLog with `change`, restarts A: A adopts B's records above its recovered tail (S8), every
+/// block holds its last acknowledged value, exactly the records above the last CP are replayed
+/// (none twice), and A goes on writing with new lsns that B accepts.
+async fn restart_after(change: impl FnOnce(&Cluster, &[u8])) {
+    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    let mut model = Model::default();
+    let mut last = (0, Vec::new());
+    for n in 1..=300u64 {
+        let block = n % 60;
+        model.sent(block, n);
+        let lsn = common::write_at(&mut data, block * BLOCK, block_data(block, n)).await.unwrap();
+        model.acked(block, n);
+        last = (lsn, block_data(block, n));
+    }
+    let before = cluster.status(0).await;
+    let covered = before.cp.unwrap().last_lsn;
+    cluster.kill(0);
+    change(&cluster, &last.1);
+    cluster.start(0);
+    let after = cluster.wait_state(0, "serving").await;
+    let mut data = cluster.data(0).await;
+    model.check(&mut data, "vol_a").await;
+    assert_eq!(
+        after.cp.unwrap().replayed_records,
+        last.0 - covered,
+        "every record above the CP exactly once"
+    );
+    let lsn = common::write_at(&mut data, 0, block_data(0, 1000)).await.unwrap();
+    assert!(lsn > last.0, "new lsn {lsn} is not above {}", last.0);
+    let at_b = cluster.records(1, "dr_partner").await;
+    let lsns: Vec<u64> = at_b.iter().map(|r| r.lsn).collect();
+    assert!(lsns.windows(2).all(|w| w[0] < w[1]), "B's lsns are not strictly increasing: {lsns:?}");
+    assert!(lsns.contains(&lsn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_a_torn_tail_adopts_the_partners_records() {
+    restart_after(|cluster, last| {
+        assert!(common::damage(&cluster.nodes[0].nvlog(), last), "the last record is in A's NVLog");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_nvlog_was_deleted_adopts_the_partners_records() {
+    restart_after(|cluster, _| std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap()).await;
+}
+
+/// B killed and its NVLog file deleted, back within seconds: B's copy is `resyncing` (not
+/// `in_sync`) at B and at A until a CP covers the restart point, then `in_sync` (S13, §4.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_lost_its_nvlog_is_resyncing_until_the_covering_cp() {
+    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=50u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+    cluster.kill(1);
+    std::fs::remove_file(cluster.nodes[1].nvlog()).unwrap();
+    cluster.start(1);
+    let b = cluster.wait_status(1, "B resyncing", |s| mirror_state(s) == MirrorState::Resyncing).await;
+    let partition = b.partitions.iter().find(|p| p.kind == "dr_partner").unwrap();
+    assert_eq!(partition.writer_node, 1);
+    // A resent what it holds above B's (empty) tail, but B stays resyncing: no CP yet.
+    let a = cluster
+        .wait_status(0, "A resyncing and connected", |s| {
+            let m = s.dr_mirror.as_ref().unwrap();
+            m.connected && m.state == MirrorState::Resyncing as i32
+        })
+        .await;
+    let from = a.dr_mirror.unwrap().resync_from_lsn;
+    assert!(from > 50, "resync from {from}");
+    common::write_at(&mut data, 0, block_data(0, 51)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        mirror_state(&cluster.status(1).await),
+        MirrorState::Resyncing,
+        "in sync before the covering CP"
+    );
+    // Half a partition of writes starts a CP (DESIGN §4), which covers the restart point.
+    for n in 0..6u64 {
+        common::write_at(&mut data, (1 << 20) * (n + 2), vec![n as u8; 1 << 20]).await.unwrap();
+    }
+    cluster.wait_status(1, "B in sync after the CP", |s| mirror_state(s) == MirrorState::InSync).await;
+    let a = cluster
+        .wait_status(0, "A in sync", |s| s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32)
+        .await;
+    assert!(a.cp.unwrap().last_lsn >= from - 1);
+    let back = common::read_at(&mut data, 0, BLOCK).await.unwrap();
+    assert_eq!(back, block_data(0, 51));
+}
+
+/// A partner that stops answering stalls writes; after `mirror_timeout` they fail with an error,
+/// never acknowledged (S1); when it answers again, writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partner_stalls_writes_then_they_fail_unacknowledged() {
+    let mut cluster = Cluster::new(&Settings { mirror_timeout_ms: 4000, ..Settings::default() });
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    common::write_at(&mut data, 0, block_data(0, 1)).await.unwrap();
+    cluster.signal(1, libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let error = common::write_at(&mut data, 0, block_data(0, 2)).await.unwrap_err();
+    let waited = started.elapsed();
+    cluster.signal(1, libc::SIGCONT);
+    assert_eq!(error.code(), tonic::Code::DeadlineExceeded, "{error:?}");
+    assert!(waited >= Duration::from_millis(3900), "failed after {waited:?}, before the mirror timeout");
+    // Back: the next write is mirrored and acknowledged.
+    common::write_at(&mut data, 0, block_data(0, 3)).await.unwrap();
+    assert_eq!(common::read_at(&mut data, 0, BLOCK).await.unwrap(), block_data(0, 3));
+}

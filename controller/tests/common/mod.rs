@@ -172,11 +172,16 @@ impl Cluster {
                 self.procs[i] = Some(Daemon { child, log });
                 return;
             }
-            // The port may still be held by the killed process for a moment.
+            // The port may still be held by the killed process for a moment; anything else
+            // is a failure at once.
             let _ = child.kill();
             let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(50));
             let lines = log.lock().unwrap().join("\n");
-            assert!(Instant::now() < deadline, "node {i} did not start:\n{lines}");
+            assert!(
+                lines.contains("bind grpc") && Instant::now() < deadline,
+                "node {i} did not start:\n{lines}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -438,4 +443,47 @@ pub async fn workload(
 /// The path of a node's NVLog.
 pub fn nvlog_path(cluster: &Cluster, i: usize) -> &Path {
     &cluster.nodes[i].dir
+}
+
+impl Cluster {
+    /// Sends `signal` to node `i` (SIGSTOP/SIGCONT to pause and resume it).
+    pub fn signal(&self, i: usize, signal: i32) {
+        let pid = i32::try_from(self.procs[i].as_ref().unwrap().child.id()).unwrap();
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+/// Writes `data` at `offset` of `vol_a` on node `i`; returns the last lsn.
+pub async fn write_at(
+    data: &mut DataClient<Channel>,
+    offset: u64,
+    bytes: Vec<u8>,
+) -> Result<u64, tonic::Status> {
+    data.write(WriteRequest { cluster_id: CLUSTER.to_vec(), volume: "vol_a".into(), offset, data: bytes })
+        .await
+        .map(|r| r.into_inner().last_lsn)
+}
+
+/// Reads `length` bytes at `offset` of `vol_a`.
+pub async fn read_at(
+    data: &mut DataClient<Channel>,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<u8>, tonic::Status> {
+    data.read(ReadRequest { cluster_id: CLUSTER.to_vec(), volume: "vol_a".into(), offset, length })
+        .await
+        .map(|r| r.into_inner().data)
+}
+
+/// Flips bytes in the middle of the first occurrence of `pattern` in `file`; returns whether it
+/// was found.
+pub fn damage(file: &Path, pattern: &[u8]) -> bool {
+    let mut bytes = std::fs::read(file).unwrap();
+    let Some(at) = bytes.windows(pattern.len()).position(|w| w == pattern) else { return false };
+    for b in &mut bytes[at + pattern.len() / 2..at + pattern.len() / 2 + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(file, bytes).unwrap();
+    true
 }
