@@ -160,7 +160,8 @@ async fn the_partner_holds_every_acknowledged_write_not_covered_by_a_cp() {
     assert!(found >= 250, "only {found} writes were above the last CP {covered}");
 }
 
-/// Writes 300 records to 60 blocks (each block overwritten five times), kills A, changes its
+/// Writes 300 records to 60 blocks (each block overwritten five times, with a clean restart
+/// and its final CP halfway), kills A, changes its
 /// NVLog with `change`, restarts A: A adopts B's records above its recovered tail (S8), every
 /// block holds its last acknowledged value, exactly the records above the last CP are replayed
 /// (none twice), and A goes on writing with new lsns that B accepts.
@@ -179,8 +180,16 @@ async fn restart_after(change: impl FnOnce(&Cluster, &[u8])) {
         let lsn = common::write_at(&mut data, block * BLOCK, block_data(block, n)).await.unwrap();
         model.acked(block, n);
         last = (lsn, block_data(block, n));
+        if n == 150 {
+            // A clean restart in the middle: its final CP covers the first half.
+            assert!(cluster.terminate(0));
+            cluster.start(0);
+            cluster.wait_state(0, "serving").await;
+            data = cluster.data(0).await;
+        }
     }
     let before = cluster.status(0).await;
+    assert!(before.cp.as_ref().unwrap().last_lsn >= 150, "{before:#?}");
     let covered = before.cp.unwrap().last_lsn;
     cluster.kill(0);
     change(&cluster, &last.1);
