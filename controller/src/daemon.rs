@@ -36,7 +36,7 @@ use crate::admin::AdminService;
 use crate::config::{Config, Durability};
 use crate::data::DataService;
 use crate::mirror_receiver::{MirrorReceiver, MirrorService, ReceiverIdentity, ReceiverTimers};
-use crate::node::Node;
+use crate::node::{Node, Phase};
 use crate::nvlog_mirror::{MirrorWriter, WriterIdentity, WriterTimers};
 
 /// How long a shutdown waits for open connections to finish.
@@ -87,6 +87,25 @@ struct Metrics {
     nvlog_used: Family<PartitionLabels, Gauge>,
     nvlog_size: Family<PartitionLabels, Gauge>,
     nvlog_last_lsn: Family<PartitionLabels, Gauge>,
+    /// 1 for the node's current phase, 0 for the others.
+    node_phase: Family<PhaseLabels, Gauge>,
+    cps: Gauge,
+    cp_last_duration_us: Gauge,
+    cp_last_blocks: Gauge,
+    backpressure_waits: Gauge,
+    replayed_records: Gauge,
+    mirror_connected: Gauge,
+    mirror_acked_lsn: Gauge,
+}
+
+/// Labels of the phase gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
@@ -108,6 +127,66 @@ impl Metrics {
             "The highest lsn written in each partition",
             self.nvlog_last_lsn.clone(),
         );
+        registry.register(
+            "controller_node_phase",
+            "1 for the node's phase (starting, fenced, recovering, serving, stopping)",
+            self.node_phase.clone(),
+        );
+        registry.register(
+            "controller_cps_completed",
+            "Consistency points completed since start",
+            self.cps.clone(),
+        );
+        registry.register(
+            "controller_cp_last_duration_microseconds",
+            "How long the last CP took",
+            self.cp_last_duration_us.clone(),
+        );
+        registry.register(
+            "controller_cp_last_blocks",
+            "4 KiB blocks the last CP destaged",
+            self.cp_last_blocks.clone(),
+        );
+        registry.register(
+            "controller_write_backpressure_waits",
+            "Writes that found both NVLog halves full and waited for a CP, since start",
+            self.backpressure_waits.clone(),
+        );
+        registry.register(
+            "controller_nvlog_replayed_records",
+            "Records replayed from the local NVLog partition at start",
+            self.replayed_records.clone(),
+        );
+        registry.register(
+            "controller_mirror_connected",
+            "1 while the NVLog mirror stream to the DR partner is up",
+            self.mirror_connected.clone(),
+        );
+        registry.register(
+            "controller_mirror_acked_lsn",
+            "Every record up to this lsn is persisted at the DR partner",
+            self.mirror_acked_lsn.clone(),
+        );
+    }
+
+    /// Reads the node's state into the gauges (at every scrape).
+    fn update_node(&self, node: &Node) {
+        let phase = node.state().phase;
+        for p in [Phase::Starting, Phase::Fenced, Phase::Recovering, Phase::Serving, Phase::Stopping] {
+            self.node_phase
+                .get_or_create(&PhaseLabels { phase: p.name().to_string() })
+                .set(i64::from(p == phase));
+        }
+        let cp = node.cp_stats();
+        self.cps.set(gauge_value(cp.completed));
+        self.cp_last_duration_us
+            .set(gauge_value(u64::try_from(cp.last_duration.as_micros()).unwrap_or(u64::MAX)));
+        self.cp_last_blocks.set(gauge_value(cp.last_blocks));
+        self.backpressure_waits.set(gauge_value(cp.backpressure_waits));
+        self.replayed_records.set(gauge_value(cp.replayed_records));
+        let mirror = node.mirror().status();
+        self.mirror_connected.set(i64::from(mirror.connected));
+        self.mirror_acked_lsn.set(gauge_value(mirror.acked.0));
     }
 
     /// Reads the NVLog's state into the gauges (at every scrape).
@@ -314,15 +393,19 @@ async fn run_in_span(
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    node.plex_metrics().register(&mut registry);
     let registry = Arc::new(registry);
     let app = {
-        let (metrics, registry, nvlog) = (metrics.clone(), registry.clone(), nvlog.clone());
+        let (metrics, registry, nvlog, node) =
+            (metrics.clone(), registry.clone(), nvlog.clone(), node.clone());
         axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let (metrics, registry, nvlog) = (metrics.clone(), registry.clone(), nvlog.clone());
+                let (metrics, registry, nvlog, node) =
+                    (metrics.clone(), registry.clone(), nvlog.clone(), node.clone());
                 async move {
                     metrics.update(&nvlog);
+                    metrics.update_node(&node);
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
                         Ok(()) => (
@@ -351,9 +434,12 @@ async fn run_in_span(
     let http = tokio::spawn(async move { http.await });
     let recovery = {
         let (node, stop) = (node.clone(), stop_rx.clone());
-        tokio::spawn(async move { node.recover(found, stop).await })
+        let span = tracing::info_span!("recovery", node = config.node_id);
+        tokio::spawn(async move { node.recover(found, stop).await }.instrument(span))
     };
-    let cps = tokio::spawn(node.clone().run_cps(stop_rx.clone()));
+    let cps = tokio::spawn(
+        node.clone().run_cps(stop_rx.clone()).instrument(tracing::info_span!("cp", node = config.node_id)),
+    );
     // `mc.v1.Data` is SERVING exactly while the node serves volumes.
     let data_health = {
         let (node, reporter, mut stop) = (node.clone(), health_reporter.clone(), stop_rx.clone());

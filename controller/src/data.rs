@@ -13,6 +13,7 @@ use mc_proto::v1::{
 };
 use nvlog::OpKind;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::node::{DataError, Node};
 
@@ -33,6 +34,15 @@ impl DataService {
 
     fn check_cluster(&self, cluster: &[u8]) -> Result<(), Status> {
         crate::admin::check_cluster(&self.node.config().cluster_id, cluster)
+    }
+
+    /// A span naming the node, the volume and its aggregate (DESIGN §13).
+    fn span(&self, op: &'static str, volume: &str) -> tracing::Span {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return tracing::Span::none();
+        }
+        let aggregate = self.node.volume(volume).map(|v| v.aggr.table().name.clone()).unwrap_or_default();
+        tracing::debug_span!("data", node = self.node.node_id(), op, volume, aggregate)
     }
 }
 
@@ -59,9 +69,11 @@ impl Data for DataService {
                 request.data.len()
             )));
         }
+        let span = self.span("write", &request.volume);
         let lsn = self
             .node
             .write(&request.volume, request.offset, Bytes::from(request.data))
+            .instrument(span)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(WriteReply { last_lsn: lsn.0 }))

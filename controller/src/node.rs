@@ -298,6 +298,8 @@ pub struct Node {
     pub(crate) half_bytes: u64,
     /// Requests in flight (drained at shutdown).
     pub(crate) busy: std::sync::atomic::AtomicU64,
+    /// The counters every aggregate of this node reports into.
+    plex_metrics: plex::PlexMetrics,
 }
 
 impl Node {
@@ -327,6 +329,7 @@ impl Node {
             admin: tokio::sync::Mutex::new(()),
             half_bytes,
             busy: std::sync::atomic::AtomicU64::new(0),
+            plex_metrics: plex::PlexMetrics::default(),
         })
     }
 
@@ -416,7 +419,16 @@ impl Node {
     }
 
     pub(crate) fn aggregate_options(&self) -> AggregateOptions {
-        AggregateOptions { mirror_timeout: self.config.timers.mirror_timeout, ..AggregateOptions::default() }
+        AggregateOptions {
+            mirror_timeout: self.config.timers.mirror_timeout,
+            metrics: self.plex_metrics.clone(),
+            ..AggregateOptions::default()
+        }
+    }
+
+    /// The plex counters of every aggregate of this node.
+    pub fn plex_metrics(&self) -> &plex::PlexMetrics {
+        &self.plex_metrics
     }
 
     pub(crate) fn drop_hook(&self) -> Arc<dyn DropHook> {

@@ -89,6 +89,15 @@ async fn writes_are_mirrored_read_back_and_survive_a_clean_restart() {
     assert_eq!(b.aggregates.len(), 0);
     assert_eq!(a.aggregates[0].volumes[0].name, "vol_a");
     assert_eq!(a.aggregates[0].state, "mirrored,normal");
+    let metrics = cluster.scrape(0);
+    for line in [
+        "controller_node_phase{phase=\"serving\"} 1",
+        "controller_mirror_connected 1",
+        "controller_cps_completed ",
+        "controller_nvlog_used_bytes{partition=\"local\",writer=\"1\"}",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     // A clean stop (final CP) and restart: everything is still there.
     assert!(cluster.terminate(0));
     cluster.start(0);
@@ -324,11 +333,20 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
     };
     let code = |r: Result<tonic::Response<mc_proto::v1::WriteReply>, tonic::Status>| r.unwrap_err().code();
     // Data.Write
-    assert_eq!(code(data.write(w(other_cluster.clone(), "vol_a", 0, vec![1; 4096])).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(data.write(w(other_cluster.clone(), "vol_a", 0, vec![1; 4096])).await),
+        Code::FailedPrecondition
+    );
     assert_eq!(code(data.write(w(vec![1, 2], "vol_a", 0, vec![1; 4096])).await), Code::InvalidArgument);
     assert_eq!(code(data.write(w(CLUSTER.to_vec(), "nope", 0, vec![1; 4096])).await), Code::NotFound);
-    assert_eq!(code(data.write(w(CLUSTER.to_vec(), "vol_a", VOLUME_BYTES, vec![1; 1])).await), Code::OutOfRange);
-    assert_eq!(code(data.write(w(CLUSTER.to_vec(), "vol_a", u64::MAX - 10, vec![1; 4096])).await), Code::OutOfRange);
+    assert_eq!(
+        code(data.write(w(CLUSTER.to_vec(), "vol_a", VOLUME_BYTES, vec![1; 1])).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(data.write(w(CLUSTER.to_vec(), "vol_a", u64::MAX - 10, vec![1; 4096])).await),
+        Code::OutOfRange
+    );
     assert_eq!(
         code(data.write(w(CLUSTER.to_vec(), "vol_a", 0, vec![1; (1 << 20) + 1])).await),
         Code::InvalidArgument
@@ -337,17 +355,30 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
     let huge = data.write(w(CLUSTER.to_vec(), "vol_a", 0, vec![1; 3 << 20])).await.unwrap_err();
     assert!(matches!(huge.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal), "{huge:?}");
     // Data.Read, Trim, WriteZeroes, Flush
-    let r = |offset: u64, length: u64| ReadRequest { cluster_id: CLUSTER.to_vec(), volume: "vol_a".into(), offset, length };
+    let r = |offset: u64, length: u64| ReadRequest {
+        cluster_id: CLUSTER.to_vec(),
+        volume: "vol_a".into(),
+        offset,
+        length,
+    };
     assert_eq!(data.read(r(u64::MAX, 1)).await.unwrap_err().code(), Code::OutOfRange);
     assert_eq!(data.read(r(0, u64::MAX)).await.unwrap_err().code(), Code::InvalidArgument);
-    let z = |offset: u64, length: u64| RangeRequest { cluster_id: CLUSTER.to_vec(), volume: "vol_a".into(), offset, length };
+    let z = |offset: u64, length: u64| RangeRequest {
+        cluster_id: CLUSTER.to_vec(),
+        volume: "vol_a".into(),
+        offset,
+        length,
+    };
     assert_eq!(data.trim(z(4096, u64::MAX)).await.unwrap_err().code(), Code::OutOfRange);
     assert_eq!(data.write_zeroes(z(VOLUME_BYTES, 1)).await.unwrap_err().code(), Code::OutOfRange);
     let flush = FlushRequest { cluster_id: CLUSTER.to_vec(), volume: "missing".into() };
     assert_eq!(data.flush(flush).await.unwrap_err().code(), Code::NotFound);
     // Admin
     let mut admin = cluster.admin(0).await;
-    assert_eq!(admin.status(StatusRequest { cluster_id: vec![] }).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        admin.status(StatusRequest { cluster_id: vec![] }).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     for (name, plex0, size) in [
         ("aggr_a", "d7", 64u64 << 20),
         ("bad/name", "d7", 64 << 20),
@@ -366,11 +397,19 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
         let error = admin.create_aggregate(request).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{name} {plex0} {size}: {error:?}");
     }
-    for (aggregate, name, size) in
-        [("aggr_a", "vol_a", 4096u64), ("aggr_a", "v2", 0), ("aggr_a", "v2", 1000), ("aggr_a", "v2", 1 << 40), ("none", "v2", 4096)]
-    {
-        let request =
-            CreateVolumeRequest { cluster_id: CLUSTER.to_vec(), aggregate: aggregate.into(), name: name.into(), size_bytes: size };
+    for (aggregate, name, size) in [
+        ("aggr_a", "vol_a", 4096u64),
+        ("aggr_a", "v2", 0),
+        ("aggr_a", "v2", 1000),
+        ("aggr_a", "v2", 1 << 40),
+        ("none", "v2", 4096),
+    ] {
+        let request = CreateVolumeRequest {
+            cluster_id: CLUSTER.to_vec(),
+            aggregate: aggregate.into(),
+            name: name.into(),
+            size_bytes: size,
+        };
         let error = admin.create_volume(request).await.unwrap_err();
         assert!(
             matches!(error.code(), Code::InvalidArgument | Code::NotFound),
@@ -384,9 +423,23 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
         max_records: u32::MAX,
         with_payload: true,
     };
-    assert_eq!(admin.partition_records(records("ha", CLUSTER.to_vec())).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(admin.partition_records(records("local", other_cluster)).await.unwrap_err().code(), Code::FailedPrecondition);
-    assert!(admin.partition_records(records("local", CLUSTER.to_vec())).await.unwrap().into_inner().records.is_empty());
+    assert_eq!(
+        admin.partition_records(records("ha", CLUSTER.to_vec())).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        admin.partition_records(records("local", other_cluster)).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert!(
+        admin
+            .partition_records(records("local", CLUSTER.to_vec()))
+            .await
+            .unwrap()
+            .into_inner()
+            .records
+            .is_empty()
+    );
     // Raw bytes that are not HTTP/2 at all.
     {
         use std::io::Write;
@@ -416,7 +469,9 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
         tasks.push(tokio::spawn(async move {
             for round in 0..20u64 {
                 let offset = (writer * 4 + round % 4) * mib;
-                common::write_at(&mut data, offset, vec![(writer * 20 + round) as u8; mib as usize]).await.unwrap();
+                common::write_at(&mut data, offset, vec![(writer * 20 + round) as u8; mib as usize])
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -431,7 +486,10 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
         for slot in 0..4u64 {
             let last_round = 16 + slot;
             let back = common::read_at(&mut data, (writer * 4 + slot) * mib, mib).await.unwrap();
-            assert!(back.iter().all(|&b| b == (writer * 20 + last_round) as u8), "writer {writer} slot {slot}");
+            assert!(
+                back.iter().all(|&b| b == (writer * 20 + last_round) as u8),
+                "writer {writer} slot {slot}"
+            );
         }
     }
     eprintln!("CPs: {}, back-pressure waits: {}", cp.completed, cp.backpressure_waits);

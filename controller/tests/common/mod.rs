@@ -63,6 +63,8 @@ impl NodeSpec {
 pub struct Daemon {
     pub child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The `/metrics` address.
+    pub metrics: String,
 }
 
 impl Drop for Daemon {
@@ -168,8 +170,13 @@ impl Cluster {
                     sink.lock().unwrap().push(line);
                 }
             });
-            if rx.recv_timeout(DEADLINE).is_ok() {
-                self.procs[i] = Some(Daemon { child, log });
+            if let Ok(line) = rx.recv_timeout(DEADLINE) {
+                let metrics = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("metrics="))
+                    .unwrap_or_else(|| panic!("no metrics= in {line:?}"))
+                    .to_string();
+                self.procs[i] = Some(Daemon { child, log, metrics });
                 return;
             }
             // The port may still be held by the killed process for a moment; anything else
@@ -208,6 +215,18 @@ impl Cluster {
             assert!(started.elapsed() < DEADLINE, "node {i} did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Node `i`'s `/metrics` text.
+    pub fn scrape(&self, i: usize) -> String {
+        use std::io::{Read, Write};
+        let address = &self.procs[i].as_ref().unwrap().metrics;
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
     }
 
     /// Node `i`'s log lines so far.
