@@ -91,6 +91,23 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
     }
 }
 
+/// What an operator should know about a partner partition's copy.
+fn copy_note(kind: PartitionKind, state: nvlog::MirrorState) -> &'static str {
+    use nvlog::MirrorState as M;
+    if kind == PartitionKind::Local {
+        return "";
+    }
+    match state {
+        M::InSync => "",
+        M::Resyncing => {
+            "incomplete: this copy lost records and holds only those mirrored since the writer re-established; \
+             complete after the writer's covering CP"
+        }
+        M::OutOfSync => "incomplete: out of sync; the writer must re-establish the mirror",
+        _ => "incomplete: the writer has not mirrored to this copy yet",
+    }
+}
+
 fn op_name(op: OpKind) -> &'static str {
     match op {
         OpKind::Write => "write",
@@ -124,6 +141,9 @@ impl Admin for AdminService {
                 unreleased_records: status.unreleased_records as u64,
                 used_bytes: status.used_bytes,
                 size_bytes: status.size_bytes,
+                copy_complete: kind != PartitionKind::Local
+                    && status.mirror_state == nvlog::MirrorState::InSync,
+                copy_note: copy_note(kind, status.mirror_state).to_string(),
             });
         }
         let mirror = node.mirror().status();

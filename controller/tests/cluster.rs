@@ -81,6 +81,31 @@ async fn writes_are_mirrored_read_back_and_survive_a_clean_restart() {
     })
     .await
     .unwrap();
+    // Trim and write-zeroes: the ranges read as zeroes, before and after the restart below.
+    let zero = |offset: u64, length: u64| mc_proto::v1::RangeRequest {
+        cluster_id: CLUSTER.to_vec(),
+        volume: "vol_a".into(),
+        offset,
+        length,
+    };
+    let trimmed = (BLOCKS - 8) * BLOCK;
+    data.write(WriteRequest {
+        cluster_id: CLUSTER.to_vec(),
+        volume: "vol_a".into(),
+        offset: trimmed,
+        data: vec![7; 4 * BLOCK as usize],
+    })
+    .await
+    .unwrap();
+    data.trim(zero(trimmed + 100, BLOCK)).await.unwrap();
+    data.write_zeroes(zero(trimmed + 2 * BLOCK, 2 * BLOCK)).await.unwrap();
+    let expect_trimmed = |back: &[u8]| {
+        assert!(back[..100].iter().all(|&b| b == 7));
+        assert!(back[100..100 + BLOCK as usize].iter().all(|&b| b == 0));
+        assert!(back[100 + BLOCK as usize..2 * BLOCK as usize].iter().all(|&b| b == 7));
+        assert!(back[2 * BLOCK as usize..].iter().all(|&b| b == 0));
+    };
+    expect_trimmed(&data.read(read(trimmed, 4 * BLOCK)).await.unwrap().into_inner().data);
     assert_eq!(model.check(&mut data, "vol_a").await, model.blocks.len());
     // B holds A's records and counts itself in sync once a CP covered the start (S13).
     let b = cluster.wait_status(1, "B's copy in sync", |s| mirror_state(s) == MirrorState::InSync).await;
@@ -104,6 +129,16 @@ async fn writes_are_mirrored_read_back_and_survive_a_clean_restart() {
     cluster.wait_state(0, "serving").await;
     let mut data = cluster.data(0).await;
     model.check(&mut data, "vol_a").await;
+    expect_trimmed(&data.read(read(trimmed, 4 * BLOCK)).await.unwrap().into_inner().data);
+    // And after a kill -9, from the NVLog (trims replayed too).
+    data.trim(zero(trimmed + 100, BLOCK)).await.unwrap();
+    data.write_zeroes(zero(trimmed + 2 * BLOCK, 2 * BLOCK)).await.unwrap();
+    cluster.kill(0);
+    cluster.start(0);
+    cluster.wait_state(0, "serving").await;
+    let mut data = cluster.data(0).await;
+    model.check(&mut data, "vol_a").await;
+    expect_trimmed(&data.read(read(trimmed, 4 * BLOCK)).await.unwrap().into_inner().data);
 }
 
 /// `kill -9` of the writer at random moments under a workload (20 cycles): after each restart
@@ -142,7 +177,9 @@ async fn kill_9_of_the_writer_loses_no_acknowledged_write() {
 /// in B's `dr_partner` partition, readable through B's Admin API (S1, S8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partner_holds_every_acknowledged_write_not_covered_by_a_cp() {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+    // In `power` mode on both nodes: group-committed msyncs at the writer and the receiver.
+    let mut cluster =
+        Cluster::new(&Settings { cp_interval_ms: 60_000, durability: "power", ..Settings::default() });
     cluster.start(0);
     cluster.start(1);
     cluster.wait_state(0, "serving").await;
@@ -252,6 +289,7 @@ async fn a_partner_that_lost_its_nvlog_is_resyncing_until_the_covering_cp() {
     let b = cluster.wait_status(1, "B resyncing", |s| mirror_state(s) == MirrorState::Resyncing).await;
     let partition = b.partitions.iter().find(|p| p.kind == "dr_partner").unwrap();
     assert_eq!(partition.writer_node, 1);
+    assert!(!partition.copy_complete && partition.copy_note.starts_with("incomplete"), "{partition:?}");
     // A resent what it holds above B's (empty) tail, but B stays resyncing: no CP yet.
     let a = cluster
         .wait_status(0, "A resyncing and connected", |s| {
@@ -272,7 +310,9 @@ async fn a_partner_that_lost_its_nvlog_is_resyncing_until_the_covering_cp() {
     for n in 0..6u64 {
         common::write_at(&mut data, (1 << 20) * (n + 2), vec![n as u8; 1 << 20]).await.unwrap();
     }
-    cluster.wait_status(1, "B in sync after the CP", |s| mirror_state(s) == MirrorState::InSync).await;
+    let b =
+        cluster.wait_status(1, "B in sync after the CP", |s| mirror_state(s) == MirrorState::InSync).await;
+    assert!(b.partitions.iter().find(|p| p.kind == "dr_partner").unwrap().copy_complete);
     let a = cluster
         .wait_status(0, "A in sync", |s| s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32)
         .await;
