@@ -41,7 +41,8 @@ impl Node {
             let lsn = match append.inflight.first() {
                 Some(first) => Lsn(first.0 - 1),
                 None => append.last,
-            };
+            }
+            .min(self.release_cap());
             append.since_cp = 0;
             let mut cache = self.lock_cache();
             let frozen = Arc::new(std::mem::take(&mut cache.active));

@@ -218,7 +218,7 @@ fn open_nvlog(
     config: &Config,
     lsn_floor: Lsn,
     generation_floor: u64,
-) -> Result<Nvlog<MmapMedia>, DaemonError> {
+) -> Result<(Nvlog<MmapMedia>, bool), DaemonError> {
     let path = &config.nvlog_path;
     let error = |message: String| DaemonError::Nvlog { path: path.display().to_string(), message };
     // `..default()` fills the test-only fields that exist when the workspace enables them.
@@ -250,7 +250,7 @@ fn open_nvlog(
             log.reset_partition(PartitionKind::Local)
                 .map_err(|e| error(format!("reset the local partition: {e}")))?;
         }
-        Ok(log)
+        Ok((log, local.failed))
     } else {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| error(format!("create {}: {e}", dir.display())))?;
@@ -274,7 +274,7 @@ fn open_nvlog(
         log.set_mirror_state(PartitionKind::DrPartner, nvlog::MirrorState::Resyncing)
             .map_err(|e| error(format!("record the receiver as resyncing: {e}")))?;
         tracing::info!(path = %path.display(), size_bytes = config.nvlog_size_bytes, "NVLog formatted");
-        Ok(log)
+        Ok((log, true))
     }
 }
 
@@ -312,7 +312,8 @@ async fn run_in_span(
     let lsn_floor = found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.last_lsn.0).max().unwrap_or(0);
     let generation_floor =
         found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.log_generation).max().unwrap_or(0);
-    let nvlog = Arc::new(open_nvlog(&config, Lsn(lsn_floor), generation_floor)?);
+    let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor)?;
+    let nvlog = Arc::new(nvlog);
     let mirror = MirrorWriter::start(
         nvlog.clone(),
         WriterIdentity {
@@ -326,7 +327,7 @@ async fn run_in_span(
             keepalive_timeout: config.timers.keepalive_timeout,
         },
     );
-    let node = Node::new(config.clone(), nvlog.clone(), mirror.clone());
+    let node = Node::new(config.clone(), nvlog.clone(), mirror.clone(), local_partition_lost);
 
     let grpc_listener = bind("grpc", config.grpc_listen).await?;
     let metrics_listener = bind("metrics", config.metrics_listen).await?;

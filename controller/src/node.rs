@@ -300,6 +300,11 @@ pub struct Node {
     pub(crate) busy: std::sync::atomic::AtomicU64,
     /// The counters every aggregate of this node reports into.
     plex_metrics: plex::PlexMetrics,
+    /// Records above it are kept: replay could not apply them (module doc).
+    release_cap: std::sync::atomic::AtomicU64,
+    /// The local partition's records were lost at start (a new file, or a corrupt partition
+    /// emptied): they come only from the partner's copy (S8).
+    local_partition_lost: bool,
 }
 
 impl Node {
@@ -308,6 +313,7 @@ impl Node {
         config: Config,
         nvlog: Arc<Nvlog<MmapMedia>>,
         mirror: Arc<MirrorWriter<MmapMedia>>,
+        local_partition_lost: bool,
     ) -> Arc<Node> {
         let half_bytes = nvlog.status(PartitionKind::Local).map(|s| s.size_bytes / 2).unwrap_or(u64::MAX);
         Arc::new(Node {
@@ -330,6 +336,8 @@ impl Node {
             half_bytes,
             busy: std::sync::atomic::AtomicU64::new(0),
             plex_metrics: plex::PlexMetrics::default(),
+            local_partition_lost,
+            release_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -496,7 +504,16 @@ impl Node {
             }
         }
         // S2: the partner's epochs for our aggregates must not be above ours.
-        let partner_epochs = self.mirror.status().partner_epochs;
+        let mirror = self.mirror.status();
+        let partner_epochs = mirror.partner_epochs;
+        // S8: a lost or corrupt local partition was refilled from the partner's copy, which
+        // counts only if the partner's receiver held the mirror in sync and lost nothing.
+        let unrecoverable =
+            (self.local_partition_lost && mirror.first_copy_complete != Some(true)).then(|| {
+                "the local NVLog partition was lost or corrupt and the DR partner's copy was incomplete \
+             (its receiver was not in sync): acknowledged writes may be missing (S8)"
+                    .to_string()
+            });
         self.set_state(Phase::Recovering, "opening aggregates and replaying the NVLog");
         let mut floors: HashMap<[u8; 16], Lsn> = HashMap::new();
         let mut slots = Vec::new();
@@ -530,7 +547,13 @@ impl Node {
             }
         }
         *self.aggregates.write().expect("the aggregate list lock holder panicked") = slots;
-        if let Err(e) = self.replay(&floors).await {
+        // What can be replayed is, even when the copy was incomplete: the volumes stay offline.
+        let replayed = self.replay(&floors).await;
+        let replayed = match (unrecoverable, replayed) {
+            (Some(reason), _) => Err(reason),
+            (None, result) => result,
+        };
+        if let Err(e) = replayed {
             tracing::error!(node = self.config.node_id, "replay: {e}");
             let names: Vec<String> = self
                 .aggregates()
@@ -586,63 +609,91 @@ impl Node {
     async fn replay(&self, floors: &HashMap<[u8; 16], Lsn>) -> Result<(), String> {
         let start = floors.values().min().copied().unwrap_or(Lsn::ZERO);
         let nvlog = self.nvlog.clone();
+        let local_last = nvlog.status(PartitionKind::Local).map(|s| s.last_lsn).unwrap_or_default();
+        let released = nvlog.status(PartitionKind::Local).map(|s| s.released_lsn).unwrap_or_default();
+        {
+            let mut append = self.lock_append();
+            append.last = append.last.max(local_last);
+        }
         let replay = tokio::task::spawn_blocking(move || {
             nvlog.replay(PartitionKind::Local, &nvlog::ReplayFilter { after_lsn: start, frozen_epochs: None })
         })
         .await
-        .map_err(|e| format!("replay task: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("replay task: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let replay = match replay {
+            Ok(replay) => replay,
+            Err(e) => {
+                self.cap_release(released);
+                return Err(e);
+            }
+        };
         let aggregates = self.aggregates();
         let mut applied = 0u64;
         let mut last = Lsn::ZERO;
+        let mut problems: Vec<String> = Vec::new();
         for record in &replay.records {
             let header = &record.header;
             last = last.max(header.lsn);
-            let Some(floor) = floors.get(&header.aggregate.0) else {
-                return Err(format!(
-                    "lsn {} belongs to aggregate {}, which is not served",
-                    header.lsn.0,
-                    hex(&header.aggregate.0)
-                ));
+            let outcome: Result<(), String> = match floors.get(&header.aggregate.0) {
+                None => Err(format!("aggregate {} is not served", hex(&header.aggregate.0))),
+                Some(floor) if header.lsn <= *floor => continue,
+                Some(_) => match self.replay_one(&aggregates, record).await {
+                    Ok(()) => {
+                        applied += 1;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
             };
-            if header.lsn <= *floor {
-                continue;
+            if let Err(e) = outcome {
+                // Kept in the NVLog: no CP releases it or anything after it (a later start
+                // with the aggregate back replays it).
+                self.cap_release(Lsn(header.lsn.0 - 1));
+                if problems.len() < 8 {
+                    problems.push(format!("lsn {}: {e}", header.lsn.0));
+                }
             }
-            let Some(aggr) = aggregates.iter().find(|a| a.uuid.0 == header.aggregate.0) else { continue };
-            let entry = aggr.table().volumes.iter().find(|v| v.id == header.volume.0).cloned();
-            let Some(entry) = entry else {
-                return Err(format!(
-                    "lsn {} names volume id {}, which does not exist",
-                    header.lsn.0, header.volume.0
-                ));
-            };
-            let volume = VolumeRef { aggr: aggr.clone(), entry };
-            let end = header.offset.checked_add(header.range_len);
-            if end.is_none_or(|end| end > volume.entry.size) {
-                return Err(format!("lsn {} is outside volume {}", header.lsn.0, volume.entry.name));
-            }
-            self.apply(&volume, header.op, header.offset, header.range_len, &record.payload)
-                .await
-                .map_err(|e| format!("apply lsn {}: {e}", header.lsn.0))?;
-            applied += 1;
-        }
-        {
-            let mut append = self.lock_append();
-            append.last = append
-                .last
-                .max(last)
-                .max(self.nvlog.status(PartitionKind::Local).map(|s| s.last_lsn).unwrap_or_default());
         }
         self.lock_stats().replayed_records = applied;
         tracing::info!(node = self.config.node_id, applied, from = start.0, to = last.0, "NVLog replayed");
         if let Some(gap) = replay.gaps.first() {
-            return Err(format!(
+            problems.push(format!(
                 "lsns {}..{} are missing from the local partition",
                 gap.after.0 + 1,
                 gap.next.0
             ));
         }
-        Ok(())
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    }
+
+    /// Applies one replayed record to the cache.
+    async fn replay_one(&self, aggregates: &[Arc<AggrSlot>], record: &nvlog::Record) -> Result<(), String> {
+        let header = &record.header;
+        let aggr = aggregates
+            .iter()
+            .find(|a| a.uuid.0 == header.aggregate.0)
+            .ok_or("its aggregate is not served")?;
+        let entry = aggr.table().volumes.iter().find(|v| v.id == header.volume.0).cloned();
+        let entry = entry.ok_or_else(|| format!("volume id {} does not exist", header.volume.0))?;
+        let volume = VolumeRef { aggr: aggr.clone(), entry };
+        let end = header.offset.checked_add(header.range_len);
+        if end.is_none_or(|end| end > volume.entry.size) {
+            return Err(format!("outside volume {}", volume.entry.name));
+        }
+        self.apply(&volume, header.op, header.offset, header.range_len, &record.payload)
+            .await
+            .map_err(|e| format!("apply: {e}"))
+    }
+
+    /// No CP releases records above `lsn` in this life of the node.
+    fn cap_release(&self, lsn: Lsn) {
+        self.release_cap.fetch_min(lsn.0, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The highest lsn a CP may release.
+    pub(crate) fn release_cap(&self) -> Lsn {
+        Lsn(self.release_cap.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Stops serving, drains I/O in flight (at most `drain`), runs a final CP and stops the

@@ -94,6 +94,10 @@ pub struct WriterStatus {
     pub handshakes: u64,
     /// The partner's hello of the last handshake: its epochs (S2).
     pub partner_epochs: Vec<AggregateEpoch>,
+    /// Whether the partner's copy was complete at the first handshake: its receiver held the
+    /// mirror `in_sync` and had lost no records (S8: only then may it replace a lost local
+    /// partition). `None` before the first handshake.
+    pub first_copy_complete: Option<bool>,
     /// Why the last session ended, if one did.
     pub last_error: Option<String>,
 }
@@ -132,6 +136,7 @@ struct State {
     connected: bool,
     handshakes: u64,
     partner_epochs: Vec<AggregateEpoch>,
+    first_copy_complete: Option<bool>,
     last_error: Option<String>,
     /// The highest lsn our CPs released (what the partner may free).
     released: Lsn,
@@ -191,6 +196,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 connected: false,
                 handshakes: 0,
                 partner_epochs: Vec::new(),
+                first_copy_complete: None,
                 last_error: None,
                 released: Lsn::ZERO,
             }),
@@ -278,6 +284,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             acked: *self.acked.borrow(),
             handshakes: state.handshakes,
             partner_epochs: state.partner_epochs.clone(),
+            first_copy_complete: state.first_copy_complete,
             last_error: state.last_error.clone(),
         }
     }
@@ -476,6 +483,9 @@ impl<M: Media + 'static> MirrorWriter<M> {
             state.connected = true;
             state.handshakes += 1;
             state.partner_epochs = hello.epochs.clone();
+            if state.first_copy_complete.is_none() {
+                state.first_copy_complete = Some(!lost);
+            }
             state.last_error = None;
             state.handshakes
         };

@@ -534,3 +534,36 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
     }
     eprintln!("CPs: {}, back-pressure waits: {}", cp.completed, cp.backpressure_waits);
 }
+
+/// A writer whose NVLog was lost while its partner's copy was incomplete (the partner had lost
+/// its own NVLog and was still resyncing): the copy cannot be trusted to hold every
+/// acknowledged write, so the volumes stay offline with the reason (S8; NVFAIL comes later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_leaves_volumes_offline() {
+    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.kill(1);
+    std::fs::remove_file(cluster.nodes[1].nvlog()).unwrap();
+    cluster.start(1);
+    cluster.wait_status(1, "B resyncing", |s| mirror_state(s) == MirrorState::Resyncing).await;
+    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster.start(0);
+    let a = cluster.wait_state(0, "serving").await;
+    let volume = &a.aggregates[0].volumes[0];
+    assert_eq!(volume.state, "offline", "{a:#?}");
+    assert!(volume.reason.contains("S8") && volume.reason.contains("incomplete"), "{}", volume.reason);
+    let mut data = cluster.data(0).await;
+    let refused = common::write_at(&mut data, 0, block_data(0, 22)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("offline"), "{refused:?}");
+    assert_eq!(common::read_at(&mut data, 0, BLOCK).await.unwrap_err().code(), tonic::Code::Unavailable);
+}

@@ -283,6 +283,8 @@ struct ModeResult {
     /// A's account after the runs.
     cp_completed: u64,
     backpressure_waits: u64,
+    cp_last_duration_us: u64,
+    cp_last_blocks: u64,
     mirror_state: String,
 }
 
@@ -801,6 +803,8 @@ async fn bench_cluster(
         write_deep,
         cp_completed: cp.completed,
         backpressure_waits: cp.backpressure_waits,
+        cp_last_duration_us: cp.last_duration_us,
+        cp_last_blocks: cp.last_blocks,
         mirror_state: mirror_state_name(&after),
     })
 }
@@ -1120,11 +1124,23 @@ fn mode_report(config: &Config, r: &ModeResult) -> String {
     ] {
         let _ = writeln!(out, "| {name} | {:.1} | {:.0}% |", ns / 1000.0, 100.0 * ns / write);
     }
+    if rest < 0.0 {
+        let _ = writeln!(
+            out,
+            "(the rest is negative: the stages alone cost more than the whole write in this run; \
+             compare the p50s, the means carry the outliers)"
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "A after the runs: {} CPs completed, {} back-pressure waits, DR mirror {}",
-        r.cp_completed, r.backpressure_waits, r.mirror_state
+        "A after the runs: {} CPs completed (the last: {} blocks in {:.1} ms), {} back-pressure waits, \
+         DR mirror {}",
+        r.cp_completed,
+        r.cp_last_blocks,
+        r.cp_last_duration_us as f64 / 1000.0,
+        r.backpressure_waits,
+        r.mirror_state
     );
     out
 }
@@ -1160,6 +1176,8 @@ fn to_json(config: &Config, fs_name: &str, results: &[ModeResult]) -> String {
                 "write_qd1_shares_ns": {"grpc_round_trip": round_trip, "nvlog_append": append, "rest": rest},
                 "cp_completed": r.cp_completed,
                 "backpressure_waits": r.backpressure_waits,
+                "cp_last_duration_us": r.cp_last_duration_us,
+                "cp_last_blocks": r.cp_last_blocks,
                 "mirror_state": r.mirror_state,
             })
         })
