@@ -28,7 +28,7 @@ use crate::node::{BLOCK, Block, DataError, Key, Node, Phase};
 /// The largest destage write.
 const DESTAGE_BYTES: u64 = 1 << 20;
 /// Destage writes in flight at once.
-const DESTAGE_DEPTH: usize = 16;
+const DESTAGE_DEPTH: usize = 64;
 
 impl Node {
     /// Runs one CP now (waiting for a running one to finish first).
@@ -57,6 +57,10 @@ impl Node {
         let result = self.destage_and_record(lsn, &frozen).await;
         match result {
             Ok(id) => {
+                // The partner's release is queued before ours frees any space: every record
+                // that lands in space freed here is queued after it, so the partner (whose
+                // partition holds the same records) never finds its partition full first.
+                self.mirror.release(lsn);
                 let nvlog = self.nvlog.clone();
                 let release =
                     tokio::task::spawn_blocking(move || nvlog.release(PartitionKind::Local, lsn)).await;
@@ -65,7 +69,6 @@ impl Node {
                     Ok(Err(e)) => return Err(DataError::Nvlog(format!("release after CP {id}: {e}"))),
                     Err(e) => return Err(DataError::Nvlog(format!("release task: {e}"))),
                 }
-                self.mirror.release(lsn);
                 self.lock_cache().frozen = Arc::new(BTreeMap::new());
                 let mut stats = self.lock_stats();
                 stats.completed += 1;
@@ -74,14 +77,28 @@ impl Node {
                 stats.last_duration = started.elapsed();
                 stats.last_blocks = frozen.len() as u64;
                 drop(stats);
-                tracing::debug!(
-                    node = self.config.node_id,
-                    id,
-                    lsn = lsn.0,
-                    blocks = frozen.len(),
-                    why,
-                    "CP done"
-                );
+                let took = started.elapsed();
+                if took > std::time::Duration::from_secs(1) {
+                    tracing::warn!(
+                        node = self.config.node_id,
+                        id,
+                        lsn = lsn.0,
+                        blocks = frozen.len(),
+                        why,
+                        ?took,
+                        "slow CP"
+                    );
+                } else {
+                    tracing::debug!(
+                        node = self.config.node_id,
+                        id,
+                        lsn = lsn.0,
+                        blocks = frozen.len(),
+                        why,
+                        ?took,
+                        "CP done"
+                    );
+                }
                 Ok(())
             }
             Err(e) => {
@@ -161,21 +178,29 @@ impl Node {
         Ok(id)
     }
 
-    /// Asks for a CP and waits until one that started after the request completes.
+    /// Asks for a CP and waits until one that started after the request completed.
     pub async fn wait_for_cp(&self) -> Result<(), DataError> {
         let mut done = self.cp_done.subscribe();
+        // The attempt running now may have picked its lsn before this request: wait for the
+        // one after it too, asking again after each (a permit covers one attempt only).
         let target = *done.borrow() + 2;
-        self.cp_request.notify_one();
         loop {
             if *done.borrow() >= target {
                 return Ok(());
             }
+            self.cp_request.notify_one();
             self.check_serving()?;
             let changed = tokio::time::timeout(self.config.timers.mirror_timeout, done.changed()).await;
             match changed {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(DataError::Nvlog("the CP task stopped".into())),
                 Err(_) => {
+                    tracing::warn!(
+                        node = self.config.node_id,
+                        target,
+                        done = *done.borrow(),
+                        "no CP completed while a write waited for space"
+                    );
                     return Err(DataError::Nvlog(format!(
                         "no CP freed NVLog space within {:?}",
                         self.config.timers.mirror_timeout
@@ -191,6 +216,7 @@ impl Node {
             tokio::select! {
                 () = tokio::time::sleep(self.config.timers.cp_interval) => {}
                 () = self.cp_request.notified() => {}
+                () = self.mirror.space_wanted() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             if self.state().phase != Phase::Serving {

@@ -327,6 +327,8 @@ async fn run_in_span(
             keepalive_timeout: config.timers.keepalive_timeout,
         },
     );
+    // A node with no aggregate yet (a new cluster) has nothing its lost log could have held.
+    let local_partition_lost = local_partition_lost && !found.is_empty();
     let node = Node::new(config.clone(), nvlog.clone(), mirror.clone(), local_partition_lost);
 
     let grpc_listener = bind("grpc", config.grpc_listen).await?;

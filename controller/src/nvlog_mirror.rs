@@ -149,6 +149,8 @@ pub struct MirrorWriter<M: Media> {
     timers: WriterTimers,
     queue: Mutex<Queue>,
     queued: Notify,
+    /// Notified when the partner's partition was full: a CP (and its release) makes room.
+    space: Notify,
     acked: watch::Sender<Lsn>,
     handshakes: watch::Sender<u64>,
     state: Mutex<State>,
@@ -189,6 +191,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             timers,
             queue: Mutex::new(Queue { accepting: false, items: VecDeque::new() }),
             queued: Notify::new(),
+            space: Notify::new(),
             acked: watch::Sender::new(Lsn::ZERO),
             handshakes: watch::Sender::new(0),
             state: Mutex::new(State {
@@ -245,6 +248,12 @@ impl<M: Media + 'static> MirrorWriter<M> {
             drop(queue);
             self.queued.notify_one();
         }
+    }
+
+    /// Completes when the partner found its partition full (its layout of halves can differ
+    /// from ours after it lost its copy): the caller runs a CP, whose release makes room.
+    pub async fn space_wanted(&self) {
+        self.space.notified().await;
     }
 
     /// Waits until the partner acknowledged `lsn`, at most `bound`.
@@ -521,7 +530,12 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 () = self.queued.notified() => {}
                 received = inbound.message() => {
                     let body = match received {
-                        Err(status) => return Err(format!("the partner ended the stream: {status}")),
+                        Err(status) => {
+                            if status.code() == tonic::Code::ResourceExhausted {
+                                self.space.notify_one();
+                            }
+                            return Err(format!("the partner ended the stream: {status}"));
+                        }
                         Ok(None) => return Err("the partner closed the stream".into()),
                         Ok(Some(ReceiverMessage { body: None })) => return Err("an empty message".into()),
                         Ok(Some(ReceiverMessage { body: Some(body) })) => body,

@@ -587,6 +587,14 @@ impl<M: Media> Nvlog<M> {
     /// the tail, a gap not declared with `allow_gap_at` (S13), and an older generation. Returns
     /// `Full` at once instead of waiting for space.
     pub fn append_copy(&self, kind: PartitionKind, encoded: &[u8]) -> Result<Lsn> {
+        let lsn = self.append_copy_buffered(kind, encoded)?;
+        self.persist_through(kind, lsn)?;
+        Ok(lsn)
+    }
+
+    /// As `append_copy`, without waiting for durability: pair with `persist_through` before
+    /// acknowledging (a receiver persists a batch of records with one msync).
+    pub fn append_copy_buffered(&self, kind: PartitionKind, encoded: &[u8]) -> Result<Lsn> {
         let header = decode_header(encoded)?;
         verify_crc(&header, encoded)?;
         if encoded.len() != header.total_len as usize {
@@ -594,17 +602,10 @@ impl<M: Media> Nvlog<M> {
                 "bytes after the record",
             )));
         }
-        let lsn = self.append_copy_buffered(kind, &header, encoded)?;
-        self.persist_through(kind, lsn)?;
-        Ok(lsn)
+        self.append_copy_checked(kind, &header, encoded)
     }
 
-    fn append_copy_buffered(
-        &self,
-        kind: PartitionKind,
-        header: &RecordHeader,
-        encoded: &[u8],
-    ) -> Result<Lsn> {
+    fn append_copy_checked(&self, kind: PartitionKind, header: &RecordHeader, encoded: &[u8]) -> Result<Lsn> {
         let part = self.partition(kind)?;
         let mut state = part.lock();
         self.check_writable(part, &state)?;
