@@ -508,7 +508,9 @@ proptest! {
                     let lsn = loop {
                         match log.try_append_buffered(&write_input(&data, i as u64)) {
                             Ok(lsn) => break lsn,
-                            Err(NvlogError::Full(_)) => {
+                            // A full partition, or one holding records of as many generations as
+                            // the header lists (reopens without a release): a CP frees it.
+                            Err(NvlogError::Full(_) | NvlogError::TooManyGenerations(_)) => {
                                 let upto = live.last().unwrap().0;
                                 log.persist_through(LOCAL, upto).unwrap();
                                 log.release(LOCAL, upto).unwrap();
