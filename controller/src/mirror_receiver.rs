@@ -311,7 +311,12 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                                     record.lsn, lsn.0
                                 )));
                             }
-                            if persist.send(lsn).is_err() {
+                            if self.nvlog.durability() == nvlog::Durability::Process {
+                                // The copy into the mapping was the persist: acknowledge now.
+                                if !send(Out::Ack(RecordAck { lsn: lsn.0 })).await {
+                                    return Ok(());
+                                }
+                            } else if persist.send(lsn).is_err() {
                                 return Ok(());
                             }
                         }

@@ -283,6 +283,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
     }
 
+    /// Every record up to this lsn is persisted at the partner.
+    pub fn acked(&self) -> Lsn {
+        *self.acked.borrow()
+    }
+
     /// A snapshot.
     pub fn status(&self) -> WriterStatus {
         let state = self.lock_state();

@@ -231,7 +231,7 @@ impl Node {
         // S1, checked in release builds too.
         assert!(
             self.nvlog.durable_tail(nvlog::PartitionKind::Local).unwrap_or_default() >= last
-                && self.mirror.status().acked >= last,
+                && self.mirror.acked() >= last,
             "S1: acknowledging lsn {} before it is durable locally and at the partner",
             last.0
         );
