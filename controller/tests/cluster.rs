@@ -145,11 +145,8 @@ async fn writes_are_mirrored_read_back_and_survive_a_clean_restart() {
 /// every acknowledged write reads back (S1, S8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_writer_loses_no_acknowledged_write() {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 300, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 300, ..Settings::default() }, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
     let mut next_write = 1u64;
     for cycle in 0..20u64 {
@@ -178,12 +175,11 @@ async fn kill_9_of_the_writer_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partner_holds_every_acknowledged_write_not_covered_by_a_cp() {
     // In `power` mode on both nodes: group-committed msyncs at the writer and the receiver.
-    let mut cluster =
-        Cluster::new(&Settings { cp_interval_ms: 60_000, durability: "power", ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster = Cluster::up(
+        &Settings { cp_interval_ms: 60_000, durability: "power", ..Settings::default() },
+        VOLUME_BYTES,
+    )
+    .await;
     let mut data = cluster.data(0).await;
     let mut acked = Vec::new();
     for n in 1..=300u64 {
@@ -212,11 +208,8 @@ async fn the_partner_holds_every_acknowledged_write_not_covered_by_a_cp() {
 /// block holds its last acknowledged value, exactly the records above the last CP are replayed
 /// (none twice), and A goes on writing with new lsns that B accepts.
 async fn restart_after(change: impl FnOnce(&Cluster, &[u8])) {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     let mut model = Model::default();
     let mut last = (0, Vec::new());
@@ -273,11 +266,8 @@ async fn a_writer_whose_nvlog_was_deleted_adopts_the_partners_records() {
 /// `in_sync`) at B and at A until a CP covers the restart point, then `in_sync` (S13, §4.2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_that_lost_its_nvlog_is_resyncing_until_the_covering_cp() {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     for n in 1..=50u64 {
         common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
@@ -325,11 +315,8 @@ async fn a_partner_that_lost_its_nvlog_is_resyncing_until_the_covering_cp() {
 /// never acknowledged (S1); when it answers again, writes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_partner_stalls_writes_then_they_fail_unacknowledged() {
-    let mut cluster = Cluster::new(&Settings { mirror_timeout_ms: 4000, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let cluster =
+        Cluster::up(&Settings { mirror_timeout_ms: 4000, ..Settings::default() }, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     common::write_at(&mut data, 0, block_data(0, 1)).await.unwrap();
     cluster.signal(1, libc::SIGSTOP);
@@ -353,11 +340,7 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
         StatusRequest,
     };
     use tonic::Code;
-    let mut cluster = Cluster::new(&Settings::default());
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     common::write_at(&mut data, 0, block_data(0, 1)).await.unwrap();
     let other_cluster = {
@@ -497,11 +480,8 @@ async fn garbage_on_every_endpoint_is_an_error_and_loses_nothing() {
 /// byte reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
     let mib = 1u64 << 20;
     let mut tasks = Vec::new();
     for writer in 0..4u64 {
@@ -540,11 +520,8 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
 /// acknowledged write, so the volumes stay offline with the reason (S8; NVFAIL comes later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_leaves_volumes_offline() {
-    let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     for n in 1..=20u64 {
         common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();

@@ -3,4 +3,5 @@
 //! The binaries in `src/bin` are driven by the tests in `tests/` and by the README's commands;
 //! the library holds what they share.
 
+pub mod bench;
 pub mod nvlog_crash;

@@ -142,6 +142,17 @@ impl Cluster {
         Cluster { dir, nodes, procs: [None, None] }
     }
 
+    /// Both nodes started and serving, with aggregate `aggr_a` and volume `vol_a` of
+    /// `volume_bytes` at A.
+    pub async fn up(settings: &Settings, volume_bytes: u64) -> Cluster {
+        let mut cluster = Cluster::new(settings);
+        cluster.start(0);
+        cluster.start(1);
+        cluster.wait_state(0, "serving").await;
+        cluster.create_volume(0, volume_bytes).await;
+        cluster
+    }
+
     /// Starts node `i` (0: A, 1: B) and waits until it listens.
     pub fn start(&mut self, i: usize) {
         assert!(self.procs[i].is_none(), "node {i} runs already");
@@ -470,6 +481,19 @@ impl Cluster {
         let pid = i32::try_from(self.procs[i].as_ref().unwrap().child.id()).unwrap();
         // SAFETY: sending a signal to our own child process.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        if signal == libc::SIGSTOP {
+            // Delivery is asynchronous: wait until the process is seen stopped.
+            let started = Instant::now();
+            loop {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("");
+                if state == "T" {
+                    return;
+                }
+                assert!(started.elapsed() < DEADLINE, "node {i} did not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 //! least 4x the throughput of one) are reported, never asserted: DESIGN §14 keeps speed out of
 //! pass/fail.
 
+use mc_tests::bench::{Mode, micros, nanos, percentile};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -41,8 +42,8 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use memmap2::MmapRaw;
 use nvlog::{
-    AggregateId, ClusterId, Durability, Epoch, FormatSpec, Identity, Lsn, MmapMedia, NodeId, Nvlog, OpKind,
-    Options, PartitionKind, RecordInput, VolumeId,
+    AggregateId, ClusterId, Epoch, FormatSpec, Identity, Lsn, MmapMedia, NodeId, Nvlog, OpKind, Options,
+    PartitionKind, RecordInput, VolumeId,
 };
 
 /// Bytes of payload per record, and bytes per floor slot.
@@ -91,30 +92,6 @@ struct Args {
     /// Also print the results as one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// Durable once copied into the mapping.
-    Process,
-    /// Durable once msync(MS_SYNC) returned.
-    Power,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Process => "process",
-            Mode::Power => "power",
-        }
-    }
-
-    fn durability(self) -> Durability {
-        match self {
-            Mode::Process => Durability::Process,
-            Mode::Power => Durability::Power,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -358,23 +335,6 @@ fn case_path(config: &Config, side: Side, mode: Mode, threads: usize) -> PathBuf
 /// A 4 KiB payload that differs per thread, so the CRC and the copy see real data.
 fn payload_for(thread: usize) -> Vec<u8> {
     (0..RECORD_PAYLOAD_BYTES).map(|i| (i.wrapping_mul(31) ^ thread).to_le_bytes()[0]).collect()
-}
-
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn micros(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-/// Nearest-rank percentile of sorted latencies, `per_mille` of 1000.
-fn percentile(sorted: &[u64], per_mille: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * per_mille).div_ceil(1000);
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Starts `threads` workers behind a start gate, lets them run for the configured time, stops them

@@ -56,6 +56,7 @@
 //! reported, never asserted: DESIGN §14 keeps speed out of pass/fail. A new product side (a remote
 //! plex) is one more `Side` whose function builds a `Target` and hands it to `drive`.
 
+use mc_tests::bench::{micros, nanos, percentile};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -1391,23 +1392,6 @@ fn settle(config: &Config, files: &[&BenchFile]) -> Result<()> {
     }
     thread::sleep(SETTLE);
     Ok(())
-}
-
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn micros(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-/// Nearest-rank percentile of sorted latencies, `per_mille` of 1000.
-fn percentile(sorted: &[u64], per_mille: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * per_mille).div_ceil(1000);
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn optional_micros(ns: Option<u64>) -> String {

@@ -29,6 +29,7 @@
 //! warm-up included: on a small machine the three processes share the cores, and the numbers say
 //! who spends them. Speed is reported, never asserted (DESIGN §14).
 
+use mc_tests::bench::{Mode, micros, nanos, percentile};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
@@ -40,7 +41,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::data_client::DataClient;
 use mc_proto::v1::{
@@ -48,8 +49,8 @@ use mc_proto::v1::{
     WriteRequest,
 };
 use nvlog::{
-    AggregateId, ClusterId, Durability, Epoch, FormatSpec, Identity, Lsn, MmapMedia, NodeId, Nvlog, OpKind,
-    Options, PartitionKind, RecordInput, VolumeId,
+    AggregateId, ClusterId, Epoch, FormatSpec, Identity, Lsn, MmapMedia, NodeId, Nvlog, OpKind, Options,
+    PartitionKind, RecordInput, VolumeId,
 };
 use rand::{Rng as _, SeedableRng as _};
 use tonic::transport::Channel;
@@ -121,30 +122,6 @@ struct Args {
     /// Also print the results as one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// Durable once copied into the mapping.
-    Process,
-    /// Durable once msync(MS_SYNC) returned.
-    Power,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Process => "process",
-            Mode::Power => "power",
-        }
-    }
-
-    fn durability(self) -> Durability {
-        match self {
-            Mode::Process => Durability::Process,
-            Mode::Power => Durability::Power,
-        }
-    }
 }
 
 /// The validated configuration.
@@ -1011,23 +988,6 @@ fn file_system_name(dir: &Path) -> Result<String> {
 /// A 4 KiB payload that differs per task, so the CRC and the copies see real data.
 fn payload_for(task: usize) -> Vec<u8> {
     (0..PAYLOAD_BYTES).map(|i| (i.wrapping_mul(31) ^ task).to_le_bytes()[0]).collect()
-}
-
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn micros(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-/// Nearest-rank percentile of sorted latencies, `per_mille` of 1000.
-fn percentile(sorted: &[u64], per_mille: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * per_mille).div_ceil(1000);
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 // ---------------------------------------------------------------------------------------------
