@@ -205,6 +205,8 @@ pub(crate) struct AppendState {
     pub(crate) last: Lsn,
     /// Bytes appended since the last CP began (a CP starts at half a partition, DESIGN §4).
     pub(crate) since_cp: u64,
+    /// The local partition's half switches seen so far: a CP starts at each (DESIGN §4).
+    pub(crate) half_switches: u64,
 }
 
 /// CP and write-path counters.

@@ -176,7 +176,12 @@ impl Node {
         append.inflight.insert(lsn);
         append.last = append.last.max(lsn);
         append.since_cp += size;
-        if append.since_cp >= self.half_bytes {
+        // DESIGN §4: a CP starts when the active half is full, that is when the log switched
+        // to the other half, so the sealed one is released while the new one fills; and, as a
+        // backstop, after half a partition of bytes.
+        let switches = self.nvlog.half_switches(nvlog::PartitionKind::Local).unwrap_or(append.half_switches);
+        if switches != append.half_switches || append.since_cp >= self.half_bytes {
+            append.half_switches = switches;
             append.since_cp = 0;
             self.cp_request.notify_one();
         }

@@ -945,6 +945,12 @@ impl<M: Media> Nvlog<M> {
         Ok(partition_generation)
     }
 
+    /// How many times `kind` switched halves (or was reset) since open: a caller starts a CP
+    /// when it changes, so the sealed half is released while the other one fills (DESIGN §4).
+    pub fn half_switches(&self, kind: PartitionKind) -> Result<u64> {
+        Ok(self.partition(kind)?.lock().round)
+    }
+
     /// The highest lsn `kind` covers durably: its durable records, or its release point.
     pub fn durable_tail(&self, kind: PartitionKind) -> Result<Lsn> {
         let part = self.partition(kind)?;
