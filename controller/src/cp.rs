@@ -44,6 +44,11 @@ impl Node {
             }
             .min(self.release_cap());
             append.since_cp = 0;
+            if lsn < append.sealed_through {
+                // Records of the sealed half were still in flight: another CP, right after
+                // this one, frees it.
+                self.request_cp();
+            }
             let mut cache = self.lock_cache();
             let frozen = Arc::new(std::mem::take(&mut cache.active));
             cache.frozen = frozen.clone();
@@ -188,7 +193,7 @@ impl Node {
             if *done.borrow() >= target {
                 return Ok(());
             }
-            self.cp_request.notify_one();
+            self.request_cp();
             self.check_serving()?;
             let changed = tokio::time::timeout(self.config.timers.mirror_timeout, done.changed()).await;
             match changed {
@@ -210,19 +215,29 @@ impl Node {
         }
     }
 
+    /// Asks the CP loop for a CP. Level-triggered: a request made while a CP runs starts
+    /// another right after it; none is lost.
+    pub(crate) fn request_cp(&self) {
+        self.cp_requests.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// The CP loop: every `cp_interval`, or on request, while serving.
     pub async fn run_cps(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut requests = self.cp_requests.subscribe();
+        let mut seen = *requests.borrow();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.config.timers.cp_interval) => {}
-                () = self.cp_request.notified() => {}
+                () = async { let _ = requests.wait_for(|n| *n != seen).await; } => {}
                 () = self.mirror.space_wanted() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             if self.state().phase != Phase::Serving {
-                // A request that came before serving must not be lost.
+                // Requests made before serving stay pending until it serves.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 continue;
             }
+            seen = *requests.borrow();
             let _ = self.cp("timer or space").await;
             // Every completed attempt counts for waiters, even a no-op one.
             self.cp_done.send_modify(|n| *n += 1);

@@ -207,6 +207,9 @@ pub(crate) struct AppendState {
     pub(crate) since_cp: u64,
     /// The local partition's half switches seen so far: a CP starts at each (DESIGN §4).
     pub(crate) half_switches: u64,
+    /// The last lsn of the half sealed at the last switch: a CP that could not cover it (writes
+    /// in flight) is followed by another, so the half is freed before the new one fills.
+    pub(crate) sealed_through: Lsn,
 }
 
 /// CP and write-path counters.
@@ -290,7 +293,8 @@ pub struct Node {
     pub(crate) append: Mutex<AppendState>,
     /// One CP at a time.
     pub(crate) cp_running: tokio::sync::Mutex<()>,
-    pub(crate) cp_request: Notify,
+    /// Raised by every CP request (`request_cp`).
+    pub(crate) cp_requests: watch::Sender<u64>,
     pub(crate) cp_done: watch::Sender<u64>,
     pub(crate) stats: Mutex<CpStats>,
     pub(crate) next_cp_id: std::sync::atomic::AtomicU64,
@@ -330,7 +334,7 @@ impl Node {
             locks: RangeLocks::default(),
             append: Mutex::new(AppendState::default()),
             cp_running: tokio::sync::Mutex::new(()),
-            cp_request: Notify::new(),
+            cp_requests: watch::Sender::new(0),
             cp_done: watch::Sender::new(0),
             stats: Mutex::new(CpStats::default()),
             next_cp_id: std::sync::atomic::AtomicU64::new(1),

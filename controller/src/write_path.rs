@@ -181,9 +181,12 @@ impl Node {
         // backstop, after half a partition of bytes.
         let switches = self.nvlog.half_switches(nvlog::PartitionKind::Local).unwrap_or(append.half_switches);
         if switches != append.half_switches || append.since_cp >= self.half_bytes {
+            if switches != append.half_switches {
+                append.sealed_through = Lsn(lsn.0 - 1);
+            }
             append.half_switches = switches;
             append.since_cp = 0;
-            self.cp_request.notify_one();
+            self.request_cp();
         }
         Ok(lsn)
     }
