@@ -5,3 +5,4 @@
 
 pub mod bench;
 pub mod nvlog_crash;
+pub mod proxy;
