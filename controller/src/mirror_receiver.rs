@@ -227,9 +227,17 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         mut inbound: Streaming<WriterMessage>,
         out: mpsc::Sender<Result<ReceiverMessage, Status>>,
     ) -> Result<(), Status> {
+        // A writer that takes no message for the silence limit (its side of the link is cut
+        // and HTTP/2 flow control stalled) ends the stream: it re-establishes a new one.
+        let limit = self.timers.silence_limit;
         let send = |body: Out| {
             let out = out.clone();
-            async move { out.send(Ok(ReceiverMessage { body: Some(body) })).await.is_ok() }
+            async move {
+                matches!(
+                    tokio::time::timeout(limit, out.send(Ok(ReceiverMessage { body: Some(body) }))).await,
+                    Ok(Ok(()))
+                )
+            }
         };
         // 1. The hello.
         let hello = match inbound.message().await? {

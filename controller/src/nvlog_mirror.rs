@@ -407,7 +407,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             recovered_tail_lsn: recovered_tail.0,
             epochs: Vec::new(),
         };
-        tx.send(message(Out::Hello(hello))).await.map_err(|_| "the stream closed")?;
+        self.send(&tx, Out::Hello(hello)).await?;
         let timeout = self.timers.keepalive_timeout;
         let mut inbound = tokio::time::timeout(timeout, client.mirror(RxStream(rx)))
             .await
@@ -448,9 +448,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         // 2. Resume above what the partner holds; what our CPs covered is released first.
         let released = ours.released_lsn.max(self.lock_state().released);
         if released > receiver_tail {
-            tx.send(message(Out::Release(Release { lsn: released.0 })))
-                .await
-                .map_err(|_| "the stream closed")?;
+            self.send(&tx, Out::Release(Release { lsn: released.0 })).await?;
         }
         let start = receiver_tail.max(released).next();
         let receiver_state =
@@ -466,7 +464,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
         if lost {
             let announcement = MirrorAnnouncement { state: WireMirrorState::Resyncing as i32, lsn: start.0 };
-            tx.send(message(Out::Announcement(announcement))).await.map_err(|_| "the stream closed")?;
+            self.send(&tx, Out::Announcement(announcement)).await?;
         }
         tracing::info!(
             partner = self.identity.partner,
@@ -486,9 +484,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         let resend = blocking(move || nvlog.records_above(LOCAL, Lsn(sent))).await?;
         for encoded in resend {
             let lsn = nvlog::record::decode_header(&encoded).map_err(|e| format!("a local record: {e}"))?.lsn;
-            tx.send(message(Out::Record(MirroredRecord { lsn: lsn.0, encoded })))
-                .await
-                .map_err(|_| "the stream closed")?;
+            self.send(&tx, Out::Record(MirroredRecord { lsn: lsn.0, encoded })).await?;
             sent = lsn.0;
         }
         self.announce_if_covered(&tx, released).await?;
@@ -520,13 +516,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             return Err(format!("queued lsn {} after {sent}: a hole in the queue", lsn.0));
                         }
                         let record = MirroredRecord { lsn: lsn.0, encoded: encoded.to_vec() };
-                        tx.send(message(Out::Record(record))).await.map_err(|_| "the stream closed")?;
+                        self.send(&tx, Out::Record(record)).await?;
                         sent = lsn.0;
                     }
                     Outgoing::Release(lsn) => {
-                        tx.send(message(Out::Release(Release { lsn: lsn.0 })))
-                            .await
-                            .map_err(|_| "the stream closed")?;
+                        self.send(&tx, Out::Release(Release { lsn: lsn.0 })).await?;
                         self.announce_if_covered(&tx, lsn).await?;
                     }
                 }
@@ -563,7 +557,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         }
                         In::Keepalive(keepalive) => {
                             let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
-                            tx.send(message(Out::KeepaliveReply(reply))).await.map_err(|_| "the stream closed")?;
+                            self.send(&tx, Out::KeepaliveReply(reply)).await?;
                         }
                         In::KeepaliveReply(_) => {}
                         In::Hello(_) | In::ReturnedRecord(_) => {
@@ -576,11 +570,19 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         return Err(format!("nothing heard from the partner for {:?}", last_heard.elapsed()));
                     }
                     sequence += 1;
-                    tx.send(message(Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })))
-                        .await
-                        .map_err(|_| "the stream closed")?;
+                    self.send(&tx, Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })).await?;
                 }
             }
+        }
+    }
+
+    /// Sends one message; a stream that does not take it within `keepalive_timeout` (HTTP/2
+    /// flow control stalled by a silent peer) ends the session like silence does.
+    async fn send(&self, tx: &mpsc::Sender<WriterMessage>, body: Out) -> Result<(), String> {
+        match tokio::time::timeout(self.timers.keepalive_timeout, tx.send(message(body))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the stream closed".into()),
+            Err(_) => Err(format!("the stream took no message for {:?}", self.timers.keepalive_timeout)),
         }
     }
 
@@ -599,7 +601,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             return Ok(());
         }
         let announcement = MirrorAnnouncement { state: WireMirrorState::InSync as i32, lsn: released.0 };
-        tx.send(message(Out::Announcement(announcement))).await.map_err(|_| "the stream closed")?;
+        self.send(tx, Out::Announcement(announcement)).await?;
         self.lock_state().state = WriterState::InSync;
         tracing::info!(
             partner = self.identity.partner,

@@ -15,6 +15,7 @@ use mc_proto::v1::{
     CreateAggregateRequest, CreateVolumeRequest, PartitionRecord, PartitionRecordsRequest, ReadRequest,
     StatusReply, StatusRequest, WriteRequest,
 };
+use mc_tests::proxy::FaultProxy;
 use tonic::transport::Channel;
 
 pub const CLUSTER: [u8; 16] =
@@ -78,9 +79,11 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: [NodeSpec; 2],
     pub procs: [Option<Daemon>; 2],
+    /// The fault-injecting proxies of `with_links`.
+    pub links: Option<[FaultProxy; 2]>,
 }
 
-fn write_config(spec: &NodeSpec, partner: &NodeSpec, settings: &Settings) {
+fn write_config(spec: &NodeSpec, partner: &NodeSpec, partner_address: &str, settings: &Settings) {
     std::fs::create_dir_all(&spec.dir).unwrap();
     let text = format!(
         r#"cluster_id = "00112233445566778899aabbccddeeff"
@@ -112,7 +115,7 @@ margin_ms = 1000
         site = spec.site,
         dir = spec.dir.display(),
         partner_id = partner.id,
-        partner_address = partner.address(),
+        partner_address = partner_address,
         mib = settings.nvlog_mib,
         durability = settings.durability,
         port = spec.grpc_port,
@@ -137,9 +140,27 @@ impl Cluster {
             }
         };
         let nodes = [spec(1, "A"), spec(2, "B")];
-        write_config(&nodes[0], &nodes[1], settings);
-        write_config(&nodes[1], &nodes[0], settings);
-        Cluster { dir, nodes, procs: [None, None] }
+        write_config(&nodes[0], &nodes[1], &nodes[1].address(), settings);
+        write_config(&nodes[1], &nodes[0], &nodes[0].address(), settings);
+        Cluster { dir, nodes, procs: [None, None], links: None }
+    }
+
+    /// As `new`, with every inter-site connection through a fault-injecting proxy:
+    /// `links[0]` carries what A dials (its NVLog mirror to B), `links[1]` what B dials.
+    pub async fn with_links(settings: &Settings) -> Cluster {
+        let mut cluster = Cluster::new(settings);
+        let to = |i: usize| cluster.nodes[i].address().parse().unwrap();
+        let to_b = FaultProxy::start(to(1)).await.unwrap();
+        let to_a = FaultProxy::start(to(0)).await.unwrap();
+        write_config(&cluster.nodes[0], &cluster.nodes[1], &to_b.address().to_string(), settings);
+        write_config(&cluster.nodes[1], &cluster.nodes[0], &to_a.address().to_string(), settings);
+        cluster.links = Some([to_b, to_a]);
+        cluster
+    }
+
+    /// The proxy of what node `i` dials.
+    pub fn link(&self, i: usize) -> &FaultProxy {
+        &self.links.as_ref().expect("a cluster started with_links")[i]
     }
 
     /// Both nodes started and serving, with aggregate `aggr_a` and volume `vol_a` of
