@@ -653,8 +653,6 @@ async fn an_aggregate_of_several_disks_per_plex_is_reassembled_at_restart() {
 /// when it is back; nothing acknowledged is lost and the mirror ends in sync. (Cuts longer than
 /// the timeout, which drop the partner under S3, come with issue 6.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reproduces an open bug (issue 6): under a both-ways blackhole the writer's mirror session \
-            stops ticking at about keepalive_timeout and never ends, so writes time out instead of resuming"]
 async fn a_link_cut_shorter_than_the_mirror_timeout_stalls_writes_and_loses_nothing() {
     use mc_tests::proxy::{Mode, Side};
     let settings = Settings { mirror_timeout_ms: 8000, cp_interval_ms: 500, ..Settings::default() };

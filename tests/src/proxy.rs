@@ -5,8 +5,11 @@
 //! Per direction (`Side::Forward`: client → target, `Side::Backward`: target → client):
 //! - `Pass`: bytes are forwarded as they come;
 //! - `Delay(d)`: each chunk is forwarded `d` after it arrived, in order;
-//! - `Blackhole`: bytes are read and discarded; the connection stays open, so the peer sees
-//!   silence, not an error (what a broken inter-site link looks like to TCP).
+//! - `Blackhole`: nothing passes and nothing is lost: the proxy stops reading, so the sender's
+//!   TCP buffers fill and the peer sees silence, not an error; when the direction passes again,
+//!   the held bytes arrive (what TCP's retransmissions make of a cut link that comes back);
+//! - `Discard`: bytes are read and thrown away (a stream that loses data: never TCP's doing,
+//!   but a way to test that a protocol notices).
 //!
 //! For the whole proxy: `reset()` ends every open connection with an RST; `refuse(true)`
 //! closes every new connection at once (a peer that is down).
@@ -31,8 +34,10 @@ pub enum Mode {
     Pass,
     /// Forward each chunk this long after it arrived.
     Delay(Duration),
-    /// Read and discard.
+    /// Stop forwarding; hold the bytes until the mode changes.
     Blackhole,
+    /// Read and throw away.
+    Discard,
 }
 
 /// A direction of the proxied connections.
@@ -167,17 +172,28 @@ async fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     let mut reset = false;
     loop {
+        let mode = |state: &State| match side {
+            Side::Forward => state.forward,
+            Side::Backward => state.backward,
+        };
+        if mode(&states.borrow()) == Mode::Blackhole && delayed_rx.is_empty() {
+            // Hold: read nothing until the mode changes (or a reset ends the connection).
+            if states.changed().await.is_err() {
+                break;
+            }
+            if states.borrow().resets != resets {
+                reset = true;
+                break;
+            }
+            continue;
+        }
         tokio::select! {
             read = from.read(&mut buf) => {
                 let n = match read {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let state = *states.borrow();
-                let mode = match side {
-                    Side::Forward => state.forward,
-                    Side::Backward => state.backward,
-                };
+                let mode = mode(&states.borrow());
                 match mode {
                     Mode::Pass if delayed_rx.is_empty() => {
                         if to.write_all(&buf[..n]).await.is_err() {
@@ -191,10 +207,14 @@ async fn pump(
                     Mode::Delay(d) => {
                         let _ = delayed_tx.send((Instant::now() + d, buf[..n].to_vec()));
                     }
-                    Mode::Blackhole => {}
+                    // A chunk read just before a blackhole is held like the rest.
+                    Mode::Blackhole => {
+                        let _ = delayed_tx.send((Instant::now(), buf[..n].to_vec()));
+                    }
+                    Mode::Discard => {}
                 }
             }
-            due = delayed_rx.recv() => {
+            due = delayed_rx.recv(), if mode(&states.borrow()) != Mode::Blackhole => {
                 let Some((at, chunk)) = due else { break };
                 tokio::time::sleep_until(at).await;
                 if to.write_all(&chunk).await.is_err() {
@@ -262,7 +282,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pass_delay_blackhole_each_way_reset_and_refuse() {
+    async fn pass_delay_blackhole_each_way_discard_reset_and_refuse() {
         let proxy = FaultProxy::start(echo_server().await).await.unwrap();
         let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
         let quick = round_trip(&mut stream, 1, Duration::from_secs(5)).await.unwrap();
@@ -271,19 +291,27 @@ mod tests {
         proxy.set(Side::Forward, Mode::Delay(Duration::from_millis(200)));
         let slow = round_trip(&mut stream, 2, Duration::from_secs(5)).await.unwrap();
         assert!(slow >= Duration::from_millis(200), "{slow:?}");
-        // Blackhole forward: silence, the connection stays open; the byte is lost.
+        // Blackhole forward: silence, the connection stays open; the byte is held, and arrives
+        // when the link is back.
         proxy.set(Side::Forward, Mode::Blackhole);
         assert_eq!(round_trip(&mut stream, 3, Duration::from_millis(300)).await, None);
         proxy.set(Side::Forward, Mode::Pass);
-        assert!(round_trip(&mut stream, 4, Duration::from_secs(5)).await.is_some());
-        // Blackhole backward only: the echo server gets the byte, the answer is lost.
+        let mut got = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got[0], 3);
+        // Blackhole backward only: the echo server gets the byte, the answer is held.
         proxy.set(Side::Backward, Mode::Blackhole);
         assert_eq!(round_trip(&mut stream, 5, Duration::from_millis(300)).await, None);
         proxy.set(Side::Backward, Mode::Pass);
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got[0], 5);
+        // Discard: the byte is gone for good; later ones pass.
+        proxy.set(Side::Forward, Mode::Discard);
+        assert_eq!(round_trip(&mut stream, 4, Duration::from_millis(300)).await, None);
+        proxy.set(Side::Forward, Mode::Pass);
         assert!(round_trip(&mut stream, 6, Duration::from_secs(5)).await.is_some());
         // Reset: the client sees the connection reset.
         proxy.reset();
-        let mut got = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut got)).await.unwrap();
         assert!(matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{read:?}");
         // Refuse: a new connection is closed at once; afterwards they work again.
