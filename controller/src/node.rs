@@ -420,14 +420,18 @@ impl Node {
 
     /// Finds a volume by name.
     pub fn volume(&self, name: &str) -> Result<VolumeRef, DataError> {
-        for aggr in self.aggregates() {
-            let entry = aggr.table().volumes.iter().find(|v| v.name == name).cloned();
-            if let Some(entry) = entry {
-                if let Some(reason) = self.offline.lock().expect("offline lock").get(name) {
-                    return Err(DataError::Offline { volume: name.to_string(), reason: reason.clone() });
-                }
-                return Ok(VolumeRef { aggr, entry });
+        let found = {
+            let aggregates = self.aggregates.read().expect("the aggregate list lock holder panicked");
+            aggregates.iter().find_map(|aggr| {
+                let entry = aggr.table().volumes.iter().find(|v| v.name == name).cloned();
+                entry.map(|entry| VolumeRef { aggr: aggr.clone(), entry })
+            })
+        };
+        if let Some(volume) = found {
+            if let Some(reason) = self.offline.lock().expect("offline lock").get(name) {
+                return Err(DataError::Offline { volume: name.to_string(), reason: reason.clone() });
             }
+            return Ok(volume);
         }
         Err(DataError::NotFound(format!("no volume named {name:?} on node {}", self.config.node_id)))
     }

@@ -29,7 +29,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mc_proto::v1::nvlog_mirror_client::NvlogMirrorClient;
 use mc_proto::v1::receiver_message::Body as In;
 use mc_proto::v1::writer_message::Body as Out;
@@ -121,7 +120,7 @@ pub enum MirrorError {
 }
 
 enum Outgoing {
-    Record { lsn: Lsn, encoded: Bytes },
+    Record { lsn: Lsn, encoded: Vec<u8> },
     Release(Lsn),
 }
 
@@ -225,7 +224,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
 
     /// Queues one of our records for the partner. Call in lsn order, under the same lock as the
     /// append that gave the lsn (the write path's append lock).
-    pub fn enqueue_record(&self, lsn: Lsn, encoded: Bytes) {
+    pub fn enqueue_record(&self, lsn: Lsn, encoded: Vec<u8>) {
         let mut queue = self.lock_queue();
         if queue.accepting {
             queue.items.push_back(Outgoing::Record { lsn, encoded });
@@ -515,7 +514,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         if lsn.0 != sent + 1 {
                             return Err(format!("queued lsn {} after {sent}: a hole in the queue", lsn.0));
                         }
-                        let record = MirroredRecord { lsn: lsn.0, encoded: encoded.to_vec() };
+                        let record = MirroredRecord { lsn: lsn.0, encoded };
                         self.send(&tx, Out::Record(record)).await?;
                         sent = lsn.0;
                     }

@@ -136,7 +136,7 @@ impl Node {
                     self.wait_for_cp().await?;
                 }
                 Err(e) => {
-                    self.abandon(&pending);
+                    self.settle(&pending);
                     return Err(DataError::Nvlog(e.to_string()));
                 }
             }
@@ -168,11 +168,9 @@ impl Node {
             payload,
         };
         let mut append = self.lock_append();
-        let lsn = self.nvlog.try_append_buffered(&input)?;
-        let encoded = nvlog::encode_record(&input, lsn, self.nvlog.generation(), self.nvlog.identity().node)
-            .map_err(NvlogError::InvalidRecord)?;
+        let (lsn, encoded) = self.nvlog.try_append_encoded(&input)?;
         let size = encoded.len() as u64;
-        self.mirror.enqueue_record(lsn, Bytes::from(encoded));
+        self.mirror.enqueue_record(lsn, encoded);
         append.inflight.insert(lsn);
         append.last = append.last.max(lsn);
         append.since_cp += size;
@@ -191,7 +189,9 @@ impl Node {
         Ok(lsn)
     }
 
-    fn abandon(&self, pending: &[Appended]) {
+    /// The records of `pending` are no longer in flight: applied to the cache, or failed (never
+    /// acknowledged). A CP may cover them from now on.
+    fn settle(&self, pending: &[Appended]) {
         let mut append = self.lock_append();
         for record in pending {
             append.inflight.remove(&record.lsn);
@@ -228,11 +228,11 @@ impl Node {
         let partner = self.mirror.wait_acked(last, self.config.timers.mirror_timeout);
         let (local, partner) = tokio::join!(local, partner);
         if let Err(e) = local {
-            self.abandon(&pending);
+            self.settle(&pending);
             return Err(DataError::Nvlog(e));
         }
         if let Err(e) = partner {
-            self.abandon(&pending);
+            self.settle(&pending);
             tracing::warn!(node = self.config.node_id, lsn = last.0, "write not acknowledged: {e}");
             return Err(DataError::Mirror(e));
         }
@@ -251,7 +251,7 @@ impl Node {
                 result = Err(e);
             }
         }
-        self.abandon(&pending);
+        self.settle(&pending);
         result
     }
 

@@ -546,15 +546,27 @@ impl<M: Media> Nvlog<M> {
     /// Writes a record of this node to the `local` partition without waiting for durability;
     /// waits while the partition is full. Pair with `persist_through` before acknowledging.
     pub fn append_buffered(&self, input: &RecordInput<'_>) -> Result<Lsn> {
-        self.append_local(input, true)
+        self.append_local(input, true, false).map(|(lsn, _)| lsn)
     }
 
     /// As `append_buffered`, but returns `Full` instead of waiting for space.
     pub fn try_append_buffered(&self, input: &RecordInput<'_>) -> Result<Lsn> {
-        self.append_local(input, false)
+        self.append_local(input, false, false).map(|(lsn, _)| lsn)
     }
 
-    fn append_local(&self, input: &RecordInput<'_>, wait: bool) -> Result<Lsn> {
+    /// As `try_append_buffered`, and returns the record as it was encoded, for the mirror: the
+    /// record is encoded and checksummed once, and the same bytes go to the log and the partner.
+    pub fn try_append_encoded(&self, input: &RecordInput<'_>) -> Result<(Lsn, Vec<u8>)> {
+        let (lsn, encoded) = self.append_local(input, false, true)?;
+        Ok((lsn, encoded.unwrap_or_default()))
+    }
+
+    fn append_local(
+        &self,
+        input: &RecordInput<'_>,
+        wait: bool,
+        keep: bool,
+    ) -> Result<(Lsn, Option<Vec<u8>>)> {
         let part = self.partition(PartitionKind::Local)?;
         check_input(input)?;
         let total = encoded_len(input.payload.len()) as u64;
@@ -570,15 +582,25 @@ impl<M: Media> Nvlog<M> {
         self.list_generation(part, &mut state, self.generation, lsn)?;
         seal_header(&mut header, self.generation, input.payload);
         let offset = part.half_offset(state.active_half) + state.write_pos;
-        self.media_write(offset, &header)?;
-        self.media_write(offset + RECORD_HEADER_BYTES as u64, input.payload)?;
         let padding = align_up(input.payload.len()) - input.payload.len();
-        if padding > 0 {
-            let at = offset + (RECORD_HEADER_BYTES + input.payload.len()) as u64;
-            self.media_write(at, &ZEROES[..padding])?;
-        }
+        let kept = if keep {
+            let mut encoded = Vec::with_capacity(encoded_len(input.payload.len()));
+            encoded.extend_from_slice(&header);
+            encoded.extend_from_slice(input.payload);
+            encoded.resize(encoded.len() + padding, 0);
+            self.media_write(offset, &encoded)?;
+            Some(encoded)
+        } else {
+            self.media_write(offset, &header)?;
+            self.media_write(offset + RECORD_HEADER_BYTES as u64, input.payload)?;
+            if padding > 0 {
+                let at = offset + (RECORD_HEADER_BYTES + input.payload.len()) as u64;
+                self.media_write(at, &ZEROES[..padding])?;
+            }
+            None
+        };
         self.commit_written(&mut state, lsn, offset, total);
-        Ok(lsn)
+        Ok((lsn, kept))
     }
 
     /// Appends a record exactly as its writer encoded it (a partner's record, or this node's own

@@ -9,6 +9,32 @@ use std::pin::Pin;
 use crate::buf::AlignedBuf;
 use crate::device::{BLOCK_BYTES, BlockDevice, DeviceError};
 
+/// The aggregate the aggregate tests create: cluster `[1; 16]`, aggregate `[2; 16]`, owner
+/// node 1, plexes at sites A and B, epoch 1, regions of `region_bytes`.
+pub fn test_spec(region_bytes: u32) -> crate::aggregate::AggregateSpec {
+    use crate::types::{Epoch, NodeId, Site, Uuid};
+    crate::aggregate::AggregateSpec {
+        cluster: Uuid([1; 16]),
+        aggregate: Uuid([2; 16]),
+        owner: NodeId(1),
+        sites: [Site::A, Site::B],
+        region_bytes,
+        epoch: Epoch { number: 1, owner: NodeId(1) },
+    }
+}
+
+/// Aggregate options for tests: a short mirror timeout and small resync batches.
+pub fn test_options(
+    mirror_timeout: std::time::Duration,
+    resync_batch_bytes: u64,
+) -> crate::aggregate::AggregateOptions {
+    crate::aggregate::AggregateOptions {
+        mirror_timeout,
+        resync_batch_bytes,
+        ..crate::aggregate::AggregateOptions::default()
+    }
+}
+
 /// Blocks the conformance body needs at least.
 pub const CONFORMANCE_BLOCKS: u64 = 64;
 

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use plex::testing::{MirrorRig, RecordingHook, pattern, plex_data};
 use plex::{
     Aggregate, AggregateError, AggregateOptions, AggregateSpec, AggregateState, BLOCK_BYTES, DropReason,
-    Epoch, GenerationRule, MemDevice, MemFaults, NodeId, PeerState, PlexGeneration, PlexState, ResyncLevel,
-    Site, Uuid, read_label,
+    GenerationRule, MemDevice, MemFaults, PeerState, PlexGeneration, PlexState, ResyncLevel, read_label,
 };
 use rand::{Rng, SeedableRng};
 
@@ -18,22 +17,11 @@ const REGION: u64 = 65536;
 const TIMEOUT: Duration = Duration::from_millis(300);
 
 fn spec() -> AggregateSpec {
-    AggregateSpec {
-        cluster: Uuid([1; 16]),
-        aggregate: Uuid([2; 16]),
-        owner: NodeId(1),
-        sites: [Site::A, Site::B],
-        region_bytes: 65536,
-        epoch: Epoch { number: 1, owner: NodeId(1) },
-    }
+    plex::testing::test_spec(65536)
 }
 
 fn options() -> AggregateOptions {
-    AggregateOptions {
-        mirror_timeout: TIMEOUT,
-        resync_batch_bytes: 4 * REGION,
-        ..AggregateOptions::default()
-    }
+    plex::testing::test_options(TIMEOUT, 4 * REGION)
 }
 
 fn no_hook() -> Arc<RecordingHook> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use plex::testing::{RecordingHook, pattern, plex_data};
 use plex::{
-    Aggregate, AggregateOptions, AggregateSpec, AlignedBuf, BLOCK_BYTES, BlockDevice, DeviceError, Epoch,
-    IoFuture, MemDevice, NodeId, Site, Uuid,
+    Aggregate, AggregateOptions, AggregateSpec, AlignedBuf, BLOCK_BYTES, BlockDevice, DeviceError, IoFuture,
+    MemDevice,
 };
 
 const REGION: u64 = 65536;
@@ -67,11 +67,7 @@ impl BlockDevice for Journaled {
 }
 
 fn options() -> AggregateOptions {
-    AggregateOptions {
-        mirror_timeout: Duration::from_millis(200),
-        resync_batch_bytes: 2 * REGION,
-        ..AggregateOptions::default()
-    }
+    plex::testing::test_options(Duration::from_millis(200), 2 * REGION)
 }
 
 /// Rebuilds every device as a power loss after `prefix` journal entries leaves it.
@@ -109,14 +105,7 @@ fn crash_images(initial: &[Vec<u8>], log: &[Op], prefix: usize, keep_unflushed: 
 type Writes = Vec<(usize, usize, u64, u64, u64)>;
 
 fn spec() -> AggregateSpec {
-    AggregateSpec {
-        cluster: Uuid([1; 16]),
-        aggregate: Uuid([2; 16]),
-        owner: NodeId(1),
-        sites: [Site::A, Site::B],
-        region_bytes: REGION as u32,
-        epoch: Epoch { number: 1, owner: NodeId(1) },
-    }
+    plex::testing::test_spec(REGION as u32)
 }
 
 /// Plex 0 is disk 0; plex 1 is disks 1 and 2, concatenated.

@@ -14,30 +14,19 @@ use std::time::Duration;
 use plex::testing::{MirrorRig, RecordingHook, pattern, plex_data};
 use plex::{
     Aggregate, AggregateError, AggregateOptions, AggregateSpec, AlignedBuf, BLOCK_BYTES, BlockDevice,
-    CpRecord, DeviceError, DropHook, Epoch, IoFuture, MemDevice, MemFaults, NodeId, PeerState, PlexDrop,
-    PlexGeneration, PlexState, Site, Uuid, read_label,
+    CpRecord, DeviceError, DropHook, IoFuture, MemDevice, MemFaults, PeerState, PlexDrop, PlexGeneration,
+    PlexState, read_label,
 };
 
 const REGION: u64 = 65536;
 const TIMEOUT: Duration = Duration::from_millis(300);
 
 fn spec() -> AggregateSpec {
-    AggregateSpec {
-        cluster: Uuid([1; 16]),
-        aggregate: Uuid([2; 16]),
-        owner: NodeId(1),
-        sites: [Site::A, Site::B],
-        region_bytes: 65536,
-        epoch: Epoch { number: 1, owner: NodeId(1) },
-    }
+    plex::testing::test_spec(65536)
 }
 
 fn options() -> AggregateOptions {
-    AggregateOptions {
-        mirror_timeout: TIMEOUT,
-        resync_batch_bytes: 4 * REGION,
-        ..AggregateOptions::default()
-    }
+    plex::testing::test_options(TIMEOUT, 4 * REGION)
 }
 
 type Rig = MirrorRig;

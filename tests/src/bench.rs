@@ -1,6 +1,9 @@
 //! What the benchmarks share: the durability modes they compare, and latency arithmetic.
 
+use std::path::Path;
 use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
 
 use nvlog::Durability;
 
@@ -51,6 +54,52 @@ pub fn percentile(sorted: &[u64], per_mille: usize) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// `RAMFS_MAGIC` of Linux (libc does not export it).
+#[cfg(target_os = "linux")]
+const RAMFS_MAGIC: i128 = 0x8584_58f6;
+
+/// Refuses a directory on a memory file system (`why`: what would not be measured there);
+/// returns the file system's name for the report.
+#[cfg(target_os = "linux")]
+pub fn check_disk_file_system(dir: &Path, why: &str) -> Result<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let canonical = std::fs::canonicalize(dir).with_context(|| format!("resolve {}", dir.display()))?;
+    if canonical.starts_with("/dev/shm") {
+        bail!("{} is under /dev/shm (memory): use a directory on a disk", canonical.display());
+    }
+    let path = std::ffi::CString::new(canonical.as_os_str().as_bytes())
+        .with_context(|| format!("pass {} to statfs", canonical.display()))?;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a valid, writable `statfs`, both alive
+    // for the call.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", canonical.display()));
+    }
+    // `f_type` is signed or unsigned, 32 or 64 bits, depending on the target.
+    let f_type = i128::from(stat.f_type);
+    if f_type == i128::from(libc::TMPFS_MAGIC) || f_type == RAMFS_MAGIC {
+        bail!(
+            "{} is on a memory file system (f_type {f_type:#x}): {why}; pass --dir on a disk (ext4)",
+            canonical.display()
+        );
+    }
+    Ok(if f_type == i128::from(libc::EXT4_SUPER_MAGIC) {
+        "ext4".to_string()
+    } else {
+        format!("file system type {f_type:#x}")
+    })
+}
+
+/// Not checked off Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn check_disk_file_system(_dir: &Path, _why: &str) -> Result<String> {
+    Ok("file system not checked".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +112,13 @@ mod tests {
         assert_eq!(percentile(&sorted, 1000), 100);
         assert_eq!(percentile(&[7], 990), 7);
         assert_eq!(percentile(&[], 500), 0);
+    }
+
+    /// A benchmark must not silently measure a memory file system.
+    #[test]
+    fn dev_shm_is_refused() {
+        if Path::new("/dev/shm").is_dir() {
+            assert!(check_disk_file_system(Path::new("/dev/shm"), "test").is_err());
+        }
     }
 }

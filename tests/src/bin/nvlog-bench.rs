@@ -28,7 +28,7 @@
 //! least 4x the throughput of one) are reported, never asserted: DESIGN §14 keeps speed out of
 //! pass/fail.
 
-use mc_tests::bench::{Mode, micros, nanos, percentile};
+use mc_tests::bench::{Mode, check_disk_file_system, micros, nanos, percentile};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -38,7 +38,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use clap::{Parser, ValueEnum};
 use memmap2::MmapRaw;
 use nvlog::{
@@ -56,8 +56,6 @@ const CP_POLL: Duration = Duration::from_millis(1);
 const SETTLE: Duration = Duration::from_millis(200);
 /// ramfs has no constant in `libc`.
 #[cfg(target_os = "linux")]
-const RAMFS_MAGIC: i128 = 0x8584_58f6;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "nvlog-bench",
@@ -209,7 +207,7 @@ fn main() -> Result<()> {
 
 fn run(config: &Config) -> Result<()> {
     fs::create_dir_all(&config.dir).with_context(|| format!("create {}", config.dir.display()))?;
-    let fs_name = check_disk_file_system(&config.dir)?;
+    let fs_name = check_disk_file_system(&config.dir, "msync would cost nothing there")?;
     println!(
         "nvlog-bench: dir {} ({fs_name}), {} MiB {} files, {:.1} s per side and case, 4 KiB records, \
          CP release every {} ms or at half full",
@@ -264,47 +262,6 @@ fn run(config: &Config) -> Result<()> {
         println!("{}", to_json(config, &fs_name, &results));
     }
     Ok(())
-}
-
-/// Refuses memory file systems; returns the file system's name for the report.
-#[cfg(target_os = "linux")]
-fn check_disk_file_system(dir: &Path) -> Result<String> {
-    use std::os::unix::ffi::OsStrExt as _;
-
-    let canonical = fs::canonicalize(dir).with_context(|| format!("resolve {}", dir.display()))?;
-    if canonical.starts_with("/dev/shm") {
-        bail!("{} is under /dev/shm (memory): use a directory on a disk", canonical.display());
-    }
-    let path = std::ffi::CString::new(canonical.as_os_str().as_bytes())
-        .with_context(|| format!("pass {} to statfs", canonical.display()))?;
-    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `stat` a valid, writable `statfs`, both alive
-    // for the call.
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", canonical.display()));
-    }
-    // `f_type` is signed or unsigned, 32 or 64 bits, depending on the target.
-    let f_type = i128::from(stat.f_type);
-    if f_type == i128::from(libc::TMPFS_MAGIC) || f_type == RAMFS_MAGIC {
-        bail!(
-            "{} is on a memory file system (f_type {f_type:#x}): msync would cost nothing there; \
-             pass --dir on a disk (ext4)",
-            canonical.display()
-        );
-    }
-    Ok(if f_type == i128::from(libc::EXT4_SUPER_MAGIC) {
-        "ext4".to_string()
-    } else {
-        format!("file system type {f_type:#x}")
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn check_disk_file_system(_dir: &Path) -> Result<String> {
-    Ok("file system not checked".to_string())
 }
 
 /// Writes back what the last case left (its deleted file's blocks are discarded at the next
@@ -827,17 +784,6 @@ fn to_json(config: &Config, fs_name: &str, results: &[Measurement]) -> String {
 mod tests {
     use super::*;
 
-    /// A percentile off by one rank would report p99 of 100 samples as the maximum.
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let sorted: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&sorted, 500), 50);
-        assert_eq!(percentile(&sorted, 990), 99);
-        assert_eq!(percentile(&sorted, 1000), 100);
-        assert_eq!(percentile(&[7], 990), 7);
-        assert_eq!(percentile(&[], 500), 0);
-    }
-
     /// The defaults are what docs/performance.md says the plain command runs.
     #[test]
     fn defaults_match_the_documented_run() {
@@ -861,14 +807,6 @@ mod tests {
             &["nvlog-bench", "--cp-interval-ms", "0"],
         ] {
             assert!(Config::from_args(Args::parse_from(args)).is_err(), "{args:?} was accepted");
-        }
-    }
-
-    /// The benchmark must not silently measure msync on a memory file system.
-    #[test]
-    fn dev_shm_is_refused() {
-        if Path::new("/dev/shm").is_dir() {
-            assert!(check_disk_file_system(Path::new("/dev/shm")).is_err());
         }
     }
 }

@@ -56,7 +56,7 @@
 //! reported, never asserted: DESIGN §14 keeps speed out of pass/fail. A new product side (a remote
 //! plex) is one more `Side` whose function builds a `Target` and hands it to `drive`.
 
-use mc_tests::bench::{micros, nanos, percentile};
+use mc_tests::bench::{check_disk_file_system, micros, nanos, percentile};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -68,7 +68,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use clap::{Parser, ValueEnum};
 use plex::testing::RecordingHook;
 use plex::uring::{DirectIo, UringDevice, UringOptions};
@@ -83,7 +83,6 @@ use rand::{Rng, RngCore, SeedableRng};
 const SETTLE: Duration = Duration::from_millis(200);
 /// ramfs has no constant in `libc`.
 #[cfg(target_os = "linux")]
-const RAMFS_MAGIC: i128 = 0x8584_58f6;
 /// The goal of the uring side: its IOPS over fio's.
 const URING_GOAL_RATIO: f64 = 0.8;
 /// The goal of the aggregate side: its IOPS over fio's on one file.
@@ -377,7 +376,7 @@ fn main() -> Result<()> {
 
 fn run(config: &Config) -> Result<()> {
     fs::create_dir_all(&config.dir).with_context(|| format!("create {}", config.dir.display()))?;
-    let fs_name = check_disk_file_system(&config.dir)?;
+    let fs_name = check_disk_file_system(&config.dir, "the disk would not be measured")?;
     let workloads = config.workloads();
     if config.sides.contains(&Side::Fio) && !workloads.is_empty() {
         let version = Command::new(&config.fio)
@@ -1332,47 +1331,6 @@ fn resync_table(report: &ResyncReport) -> String {
     out
 }
 
-/// Refuses memory file systems; returns the file system's name for the report.
-#[cfg(target_os = "linux")]
-fn check_disk_file_system(dir: &Path) -> Result<String> {
-    use std::os::unix::ffi::OsStrExt as _;
-
-    let canonical = fs::canonicalize(dir).with_context(|| format!("resolve {}", dir.display()))?;
-    if canonical.starts_with("/dev/shm") {
-        bail!("{} is under /dev/shm (memory): use a directory on a disk", canonical.display());
-    }
-    let path = std::ffi::CString::new(canonical.as_os_str().as_bytes())
-        .with_context(|| format!("pass {} to statfs", canonical.display()))?;
-    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `stat` a valid, writable `statfs`, both alive
-    // for the call.
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", canonical.display()));
-    }
-    // `f_type` is signed or unsigned, 32 or 64 bits, depending on the target.
-    let f_type = i128::from(stat.f_type);
-    if f_type == i128::from(libc::TMPFS_MAGIC) || f_type == RAMFS_MAGIC {
-        bail!(
-            "{} is on a memory file system (f_type {f_type:#x}): the disk would not be measured; pass --dir \
-             on a disk (ext4)",
-            canonical.display()
-        );
-    }
-    Ok(if f_type == i128::from(libc::EXT4_SUPER_MAGIC) {
-        "ext4".to_string()
-    } else {
-        format!("file system type {f_type:#x}")
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn check_disk_file_system(_dir: &Path) -> Result<String> {
-    Ok("file system not checked".to_string())
-}
-
 /// Writes back what the last side left and lets the device go quiet; with buffered I/O, also
 /// drops the files' pages from the page cache so every side starts cold, as fio's `invalidate=1`
 /// does for its own.
@@ -1581,15 +1539,6 @@ fn to_json(
 mod tests {
     use super::*;
 
-    /// A percentile off by one rank would report p99 of 100 samples as the maximum.
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let sorted: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&sorted, 500), 50);
-        assert_eq!(percentile(&sorted, 990), 99);
-        assert_eq!(percentile(&[], 500), 0);
-    }
-
     /// The defaults are what docs/performance.md says the plain command runs.
     #[test]
     fn defaults_match_the_documented_run() {
@@ -1660,14 +1609,6 @@ mod tests {
         assert_eq!((m.lat_p50_ns, m.lat_p99_ns), (Some(41984), Some(101376)));
         // 10% of 5 s over 10,000 requests.
         assert!((m.cpu_us_per_io - 50.0).abs() < 1e-6, "{}", m.cpu_us_per_io);
-    }
-
-    /// The benchmark must not silently measure a memory file system.
-    #[test]
-    fn dev_shm_is_refused() {
-        if Path::new("/dev/shm").is_dir() {
-            assert!(check_disk_file_system(Path::new("/dev/shm")).is_err());
-        }
     }
 
     /// The product side keeps its lanes busy and reads back what it was asked to, on the
