@@ -58,6 +58,11 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
     let table = aggr.table().clone();
     let last_cp = *aggr.last_cp.lock().expect("last CP lock");
     let offline = node.offline_reasons();
+    let disks = aggr.disks.lock().expect("disk list lock").clone();
+    let (here, there) = match node.config().site {
+        Site::A => ("A", "B"),
+        Site::B => ("B", "A"),
+    };
     AggregateInfo {
         uuid: aggr.uuid.0.to_vec(),
         name: table.name.clone(),
@@ -68,7 +73,8 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
                 index: u32::from(i == 1),
                 state: status.plexes[i].to_string(),
                 generation: status.plexes[i].generation.0,
-                disks: aggr.disks[i].clone(),
+                disks: disks[i].clone(),
+                site: if i == 0 { here } else { there }.to_string(),
             })
             .collect(),
         volumes: table

@@ -307,11 +307,30 @@ async fn run_in_span(
         path: config.shelf_dir.display().to_string(),
         message: format!("scan the shelf: {e}"),
     })?;
-    let found = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
+    let all = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
     let ours = |cp: &plex::CpRecord| cp.writer.0 == config.node_id;
-    let lsn_floor = found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.last_lsn.0).max().unwrap_or(0);
+    let lsn_floor = all.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.last_lsn.0).max().unwrap_or(0);
     let generation_floor =
-        found.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.log_generation).max().unwrap_or(0);
+        all.iter().map(|f| f.last_cp()).filter(ours).map(|cp| cp.log_generation).max().unwrap_or(0);
+    // This node's aggregates: plex 0 on this shelf, owned by us. The others here are plex 1 of
+    // the DR partner's, served through DiskService.
+    let found: Vec<_> = all
+        .into_iter()
+        .filter(|f| f.plexes[0].iter().any(|d| d.label.as_ref().is_some_and(|l| l.owner.0 == config.node_id)))
+        .collect();
+    let shelf_state = crate::shelf_state::ShelfState::open(&config.shelf_dir).map_err(|e| {
+        DaemonError::Nvlog { path: config.shelf_dir.display().to_string(), message: e.to_string() }
+    })?;
+    let clock = Arc::new(crate::peer::PeerClock::default());
+    let remote = crate::remote_disk::RemoteShelf::new(
+        &config.dr_partner.address,
+        config.cluster_id,
+        config.node_id,
+        config.dr_partner.node_id,
+        config.timers.mirror_timeout,
+        clock.clone(),
+    )
+    .map_err(|message| DaemonError::Serve { what: "disk client", message })?;
     let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor)?;
     let nvlog = Arc::new(nvlog);
     let mirror = MirrorWriter::start(
@@ -326,10 +345,21 @@ async fn run_in_span(
             keepalive_interval: config.timers.keepalive_interval,
             keepalive_timeout: config.timers.keepalive_timeout,
         },
+        clock.clone(),
     );
     // A node with no aggregate yet (a new cluster) has nothing its lost log could have held.
     let local_partition_lost = local_partition_lost && !found.is_empty();
-    let node = Node::new(config.clone(), nvlog.clone(), mirror.clone(), local_partition_lost);
+    let node = Node::new(
+        config.clone(),
+        nvlog.clone(),
+        crate::node::NodeParts {
+            mirror: mirror.clone(),
+            local_partition_lost,
+            shelf_state: shelf_state.clone(),
+            remote,
+            clock: clock.clone(),
+        },
+    );
 
     let grpc_listener = bind("grpc", config.grpc_listen).await?;
     let metrics_listener = bind("metrics", config.metrics_listen).await?;
@@ -375,16 +405,31 @@ async fn run_in_span(
                 keepalive_interval: config.timers.keepalive_interval,
                 silence_limit: config.timers.mirror_timeout.saturating_sub(config.timers.margin),
             },
+            clock.clone(),
         );
         receiver_handle = receiver.clone();
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
             .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        let disks =
+            mc_proto::v1::disk_service_server::DiskServiceServer::new(crate::disk_service::DiskServer::new(
+                crate::disk_service::ServerIdentity {
+                    cluster: config.cluster_id,
+                    node: config.node_id,
+                    partner: config.dr_partner.node_id,
+                },
+                config.shelf_dir.clone(),
+                shelf_state.clone(),
+                clock.clone(),
+            ))
+            .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(admin)
             .add_service(mirror)
             .add_service(data)
+            .add_service(disks)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 async move {

@@ -67,6 +67,8 @@ pub struct MirrorReceiver<M: Media> {
     nvlog: Arc<Nvlog<M>>,
     identity: ReceiverIdentity,
     timers: ReceiverTimers,
+    /// The writer's last sign of life, shared with every service of this node (S3).
+    clock: Arc<crate::peer::PeerClock>,
     /// When the last round trip with the writer completed (ms since `epoch`).
     last_round_trip_ms: Arc<AtomicU64>,
     epoch: Instant,
@@ -104,11 +106,13 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         nvlog: Arc<Nvlog<M>>,
         identity: ReceiverIdentity,
         timers: ReceiverTimers,
+        clock: Arc<crate::peer::PeerClock>,
     ) -> Arc<MirrorReceiver<M>> {
         let receiver = Arc::new(MirrorReceiver {
             nvlog,
             identity,
             timers,
+            clock,
             last_round_trip_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             stop: tokio::sync::watch::Sender::new(false),
@@ -246,6 +250,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             None => return Ok(()),
         };
         self.check_identity(hello.identity.as_ref())?;
+        self.clock.heard();
         self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
         let nvlog = self.nvlog.clone();
         let status = blocking(move || nvlog.status(KIND)).await?;
@@ -304,6 +309,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 }
             };
             let Some(WriterMessage { body }) = message else { return Ok(()) };
+            self.clock.heard();
             match body {
                 None => return Err(Status::invalid_argument("an empty message")),
                 Some(In::Hello(_)) => return Err(Status::invalid_argument("a second hello on one stream")),

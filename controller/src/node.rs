@@ -33,7 +33,10 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::nvlog_mirror::MirrorWriter;
-use crate::shelf::FoundAggregate;
+use crate::peer::PeerClock;
+use crate::remote_disk::{RemoteShelf, UnreachableDisk};
+use crate::shelf::{FoundAggregate, GuardedDisk};
+use crate::shelf_state::{RecordedDrop, ShelfState};
 use crate::volume::{VolumeEntry, VolumeTable};
 
 /// Bytes of one cached block.
@@ -120,24 +123,70 @@ pub enum DataError {
     Invalid(String),
 }
 
-/// A plex drop is recorded in the survivor's labels and bitmap by `plex` itself; recording it
-/// at the DR partner (S3) comes with the remote plexes of the next issue, where a plex can be
-/// at the other site. With both plexes at this site, the drop is logged here.
+/// Records a plex drop as S3 requires, after `plex` has recorded it in the survivor's labels
+/// and bitmap: in this shelf's state, then at the DR partner (`DiskService.RecordPlexDrop`) —
+/// or, when the partner does not answer, once nothing has been heard from it for
+/// `mirror_timeout`. Until then the hook fails and `plex` retries it; the writes that wait on
+/// the drop stall.
 #[derive(Debug)]
-pub struct LoggedDrops {
+pub struct PartnerDrops {
     node: u32,
+    epoch: plex::Epoch,
+    remote: RemoteShelf,
+    state: Arc<ShelfState>,
+    clock: Arc<PeerClock>,
+    mirror_timeout: Duration,
 }
 
-impl DropHook for LoggedDrops {
+fn drop_reason(reason: plex::DropReason) -> (&'static str, u8) {
+    match reason {
+        plex::DropReason::Timeout => ("timeout", 0),
+        plex::DropReason::Failed => ("failed", 1),
+        plex::DropReason::OutOfDate => ("out_of_date", 2),
+    }
+}
+
+impl DropHook for PartnerDrops {
     fn plex_dropped<'a>(&'a self, drop: &'a PlexDrop) -> IoFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            let (reason, code) = drop_reason(drop.reason);
+            let recorded = RecordedDrop {
+                plex: drop.plex,
+                reason: code,
+                survivor_generation: drop.survivor_generation.0,
+            };
+            self.state
+                .record_drop(drop.aggregate, self.epoch, recorded)
+                .await
+                .map_err(|e| format!("record the drop locally: {e}"))?;
+            let at_partner = self
+                .remote
+                .record_drop(drop.aggregate, self.epoch, drop.plex, reason, drop.survivor_generation.0)
+                .await;
+            let how = match at_partner {
+                Ok(()) => "recorded at the DR partner".to_string(),
+                Err(status) => {
+                    let silent = self.clock.silent_for();
+                    if silent < self.mirror_timeout {
+                        return Err(format!(
+                            "the DR partner did not record the drop ({}: {}) and was heard from {silent:?} ago \
+                             (S3 waits for its record or {:?} of silence)",
+                            status.code(),
+                            status.message(),
+                            self.mirror_timeout
+                        ));
+                    }
+                    format!("the DR partner unreachable and silent for {silent:?}")
+                }
+            };
             tracing::error!(
                 node = self.node,
                 aggregate = %hex(&drop.aggregate.0),
                 plex = drop.plex,
-                reason = ?drop.reason,
+                reason,
                 survivor_generation = drop.survivor_generation.0,
-                "plex dropped: the aggregate runs degraded"
+                how = %how,
+                "plex dropped: the aggregate runs degraded (S3)"
             );
             Ok(())
         })
@@ -162,8 +211,8 @@ pub struct AggrSlot {
     pub epoch: nvlog::Epoch,
     /// Its volume table.
     pub table: Mutex<VolumeTable>,
-    /// Disk names per plex.
-    pub disks: [Vec<String>; 2],
+    /// Disk names per plex (plex 1's at the DR partner; empty while it cannot be reached).
+    pub disks: Mutex<[Vec<String>; 2]>,
     /// The last CP recorded in its labels.
     pub last_cp: Mutex<CpRecord>,
 }
@@ -311,16 +360,33 @@ pub struct Node {
     /// The local partition's records were lost at start (a new file, or a corrupt partition
     /// emptied): they come only from the partner's copy (S8).
     local_partition_lost: bool,
+    /// This shelf's epoch marks and recorded drops (S2, S3).
+    pub(crate) shelf_state: Arc<ShelfState>,
+    /// The DR partner's shelf: plex 1 of every aggregate (DESIGN §6.2).
+    pub(crate) remote: RemoteShelf,
+    /// When the DR partner was last heard from (S3).
+    pub(crate) clock: Arc<PeerClock>,
+}
+
+/// What a node is built from besides its configuration and NVLog.
+#[derive(Debug)]
+pub struct NodeParts {
+    /// The started mirror writer.
+    pub mirror: Arc<MirrorWriter<MmapMedia>>,
+    /// Whether the local partition's records were lost at start.
+    pub local_partition_lost: bool,
+    /// This shelf's state.
+    pub shelf_state: Arc<ShelfState>,
+    /// The partner's shelf.
+    pub remote: RemoteShelf,
+    /// The partner's last sign of life.
+    pub clock: Arc<PeerClock>,
 }
 
 impl Node {
     /// A node over an open NVLog and a started mirror writer; `starting` until `recover`.
-    pub fn new(
-        config: Config,
-        nvlog: Arc<Nvlog<MmapMedia>>,
-        mirror: Arc<MirrorWriter<MmapMedia>>,
-        local_partition_lost: bool,
-    ) -> Arc<Node> {
+    pub fn new(config: Config, nvlog: Arc<Nvlog<MmapMedia>>, parts: NodeParts) -> Arc<Node> {
+        let NodeParts { mirror, local_partition_lost, shelf_state, remote, clock } = parts;
         let half_bytes = nvlog.status(PartitionKind::Local).map(|s| s.size_bytes / 2).unwrap_or(u64::MAX);
         Arc::new(Node {
             config,
@@ -344,6 +410,9 @@ impl Node {
             plex_metrics: plex::PlexMetrics::default(),
             local_partition_lost,
             release_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
+            shelf_state,
+            remote,
+            clock,
         })
     }
 
@@ -449,8 +518,71 @@ impl Node {
         &self.plex_metrics
     }
 
-    pub(crate) fn drop_hook(&self) -> Arc<dyn DropHook> {
-        Arc::new(LoggedDrops { node: self.config.node_id })
+    pub(crate) fn drop_hook(&self, epoch: plex::Epoch) -> Arc<dyn DropHook> {
+        Arc::new(PartnerDrops {
+            node: self.config.node_id,
+            epoch,
+            remote: self.remote.clone(),
+            state: self.shelf_state.clone(),
+            clock: self.clock.clone(),
+            mirror_timeout: self.config.timers.mirror_timeout,
+        })
+    }
+
+    /// The partner's shelf.
+    pub fn remote(&self) -> &RemoteShelf {
+        &self.remote
+    }
+
+    /// This node's own disks of plex 0, opened and guarded by the shelf's epoch mark (S2).
+    pub(crate) fn local_devices(
+        &self,
+        paths: &[std::path::PathBuf],
+        aggregate: Uuid,
+        epoch: plex::Epoch,
+    ) -> Result<Vec<Arc<dyn plex::BlockDevice>>, String> {
+        paths
+            .iter()
+            .map(|path| {
+                let device =
+                    crate::shelf::open_device(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+                Ok(Arc::new(GuardedDisk::new(device, self.shelf_state.clone(), aggregate, epoch))
+                    as Arc<dyn plex::BlockDevice>)
+            })
+            .collect()
+    }
+
+    /// Opens plex 1's disks at the DR partner (`names` in order; all of the aggregate's disks
+    /// there when `None`); a partner that cannot be reached gives a disk that fails every I/O,
+    /// so the plex is dropped (S3) and reattached later.
+    pub(crate) async fn remote_devices(
+        &self,
+        aggregate: Uuid,
+        epoch: plex::Epoch,
+        names: Option<&[String]>,
+        create_size: u64,
+    ) -> Result<(Vec<Arc<dyn plex::BlockDevice>>, Vec<String>), String> {
+        let names = match names {
+            Some(names) => names.to_vec(),
+            None => self
+                .remote
+                .plex_disks(aggregate, 1)
+                .await
+                .map_err(|s| format!("list the partner's disks: {}", s.message()))?,
+        };
+        if names.is_empty() {
+            return Err("the DR partner holds no disk of plex 1".into());
+        }
+        let mut devices: Vec<Arc<dyn plex::BlockDevice>> = Vec::new();
+        for name in &names {
+            let disk = self
+                .remote
+                .open(aggregate, epoch, 1, name, create_size)
+                .await
+                .map_err(|s| format!("open disk {name} at the DR partner: {}", s.message()))?;
+            devices.push(Arc::new(disk));
+        }
+        Ok((devices, names))
     }
 
     /// Reads the volume table of an opened aggregate.
@@ -588,29 +720,42 @@ impl Node {
     }
 
     async fn open_found(&self, found: &FoundAggregate, index: usize) -> Result<AggrSlot, String> {
-        let devices = crate::shelf::open_aggregate(found).map_err(|e| format!("open disks: {e}"))?;
-        let aggregate = Aggregate::open(devices, self.aggregate_options(), self.drop_hook())
+        let label = found.plexes[0]
+            .iter()
+            .filter_map(|d| d.label.as_ref())
+            .max_by_key(|l| l.epoch_high_water)
+            .ok_or("plex 0 has no labelled disk at this site")?;
+        let epoch = label.epoch_high_water;
+        // S2: a higher mark on this shelf (a partner that took the aggregate over wrote here)
+        // means this node was deposed.
+        self.shelf_state.observe(found.uuid, epoch);
+        let mark = self.shelf_state.marks(found.uuid).epoch;
+        if mark > epoch || epoch.owner.0 != self.config.node_id {
+            return Err(format!(
+                "this shelf saw epoch {}@node{} for it, above this node's {}@node{}: deposed (S2)",
+                mark.number, mark.owner.0, epoch.number, epoch.owner.0
+            ));
+        }
+        let paths: Vec<std::path::PathBuf> = found.plexes[0].iter().map(|d| d.path.clone()).collect();
+        let local = self.local_devices(&paths, found.uuid, epoch)?;
+        let (remote, remote_names) = match self.remote_devices(found.uuid, epoch, None, 0).await {
+            Ok(opened) => opened,
+            Err(why) => {
+                tracing::warn!(aggregate = %hex(&found.uuid.0), "plex 1 at the DR partner unreachable at open: {why}");
+                (vec![Arc::new(UnreachableDisk { why }) as Arc<dyn plex::BlockDevice>], Vec::new())
+            }
+        };
+        let aggregate = Aggregate::open([local, remote], self.aggregate_options(), self.drop_hook(epoch))
             .await
             .map_err(|e| format!("open: {e}"))?;
         let table = Node::read_table(&aggregate).await?;
-        let label = found
-            .plexes
-            .iter()
-            .flatten()
-            .filter_map(|d| d.label.as_ref())
-            .max_by_key(|l| l.epoch_high_water)
-            .ok_or("no label")?;
-        let epoch = nvlog::Epoch {
-            number: label.epoch_high_water.number,
-            owner: nvlog::NodeId(label.epoch_high_water.owner.0),
-        };
         Ok(AggrSlot {
             index: u32::try_from(index).map_err(|_| "too many aggregates")?,
             uuid: found.uuid,
             aggregate: Arc::new(aggregate),
-            epoch,
+            epoch: nvlog::Epoch { number: epoch.number, owner: nvlog::NodeId(epoch.owner.0) },
             table: Mutex::new(table),
-            disks: [0, 1].map(|i| found.plexes[i].iter().map(|d| d.name.clone()).collect()),
+            disks: Mutex::new([found.plexes[0].iter().map(|d| d.name.clone()).collect(), remote_names]),
             last_cp: Mutex::new(found.last_cp()),
         })
     }
@@ -738,41 +883,52 @@ impl Node {
         if self.aggregates().iter().any(|a| a.table().name == name) {
             return Err(DataError::Invalid(format!("an aggregate named {name:?} exists")));
         }
-        let mut devices: [Vec<Arc<dyn plex::BlockDevice>>; 2] = [Vec::new(), Vec::new()];
         let mut sorted = disks.clone();
         for (plex, names) in sorted.iter_mut().enumerate() {
             if names.is_empty() {
                 return Err(DataError::Invalid(format!("plex {plex} has no disks")));
             }
             names.sort();
+            let mut seen = std::collections::HashSet::new();
             for disk in names.iter() {
-                if disks.iter().flatten().filter(|d| *d == disk).count() > 1 {
-                    return Err(DataError::Invalid(format!("disk {disk} is named twice")));
+                crate::shelf::check_disk_name(disk).map_err(DataError::Invalid)?;
+                if !seen.insert(disk) {
+                    return Err(DataError::Invalid(format!("disk {disk} is named twice in plex {plex}")));
                 }
-                let path = crate::shelf::ensure_disk_file(&self.config.shelf_dir, disk, disk_size)
-                    .map_err(DataError::Invalid)?;
-                let device = crate::shelf::open_device(&path)
-                    .map_err(|e| DataError::Invalid(format!("open disk {disk}: {e}")))?;
-                devices[plex].push(device);
             }
         }
         let uuid = Uuid(rand::random());
-        let site = match self.config.site {
-            crate::config::Site::A => plex::Site::A,
-            crate::config::Site::B => plex::Site::B,
-        };
         let owner = plex::NodeId(self.config.node_id);
+        let epoch = plex::Epoch { number: 1, owner };
+        let mut paths = Vec::new();
+        for disk in &sorted[0] {
+            paths.push(
+                crate::shelf::ensure_disk_file(&self.config.shelf_dir, disk, disk_size)
+                    .map_err(DataError::Invalid)?,
+            );
+        }
+        let local = self.local_devices(&paths, uuid, epoch).map_err(DataError::Invalid)?;
+        // Plex 1 lives at the other site (DESIGN §6.3): the DR partner's shelf.
+        let (remote, _) = self
+            .remote_devices(uuid, epoch, Some(&sorted[1]), disk_size)
+            .await
+            .map_err(|e| DataError::Invalid(format!("plex 1: {e}")))?;
+        let (here, there) = match self.config.site {
+            crate::config::Site::A => (plex::Site::A, plex::Site::B),
+            crate::config::Site::B => (plex::Site::B, plex::Site::A),
+        };
         let spec = plex::AggregateSpec {
             cluster: Uuid(self.config.cluster_id),
             aggregate: uuid,
             owner,
-            sites: [site, site],
+            sites: [here, there],
             region_bytes: 64 * 1024,
-            epoch: plex::Epoch { number: 1, owner },
+            epoch,
         };
-        let aggregate = Aggregate::create(&spec, devices, self.aggregate_options(), self.drop_hook())
-            .await
-            .map_err(|e| DataError::Invalid(format!("create aggregate {name}: {e}")))?;
+        let aggregate =
+            Aggregate::create(&spec, [local, remote], self.aggregate_options(), self.drop_hook(epoch))
+                .await
+                .map_err(|e| DataError::Invalid(format!("create aggregate {name}: {e}")))?;
         let table = VolumeTable::new(uuid.0, name).map_err(|e| DataError::Invalid(e.to_string()))?;
         Node::write_table(&aggregate, &table).await.map_err(DataError::Plex)?;
         let mut list = self.aggregates.write().expect("the aggregate list lock holder panicked");
@@ -782,7 +938,7 @@ impl Node {
             aggregate: Arc::new(aggregate),
             epoch: nvlog::Epoch { number: 1, owner: nvlog::NodeId(self.config.node_id) },
             table: Mutex::new(table),
-            disks: sorted,
+            disks: Mutex::new(sorted),
             last_cp: Mutex::new(CpRecord::default()),
         });
         list.push(slot.clone());

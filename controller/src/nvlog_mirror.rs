@@ -146,6 +146,8 @@ pub struct MirrorWriter<M: Media> {
     nvlog: Arc<Nvlog<M>>,
     identity: WriterIdentity,
     timers: WriterTimers,
+    /// The partner's last sign of life, shared with every service of this node (S3).
+    clock: Arc<crate::peer::PeerClock>,
     queue: Mutex<Queue>,
     queued: Notify,
     /// Notified when the partner's partition was full: a CP (and its release) makes room.
@@ -183,11 +185,13 @@ impl<M: Media + 'static> MirrorWriter<M> {
         nvlog: Arc<Nvlog<M>>,
         identity: WriterIdentity,
         timers: WriterTimers,
+        clock: Arc<crate::peer::PeerClock>,
     ) -> Arc<MirrorWriter<M>> {
         let writer = Arc::new(MirrorWriter {
             nvlog,
             identity,
             timers,
+            clock,
             queue: Mutex::new(Queue { accepting: false, items: VecDeque::new() }),
             queued: Notify::new(),
             space: Notify::new(),
@@ -418,6 +422,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             _ => return Err("the partner's first message is not its hello".into()),
         };
         self.check_identity(hello.identity.as_ref())?;
+        self.clock.heard();
         // 1. Our records the partner holds above our recovered tail (S8).
         let mut adopted = 0u64;
         for _ in 0..hello.returned_records {
@@ -539,6 +544,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         Ok(Some(ReceiverMessage { body: Some(body) })) => body,
                     };
                     last_heard = Instant::now();
+                    self.clock.heard();
                     match body {
                         In::Ack(ack) => {
                             let lsn = Lsn(ack.lsn);

@@ -52,10 +52,13 @@ impl FoundAggregate {
 pub fn check_disk_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name != "."
-        && name != ".."
+        && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok { Ok(()) } else { Err(format!("disk name {name:?}: letters, digits, '_', '-' and '.' only")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("disk name {name:?}: letters, digits, '_', '-' and '.' only, not starting with '.'"))
+    }
 }
 
 /// Reads the label of every regular file in `dir` (a missing directory is an empty shelf).
@@ -145,4 +148,59 @@ pub fn ensure_disk_file(dir: &Path, name: &str, size_bytes: u64) -> Result<PathB
     }
     plex::file::create_sparse(&path, size_bytes).map_err(|e| format!("create disk {name}: {e}"))?;
     Ok(path)
+}
+
+/// A disk of this shelf written by this node for its own aggregate: every write first checks
+/// the epoch this node holds against the shelf's high-water mark, as the DiskService checks the
+/// partner's (DESIGN §7, S2): a deposed owner's write fails and touches nothing.
+#[derive(Debug)]
+pub struct GuardedDisk {
+    inner: Arc<dyn BlockDevice>,
+    state: Arc<crate::shelf_state::ShelfState>,
+    aggregate: Uuid,
+    epoch: plex::Epoch,
+}
+
+impl GuardedDisk {
+    /// `inner`, written at `epoch` for `aggregate`.
+    pub fn new(
+        inner: Arc<dyn BlockDevice>,
+        state: Arc<crate::shelf_state::ShelfState>,
+        aggregate: Uuid,
+        epoch: plex::Epoch,
+    ) -> GuardedDisk {
+        GuardedDisk { inner, state, aggregate, epoch }
+    }
+}
+
+impl BlockDevice for GuardedDisk {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+
+    fn read(
+        &self,
+        offset: u64,
+        buf: plex::AlignedBuf,
+    ) -> plex::IoFuture<'_, (Result<(), plex::DeviceError>, plex::AlignedBuf)> {
+        self.inner.read(offset, buf)
+    }
+
+    fn write(
+        &self,
+        offset: u64,
+        buf: plex::AlignedBuf,
+    ) -> plex::IoFuture<'_, (Result<(), plex::DeviceError>, plex::AlignedBuf)> {
+        Box::pin(async move {
+            if let Err(e) = self.state.admit(self.aggregate, self.epoch).await {
+                let source = std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string());
+                return (Err(plex::DeviceError::Io { op: "write", offset, source }), buf);
+            }
+            self.inner.write(offset, buf).await
+        })
+    }
+
+    fn flush(&self) -> plex::IoFuture<'_, Result<(), plex::DeviceError>> {
+        self.inner.flush()
+    }
 }

@@ -65,6 +65,7 @@ async fn rig(silence_limit: Duration) -> Rig {
         nvlog.clone(),
         ReceiverIdentity { cluster: CLUSTER, node: RECEIVER, writer: WRITER },
         ReceiverTimers { keepalive_interval: Duration::from_millis(50), silence_limit },
+        Arc::new(controller::peer::PeerClock::default()),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());

@@ -1,0 +1,350 @@
+//! A disk at the other site as a `BlockDevice` over the partner's `DiskService` (DESIGN §6.2):
+//! the aggregate's plex 1.
+//!
+//! Invariants:
+//! - every call carries the cluster, this node, the partner, the aggregate, the plex and the
+//!   epoch this node holds for the aggregate (S2, DESIGN §8), and has a deadline;
+//! - a completed `write` is durable at the partner (the service answers only then, S12);
+//! - requests above `MAX_IO_BYTES` are split into calls sent concurrently;
+//! - after a failed write or flush the device refuses writes and flushes until it is opened
+//!   again (S10); a read that fails is only an error;
+//! - every answer from the partner counts as hearing from it (`PeerClock`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mc_proto::v1::disk_service_client::DiskServiceClient;
+use mc_proto::v1::{
+    DiskCall, DiskFlushRequest, DiskReadRequest, DiskWriteRequest, Identity, ListDisksRequest,
+    OpenDiskRequest, PlexDropRequest, ShelfDiskInfo,
+};
+use plex::{AlignedBuf, BLOCK_BYTES, BlockDevice, DeviceError, Epoch, IoFuture, Uuid};
+use tonic::transport::Channel;
+
+use crate::disk_service::MAX_IO_BYTES;
+use crate::peer::PeerClock;
+
+/// Where the partner's disks are and who we are to it.
+#[derive(Clone, Debug)]
+pub struct RemoteShelf {
+    client: DiskServiceClient<Channel>,
+    cluster: [u8; 16],
+    node: u32,
+    partner: u32,
+    /// The deadline of one call.
+    timeout: Duration,
+    clock: Arc<PeerClock>,
+}
+
+/// A status as a device error.
+fn io_error(op: &'static str, offset: u64, status: &tonic::Status) -> DeviceError {
+    DeviceError::Io {
+        op,
+        offset,
+        source: std::io::Error::other(format!("{}: {}", status.code(), status.message())),
+    }
+}
+
+impl RemoteShelf {
+    /// The partner's shelf at `address` (`host:port`); connects lazily, so an unreachable
+    /// partner is an error of each call, not of this.
+    pub fn new(
+        address: &str,
+        cluster: [u8; 16],
+        node: u32,
+        partner: u32,
+        timeout: Duration,
+        clock: Arc<PeerClock>,
+    ) -> Result<RemoteShelf, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("partner address {address}: {e}"))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+        let client = DiskServiceClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
+        Ok(RemoteShelf { client, cluster, node, partner, timeout, clock })
+    }
+
+    fn identity(&self) -> Identity {
+        Identity { cluster_id: self.cluster.to_vec(), sender_node: self.node, receiver_node: self.partner }
+    }
+
+    /// The partner's node id.
+    pub fn partner(&self) -> u32 {
+        self.partner
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(reply)) => {
+                self.clock.heard();
+                Ok(reply.into_inner())
+            }
+            Ok(Err(status)) => {
+                // A status the partner sent is hearing from it; one our transport made up is not.
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    self.clock.heard();
+                }
+                Err(status)
+            }
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "the DR partner (node {}) did not answer within {:?}",
+                self.partner, self.timeout
+            ))),
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// The disks of the partner's shelf.
+    pub async fn list(&self) -> Result<Vec<ShelfDiskInfo>, tonic::Status> {
+        let mut client = self.client.clone();
+        let request = self.request(ListDisksRequest { identity: Some(self.identity()) });
+        Ok(self.bounded(client.list_disks(request)).await?.disks)
+    }
+
+    /// The disks of plex `plex` of `aggregate` at the partner, in name order.
+    pub async fn plex_disks(&self, aggregate: Uuid, plex: u8) -> Result<Vec<String>, tonic::Status> {
+        let mut names: Vec<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|d| d.labelled && d.aggregate_uuid == aggregate.0 && d.plex_index == u32::from(plex))
+            .map(|d| d.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn call(&self, aggregate: Uuid, epoch: Epoch, plex: u8, disk: &str) -> DiskCall {
+        DiskCall {
+            identity: Some(self.identity()),
+            aggregate_uuid: aggregate.0.to_vec(),
+            epoch: Some(mc_proto::v1::Epoch { number: epoch.number, owner_node: epoch.owner.0 }),
+            plex_index: u32::from(plex),
+            disk: disk.to_string(),
+        }
+    }
+
+    /// Opens disk `disk` at the partner for plex `plex` of `aggregate` at `epoch`, creating a
+    /// sparse file of `create_size` bytes if it does not exist and that is not 0.
+    pub async fn open(
+        &self,
+        aggregate: Uuid,
+        epoch: Epoch,
+        plex: u8,
+        disk: &str,
+        create_size: u64,
+    ) -> Result<RemoteDisk, tonic::Status> {
+        let call = self.call(aggregate, epoch, plex, disk);
+        let mut client = self.client.clone();
+        let request =
+            self.request(OpenDiskRequest { call: Some(call.clone()), create_size_bytes: create_size });
+        let size = self.bounded(client.open_disk(request)).await?.size_bytes;
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES) {
+            return Err(tonic::Status::failed_precondition(format!(
+                "disk {disk} at the partner has {size} bytes, not a positive multiple of {BLOCK_BYTES}"
+            )));
+        }
+        Ok(RemoteDisk {
+            shelf: self.clone(),
+            call,
+            name: disk.to_string(),
+            size,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Records at the partner that this node dropped plex `dropped` of `aggregate` (S3).
+    pub async fn record_drop(
+        &self,
+        aggregate: Uuid,
+        epoch: Epoch,
+        dropped: u8,
+        reason: &str,
+        survivor_generation: u64,
+    ) -> Result<(), tonic::Status> {
+        let mut client = self.client.clone();
+        let request = self.request(PlexDropRequest {
+            call: Some(self.call(aggregate, epoch, dropped, "")),
+            dropped_plex: u32::from(dropped),
+            reason: reason.to_string(),
+            survivor_generation,
+        });
+        self.bounded(client.record_plex_drop(request)).await.map(|_| ())
+    }
+}
+
+/// One disk at the partner.
+#[derive(Debug)]
+pub struct RemoteDisk {
+    shelf: RemoteShelf,
+    call: DiskCall,
+    name: String,
+    size: u64,
+    failed: AtomicBool,
+}
+
+impl RemoteDisk {
+    /// The disk's name at the partner.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `[offset, offset + len)` in pieces of at most `MAX_IO_BYTES`.
+    fn pieces(offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let n = MAX_IO_BYTES.min(len - at);
+            pieces.push((offset + at, n));
+            at += n;
+        }
+        pieces
+    }
+
+    async fn read_piece(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
+        let mut client = self.shelf.client.clone();
+        let request =
+            self.shelf.request(DiskReadRequest { call: Some(self.call.clone()), offset, length: len });
+        let data =
+            self.shelf.bounded(client.read(request)).await.map_err(|s| io_error("read", offset, &s))?.data;
+        if data.len() as u64 != len {
+            return Err(DeviceError::Io {
+                op: "read",
+                offset,
+                source: std::io::Error::other(format!("the partner returned {} bytes of {len}", data.len())),
+            });
+        }
+        Ok(data)
+    }
+
+    async fn write_piece(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
+        let mut client = self.shelf.client.clone();
+        let request = self.shelf.request(DiskWriteRequest { call: Some(self.call.clone()), offset, data });
+        self.shelf.bounded(client.write(request)).await.map(|_| ()).map_err(|s| io_error("write", offset, &s))
+    }
+}
+
+impl BlockDevice for RemoteDisk {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, mut buf: AlignedBuf) -> IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)> {
+        Box::pin(async move {
+            if let Err(e) = plex::device::check_range(offset, buf.len(), self.size) {
+                return (Err(e), buf);
+            }
+            let pieces = RemoteDisk::pieces(offset, buf.len() as u64);
+            let futures: Vec<IoFuture<'_, Result<Bytes, DeviceError>>> =
+                pieces.iter().map(|&(at, n)| Box::pin(self.read_piece(at, n)) as IoFuture<'_, _>).collect();
+            let results = plex::device::join_all(futures).await;
+            let out = buf.as_mut_slice();
+            let mut at = 0usize;
+            for result in results {
+                match result {
+                    Ok(data) => {
+                        out[at..at + data.len()].copy_from_slice(&data);
+                        at += data.len();
+                    }
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            (Ok(()), buf)
+        })
+    }
+
+    fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)> {
+        Box::pin(async move {
+            if self.failed.load(Ordering::Acquire) {
+                return (Err(DeviceError::Failed), buf);
+            }
+            if let Err(e) = plex::device::check_range(offset, buf.len(), self.size) {
+                return (Err(e), buf);
+            }
+            let pieces = RemoteDisk::pieces(offset, buf.len() as u64);
+            let futures: Vec<IoFuture<'_, Result<(), DeviceError>>> = pieces
+                .iter()
+                .map(|&(at, n)| {
+                    let start = usize::try_from(at - offset).unwrap_or(usize::MAX);
+                    let end = start.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
+                    let data = Bytes::copy_from_slice(&buf.as_slice()[start..end]);
+                    Box::pin(self.write_piece(at, data)) as IoFuture<'_, _>
+                })
+                .collect();
+            for result in plex::device::join_all(futures).await {
+                if let Err(e) = result {
+                    self.failed.store(true, Ordering::Release);
+                    return (Err(e), buf);
+                }
+            }
+            (Ok(()), buf)
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async move {
+            if self.failed.load(Ordering::Acquire) {
+                return Err(DeviceError::Failed);
+            }
+            let mut client = self.shelf.client.clone();
+            let request = self.shelf.request(DiskFlushRequest { call: Some(self.call.clone()) });
+            match self.shelf.bounded(client.flush(request)).await {
+                Ok(_) => Ok(()),
+                Err(status) => {
+                    self.failed.store(true, Ordering::Release);
+                    Err(io_error("flush", 0, &status))
+                }
+            }
+        })
+    }
+}
+
+/// A disk of the remote plex that could not be reached when the aggregate was opened: every
+/// I/O fails, so the aggregate drops the plex (S3, S4) and runs degraded until it is reattached
+/// with disks opened at the partner.
+#[derive(Debug)]
+pub struct UnreachableDisk {
+    /// Why.
+    pub why: String,
+}
+
+impl BlockDevice for UnreachableDisk {
+    fn size_bytes(&self) -> u64 {
+        BLOCK_BYTES
+    }
+
+    fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)> {
+        Box::pin(async move {
+            (
+                Err(DeviceError::Io { op: "read", offset, source: std::io::Error::other(self.why.clone()) }),
+                buf,
+            )
+        })
+    }
+
+    fn write(&self, _offset: u64, buf: AlignedBuf) -> IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)> {
+        Box::pin(async move { (Err(DeviceError::Failed), buf) })
+    }
+
+    fn flush(&self) -> IoFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async move { Err(DeviceError::Failed) })
+    }
+}
