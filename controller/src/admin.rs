@@ -135,11 +135,8 @@ impl Admin for AdminService {
             partitions.push(NvlogPartition {
                 kind: kind.name().to_string(),
                 writer_node: status.writer.0,
-                mirror_state: if kind == PartitionKind::Local {
-                    WireMirrorState::Unspecified as i32
-                } else {
-                    crate::wire::mirror_state(status.mirror_state) as i32
-                },
+                // For `local`: this node's persisted account, as the writer, of its DR mirror.
+                mirror_state: crate::wire::mirror_state(status.mirror_state) as i32,
                 partition_generation: status.partition_generation,
                 released_lsn: status.released_lsn.0,
                 last_lsn: status.last_lsn.0,
@@ -157,6 +154,7 @@ impl Admin for AdminService {
             WriterState::Unknown => (WireMirrorState::Unspecified, 0),
             WriterState::InSync => (WireMirrorState::InSync, 0),
             WriterState::Resyncing { from } => (WireMirrorState::Resyncing, from.0),
+            WriterState::OutOfSync => (WireMirrorState::OutOfSync, 0),
         };
         let mut aggregates = Vec::new();
         for aggr in node.aggregates() {

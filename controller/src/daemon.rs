@@ -344,6 +344,7 @@ async fn run_in_span(
         WriterTimers {
             keepalive_interval: config.timers.keepalive_interval,
             keepalive_timeout: config.timers.keepalive_timeout,
+            mirror_timeout: config.timers.mirror_timeout,
         },
         clock.clone(),
     );
@@ -488,6 +489,11 @@ async fn run_in_span(
     let cps = tokio::spawn(
         node.clone().run_cps(stop_rx.clone()).instrument(tracing::info_span!("cp", node = config.node_id)),
     );
+    let monitor = tokio::spawn(
+        node.clone()
+            .run_plex_monitor(stop_rx.clone())
+            .instrument(tracing::info_span!("plex-monitor", node = config.node_id)),
+    );
     // `mc.v1.Data` is SERVING exactly while the node serves volumes.
     let data_health = {
         let (node, reporter, mut stop) = (node.clone(), health_reporter.clone(), stop_rx.clone());
@@ -518,6 +524,7 @@ async fn run_in_span(
     recovery.abort();
     let _ = stop_tx.send(true);
     let _ = cps.await;
+    let _ = monitor.await;
     let _ = data_health.await;
     // Servers stop accepting at once and drain open connections; a client that keeps its
     // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.

@@ -18,6 +18,7 @@ pub mod mirror_receiver;
 pub mod node;
 pub mod nvlog_mirror;
 pub mod peer;
+pub mod plex_monitor;
 pub mod remote_disk;
 pub mod shelf;
 pub mod shelf_state;

@@ -74,6 +74,9 @@ pub struct MirrorReceiver<M: Media> {
     epoch: Instant,
     /// Set at shutdown: every stream ends, so the server's drain does not wait for them.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Raised each time the silence rule persists `out_of_sync`: the stream tells the writer
+    /// (S13), which takes it as the acknowledgement of a drop (S3).
+    marked: tokio::sync::watch::Sender<u64>,
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -116,6 +119,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             last_round_trip_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             stop: tokio::sync::watch::Sender::new(false),
+            marked: tokio::sync::watch::Sender::new(0),
         });
         let weak = Arc::downgrade(&receiver);
         tokio::spawn(async move {
@@ -159,6 +163,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         })
         .await;
         if let Ok(true) = changed {
+            self.marked.send_modify(|n| *n += 1);
             tracing::warn!(
                 writer = self.identity.writer,
                 silent_ms,
@@ -291,6 +296,8 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         }
         // 2-4. Records, announcements, releases and keepalives, with our own keepalives between.
         let mut stop = self.stop.subscribe();
+        let mut marked = self.marked.subscribe();
+        marked.borrow_and_update();
         let persist = self.persister(out.clone());
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let sequence = AtomicU64::new(0);
@@ -298,6 +305,17 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         loop {
             let message = tokio::select! {
                 () = async { let _ = stop.wait_for(|stop| *stop).await; } => return Ok(()),
+                Ok(()) = marked.changed() => {
+                    // S13: marked out of sync by silence; the writer is told.
+                    let change = ReceiverStateChange {
+                        state: WireMirrorState::OutOfSync as i32,
+                        reason: "no round trip with the writer within the silence limit (S13)".into(),
+                    };
+                    if !send(Out::StateChange(change)).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 message = inbound.message() => message?,
                 _ = keepalive.tick() => {
                     let next = sequence.fetch_add(1, Ordering::AcqRel) + 1;
@@ -391,6 +409,18 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                             }
                             blocking(move || nvlog.set_mirror_state(KIND, MirrorState::InSync)).await?;
                             MirrorState::InSync
+                        }
+                        WireMirrorState::OutOfSync => {
+                            // The writer drops the mirror (S3): persisted here, then acknowledged.
+                            blocking(move || nvlog.set_mirror_state(KIND, MirrorState::OutOfSync)).await?;
+                            let change = ReceiverStateChange {
+                                state: WireMirrorState::OutOfSync as i32,
+                                reason: "the writer dropped the mirror".into(),
+                            };
+                            if !send(Out::StateChange(change)).await {
+                                return Ok(());
+                            }
+                            MirrorState::OutOfSync
                         }
                         other => {
                             return Err(Status::invalid_argument(format!("announcement of {other:?}")));

@@ -21,8 +21,14 @@
 //!   append lock, and a session resends from the NVLog what it did not queue;
 //! - `acked` only increases and only to an lsn the partner said is persisted (an ack, or its
 //!   durable tail in a hello);
-//! - the partner is never left out of the ack set here (S1): leaving it needs S3, which comes
-//!   with the mirror-timeout issue; a write simply waits for the ack.
+//! - the partner leaves the ack set only through `drop_partner` (S3, DESIGN §4.1): the drop is
+//!   persisted in the local partition's header first, then acknowledged by the partner (its
+//!   receiver persisted `out_of_sync` and said so on the stream) or preceded by
+//!   `mirror_timeout` in which nothing at all was heard from it (`PeerClock`); until then every
+//!   write waits;
+//! - it comes back only through a handshake, as `resyncing` from our next lsn N (§4.2): from
+//!   then on every record at or above N needs its ack again; `in_sync` after the covering CP,
+//!   persisted locally too.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -36,7 +42,7 @@ use mc_proto::v1::{
     AggregateEpoch, Identity, Keepalive, KeepaliveReply, MirrorAnnouncement, MirrorState as WireMirrorState,
     MirroredRecord, ReceiverMessage, Release, WriterHello, WriterMessage,
 };
-use nvlog::{Lsn, Media, Nvlog, NvlogError, PartitionKind};
+use nvlog::{Lsn, Media, MirrorState, Nvlog, NvlogError, PartitionKind};
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::codegen::tokio_stream::Stream;
 
@@ -62,6 +68,8 @@ pub struct WriterTimers {
     pub keepalive_interval: Duration,
     /// Silence after which the session is considered dead and a new one starts.
     pub keepalive_timeout: Duration,
+    /// How long a write waits for the partner before it is dropped (DESIGN §4.1, S3).
+    pub mirror_timeout: Duration,
 }
 
 /// Our account, as the writer, of the mirror.
@@ -76,6 +84,24 @@ pub enum WriterState {
         /// The first lsn mirrored after the restart.
         from: Lsn,
     },
+    /// Dropped (S3): out of the ack set until a handshake re-establishes it.
+    OutOfSync,
+}
+
+/// Which records need the partner's acknowledgement (S1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckSet {
+    /// The partner was dropped (S3): no record needs its ack until it is re-established.
+    pub dropped: bool,
+    /// Records below it were written while the partner was out of the ack set.
+    pub floor: Lsn,
+}
+
+impl AckSet {
+    /// Whether record `lsn` needs the partner's acknowledgement.
+    pub fn needs_ack(&self, lsn: Lsn) -> bool {
+        !self.dropped && lsn >= self.floor
+    }
 }
 
 /// A snapshot for status and metrics.
@@ -93,6 +119,10 @@ pub struct WriterStatus {
     pub handshakes: u64,
     /// The partner's hello of the last handshake: its epochs (S2).
     pub partner_epochs: Vec<AggregateEpoch>,
+    /// Which records need the partner's ack.
+    pub ack_set: AckSet,
+    /// Drops since start.
+    pub drops: u64,
     /// Whether the partner's copy was complete at the first handshake: its receiver held the
     /// mirror `in_sync` and had lost no records (S8: only then may it replace a lost local
     /// partition). `None` before the first handshake.
@@ -122,6 +152,7 @@ pub enum MirrorError {
 enum Outgoing {
     Record { lsn: Lsn, encoded: Vec<u8> },
     Release(Lsn),
+    Announcement(MirrorAnnouncement),
 }
 
 struct Queue {
@@ -139,6 +170,10 @@ struct State {
     last_error: Option<String>,
     /// The highest lsn our CPs released (what the partner may free).
     released: Lsn,
+    /// The partner told us (since the last handshake) that its receiver persisted
+    /// `out_of_sync`: its acknowledgement of a drop (S3).
+    partner_out_of_sync: bool,
+    drops: u64,
 }
 
 /// The writer.
@@ -153,6 +188,11 @@ pub struct MirrorWriter<M: Media> {
     /// Notified when the partner's partition was full: a CP (and its release) makes room.
     space: Notify,
     acked: watch::Sender<Lsn>,
+    ack_set: watch::Sender<AckSet>,
+    /// Raised when the partner reports `out_of_sync` (wakes a drop in progress).
+    partner_reports: watch::Sender<u64>,
+    /// One drop at a time.
+    dropping: tokio::sync::Mutex<()>,
     handshakes: watch::Sender<u64>,
     state: Mutex<State>,
     stop: watch::Sender<bool>,
@@ -196,6 +236,9 @@ impl<M: Media + 'static> MirrorWriter<M> {
             queued: Notify::new(),
             space: Notify::new(),
             acked: watch::Sender::new(Lsn::ZERO),
+            ack_set: watch::Sender::new(AckSet::default()),
+            partner_reports: watch::Sender::new(0),
+            dropping: tokio::sync::Mutex::new(()),
             handshakes: watch::Sender::new(0),
             state: Mutex::new(State {
                 state: WriterState::Unknown,
@@ -205,6 +248,8 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 first_copy_complete: None,
                 last_error: None,
                 released: Lsn::ZERO,
+                partner_out_of_sync: false,
+                drops: 0,
             }),
             stop: watch::Sender::new(false),
         });
@@ -259,19 +304,128 @@ impl<M: Media + 'static> MirrorWriter<M> {
         self.space.notified().await;
     }
 
-    /// Waits until the partner acknowledged `lsn`, at most `bound`.
-    pub async fn wait_acked(&self, lsn: Lsn, bound: Duration) -> Result<(), MirrorError> {
+    /// Waits until record `lsn` needs nothing more from the partner: acknowledged, or written
+    /// while the partner was out of the ack set. At most `bound`.
+    pub async fn wait_mirrored(&self, lsn: Lsn, bound: Duration) -> Result<(), MirrorError> {
         let mut acked = self.acked.subscribe();
+        let mut set = self.ack_set.subscribe();
         let mut stop = self.stop.subscribe();
         let wait = async {
-            tokio::select! {
-                result = acked.wait_for(|acked| *acked >= lsn) => result.map(|_| ()).map_err(|_| MirrorError::Stopped),
-                _ = stop.wait_for(|stop| *stop) => Err(MirrorError::Stopped),
+            loop {
+                if *acked.borrow_and_update() >= lsn || !set.borrow_and_update().needs_ack(lsn) {
+                    return Ok(());
+                }
+                tokio::select! {
+                    result = acked.changed() => result.map_err(|_| MirrorError::Stopped)?,
+                    result = set.changed() => result.map_err(|_| MirrorError::Stopped)?,
+                    _ = stop.wait_for(|stop| *stop) => return Err(MirrorError::Stopped),
+                }
             }
         };
         match tokio::time::timeout(bound, wait).await {
             Ok(result) => result,
             Err(_) => Err(MirrorError::Timeout { partner: self.identity.partner, lsn, waited: bound }),
+        }
+    }
+
+    /// Whether record `lsn` may be acknowledged as far as the partner goes (S1): it acked it,
+    /// or the record does not need its ack.
+    pub fn mirrored(&self, lsn: Lsn) -> bool {
+        *self.acked.borrow() >= lsn || !self.ack_set.borrow().needs_ack(lsn)
+    }
+
+    /// Drops the partner from the ack set after the mirror timeout (DESIGN §4.1, S3) and
+    /// returns once it is out, however long that takes (S3: a controller that cannot record
+    /// the drop keeps stalling). The drop runs in its own task, so a caller that gives up does
+    /// not cancel it.
+    pub async fn drop_partner(self: &Arc<Self>, why: String) -> Result<(), MirrorError> {
+        let mut set = self.ack_set.subscribe();
+        if set.borrow_and_update().dropped {
+            return Ok(());
+        }
+        let mut handshakes = self.handshakes.subscribe();
+        let before = *handshakes.borrow_and_update();
+        let writer = self.clone();
+        tokio::spawn(async move { writer.run_drop(why, before).await });
+        let mut stop = self.stop.subscribe();
+        // Out of the ack set, or re-established meanwhile (the caller waits for the ack again).
+        tokio::select! {
+            result = set.wait_for(|set| set.dropped) => result.map(|_| ()).map_err(|_| MirrorError::Stopped),
+            result = handshakes.wait_for(|n| *n > before) => result.map(|_| ()).map_err(|_| MirrorError::Stopped),
+            _ = stop.wait_for(|stop| *stop) => Err(MirrorError::Stopped),
+        }
+    }
+
+    /// The drop of `drop_partner`; `handshakes` is the count when the timeout was seen: a
+    /// handshake after it re-established the mirror, and the drop is moot.
+    async fn run_drop(self: Arc<Self>, why: String, handshakes: u64) {
+        let _one = self.dropping.lock().await;
+        if self.ack_set.borrow().dropped || *self.handshakes.borrow() > handshakes {
+            return;
+        }
+        tracing::warn!(partner = self.identity.partner, "dropping the NVLog mirror: {why}");
+        // 1. Persisted locally first.
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let nvlog = self.nvlog.clone();
+            match blocking(move || nvlog.set_mirror_state(LOCAL, MirrorState::OutOfSync)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!("the drop cannot be persisted locally, writes stall (S3): {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+            if *self.stop.borrow() {
+                return;
+            }
+        }
+        // 2. The partner's acknowledgement, or mirror_timeout of silence (no mediator yet).
+        self.queue_announcement(MirrorAnnouncement { state: WireMirrorState::OutOfSync as i32, lsn: 0 });
+        let mut reports = self.partner_reports.subscribe();
+        let mut stop = self.stop.subscribe();
+        let how = loop {
+            if *self.handshakes.borrow() > handshakes {
+                tracing::info!(
+                    partner = self.identity.partner,
+                    "the mirror was re-established (resyncing) before the drop completed; not dropped"
+                );
+                return;
+            }
+            if self.lock_state().partner_out_of_sync {
+                break "the partner acknowledged it (its receiver persisted out_of_sync)".to_string();
+            }
+            let silent = self.clock.silent_for();
+            if silent >= self.timers.mirror_timeout {
+                break format!("nothing heard from the partner for {silent:?}");
+            }
+            tokio::select! {
+                _ = reports.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        };
+        // 3. Out of the ack set: the writes waiting on it go on with the local copy.
+        {
+            let mut state = self.lock_state();
+            state.state = WriterState::OutOfSync;
+            state.drops += 1;
+        }
+        // The session in progress sees this and ends: the next handshake re-establishes.
+        self.ack_set.send_modify(|set| set.dropped = true);
+        tracing::error!(
+            partner = self.identity.partner,
+            how = %how,
+            "NVLog mirror dropped: out_of_sync; writes go on without the partner's copy (S3)"
+        );
+    }
+
+    fn queue_announcement(&self, announcement: MirrorAnnouncement) {
+        let mut queue = self.lock_queue();
+        if queue.accepting {
+            queue.items.push_back(Outgoing::Announcement(announcement));
+            drop(queue);
+            self.queued.notify_one();
         }
     }
 
@@ -299,6 +453,8 @@ impl<M: Media + 'static> MirrorWriter<M> {
             state: state.state,
             connected: state.connected,
             acked: *self.acked.borrow(),
+            ack_set: *self.ack_set.borrow(),
+            drops: state.drops,
             handshakes: state.handshakes,
             partner_epochs: state.partner_epochs.clone(),
             first_copy_complete: state.first_copy_complete,
@@ -450,25 +606,41 @@ impl<M: Media + 'static> MirrorWriter<M> {
             moved
         });
         // 2. Resume above what the partner holds; what our CPs covered is released first.
+        // Always: a release sent in an earlier session may never have been applied (the
+        // partner restarted), and its partition could stay full of what our CPs covered.
         let released = ours.released_lsn.max(self.lock_state().released);
-        if released > receiver_tail {
+        if released > Lsn::ZERO {
             self.send(&tx, Out::Release(Release { lsn: released.0 })).await?;
         }
         let start = receiver_tail.max(released).next();
         let receiver_state =
             WireMirrorState::try_from(hello.mirror_state).unwrap_or(WireMirrorState::Unspecified);
-        let lost = hello.lost_records || receiver_state != WireMirrorState::InSync;
-        {
-            let mut state = self.lock_state();
-            if lost {
-                state.state = WriterState::Resyncing { from: our_tail.next() };
-            } else if state.state == WriterState::Unknown {
-                state.state = WriterState::InSync;
-            }
-        }
+        // Our own account counts too: a drop we persisted (before a restart, too) means the
+        // partner lacks what we wrote alone.
+        let dropped_here = matches!(ours.mirror_state, MirrorState::OutOfSync | MirrorState::Resyncing)
+            || self.ack_set.borrow().dropped;
+        let lost = hello.lost_records || receiver_state != WireMirrorState::InSync || dropped_here;
         if lost {
+            let from = our_tail.next();
+            let nvlog = self.nvlog.clone();
+            blocking(move || nvlog.set_mirror_state(LOCAL, MirrorState::Resyncing)).await?;
+            {
+                let mut state = self.lock_state();
+                state.state = WriterState::Resyncing { from };
+                state.partner_out_of_sync = false;
+            }
+            // Back in the ack set (§4.2): every record from `from` on needs the partner's ack.
+            if self.ack_set.borrow().dropped {
+                self.ack_set.send_replace(AckSet { dropped: false, floor: from });
+            }
             let announcement = MirrorAnnouncement { state: WireMirrorState::Resyncing as i32, lsn: start.0 };
             self.send(&tx, Out::Announcement(announcement)).await?;
+        } else {
+            let mut state = self.lock_state();
+            state.partner_out_of_sync = false;
+            if state.state == WriterState::Unknown {
+                state.state = WriterState::InSync;
+            }
         }
         tracing::info!(
             partner = self.identity.partner,
@@ -505,6 +677,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         };
         self.handshakes.send_replace(handshakes);
         // 3. Steady state.
+        let mut dropped = self.ack_set.subscribe();
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let mut sequence = 0u64;
         let mut last_heard = Instant::now();
@@ -527,10 +700,16 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         self.send(&tx, Out::Release(Release { lsn: lsn.0 })).await?;
                         self.announce_if_covered(&tx, lsn).await?;
                     }
+                    Outgoing::Announcement(announcement) => {
+                        self.send(&tx, Out::Announcement(announcement)).await?;
+                    }
                 }
             }
             tokio::select! {
                 () = self.queued.notified() => {}
+                () = async { let _ = dropped.wait_for(|set| set.dropped).await; } => {
+                    return Err("the mirror was dropped; re-establishing".into());
+                }
                 received = inbound.message() => {
                     let body = match received {
                         Err(status) => {
@@ -558,6 +737,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             });
                         }
                         In::StateChange(change) => {
+                            if change.state == WireMirrorState::OutOfSync as i32 {
+                                // Its receiver persisted out_of_sync: that acknowledges a drop (S3).
+                                self.lock_state().partner_out_of_sync = true;
+                                self.partner_reports.send_modify(|n| *n += 1);
+                            }
                             return Err(format!("the partner marked the mirror out of sync: {}", change.reason));
                         }
                         In::Keepalive(keepalive) => {
@@ -607,6 +791,8 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
         let announcement = MirrorAnnouncement { state: WireMirrorState::InSync as i32, lsn: released.0 };
         self.send(tx, Out::Announcement(announcement)).await?;
+        let nvlog = self.nvlog.clone();
+        blocking(move || nvlog.set_mirror_state(LOCAL, MirrorState::InSync)).await?;
         self.lock_state().state = WriterState::InSync;
         tracing::info!(
             partner = self.identity.partner,

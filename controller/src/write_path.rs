@@ -225,7 +225,20 @@ impl Node {
                 Err(e) => Err(format!("persist task: {e}")),
             }
         };
-        let partner = self.mirror.wait_acked(last, self.config.timers.mirror_timeout);
+        let partner = async {
+            // DESIGN §4.1: wait up to the mirror timeout, then drop the partner as S3 requires
+            // (which stalls until the drop is recorded) and go on without it.
+            loop {
+                match self.mirror.wait_mirrored(last, self.config.timers.mirror_timeout).await {
+                    Err(crate::nvlog_mirror::MirrorError::Timeout { partner, lsn, waited }) => {
+                        let why =
+                            format!("node {partner} did not acknowledge lsn {} within {waited:?}", lsn.0);
+                        self.mirror.drop_partner(why).await?;
+                    }
+                    other => return other,
+                }
+            }
+        };
         let (local, partner) = tokio::join!(local, partner);
         if let Err(e) = local {
             self.settle(&pending);
@@ -239,8 +252,8 @@ impl Node {
         // S1, checked in release builds too.
         assert!(
             self.nvlog.durable_tail(nvlog::PartitionKind::Local).unwrap_or_default() >= last
-                && self.mirror.acked() >= last,
-            "S1: acknowledging lsn {} before it is durable locally and at the partner",
+                && self.mirror.mirrored(last),
+            "S1: acknowledging lsn {} before it is durable locally and at every partner in the ack set",
             last.0
         );
         let mut result = Ok(Some(last));

@@ -369,6 +369,28 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Waits for a workload task to end after its stop flag was set; a write stuck for
+    /// `DEADLINE` fails the test with both daemons' logs.
+    pub async fn finish(&self, load: tokio::task::JoinHandle<()>) {
+        match tokio::time::timeout(DEADLINE, load).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => {
+                let tail = |i: usize| {
+                    let log = self.log(i);
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(400)..].join("\n")
+                };
+                panic!(
+                    "a write is stuck after the workload stopped\n--- A ---\n{}\n--- B ---\n{}",
+                    tail(0),
+                    tail(1)
+                );
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill(0);
