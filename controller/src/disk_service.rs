@@ -51,6 +51,8 @@ pub struct ServerIdentity {
 /// A disk open for a partner's aggregate.
 #[derive(Debug)]
 struct ServedDisk {
+    /// This opening's handle.
+    handle: u64,
     aggregate: Uuid,
     plex: u8,
     device: Arc<dyn BlockDevice>,
@@ -84,6 +86,8 @@ pub struct DiskServer {
     state: Arc<ShelfState>,
     clock: Arc<PeerClock>,
     open: Mutex<HashMap<String, Arc<ServedDisk>>>,
+    /// The last handle given out.
+    handles: AtomicU64,
 }
 
 fn state_status(e: ShelfStateError) -> Status {
@@ -118,7 +122,20 @@ impl DiskServer {
         state: Arc<ShelfState>,
         clock: Arc<PeerClock>,
     ) -> DiskServer {
-        DiskServer { identity, shelf_dir, state, clock, open: Mutex::new(HashMap::new()) }
+        // Handles start from the clock, so a restarted server never hands out one an earlier
+        // life gave (a delayed call of that life is refused too).
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(1);
+        DiskServer {
+            identity,
+            shelf_dir,
+            state,
+            clock,
+            open: Mutex::new(HashMap::new()),
+            handles: AtomicU64::new(start),
+        }
     }
 
     fn check_identity(&self, identity: Option<&Identity>) -> Result<(), Status> {
@@ -170,6 +187,11 @@ impl DiskServer {
             self.open.lock().expect("the open-disk lock holder panicked").get(name).cloned().ok_or_else(
                 || Status::failed_precondition(format!("disk {name:?} is not open: call OpenDisk")),
             )?;
+        if call.map(|c| c.handle) != Some(disk.handle) {
+            return Err(Status::failed_precondition(format!(
+                "disk {name:?} was opened again since this call's opening: a late call is refused"
+            )));
+        }
         if disk.aggregate != aggregate || disk.plex != plex {
             return Err(Status::failed_precondition(format!(
                 "disk {name:?} belongs to another aggregate or plex"
@@ -266,7 +288,9 @@ impl DiskService for DiskServer {
             Err(e) => return Err(Status::unavailable(format!("read the label of disk {name}: {e}"))),
         }
         let size = device.size_bytes();
+        let handle = self.handles.fetch_add(1, Ordering::AcqRel) + 1;
         let served = Arc::new(ServedDisk {
+            handle,
             aggregate,
             plex,
             device,
@@ -275,7 +299,7 @@ impl DiskService for DiskServer {
             failed: AtomicBool::new(false),
         });
         self.open.lock().expect("the open-disk lock holder panicked").insert(name, served);
-        Ok(Response::new(OpenDiskReply { size_bytes: size }))
+        Ok(Response::new(OpenDiskReply { size_bytes: size, handle }))
     }
 
     async fn read(&self, request: Request<DiskReadRequest>) -> Result<Response<DiskReadReply>, Status> {

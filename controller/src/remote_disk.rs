@@ -139,6 +139,7 @@ impl RemoteShelf {
             epoch: Some(mc_proto::v1::Epoch { number: epoch.number, owner_node: epoch.owner.0 }),
             plex_index: u32::from(plex),
             disk: disk.to_string(),
+            handle: 0,
         }
     }
 
@@ -152,11 +153,14 @@ impl RemoteShelf {
         disk: &str,
         create_size: u64,
     ) -> Result<RemoteDisk, tonic::Status> {
-        let call = self.call(aggregate, epoch, plex, disk);
+        let mut call = self.call(aggregate, epoch, plex, disk);
         let mut client = self.client.clone();
         let request =
             self.request(OpenDiskRequest { call: Some(call.clone()), create_size_bytes: create_size });
-        let size = self.bounded(client.open_disk(request)).await?.size_bytes;
+        let reply = self.bounded(client.open_disk(request)).await?;
+        let size = reply.size_bytes;
+        // Every call of this opening carries its handle (a reopen refuses the older ones).
+        call.handle = reply.handle;
         if size == 0 || !size.is_multiple_of(BLOCK_BYTES) {
             return Err(tonic::Status::failed_precondition(format!(
                 "disk {disk} at the partner has {size} bytes, not a positive multiple of {BLOCK_BYTES}"

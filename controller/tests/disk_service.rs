@@ -27,6 +27,7 @@ struct Call {
     epoch: (u64, u32),
     plex: u32,
     disk: String,
+    handle: u64,
 }
 
 impl Call {
@@ -37,6 +38,7 @@ impl Call {
             epoch: Some(Epoch { number: self.epoch.0, owner_node: self.epoch.1 }),
             plex_index: self.plex,
             disk: self.disk.clone(),
+            handle: self.handle,
         })
     }
 }
@@ -80,8 +82,10 @@ async fn stale_epochs_strangers_and_bad_calls_are_refused_and_change_nothing() {
         epoch: (1, 1),
         plex: 1,
         disk: "d1".into(),
+        handle: 0,
     };
-    client.open_disk(OpenDiskRequest { call: good.wire(), create_size_bytes: 0 }).await.unwrap();
+    let opened = client.open_disk(OpenDiskRequest { call: good.wire(), create_size_bytes: 0 }).await.unwrap();
+    let good = Call { handle: opened.into_inner().handle, ..good };
     let offset = 1 << 20;
     let mut other_cluster = CLUSTER.to_vec();
     other_cluster[0] ^= 1;
@@ -128,6 +132,12 @@ async fn stale_epochs_strangers_and_bad_calls_are_refused_and_change_nothing() {
         ("a disk not open", Call { disk: "d0".into(), ..good.clone() }, offset, Code::FailedPrecondition),
         ("a misaligned offset", good.clone(), offset + 512, Code::InvalidArgument),
         ("past the end", good.clone(), 1 << 40, Code::InvalidArgument),
+        (
+            "an earlier opening",
+            Call { handle: good.handle - 1, ..good.clone() },
+            offset,
+            Code::FailedPrecondition,
+        ),
     ];
     for (what, call, offset, code) in &refusals {
         let error = try_write(&mut client, call, *offset).await.unwrap_err();
@@ -173,8 +183,13 @@ async fn stale_epochs_strangers_and_bad_calls_are_refused_and_change_nothing() {
         client.open_disk(OpenDiskRequest { call: good.wire(), create_size_bytes: 0 }).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition, "after restart: {error:?}");
     assert_eq!(std::fs::read(&b_disk).unwrap(), before, "a refused call changed the disk");
-    // The raised epoch is served, and a write it makes is durable when answered.
-    client.open_disk(OpenDiskRequest { call: raised.wire(), create_size_bytes: 0 }).await.unwrap();
+    // The raised epoch is served, and a write it makes is durable when answered. The handle of
+    // B's earlier life is refused.
+    let error = try_write(&mut client, &raised, offset).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "a handle of B's earlier life: {error:?}");
+    let opened =
+        client.open_disk(OpenDiskRequest { call: raised.wire(), create_size_bytes: 0 }).await.unwrap();
+    let raised = Call { handle: opened.into_inner().handle, ..raised };
     try_write(&mut client, &raised, offset).await.unwrap();
     let read = client.read(DiskReadRequest { call: raised.wire(), offset, length: BLOCK }).await.unwrap();
     assert_eq!(read.into_inner().data.to_vec(), block_data(offset / BLOCK, 0xbad));
