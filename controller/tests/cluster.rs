@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{BLOCK, CLUSTER, Cluster, Model, Settings, block_data, workload};
+use common::{BLOCK, CLUSTER, Cluster, Model, Settings, block_data, workload, workload_in};
 use mc_proto::v1::{MirrorState, ReadRequest, WriteRequest};
 
 const VOLUME_BYTES: u64 = 16 << 20;
@@ -765,8 +765,11 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
     cluster.create_volume(0, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    // Before and during the cut the workload writes one part of the volume, after the drop
+    // another: what plex 1 misses of the first part is what was in flight at the cut, which
+    // only the drop's bitmap marks (S4) bring to it.
     let load =
-        tokio::spawn(workload(cluster.data(0).await, "vol_a", 1024, 8, model.clone(), stop.clone(), 1));
+        tokio::spawn(workload_in(cluster.data(0).await, "vol_a", 0..1024, 8, model.clone(), stop.clone(), 1));
     let acked = || model.lock().unwrap().acked;
     let wait_acks = |from: u64, what: &'static str| {
         let model = model.clone();
@@ -793,6 +796,18 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
     let a =
         cluster.wait_status(0, "plex 1 out of date", |s| plex_state(s, 1).starts_with("out_of_date")).await;
     assert_eq!(a.aggregates[0].state, "mirror degraded", "{a:#?}");
+    stop.store(true, Ordering::Relaxed);
+    cluster.finish(load).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(workload_in(
+        cluster.data(0).await,
+        "vol_a",
+        2048..3072,
+        8,
+        model.clone(),
+        stop.clone(),
+        1 << 40,
+    ));
     let during = acked();
     wait_acks(during + 200, "writes stopped while degraded").await;
     // The connections die (TCP gave up): what was in flight at the cut never arrives, so only

@@ -470,6 +470,19 @@ pub async fn workload(
     stop: Arc<std::sync::atomic::AtomicBool>,
     first_write: u64,
 ) {
+    workload_in(cluster_data, volume, 0..blocks, depth, model, stop, first_write).await;
+}
+
+/// `workload` over the blocks of `range` only.
+pub async fn workload_in(
+    cluster_data: DataClient<Channel>,
+    volume: &str,
+    range: std::ops::Range<u64>,
+    depth: usize,
+    model: Arc<Mutex<Model>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    first_write: u64,
+) {
     let busy = Arc::new(Mutex::new(std::collections::HashSet::new()));
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(first_write));
     let mut tasks = Vec::new();
@@ -477,11 +490,12 @@ pub async fn workload(
         let (mut data, model, stop, busy, counter) =
             (cluster_data.clone(), model.clone(), stop.clone(), busy.clone(), counter.clone());
         let volume = volume.to_string();
+        let range = range.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(rand::random());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let block = loop {
-                    let block = rand::Rng::random_range(&mut rng, 0..blocks);
+                    let block = rand::Rng::random_range(&mut rng, range.clone());
                     if busy.lock().unwrap().insert(block) {
                         break block;
                     }
