@@ -255,8 +255,9 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             None => return Ok(()),
         };
         self.check_identity(hello.identity.as_ref())?;
+        // Heard from, but not a round trip: a writer whose hellos arrive while our answers do
+        // not (a one-way cut) must not keep this account in sync (S13).
         self.clock.heard();
-        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
         let nvlog = self.nvlog.clone();
         let status = blocking(move || nvlog.status(KIND)).await?;
         tracing::info!(

@@ -125,9 +125,11 @@ pub enum DataError {
 
 /// Records a plex drop as S3 requires, after `plex` has recorded it in the survivor's labels
 /// and bitmap: in this shelf's state, then at the DR partner (`DiskService.RecordPlexDrop`) —
-/// or, when the partner does not answer, once nothing has been heard from it for
-/// `mirror_timeout`. Until then the hook fails and `plex` retries it; the writes that wait on
-/// the drop stall.
+/// or, when that call does not get through, once the partner itself reported on the NVLog
+/// mirror that its receiver persisted `out_of_sync` for us (its durable record that our copies
+/// there are out of date, which a one-way cut lets through when our calls cannot), or once
+/// nothing has been heard from it for `mirror_timeout`. Until then the hook fails and `plex`
+/// retries it; the writes that wait on the drop stall.
 #[derive(Debug)]
 pub struct PartnerDrops {
     node: u32,
@@ -135,6 +137,7 @@ pub struct PartnerDrops {
     remote: RemoteShelf,
     state: Arc<ShelfState>,
     clock: Arc<PeerClock>,
+    mirror: Arc<MirrorWriter<MmapMedia>>,
     mirror_timeout: Duration,
 }
 
@@ -165,6 +168,9 @@ impl DropHook for PartnerDrops {
                 .await;
             let how = match at_partner {
                 Ok(()) => "recorded at the DR partner".to_string(),
+                Err(_) if self.mirror.partner_reported_out_of_sync() => {
+                    "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string()
+                }
                 Err(status) => {
                     let silent = self.clock.silent_for();
                     if silent < self.mirror_timeout {
@@ -525,6 +531,7 @@ impl Node {
             remote: self.remote.clone(),
             state: self.shelf_state.clone(),
             clock: self.clock.clone(),
+            mirror: self.mirror.clone(),
             mirror_timeout: self.config.timers.mirror_timeout,
         })
     }

@@ -328,6 +328,13 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
     }
 
+    /// Whether the partner said, since the last handshake, that its receiver persisted this
+    /// mirror `out_of_sync` (S13): its record that our copies there are out of date, which
+    /// acknowledges a drop (S3).
+    pub fn partner_reported_out_of_sync(&self) -> bool {
+        self.lock_state().partner_out_of_sync
+    }
+
     /// Whether record `lsn` may be acknowledged as far as the partner goes (S1): it acked it,
     /// or the record does not need its ack.
     pub fn mirrored(&self, lsn: Lsn) -> bool {

@@ -838,3 +838,92 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
     assert!(cluster.terminate(0));
     plexes_identical(&cluster).await.unwrap();
 }
+
+/// One-way cuts longer than `mirror_timeout` (DESIGN §0 "round trip", S3, S13): first A→B is
+/// dropped while B→A works, then the reverse. Writes stall, then go on after the timeout;
+/// nobody takes "I still receive packets" for a working link: A, which still hears B when
+/// only A→B is cut, drops B only on B's own acknowledgement (its receiver persisted out of
+/// sync and said so), and drops it on silence when B→A is cut; B's receiver marks itself out
+/// of sync although A's records keep arriving. Each time the link comes back the mirror and
+/// plex 1 resync, and in the end no acknowledged write is lost and the plexes are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_cuts_drop_only_on_acknowledgement_or_silence_and_lose_nothing() {
+    use mc_tests::proxy::{Mode, Side};
+    let settings = Settings { mirror_timeout_ms: 4000, cp_interval_ms: 500, ..Settings::default() };
+    let mut cluster = Cluster::with_links(&settings).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let model = Arc::new(Mutex::new(Model::default()));
+    let wait_acks = |from: u64, what: String| {
+        let model = model.clone();
+        async move {
+            let started = std::time::Instant::now();
+            while model.lock().unwrap().acked <= from {
+                assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // Link 0 carries A's calls to B (Forward: A→B), link 1 B's calls to A (Backward: A→B).
+    let cuts = [
+        ("A→B", Side::Forward, Side::Backward, "the partner acknowledged it"),
+        ("B→A", Side::Backward, Side::Forward, "nothing heard from the partner"),
+    ];
+    for (round, (name, on_link0, on_link1, how)) in cuts.into_iter().enumerate() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let first_write = (round as u64 + 1) << 40;
+        let load = tokio::spawn(workload(
+            cluster.data(0).await,
+            "vol_a",
+            2048,
+            8,
+            model.clone(),
+            stop.clone(),
+            first_write,
+        ));
+        let before = model.lock().unwrap().acked;
+        wait_acks(before + 100, format!("{name}: no writes before the cut")).await;
+        cluster.link(0).set(on_link0, Mode::Blackhole);
+        cluster.link(1).set(on_link1, Mode::Blackhole);
+        let cut = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = model.lock().unwrap().acked;
+        wait_acks(stalled, format!("{name}: writes did not resume after the mirror timeout")).await;
+        assert!(
+            cut.elapsed() >= Duration::from_millis(3500),
+            "{name}: resumed {:?} after the cut",
+            cut.elapsed()
+        );
+        let a = cluster.status(0).await;
+        assert_eq!(local_mirror_state(&a), MirrorState::OutOfSync as i32, "{name}: {a:#?}");
+        let log = cluster.log(0);
+        let drop_line = log.lines().rev().find(|l| l.contains("NVLog mirror dropped")).unwrap_or_default();
+        assert!(drop_line.contains(how), "{name}: the drop was not by {how:?}: {drop_line}");
+        // B keeps its own account: out of sync although A's records reach it when only B→A
+        // is cut (S13: only round trips count).
+        cluster
+            .wait_status(1, "B's receiver out of sync", |s| mirror_state(s) == MirrorState::OutOfSync)
+            .await;
+        let degraded = model.lock().unwrap().acked;
+        wait_acks(degraded + 200, format!("{name}: writes stopped while degraded")).await;
+        cluster.link(0).set_both(Mode::Pass);
+        cluster.link(1).set_both(Mode::Pass);
+        cluster
+            .wait_status(0, "mirror in sync and plexes normal", |s| {
+                s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32
+                    && local_mirror_state(s) == MirrorState::InSync as i32
+                    && s.aggregates[0].state == "mirrored,normal"
+            })
+            .await;
+        cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+        stop.store(true, Ordering::Relaxed);
+        cluster.finish(load).await;
+    }
+    let snapshot = model.lock().unwrap().clone();
+    let mut data = cluster.data(0).await;
+    snapshot.check(&mut data, "vol_a").await;
+    assert!(cluster.terminate(0));
+    plexes_identical(&cluster).await.unwrap();
+}
