@@ -85,6 +85,19 @@ pub struct FileConfig {
     /// Timers (DESIGN §10.1).
     #[serde(default)]
     pub timers: TimersFile,
+    /// Plex resync (DESIGN §6.4).
+    #[serde(default)]
+    pub resync: ResyncFile,
+}
+
+/// `[resync]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncFile {
+    /// The most bytes per second a resync copies; 0 (the default) copies as fast as the disks
+    /// and the link go.
+    #[serde(default)]
+    pub max_bytes_per_second: u64,
 }
 
 /// A partner as written.
@@ -260,6 +273,8 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Timers.
     pub timers: Timers,
+    /// The resync bandwidth limit in bytes per second (`None`: unlimited).
+    pub resync_bytes_per_second: Option<u64>,
 }
 
 fn parse_hex_id(key: &'static str, text: &str) -> Result<[u8; 16], ConfigError> {
@@ -372,6 +387,16 @@ impl Config {
             grpc_listen,
             metrics_listen,
             timers,
+            resync_bytes_per_second: match file.resync.max_bytes_per_second {
+                0 => None,
+                n if n < 64 * 1024 => {
+                    return Err(invalid(
+                        "resync.max_bytes_per_second",
+                        format!("{n} is below 64 KiB/s (one region)"),
+                    ));
+                }
+                n => Some(n),
+            },
         })
     }
 }

@@ -195,7 +195,10 @@ impl Node {
             }
             self.request_cp();
             self.check_serving()?;
-            let changed = tokio::time::timeout(self.config.timers.mirror_timeout, done.changed()).await;
+            // A CP may wait a mirror timeout for a plex, then up to another for the drop to be
+            // recorded (S3) before it completes.
+            let bound = self.config.timers.mirror_timeout * 3;
+            let changed = tokio::time::timeout(bound, done.changed()).await;
             match changed {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(DataError::Nvlog("the CP task stopped".into())),
@@ -206,10 +209,7 @@ impl Node {
                         done = *done.borrow(),
                         "no CP completed while a write waited for space"
                     );
-                    return Err(DataError::Nvlog(format!(
-                        "no CP freed NVLog space within {:?}",
-                        self.config.timers.mirror_timeout
-                    )));
+                    return Err(DataError::Nvlog(format!("no CP freed NVLog space within {bound:?}")));
                 }
             }
         }

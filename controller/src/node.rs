@@ -162,27 +162,51 @@ impl DropHook for PartnerDrops {
                 .record_drop(drop.aggregate, self.epoch, recorded)
                 .await
                 .map_err(|e| format!("record the drop locally: {e}"))?;
-            let at_partner = self
-                .remote
-                .record_drop(drop.aggregate, self.epoch, drop.plex, reason, drop.survivor_generation.0)
-                .await;
-            let how = match at_partner {
-                Ok(()) => "recorded at the DR partner".to_string(),
-                Err(_) if self.mirror.partner_reported_out_of_sync() => {
-                    "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string()
-                }
-                Err(status) => {
-                    let silent = self.clock.silent_for();
-                    if silent < self.mirror_timeout {
-                        return Err(format!(
-                            "the DR partner did not record the drop ({}: {}) and was heard from {silent:?} ago \
-                             (S3 waits for its record or {:?} of silence)",
-                            status.code(),
-                            status.message(),
-                            self.mirror_timeout
-                        ));
+            // The call and the other two ways run side by side: a call into a cut link takes
+            // its whole deadline to fail.
+            let call = self.remote.record_drop(
+                drop.aggregate,
+                self.epoch,
+                drop.plex,
+                reason,
+                drop.survivor_generation.0,
+            );
+            tokio::pin!(call);
+            let started = std::time::Instant::now();
+            let how = loop {
+                tokio::select! {
+                    result = &mut call => match result {
+                        Ok(()) => break "recorded at the DR partner".to_string(),
+                        Err(status) => {
+                            if self.mirror.partner_reported_out_of_sync() {
+                                break "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string();
+                            }
+                            let silent = self.clock.silent_for();
+                            if silent >= self.mirror_timeout {
+                                break format!("the DR partner unreachable and silent for {silent:?}");
+                            }
+                            return Err(format!(
+                                "the DR partner did not record the drop ({}: {}) and was heard from {silent:?} ago \
+                                 (S3 waits for its record or {:?} of silence)",
+                                status.code(),
+                                status.message(),
+                                self.mirror_timeout
+                            ));
+                        }
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {
+                        // Only once the call is under way: its answer is the preferred record.
+                        if started.elapsed() < Duration::from_millis(200) {
+                            continue;
+                        }
+                        if self.mirror.partner_reported_out_of_sync() {
+                            break "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string();
+                        }
+                        let silent = self.clock.silent_for();
+                        if silent >= self.mirror_timeout {
+                            break format!("the DR partner unreachable and silent for {silent:?}");
+                        }
                     }
-                    format!("the DR partner unreachable and silent for {silent:?}")
                 }
             };
             tracing::error!(
@@ -514,6 +538,7 @@ impl Node {
     pub(crate) fn aggregate_options(&self) -> AggregateOptions {
         AggregateOptions {
             mirror_timeout: self.config.timers.mirror_timeout,
+            resync_bytes_per_second: self.config.resync_bytes_per_second,
             metrics: self.plex_metrics.clone(),
             ..AggregateOptions::default()
         }

@@ -927,3 +927,129 @@ async fn one_way_cuts_drop_only_on_acknowledgement_or_silence_and_lose_nothing()
     assert!(cluster.terminate(0));
     plexes_identical(&cluster).await.unwrap();
 }
+
+/// `kill -9` of B — the side holding plex 1 and A's NVLog copy — for longer than
+/// `mirror_timeout` under a workload: A stalls, drops B's mirror and plex 1 once nothing has
+/// been heard from B for the timeout (S3), and goes on; B restarts with its copy intact but
+/// stale, and A re-establishes the mirror as resyncing (its own persisted drop says B lacks
+/// what A wrote alone), resyncs plex 1 from the bitmap, and ends in sync with identical plexes
+/// and no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_partner_beyond_the_timeout_drops_then_resyncs_and_loses_nothing() {
+    let settings = Settings { mirror_timeout_ms: 4000, cp_interval_ms: 500, ..Settings::default() };
+    let mut cluster = Cluster::up(&settings, VOLUME_BYTES).await;
+    let model = Arc::new(Mutex::new(Model::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load =
+        tokio::spawn(workload(cluster.data(0).await, "vol_a", 2048, 8, model.clone(), stop.clone(), 1));
+    let acked = || model.lock().unwrap().acked;
+    let wait_acks = |from: u64, what: &'static str| {
+        let model = model.clone();
+        async move {
+            let started = std::time::Instant::now();
+            while model.lock().unwrap().acked <= from {
+                assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_acks(200, "no writes before the kill").await;
+    cluster.kill(1);
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = acked();
+    wait_acks(stalled, "writes did not resume after the mirror timeout").await;
+    assert!(killed.elapsed() >= Duration::from_millis(3500), "resumed {:?} after the kill", killed.elapsed());
+    let dropped = |s: &mc_proto::v1::StatusReply| {
+        ["out_of_date", "failed"].iter().any(|p| plex_state(s, 1).starts_with(p))
+            && local_mirror_state(s) == MirrorState::OutOfSync as i32
+    };
+    cluster.wait_status(0, "mirror and plex 1 dropped", dropped).await;
+    let degraded = acked();
+    wait_acks(degraded + 300, "writes stopped while B was down").await;
+    cluster.start(1);
+    cluster
+        .wait_status(0, "mirror in sync and plexes normal", |s| {
+            s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32
+                && s.aggregates[0].state == "mirrored,normal"
+        })
+        .await;
+    cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+    stop.store(true, Ordering::Relaxed);
+    cluster.finish(load).await;
+    let snapshot = model.lock().unwrap().clone();
+    let mut data = cluster.data(0).await;
+    snapshot.check(&mut data, "vol_a").await;
+    assert!(cluster.terminate(0));
+    plexes_identical(&cluster).await.unwrap();
+}
+
+/// The link flapping every second while plex 1 resyncs (DESIGN §6.4, S5): the resync stalls
+/// and goes on, or stops and starts again from the persistent bitmap, and finishes; plex 1 is
+/// never reported normal before every dirty region was copied (the plexes are compared once it
+/// is), and no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_flapping_during_a_resync_never_marks_the_plex_normal_early() {
+    use mc_tests::proxy::Mode;
+    let settings = Settings {
+        mirror_timeout_ms: 4000,
+        cp_interval_ms: 500,
+        resync_bytes_per_second: 1 << 20,
+        ..Settings::default()
+    };
+    let mut cluster = Cluster::with_links(&settings).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let model = Arc::new(Mutex::new(Model::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load =
+        tokio::spawn(workload(cluster.data(0).await, "vol_a", BLOCKS, 8, model.clone(), stop.clone(), 1));
+    // A cut long enough to drop plex 1; writes all over the volume meanwhile dirty most of it.
+    cluster.link(0).set_both(Mode::Blackhole);
+    cluster.link(1).set_both(Mode::Blackhole);
+    cluster
+        .wait_status(0, "plex 1 dropped", |s| {
+            ["out_of_date", "failed"].iter().any(|p| plex_state(s, 1).starts_with(p))
+        })
+        .await;
+    let degraded = model.lock().unwrap().acked;
+    let started = std::time::Instant::now();
+    while model.lock().unwrap().acked < degraded + 3000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "writes stopped while degraded at {}: {:#?}\n{}",
+            model.lock().unwrap().acked,
+            cluster.status(0).await,
+            cluster.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    cluster.finish(load).await;
+    cluster.link(0).reset();
+    cluster.link(1).reset();
+    // Back, then flapping: one second up, one second down, while the resync runs.
+    let mut saw_resyncing = false;
+    for _ in 0..4 {
+        cluster.link(0).set_both(Mode::Pass);
+        cluster.link(1).set_both(Mode::Pass);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let a = cluster.status(0).await;
+        saw_resyncing |= plex_state(&a, 1).starts_with("resyncing");
+        assert!(!plex_state(&a, 1).starts_with("normal"), "plex 1 normal within seconds: {a:#?}");
+        cluster.link(0).set_both(Mode::Blackhole);
+        cluster.link(1).set_both(Mode::Blackhole);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    assert!(saw_resyncing, "the resync never ran while the link flapped");
+    cluster.link(0).set_both(Mode::Pass);
+    cluster.link(1).set_both(Mode::Pass);
+    cluster.wait_status(0, "plexes normal", |s| s.aggregates[0].state == "mirrored,normal").await;
+    let snapshot = model.lock().unwrap().clone();
+    let mut data = cluster.data(0).await;
+    snapshot.check(&mut data, "vol_a").await;
+    assert!(cluster.terminate(0));
+    plexes_identical(&cluster).await.unwrap();
+}

@@ -30,11 +30,19 @@ pub struct Settings {
     pub cp_interval_ms: u64,
     pub mirror_timeout_ms: u64,
     pub nvlog_mib: u64,
+    /// 0: unlimited.
+    pub resync_bytes_per_second: u64,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings { durability: "process", cp_interval_ms: 1000, mirror_timeout_ms: 5000, nvlog_mib: 16 }
+        Settings {
+            durability: "process",
+            cp_interval_ms: 1000,
+            mirror_timeout_ms: 5000,
+            nvlog_mib: 16,
+            resync_bytes_per_second: 0,
+        }
     }
 }
 
@@ -110,6 +118,9 @@ cp_interval_ms = {cp}
 keepalive_interval_ms = 200
 keepalive_timeout_ms = 1500
 margin_ms = 1000
+
+[resync]
+max_bytes_per_second = {resync}
 "#,
         id = spec.id,
         site = spec.site,
@@ -121,6 +132,7 @@ margin_ms = 1000
         port = spec.grpc_port,
         timeout = settings.mirror_timeout_ms,
         cp = settings.cp_interval_ms,
+        resync = settings.resync_bytes_per_second,
     );
     std::fs::write(&spec.config, text).unwrap();
 }
