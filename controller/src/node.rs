@@ -539,6 +539,12 @@ impl Node {
         AggregateOptions {
             mirror_timeout: self.config.timers.mirror_timeout,
             resync_bytes_per_second: self.config.resync_bytes_per_second,
+            // A limited resync copies in batches of a quarter second's worth, so the limit is
+            // smooth rather than bursts of 8 MiB at full speed.
+            resync_batch_bytes: self
+                .config
+                .resync_bytes_per_second
+                .map_or(8 << 20, |rate| (rate / 4).clamp(64 << 10, 8 << 20)),
             metrics: self.plex_metrics.clone(),
             ..AggregateOptions::default()
         }
