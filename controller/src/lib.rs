@@ -14,6 +14,7 @@ pub mod cp;
 pub mod daemon;
 pub mod data;
 pub mod disk_service;
+pub mod faults;
 pub mod mirror_receiver;
 pub mod node;
 pub mod nvlog_mirror;

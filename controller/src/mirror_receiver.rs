@@ -295,17 +295,25 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 return Ok(());
             }
         }
-        // 2-4. Records, announcements, releases and keepalives, with our own keepalives between.
+        // 2-4. Keepalives are answered here; records, releases and announcements go, in order,
+        // to the storage task, so a stalled store (a hung NVRAM) does not stop the keepalives
+        // — the writer then hears us and may not drop us without our acknowledgement (S3).
         let mut stop = self.stop.subscribe();
         let mut marked = self.marked.subscribe();
         marked.borrow_and_update();
-        let persist = self.persister(out.clone());
+        let (to_store, stored) = mpsc::channel::<In>(256);
+        let mut storage = tokio::spawn(self.clone().store(stored, out.clone()));
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
-        let sequence = AtomicU64::new(0);
-        let outstanding = AtomicU64::new(0);
+        let mut sequence = 0u64;
         loop {
             let message = tokio::select! {
                 () = async { let _ = stop.wait_for(|stop| *stop).await; } => return Ok(()),
+                ended = &mut storage => {
+                    return match ended {
+                        Ok(result) => result,
+                        Err(e) => Err(Status::internal(format!("the storage task ended: {e}"))),
+                    };
+                }
                 Ok(()) = marked.changed() => {
                     // S13: marked out of sync by silence; the writer is told.
                     let change = ReceiverStateChange {
@@ -319,9 +327,8 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 }
                 message = inbound.message() => message?,
                 _ = keepalive.tick() => {
-                    let next = sequence.fetch_add(1, Ordering::AcqRel) + 1;
-                    outstanding.store(next, Ordering::Release);
-                    if !send(Out::Keepalive(Keepalive { sequence: next, epochs: Vec::new() })).await {
+                    sequence += 1;
+                    if !send(Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })).await {
                         return Ok(());
                     }
                     continue;
@@ -332,7 +339,49 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             match body {
                 None => return Err(Status::invalid_argument("an empty message")),
                 Some(In::Hello(_)) => return Err(Status::invalid_argument("a second hello on one stream")),
-                Some(In::Record(record)) => {
+                Some(In::Keepalive(keepalive)) => {
+                    let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
+                    if !send(Out::KeepaliveReply(reply)).await {
+                        return Ok(());
+                    }
+                }
+                Some(In::KeepaliveReply(reply)) => {
+                    // A round trip completed only when the writer answers our own keepalive.
+                    if reply.sequence != 0 && reply.sequence <= sequence {
+                        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
+                    }
+                }
+                Some(other) => {
+                    if to_store.send(other).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the writer's records and applies its releases and announcements, in stream order
+    /// (module doc, steps 2 and 3).
+    async fn store(
+        self: Arc<Self>,
+        mut stored: mpsc::Receiver<In>,
+        out: mpsc::Sender<Result<ReceiverMessage, Status>>,
+    ) -> Result<(), Status> {
+        let limit = self.timers.silence_limit;
+        let send = |body: Out| {
+            let out = out.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout(limit, out.send(Ok(ReceiverMessage { body: Some(body) }))).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        let persist = self.persister(out.clone());
+        while let Some(body) = stored.recv().await {
+            crate::faults::wait_while_stalled(crate::faults::RECEIVER_STORAGE).await;
+            match body {
+                In::Record(record) => {
                     // Written into the mapping here (a memcpy); made durable by the persister,
                     // which acknowledges a whole batch with one msync in `power` mode.
                     match self.nvlog.append_copy_buffered(KIND, &record.encoded).map_err(|e| nvlog_status(&e))
@@ -373,11 +422,11 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                         Err(status) => return Err(status),
                     }
                 }
-                Some(In::Release(release)) => {
+                In::Release(release) => {
                     let nvlog = self.nvlog.clone();
                     blocking(move || nvlog.release(KIND, Lsn(release.lsn))).await?;
                 }
-                Some(In::Announcement(announcement)) => {
+                In::Announcement(announcement) => {
                     let nvlog = self.nvlog.clone();
                     let state = WireMirrorState::try_from(announcement.state)
                         .map_err(|_| Status::invalid_argument("unknown mirror state"))?;
@@ -429,20 +478,10 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                     };
                     tracing::info!(writer = self.identity.writer, state = ?new_state, lsn = lsn.0, "mirror state announced");
                 }
-                Some(In::Keepalive(keepalive)) => {
-                    let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
-                    if !send(Out::KeepaliveReply(reply)).await {
-                        return Ok(());
-                    }
-                }
-                Some(In::KeepaliveReply(reply)) => {
-                    // A round trip completed only when the writer answers our own keepalive.
-                    if reply.sequence != 0 && reply.sequence <= sequence.load(Ordering::Acquire) {
-                        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
-                    }
-                }
+                _ => return Err(Status::internal("a message that is not stored reached the store")),
             }
         }
+        Ok(())
     }
 }
 

@@ -546,7 +546,6 @@ impl Node {
                 .resync_bytes_per_second
                 .map_or(8 << 20, |rate| (rate / 4).clamp(64 << 10, 8 << 20)),
             metrics: self.plex_metrics.clone(),
-            ..AggregateOptions::default()
         }
     }
 

@@ -1016,14 +1016,18 @@ async fn link_flapping_during_a_resync_never_marks_the_plex_normal_early() {
         .await;
     let degraded = model.lock().unwrap().acked;
     let started = std::time::Instant::now();
-    while model.lock().unwrap().acked < degraded + 3000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "writes stopped while degraded at {}: {:#?}\n{}",
-            model.lock().unwrap().acked,
-            cluster.status(0).await,
-            cluster.log(0)
-        );
+    loop {
+        let acked = model.lock().unwrap().acked;
+        if acked >= degraded + 3000 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            panic!(
+                "writes stopped while degraded at {acked}: {:#?}\n{}",
+                cluster.status(0).await,
+                cluster.log(0)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -1059,4 +1063,43 @@ async fn link_flapping_during_a_resync_never_marks_the_plex_normal_early() {
     snapshot.check(&mut data, "vol_a").await;
     assert!(cluster.terminate(0));
     plexes_identical(&cluster).await.unwrap();
+}
+
+/// A gray partner: B answers keepalives but its NVLog storage hangs, so it acknowledges no
+/// record (S1, S3). A hears from B, so it may drop B only on B's acknowledgement, which never
+/// comes: writes stall past the mirror timeout and nothing is acknowledged without B's copy.
+/// When B's storage recovers, the stalled write completes with B holding its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gray_partner_stalls_writes_and_nothing_is_acknowledged_without_its_copy() {
+    let settings = Settings { mirror_timeout_ms: 4000, ..Settings::default() };
+    let mut cluster = Cluster::new(&settings);
+    let stall = cluster.dir.path().join("stall-b-receiver");
+    cluster.env[1].push(("MC_FAULT_RECEIVER_STALL_FILE".into(), stall.display().to_string()));
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    common::write_at(&mut data, 0, block_data(0, 1)).await.unwrap();
+    std::fs::write(&stall, b"").unwrap();
+    let mut stalled = cluster.data(0).await;
+    let write = tokio::spawn(async move { common::write_at(&mut stalled, 0, block_data(0, 2)).await });
+    tokio::time::sleep(Duration::from_millis(10_000)).await;
+    assert!(!write.is_finished(), "a write completed while the partner stored nothing");
+    let a = cluster.status(0).await;
+    // The drop began (persisted locally first, S3) but the partner is still in the ack set.
+    assert_ne!(
+        a.dr_mirror.as_ref().unwrap().state,
+        MirrorState::OutOfSync as i32,
+        "dropped a partner it hears: {a:#?}"
+    );
+    let log = cluster.log(0);
+    assert!(log.contains("dropping the NVLog mirror"), "the timeout never started a drop");
+    assert!(!log.contains("NVLog mirror dropped"), "dropped without the partner's acknowledgement");
+    // B recovers: the write completes, with its record at B.
+    std::fs::remove_file(&stall).unwrap();
+    let lsn = tokio::time::timeout(Duration::from_secs(30), write).await.unwrap().unwrap().unwrap();
+    let held = cluster.records(1, "dr_partner").await;
+    assert!(held.iter().any(|r| r.lsn == lsn), "B does not hold lsn {lsn} of the acknowledged write");
+    assert_eq!(common::read_at(&mut data, 0, BLOCK).await.unwrap(), block_data(0, 2));
 }

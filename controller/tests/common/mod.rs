@@ -89,6 +89,8 @@ pub struct Cluster {
     pub procs: [Option<Daemon>; 2],
     /// The fault-injecting proxies of `with_links`.
     pub links: Option<[FaultProxy; 2]>,
+    /// Extra environment of each node's process (fault-injection switches).
+    pub env: [Vec<(String, String)>; 2],
 }
 
 fn write_config(spec: &NodeSpec, partner: &NodeSpec, partner_address: &str, settings: &Settings) {
@@ -154,7 +156,7 @@ impl Cluster {
         let nodes = [spec(1, "A"), spec(2, "B")];
         write_config(&nodes[0], &nodes[1], &nodes[1].address(), settings);
         write_config(&nodes[1], &nodes[0], &nodes[0].address(), settings);
-        Cluster { dir, nodes, procs: [None, None], links: None }
+        Cluster { dir, nodes, procs: [None, None], links: None, env: [Vec::new(), Vec::new()] }
     }
 
     /// As `new`, with every inter-site connection through a fault-injecting proxy:
@@ -195,6 +197,7 @@ impl Cluster {
                 .arg("--config")
                 .arg(&self.nodes[i].config)
                 .env("RUST_LOG", "info")
+                .envs(self.env[i].iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

@@ -1,0 +1,35 @@
+//! Fault-injection points for the tests that need a partner to misbehave in ways a network
+//! proxy cannot produce (a gray partner: keepalives answered, records never stored).
+//!
+//! A point is armed only when the daemon's environment names a switch file for it, and it
+//! fires only while that file exists. Without the variable a point costs one relaxed load.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The NVLog receiver's storage stalls (a hung NVRAM): records, releases and announcements
+/// wait; keepalives are still answered.
+pub const RECEIVER_STORAGE: &str = "MC_FAULT_RECEIVER_STALL_FILE";
+
+fn switch(point: &'static str) -> Option<&'static PathBuf> {
+    static RECEIVER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let cell = match point {
+        RECEIVER_STORAGE => &RECEIVER,
+        _ => return None,
+    };
+    cell.get_or_init(|| std::env::var_os(point).map(PathBuf::from)).as_ref()
+}
+
+/// Waits while the switch file of `point` exists.
+pub async fn wait_while_stalled(point: &'static str) {
+    let Some(path) = switch(point) else { return };
+    let mut logged = false;
+    while path.exists() {
+        if !logged {
+            tracing::warn!(point, "fault injected: stalled while {} exists", path.display());
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
