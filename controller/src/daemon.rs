@@ -348,6 +348,17 @@ async fn run_in_span(
         },
         clock.clone(),
     );
+    // The epochs this node holds, from its labels, go in its first hello (S2).
+    mirror.set_epochs(
+        found
+            .iter()
+            .filter_map(|f| {
+                let label =
+                    f.plexes[0].iter().filter_map(|d| d.label.as_ref()).max_by_key(|l| l.epoch_high_water)?;
+                Some(crate::wire::aggregate_epoch(f.uuid, label.epoch_high_water))
+            })
+            .collect(),
+    );
     // A node with no aggregate yet (a new cluster) has nothing its lost log could have held.
     let local_partition_lost = local_partition_lost && !found.is_empty();
     let node = Node::new(
@@ -407,6 +418,7 @@ async fn run_in_span(
                 silence_limit: config.timers.mirror_timeout.saturating_sub(config.timers.margin),
             },
             clock.clone(),
+            shelf_state.clone(),
         );
         receiver_handle = receiver.clone();
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))

@@ -69,6 +69,9 @@ pub struct MirrorReceiver<M: Media> {
     timers: ReceiverTimers,
     /// The writer's last sign of life, shared with every service of this node (S3).
     clock: Arc<crate::peer::PeerClock>,
+    /// This node's epoch high-water marks (S2): hellos and records below them are refused, a
+    /// higher one is persisted before the record that carries it is acknowledged.
+    shelf_state: Arc<crate::shelf_state::ShelfState>,
     /// When the last round trip with the writer completed (ms since `epoch`).
     last_round_trip_ms: Arc<AtomicU64>,
     epoch: Instant,
@@ -110,12 +113,14 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         identity: ReceiverIdentity,
         timers: ReceiverTimers,
         clock: Arc<crate::peer::PeerClock>,
+        shelf_state: Arc<crate::shelf_state::ShelfState>,
     ) -> Arc<MirrorReceiver<M>> {
         let receiver = Arc::new(MirrorReceiver {
             nvlog,
             identity,
             timers,
             clock,
+            shelf_state,
             last_round_trip_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             stop: tokio::sync::watch::Sender::new(false),
@@ -258,6 +263,22 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         // Heard from, but not a round trip: a writer whose hellos arrive while our answers do
         // not (a one-way cut) must not keep this account in sync (S13).
         self.clock.heard();
+        // S2: a writer holding an epoch below our mark for one of its aggregates was deposed.
+        for wire in &hello.epochs {
+            let (aggregate, epoch) = crate::wire::from_aggregate_epoch(wire)
+                .ok_or_else(|| Status::invalid_argument("a malformed epoch in the hello"))?;
+            let mark = self.shelf_state.marks(aggregate).epoch;
+            if epoch < mark {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {}@node{} for aggregate {}: this node saw {}@node{} (S2)",
+                    epoch.number,
+                    epoch.owner.0,
+                    crate::node::hex(&aggregate.0),
+                    mark.number,
+                    mark.owner.0
+                )));
+            }
+        }
         let nvlog = self.nvlog.clone();
         let status = blocking(move || nvlog.status(KIND)).await?;
         tracing::info!(
@@ -279,7 +300,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             durable_tail_lsn: status.durable_lsn.0,
             mirror_state: crate::wire::mirror_state(status.mirror_state) as i32,
             lost_records: status.mirror_state == MirrorState::Resyncing,
-            epochs: Vec::new(),
+            epochs: self.shelf_state.wire_epochs(),
             returned_records: returned.len() as u64,
         };
         if !send(Out::Hello(reply)).await {
@@ -328,7 +349,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 message = inbound.message() => message?,
                 _ = keepalive.tick() => {
                     sequence += 1;
-                    if !send(Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })).await {
+                    if !send(Out::Keepalive(Keepalive { sequence, epochs: self.shelf_state.wire_epochs() })).await {
                         return Ok(());
                     }
                     continue;
@@ -340,7 +361,10 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 None => return Err(Status::invalid_argument("an empty message")),
                 Some(In::Hello(_)) => return Err(Status::invalid_argument("a second hello on one stream")),
                 Some(In::Keepalive(keepalive)) => {
-                    let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
+                    let reply = KeepaliveReply {
+                        sequence: keepalive.sequence,
+                        epochs: self.shelf_state.wire_epochs(),
+                    };
                     if !send(Out::KeepaliveReply(reply)).await {
                         return Ok(());
                     }
@@ -358,6 +382,31 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 }
             }
         }
+    }
+
+    /// S2 for one record: its epoch must be the writer's and not below this node's mark for
+    /// its aggregate; a higher one becomes the mark, durably, before the record is stored (and
+    /// so before it is acknowledged).
+    async fn admit_epoch(&self, encoded: &[u8]) -> Result<(), Status> {
+        let header = nvlog::record::decode_header(encoded)
+            .map_err(|e| Status::invalid_argument(format!("a record that does not decode: {e}")))?;
+        let aggregate = plex::Uuid(header.aggregate.0);
+        let epoch = plex::Epoch { number: header.epoch.number, owner: plex::NodeId(header.epoch.owner.0) };
+        if epoch.owner.0 != self.identity.writer {
+            return Err(Status::failed_precondition(format!(
+                "lsn {} carries an epoch of node {}, not of its writer (node {})",
+                header.lsn.0, epoch.owner.0, self.identity.writer
+            )));
+        }
+        if epoch == self.shelf_state.marks(aggregate).epoch {
+            return Ok(());
+        }
+        self.shelf_state.admit(aggregate, epoch).await.map_err(|e| match e {
+            crate::shelf_state::ShelfStateError::Stale { .. } => {
+                Status::failed_precondition(format!("lsn {}: {e}", header.lsn.0))
+            }
+            other => Status::unavailable(other.to_string()),
+        })
     }
 
     /// Stores the writer's records and applies its releases and announcements, in stream order
@@ -382,6 +431,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             crate::faults::wait_while_stalled(crate::faults::RECEIVER_STORAGE).await;
             match body {
                 In::Record(record) => {
+                    self.admit_epoch(&record.encoded).await?;
                     // Written into the mapping here (a memcpy); made durable by the persister,
                     // which acknowledges a whole batch with one msync in `power` mode.
                     match self.nvlog.append_copy_buffered(KIND, &record.encoded).map_err(|e| nvlog_status(&e))

@@ -566,6 +566,21 @@ impl Node {
         })
     }
 
+    /// Tells the mirror writer the epochs this node holds, for its hellos and keepalives (S2).
+    pub(crate) fn publish_epochs(&self) {
+        let epochs = self
+            .aggregates()
+            .iter()
+            .map(|a| {
+                crate::wire::aggregate_epoch(
+                    a.uuid,
+                    plex::Epoch { number: a.epoch.number, owner: plex::NodeId(a.epoch.owner.0) },
+                )
+            })
+            .collect();
+        self.mirror.set_epochs(epochs);
+    }
+
     /// The partner's shelf.
     pub fn remote(&self) -> &RemoteShelf {
         &self.remote
@@ -726,6 +741,7 @@ impl Node {
             }
         }
         *self.aggregates.write().expect("the aggregate list lock holder panicked") = slots;
+        self.publish_epochs();
         // What can be replayed is, even when the copy was incomplete: the volumes stay offline.
         let replayed = self.replay(&floors).await;
         let replayed = match (unrecoverable, replayed) {
@@ -979,6 +995,8 @@ impl Node {
             last_cp: Mutex::new(CpRecord::default()),
         });
         list.push(slot.clone());
+        drop(list);
+        self.publish_epochs();
         tracing::info!(node = self.config.node_id, aggregate = name, uuid = %hex(&uuid.0), "aggregate created");
         Ok(slot)
     }

@@ -193,6 +193,8 @@ pub struct MirrorWriter<M: Media> {
     partner_reports: watch::Sender<u64>,
     /// One drop at a time.
     dropping: tokio::sync::Mutex<()>,
+    /// The epochs this node holds for its aggregates: in the hello, keepalives and replies (S2).
+    epochs: Mutex<Vec<AggregateEpoch>>,
     handshakes: watch::Sender<u64>,
     state: Mutex<State>,
     stop: watch::Sender<bool>,
@@ -239,6 +241,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             ack_set: watch::Sender::new(AckSet::default()),
             partner_reports: watch::Sender::new(0),
             dropping: tokio::sync::Mutex::new(()),
+            epochs: Mutex::new(Vec::new()),
             handshakes: watch::Sender::new(0),
             state: Mutex::new(State {
                 state: WriterState::Unknown,
@@ -264,6 +267,15 @@ impl<M: Media + 'static> MirrorWriter<M> {
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("the mirror state lock holder panicked")
+    }
+
+    /// Sets the epochs this node holds (its aggregates'), sent from the next message on.
+    pub fn set_epochs(&self, epochs: Vec<AggregateEpoch>) {
+        *self.epochs.lock().expect("the epochs lock holder panicked") = epochs;
+    }
+
+    fn epochs(&self) -> Vec<AggregateEpoch> {
+        self.epochs.lock().expect("the epochs lock holder panicked").clone()
     }
 
     /// Ends every session; waiting writes fail with `Stopped`.
@@ -571,7 +583,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             identity: Some(self.our_identity()),
             log_generation: self.nvlog.generation().0,
             recovered_tail_lsn: recovered_tail.0,
-            epochs: Vec::new(),
+            epochs: self.epochs(),
         };
         self.send(&tx, Out::Hello(hello)).await?;
         let timeout = self.timers.keepalive_timeout;
@@ -752,10 +764,13 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             return Err(format!("the partner marked the mirror out of sync: {}", change.reason));
                         }
                         In::Keepalive(keepalive) => {
-                            let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: Vec::new() };
+                            self.lock_state().partner_epochs = keepalive.epochs;
+                            let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: self.epochs() };
                             self.send(&tx, Out::KeepaliveReply(reply)).await?;
                         }
-                        In::KeepaliveReply(_) => {}
+                        In::KeepaliveReply(reply) => {
+                            self.lock_state().partner_epochs = reply.epochs;
+                        }
                         In::Hello(_) | In::ReturnedRecord(_) => {
                             return Err("a hello or returned record after the handshake".into());
                         }
@@ -766,7 +781,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         return Err(format!("nothing heard from the partner for {:?}", last_heard.elapsed()));
                     }
                     sequence += 1;
-                    self.send(&tx, Out::Keepalive(Keepalive { sequence, epochs: Vec::new() })).await?;
+                    self.send(&tx, Out::Keepalive(Keepalive { sequence, epochs: self.epochs() })).await?;
                 }
             }
         }

@@ -215,6 +215,21 @@ impl ShelfState {
         marks
     }
 
+    /// Every aggregate's mark (the file's, raised to any observed in a label).
+    pub fn all(&self) -> Vec<(Uuid, Epoch)> {
+        let mut marks: BTreeMap<Uuid, Epoch> = self.lock().iter().map(|(uuid, m)| (*uuid, m.epoch)).collect();
+        for (uuid, epoch) in self.observed.lock().expect("the observed lock holder panicked").iter() {
+            let entry = marks.entry(*uuid).or_default();
+            *entry = (*entry).max(*epoch);
+        }
+        marks.into_iter().collect()
+    }
+
+    /// `all` as the wire carries it (hellos and keepalive replies, S2).
+    pub fn wire_epochs(&self) -> Vec<mc_proto::v1::AggregateEpoch> {
+        self.all().into_iter().map(|(uuid, epoch)| crate::wire::aggregate_epoch(uuid, epoch)).collect()
+    }
+
     fn observed(&self, aggregate: Uuid) -> Epoch {
         self.observed
             .lock()

@@ -43,6 +43,7 @@ impl Stream for Outbound {
 }
 
 struct Rig {
+    _dir: tempfile::TempDir,
     nvlog: Arc<Nvlog<MemMedia>>,
     address: String,
     _server: tokio::task::JoinHandle<()>,
@@ -61,11 +62,13 @@ async fn rig(silence_limit: Duration) -> Rig {
     // As the daemon does for a new log: `resyncing` until the writer's covering CP.
     nvlog.set_mirror_state(PartitionKind::DrPartner, MirrorState::Resyncing).unwrap();
     let nvlog = Arc::new(nvlog);
+    let dir = tempfile::tempdir().unwrap();
     let receiver = MirrorReceiver::new(
         nvlog.clone(),
         ReceiverIdentity { cluster: CLUSTER, node: RECEIVER, writer: WRITER },
         ReceiverTimers { keepalive_interval: Duration::from_millis(50), silence_limit },
         Arc::new(controller::peer::PeerClock::default()),
+        controller::shelf_state::ShelfState::open(&dir.path().join("shelf")).unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
@@ -76,7 +79,7 @@ async fn rig(silence_limit: Duration) -> Rig {
             .await
             .unwrap();
     });
-    Rig { nvlog, address, _server: server }
+    Rig { _dir: dir, nvlog, address, _server: server }
 }
 
 /// One writer stream.
@@ -87,6 +90,15 @@ struct Writer {
 
 impl Writer {
     async fn connect(rig: &Rig, identity: Identity, recovered_tail: u64) -> Result<Writer, tonic::Status> {
+        Writer::connect_with(rig, identity, recovered_tail, vec![]).await
+    }
+
+    async fn connect_with(
+        rig: &Rig,
+        identity: Identity,
+        recovered_tail: u64,
+        epochs: Vec<mc_proto::v1::AggregateEpoch>,
+    ) -> Result<Writer, tonic::Status> {
         let channel =
             tonic::transport::Channel::from_shared(rig.address.clone()).unwrap().connect().await.unwrap();
         let mut client = NvlogMirrorClient::new(channel);
@@ -95,7 +107,7 @@ impl Writer {
             identity: Some(identity),
             log_generation: 1,
             recovered_tail_lsn: recovered_tail,
-            epochs: vec![],
+            epochs,
         };
         to.send(WriterMessage { body: Some(In::Hello(hello)) }).await.unwrap();
         let from = client.mirror(Outbound(rx)).await?.into_inner();
@@ -130,11 +142,15 @@ fn identity() -> Identity {
 }
 
 fn record(lsn: u64) -> MirroredRecord {
+    record_at(lsn, Epoch { number: 1, owner: NodeId(WRITER) })
+}
+
+fn record_at(lsn: u64, epoch: Epoch) -> MirroredRecord {
     let payload = vec![u8::try_from(lsn % 251).unwrap(); 4096];
     let input = RecordInput {
         op: OpKind::Write,
         aggregate: AggregateId([3; 16]),
-        epoch: Epoch { number: 1, owner: NodeId(WRITER) },
+        epoch,
         volume: VolumeId(1),
         offset: lsn * 4096,
         range_len: 4096,
@@ -274,4 +290,40 @@ async fn strangers_and_garbage_are_refused() {
         .await;
     assert_eq!(writer.next().await.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(rig.nvlog.status(PartitionKind::DrPartner).unwrap().last_lsn, Lsn(0), "garbage was stored");
+}
+
+/// S2 at the receiver: a record with an epoch above the mark raises it (durably, before its
+/// ack); from then on a record or a hello with a lower epoch is refused and nothing is stored;
+/// an epoch held by another node than the writer is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epochs_are_refused_and_the_mark_is_reported() {
+    let rig = rig(Duration::from_secs(60)).await;
+    let mut writer = Writer::connect(&rig, identity(), 0).await.unwrap();
+    writer.next().await.unwrap();
+    writer.send(In::Record(record_at(1, Epoch { number: 2, owner: NodeId(WRITER) }))).await;
+    assert!(matches!(writer.next().await.unwrap(), Out::Ack(ack) if ack.lsn == 1));
+    writer.send(In::Record(record_at(2, Epoch { number: 1, owner: NodeId(WRITER) }))).await;
+    let error = writer.next().await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("stale epoch"), "{error:?}");
+    assert_eq!(rig.nvlog.status(PartitionKind::DrPartner).unwrap().durable_lsn, Lsn(1));
+    // The mark is in the next hello; a hello at the old epoch is refused.
+    let mut writer = Writer::connect(&rig, identity(), 1).await.unwrap();
+    let Out::Hello(hello) = writer.next().await.unwrap() else { panic!("no hello") };
+    let mark = hello.epochs.iter().find(|e| e.aggregate_uuid == [3; 16]).and_then(|e| e.epoch).unwrap();
+    assert_eq!((mark.number, mark.owner_node), (2, WRITER));
+    writer.send(In::Record(record_at(2, Epoch { number: 2, owner: NodeId(RECEIVER) }))).await;
+    let error = writer.next().await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "an epoch of another node: {error:?}");
+    let stale = mc_proto::v1::AggregateEpoch {
+        aggregate_uuid: vec![3; 16],
+        epoch: Some(mc_proto::v1::Epoch { number: 1, owner_node: WRITER }),
+    };
+    let refused = Writer::connect_with(&rig, identity(), 1, vec![stale]).await;
+    let error = match refused {
+        Err(status) => status,
+        Ok(mut writer) => writer.next().await.unwrap_err(),
+    };
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "a stale hello: {error:?}");
+    assert_eq!(rig.nvlog.status(PartitionKind::DrPartner).unwrap().durable_lsn, Lsn(1));
 }
