@@ -96,6 +96,16 @@ struct Metrics {
     replayed_records: Gauge,
     mirror_connected: Gauge,
     mirror_acked_lsn: Gauge,
+    /// 1 for the writer's account of the DR mirror (in_sync, resyncing, out_of_sync, unknown).
+    mirror_state: Family<MirrorStateLabels, Gauge>,
+    mirror_drops: Gauge,
+    partner_silent_ms: Gauge,
+}
+
+/// Labels of the mirror state gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorStateLabels {
+    state: String,
 }
 
 /// Labels of the phase gauge.
@@ -167,6 +177,21 @@ impl Metrics {
             "Every record up to this lsn is persisted at the DR partner",
             self.mirror_acked_lsn.clone(),
         );
+        registry.register(
+            "controller_mirror_state",
+            "1 for this node's account, as the writer, of its NVLog mirror to the DR partner",
+            self.mirror_state.clone(),
+        );
+        registry.register(
+            "controller_mirror_drops",
+            "Times the DR partner left the ack set after the mirror timeout (S3), since start",
+            self.mirror_drops.clone(),
+        );
+        registry.register(
+            "controller_partner_silent_milliseconds",
+            "Time since anything was heard from the DR partner on any service",
+            self.partner_silent_ms.clone(),
+        );
     }
 
     /// Reads the node's state into the gauges (at every scrape).
@@ -187,6 +212,20 @@ impl Metrics {
         let mirror = node.mirror().status();
         self.mirror_connected.set(i64::from(mirror.connected));
         self.mirror_acked_lsn.set(gauge_value(mirror.acked.0));
+        let state = match mirror.state {
+            crate::nvlog_mirror::WriterState::Unknown => "unknown",
+            crate::nvlog_mirror::WriterState::InSync => "in_sync",
+            crate::nvlog_mirror::WriterState::Resyncing { .. } => "resyncing",
+            crate::nvlog_mirror::WriterState::OutOfSync => "out_of_sync",
+        };
+        for s in ["unknown", "in_sync", "resyncing", "out_of_sync"] {
+            self.mirror_state
+                .get_or_create(&MirrorStateLabels { state: s.to_string() })
+                .set(i64::from(s == state));
+        }
+        self.mirror_drops.set(gauge_value(mirror.drops));
+        self.partner_silent_ms
+            .set(gauge_value(u64::try_from(node.clock.silent_for().as_millis()).unwrap_or(u64::MAX)));
     }
 
     /// Reads the NVLog's state into the gauges (at every scrape).
@@ -327,7 +366,10 @@ async fn run_in_span(
         config.cluster_id,
         config.node_id,
         config.dr_partner.node_id,
-        config.timers.mirror_timeout,
+        // A little above the aggregate's own bound on plex I/O, so a stalled link reads as a
+        // timeout there (plex out of date), not as a failed disk.
+        config.timers.mirror_timeout + std::time::Duration::from_secs(1),
+        config.timers.keepalive_interval,
         clock.clone(),
     )
     .map_err(|message| DaemonError::Serve { what: "disk client", message })?;

@@ -56,13 +56,18 @@ impl RemoteShelf {
         node: u32,
         partner: u32,
         timeout: Duration,
+        keepalive_interval: Duration,
         clock: Arc<PeerClock>,
     ) -> Result<RemoteShelf, String> {
+        // HTTP/2 pings find a dead connection (not the kernel's TCP timeout), but only after
+        // the mirror timeout: a cut shorter than it must stall the plex's I/O, not fail it
+        // (DESIGN §4.1), and a request is never retried on another connection (a late copy of
+        // it could land after a newer write). Calls have the mirror timeout as deadline anyway.
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("partner address {address}: {e}"))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
+            .http2_keep_alive_interval(keepalive_interval)
             .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true);
         let client = DiskServiceClient::new(endpoint.connect_lazy())
