@@ -10,13 +10,17 @@
 //!    (S2; the partner's hello carries its epochs) and returns our records above the recovered
 //!    tail (S8). No plex or label is written, no volume served. Without a partner the node
 //!    stays here and says so in its log and status;
-//! 3. `recovering`: aggregates opened, volume tables read, the `local` partition replayed from
-//!    each aggregate's last CP into the write cache (a gap leaves every volume offline with the
-//!    reason), then a CP;
+//! 3. `recovering`: aggregates opened — plex 0 from this shelf, plex 1 from the DR partner's
+//!    through `DiskService` (a partner that cannot be reached makes plex 1 dropped, S3, and
+//!    reattached later by the plex monitor) — volume tables read, the `local` partition replayed
+//!    from each aggregate's last CP into the write cache (a gap leaves every volume offline with
+//!    the reason), then a CP;
 //! 4. `serving` until shutdown; `stopping`: new I/O refused, I/O in flight drained, a final CP.
 //!
 //! Invariants:
-//! - no I/O is served and no plex or label written before `serving` (S2);
+//! - no I/O is served and no plex or label written before `serving` (S2); every plex write of
+//!   this node carries the epoch it holds, checked against the shelf's high-water mark (local
+//!   disks through `GuardedDisk`, remote ones by the partner's `DiskService`);
 //! - the write cache holds every acknowledged write not yet destaged by a CP; a CP covers an
 //!   lsn only when every record at or below it was applied to the cache or failed (so it was
 //!   never acknowledged);

@@ -1,6 +1,9 @@
-//! A 2-node cluster of real `mc-controller` processes (DESIGN §4, §5, §8; S1, S2, S8, S12,
-//! S13): the write path mirrored to the DR partner, CPs, `kill -9` and restart, lost and torn
-//! NVLogs, a partner that loses its copy, and garbage on the gRPC endpoints.
+//! A 2-node cluster of real `mc-controller` processes (DESIGN §4, §4.1, §4.2, §5, §6, §8; S1,
+//! S2, S3, S4, S5, S8, S12, S13): the write path mirrored to the DR partner, CPs, `kill -9` and
+//! restart, lost and torn NVLogs, a partner that loses its copy, garbage on the gRPC endpoints,
+//! and the inter-site link through the fault-injecting proxy: cuts shorter and longer than the
+//! mirror timeout, both ways and one way, a gray partner, a partner killed for longer than the
+//! timeout, and a link flapping during a resync (plex 1 is on B's shelf).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
@@ -678,7 +681,7 @@ async fn an_aggregate_of_several_disks_per_plex_is_reassembled_at_restart() {
 /// The inter-site link cut (both ways, then each way alone) for less than `mirror_timeout`
 /// under a workload, through the fault-injecting proxy: writes stall while it is cut and go on
 /// when it is back; nothing acknowledged is lost and the mirror ends in sync. (Cuts longer than
-/// the timeout, which drop the partner under S3, come with issue 6.)
+/// the timeout, which drop the partner under S3, are the tests below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_shorter_than_the_mirror_timeout_stalls_writes_and_loses_nothing() {
     use mc_tests::proxy::{Mode, Side};
