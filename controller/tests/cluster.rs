@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{BLOCK, CLUSTER, Cluster, Model, Settings, block_data, workload, workload_in};
+use common::{BLOCK, CLUSTER, Cluster, Model, Settings, block_data, wait_acked, workload, workload_in};
 use mc_proto::v1::{MirrorState, ReadRequest, WriteRequest};
 
 const VOLUME_BYTES: u64 = 16 << 20;
@@ -686,11 +686,7 @@ async fn an_aggregate_of_several_disks_per_plex_is_reassembled_at_restart() {
 async fn a_link_cut_shorter_than_the_mirror_timeout_stalls_writes_and_loses_nothing() {
     use mc_tests::proxy::{Mode, Side};
     let settings = Settings { mirror_timeout_ms: 8000, cp_interval_ms: 500, ..Settings::default() };
-    let mut cluster = Cluster::with_links(&settings).await;
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let cluster = Cluster::up_with_links(&settings, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(workload(cluster.data(0).await, "vol_a", 512, 8, model.clone(), stop.clone(), 1));
@@ -761,11 +757,7 @@ fn local_mirror_state(status: &mc_proto::v1::StatusReply) -> i32 {
 async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_nothing() {
     use mc_tests::proxy::Mode;
     let settings = Settings { mirror_timeout_ms: 4000, cp_interval_ms: 500, ..Settings::default() };
-    let mut cluster = Cluster::with_links(&settings).await;
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster = Cluster::up_with_links(&settings, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
     let stop = Arc::new(AtomicBool::new(false));
     // Before and during the cut the workload writes one part of the volume, after the drop
@@ -774,23 +766,13 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
     let load =
         tokio::spawn(workload_in(cluster.data(0).await, "vol_a", 0..1024, 8, model.clone(), stop.clone(), 1));
     let acked = || model.lock().unwrap().acked;
-    let wait_acks = |from: u64, what: &'static str| {
-        let model = model.clone();
-        async move {
-            let started = std::time::Instant::now();
-            while model.lock().unwrap().acked <= from {
-                assert!(started.elapsed() < Duration::from_secs(30), "{what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    wait_acks(100, "no writes before the cut").await;
+    wait_acked(&model, 100, "no writes before the cut").await;
     cluster.link(0).set_both(Mode::Blackhole);
     cluster.link(1).set_both(Mode::Blackhole);
     let cut = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stalled = acked();
-    wait_acks(stalled, "writes did not resume after the mirror timeout").await;
+    wait_acked(&model, stalled, "writes did not resume after the mirror timeout").await;
     let resumed = cut.elapsed();
     // The drop was persisted at A before the first acknowledgement after the stall.
     let a = cluster.status(0).await;
@@ -815,23 +797,16 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
         1 << 40,
     ));
     let during = acked();
-    wait_acks(during + 200, "writes stopped while degraded").await;
+    wait_acked(&model, during + 200, "writes stopped while degraded").await;
     // The connections die (TCP gave up): what was in flight at the cut never arrives, so only
     // the bitmap marks of the drop (S4) bring it to plex 1.
     cluster.link(0).reset();
     cluster.link(1).reset();
     cluster.link(0).set_both(Mode::Pass);
     cluster.link(1).set_both(Mode::Pass);
-    cluster
-        .wait_status(0, "mirror in sync and plexes normal", |s| {
-            s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32
-                && local_mirror_state(s) == MirrorState::InSync as i32
-                && s.aggregates[0].state == "mirrored,normal"
-        })
-        .await;
-    cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+    cluster.wait_in_sync().await;
     let healed = acked();
-    wait_acks(healed + 100, "writes stopped after the heal").await;
+    wait_acked(&model, healed + 100, "writes stopped after the heal").await;
     stop.store(true, Ordering::Relaxed);
     cluster.finish(load).await;
     let snapshot = model.lock().unwrap().clone();
@@ -853,22 +828,8 @@ async fn a_link_cut_longer_than_the_mirror_timeout_drops_then_resyncs_and_loses_
 async fn one_way_cuts_drop_only_on_acknowledgement_or_silence_and_lose_nothing() {
     use mc_tests::proxy::{Mode, Side};
     let settings = Settings { mirror_timeout_ms: 4000, cp_interval_ms: 500, ..Settings::default() };
-    let mut cluster = Cluster::with_links(&settings).await;
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster = Cluster::up_with_links(&settings, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
-    let wait_acks = |from: u64, what: String| {
-        let model = model.clone();
-        async move {
-            let started = std::time::Instant::now();
-            while model.lock().unwrap().acked <= from {
-                assert!(started.elapsed() < Duration::from_secs(30), "{what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     // Link 0 carries A's calls to B (Forward: A→B), link 1 B's calls to A (Backward: A→B).
     let cuts = [
         ("A→B", Side::Forward, Side::Backward, "the partner acknowledged it"),
@@ -887,13 +848,13 @@ async fn one_way_cuts_drop_only_on_acknowledgement_or_silence_and_lose_nothing()
             first_write,
         ));
         let before = model.lock().unwrap().acked;
-        wait_acks(before + 100, format!("{name}: no writes before the cut")).await;
+        wait_acked(&model, before + 100, &format!("{name}: no writes before the cut")).await;
         cluster.link(0).set(on_link0, Mode::Blackhole);
         cluster.link(1).set(on_link1, Mode::Blackhole);
         let cut = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let stalled = model.lock().unwrap().acked;
-        wait_acks(stalled, format!("{name}: writes did not resume after the mirror timeout")).await;
+        wait_acked(&model, stalled, &format!("{name}: writes did not resume after the mirror timeout")).await;
         assert!(
             cut.elapsed() >= Duration::from_millis(3500),
             "{name}: resumed {:?} after the cut",
@@ -910,17 +871,10 @@ async fn one_way_cuts_drop_only_on_acknowledgement_or_silence_and_lose_nothing()
             .wait_status(1, "B's receiver out of sync", |s| mirror_state(s) == MirrorState::OutOfSync)
             .await;
         let degraded = model.lock().unwrap().acked;
-        wait_acks(degraded + 200, format!("{name}: writes stopped while degraded")).await;
+        wait_acked(&model, degraded + 200, &format!("{name}: writes stopped while degraded")).await;
         cluster.link(0).set_both(Mode::Pass);
         cluster.link(1).set_both(Mode::Pass);
-        cluster
-            .wait_status(0, "mirror in sync and plexes normal", |s| {
-                s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32
-                    && local_mirror_state(s) == MirrorState::InSync as i32
-                    && s.aggregates[0].state == "mirrored,normal"
-            })
-            .await;
-        cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+        cluster.wait_in_sync().await;
         stop.store(true, Ordering::Relaxed);
         cluster.finish(load).await;
     }
@@ -946,22 +900,12 @@ async fn kill_9_of_the_partner_beyond_the_timeout_drops_then_resyncs_and_loses_n
     let load =
         tokio::spawn(workload(cluster.data(0).await, "vol_a", 2048, 8, model.clone(), stop.clone(), 1));
     let acked = || model.lock().unwrap().acked;
-    let wait_acks = |from: u64, what: &'static str| {
-        let model = model.clone();
-        async move {
-            let started = std::time::Instant::now();
-            while model.lock().unwrap().acked <= from {
-                assert!(started.elapsed() < Duration::from_secs(30), "{what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    wait_acks(200, "no writes before the kill").await;
+    wait_acked(&model, 200, "no writes before the kill").await;
     cluster.kill(1);
     let killed = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stalled = acked();
-    wait_acks(stalled, "writes did not resume after the mirror timeout").await;
+    wait_acked(&model, stalled, "writes did not resume after the mirror timeout").await;
     assert!(killed.elapsed() >= Duration::from_millis(3500), "resumed {:?} after the kill", killed.elapsed());
     let dropped = |s: &mc_proto::v1::StatusReply| {
         ["out_of_date", "failed"].iter().any(|p| plex_state(s, 1).starts_with(p))
@@ -969,15 +913,9 @@ async fn kill_9_of_the_partner_beyond_the_timeout_drops_then_resyncs_and_loses_n
     };
     cluster.wait_status(0, "mirror and plex 1 dropped", dropped).await;
     let degraded = acked();
-    wait_acks(degraded + 300, "writes stopped while B was down").await;
+    wait_acked(&model, degraded + 300, "writes stopped while B was down").await;
     cluster.start(1);
-    cluster
-        .wait_status(0, "mirror in sync and plexes normal", |s| {
-            s.dr_mirror.as_ref().unwrap().state == MirrorState::InSync as i32
-                && s.aggregates[0].state == "mirrored,normal"
-        })
-        .await;
-    cluster.wait_status(1, "B in sync", |s| mirror_state(s) == MirrorState::InSync).await;
+    cluster.wait_in_sync().await;
     stop.store(true, Ordering::Relaxed);
     cluster.finish(load).await;
     let snapshot = model.lock().unwrap().clone();
@@ -1000,11 +938,7 @@ async fn link_flapping_during_a_resync_never_marks_the_plex_normal_early() {
         resync_bytes_per_second: 1 << 20,
         ..Settings::default()
     };
-    let mut cluster = Cluster::with_links(&settings).await;
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let mut cluster = Cluster::up_with_links(&settings, VOLUME_BYTES).await;
     let model = Arc::new(Mutex::new(Model::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let load =

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::data_client::DataClient;
 use mc_proto::v1::{
-    CreateAggregateRequest, CreateVolumeRequest, PartitionRecord, PartitionRecordsRequest, ReadRequest,
-    StatusReply, StatusRequest, WriteRequest,
+    CreateAggregateRequest, CreateVolumeRequest, MirrorState, PartitionRecord, PartitionRecordsRequest,
+    ReadRequest, StatusReply, StatusRequest, WriteRequest,
 };
 use mc_tests::proxy::FaultProxy;
 use tonic::transport::Channel;
@@ -175,6 +175,36 @@ impl Cluster {
     /// The proxy of what node `i` dials.
     pub fn link(&self, i: usize) -> &FaultProxy {
         &self.links.as_ref().expect("a cluster started with_links")[i]
+    }
+
+    /// As `up`, with the inter-site links through the fault-injecting proxies (`with_links`).
+    pub async fn up_with_links(settings: &Settings, volume_bytes: u64) -> Cluster {
+        let mut cluster = Cluster::with_links(settings).await;
+        cluster.start(0);
+        cluster.start(1);
+        cluster.wait_state(0, "serving").await;
+        cluster.create_volume(0, volume_bytes).await;
+        cluster
+    }
+
+    /// Waits until A's DR mirror is in sync (in memory and in its persisted account), its
+    /// aggregate `mirrored,normal`, and B's receiver in sync.
+    pub async fn wait_in_sync(&self) {
+        let local_in_sync = |s: &StatusReply| {
+            s.partitions.iter().any(|p| p.kind == "local" && p.mirror_state == MirrorState::InSync as i32)
+        };
+        self.wait_status(0, "A's mirror in sync and its plexes normal", |s| {
+            s.dr_mirror.as_ref().is_some_and(|m| m.state == MirrorState::InSync as i32)
+                && local_in_sync(s)
+                && s.aggregates.first().is_some_and(|a| a.state == "mirrored,normal")
+        })
+        .await;
+        self.wait_status(1, "B's receiver in sync", |s| {
+            s.partitions
+                .iter()
+                .any(|p| p.kind == "dr_partner" && p.mirror_state == MirrorState::InSync as i32)
+        })
+        .await;
     }
 
     /// Both nodes started and serving, with aggregate `aggr_a` and volume `vol_a` of
@@ -429,6 +459,16 @@ pub fn block_data(block: u64, write: u64) -> Vec<u8> {
 pub struct Model {
     pub blocks: HashMap<u64, (Option<u64>, Vec<u64>)>,
     pub acked: u64,
+}
+
+/// Waits until `model` counts more than `above` acknowledged writes; fails with `what` after
+/// 30 seconds.
+pub async fn wait_acked(model: &Arc<Mutex<Model>>, above: u64, what: &str) {
+    let started = Instant::now();
+    while model.lock().unwrap().acked <= above {
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl Model {
