@@ -241,18 +241,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         mut inbound: Streaming<WriterMessage>,
         out: mpsc::Sender<Result<ReceiverMessage, Status>>,
     ) -> Result<(), Status> {
-        // A writer that takes no message for the silence limit (its side of the link is cut
-        // and HTTP/2 flow control stalled) ends the stream: it re-establishes a new one.
-        let limit = self.timers.silence_limit;
-        let send = |body: Out| {
-            let out = out.clone();
-            async move {
-                matches!(
-                    tokio::time::timeout(limit, out.send(Ok(ReceiverMessage { body: Some(body) }))).await,
-                    Ok(Ok(()))
-                )
-            }
-        };
+        let send = sender(&out, self.timers.silence_limit);
         // 1. The hello.
         let hello = match inbound.message().await? {
             Some(WriterMessage { body: Some(In::Hello(hello)) }) => hello,
@@ -416,16 +405,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         mut stored: mpsc::Receiver<In>,
         out: mpsc::Sender<Result<ReceiverMessage, Status>>,
     ) -> Result<(), Status> {
-        let limit = self.timers.silence_limit;
-        let send = |body: Out| {
-            let out = out.clone();
-            async move {
-                matches!(
-                    tokio::time::timeout(limit, out.send(Ok(ReceiverMessage { body: Some(body) }))).await,
-                    Ok(Ok(()))
-                )
-            }
-        };
+        let send = sender(&out, self.timers.silence_limit);
         let persist = self.persister(out.clone());
         while let Some(body) = stored.recv().await {
             crate::faults::wait_while_stalled(crate::faults::RECEIVER_STORAGE).await;
@@ -532,6 +512,25 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             }
         }
         Ok(())
+    }
+}
+
+/// Sends one message on the stream, `false` when it is closed or takes nothing for `limit`: a
+/// writer that takes no message for the silence limit (its side of the link is cut and HTTP/2
+/// flow control stalled) ends the stream, and it re-establishes a new one.
+fn sender(
+    out: &mpsc::Sender<Result<ReceiverMessage, Status>>,
+    limit: Duration,
+) -> impl Fn(Out) -> Pin<Box<dyn std::future::Future<Output = bool> + Send>> + use<> {
+    let out = out.clone();
+    move |body: Out| {
+        let out = out.clone();
+        Box::pin(async move {
+            matches!(
+                tokio::time::timeout(limit, out.send(Ok(ReceiverMessage { body: Some(body) }))).await,
+                Ok(Ok(()))
+            )
+        })
     }
 }
 
