@@ -4,5 +4,6 @@
 //! the library holds what they share.
 
 pub mod bench;
+pub mod daemon;
 pub mod nvlog_crash;
 pub mod proxy;

@@ -13,6 +13,14 @@
 //!    (QD1) on one HTTP/2 channel, then `--depth` tasks (QD32) over `--channels` channels;
 //! 5. the daemons stop (SIGTERM, then SIGKILL after a grace period).
 //!
+//! With `--baseline-controller PATH` (another `mc-controller`, e.g. one built from an earlier
+//! commit), steps 2–5 run `--baseline-rounds` times for each binary, alternating (current then
+//! baseline in odd rounds, baseline then current in even ones, so drift and noise of the
+//! machine hit both alike), each run with fresh files; the report adds every run and the ratios
+//! current / baseline per round and their median. The usual report shows the current binary's
+//! first run. The aggregate is created with the same request for both; where its plex 1 disk
+//! file appeared (A's shelf or B's) is reported per run.
+//!
 //! Invariants of the measurement:
 //! - every case runs a warm-up, then a measured window of `--seconds`; an operation counts only
 //!   if it started and finished inside the window; IOPS is those operations over the window;
@@ -30,13 +38,12 @@
 //! who spends them. Speed is reported, never asserted (DESIGN §14).
 
 use mc_tests::bench::{Mode, micros, nanos, percentile};
+use mc_tests::daemon::{DAEMON_DEADLINE, Daemon, clock_ticks_per_second, cpu_ticks, free_port};
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -72,17 +79,12 @@ const CP_INTERVAL_MS: u64 = 10_000;
 const MIRROR_TIMEOUT_MS: u64 = 30_000;
 /// Each disk holds the volume and room for the aggregate's own metadata.
 const DISK_SLACK_BYTES: u64 = 64 << 20;
-/// How long a daemon may take to listen, to serve, or to stop on SIGTERM.
-const DAEMON_DEADLINE: Duration = Duration::from_secs(60);
-const STOP_GRACE: Duration = Duration::from_secs(20);
 /// How often the NVLog-alone CP thread looks at the partition.
 const CP_POLL: Duration = Duration::from_millis(1);
 /// The NVLog-alone CP thread releases at least this often (as `nvlog-bench` does by default).
 const CP_RELEASE_INTERVAL: Duration = Duration::from_millis(5);
 /// Quiet time after each case's syncfs.
 const SETTLE: Duration = Duration::from_millis(200);
-/// Daemon log lines kept for error messages.
-const LOG_LINES_KEPT: usize = 200;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -122,6 +124,13 @@ struct Args {
     /// Also print the results as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Another `mc-controller` binary (e.g. built from an earlier commit) to run the cluster
+    /// cases against too, alternating with `--controller`; the report gives the ratios.
+    #[arg(long)]
+    baseline_controller: Option<PathBuf>,
+    /// With `--baseline-controller`: cluster runs per binary and mode.
+    #[arg(long, default_value_t = 3)]
+    baseline_rounds: usize,
 }
 
 /// The validated configuration.
@@ -137,6 +146,8 @@ struct Config {
     volume_bytes: u64,
     seed: u64,
     json: bool,
+    baseline: Option<PathBuf>,
+    baseline_rounds: usize,
 }
 
 impl Config {
@@ -173,6 +184,14 @@ impl Config {
             "{} is not a file: build it with `cargo build --release -p controller` or pass --controller",
             controller.display()
         );
+        if let Some(baseline) = &args.baseline_controller {
+            ensure!(baseline.is_file(), "--baseline-controller {} is not a file", baseline.display());
+        }
+        ensure!(
+            (1..=100).contains(&args.baseline_rounds),
+            "--baseline-rounds must be in 1..=100, got {}",
+            args.baseline_rounds
+        );
         let mut modes = args.modes;
         modes.dedup();
         Ok(Config {
@@ -186,6 +205,8 @@ impl Config {
             volume_bytes: args.volume_mib << 20,
             seed: args.seed.unwrap_or_else(rand::random),
             json: args.json,
+            baseline: args.baseline_controller,
+            baseline_rounds: args.baseline_rounds,
         })
     }
 }
@@ -218,6 +239,13 @@ fn run(config: &Config) -> Result<()> {
         println!("WARNING: {fs_name} is memory: msync costs nothing there and `power` means nothing");
     }
     println!("controller: {}", config.controller.display());
+    if let Some(baseline) = &config.baseline {
+        println!(
+            "baseline controller: {} ({} rounds per mode, alternating with the controller)",
+            baseline.display(),
+            config.baseline_rounds
+        );
+    }
     println!(
         "machine: {} CPUs, load average {} (the client and both daemons share them)",
         thread::available_parallelism().map_or(0, std::num::NonZero::get),
@@ -242,6 +270,10 @@ fn run(config: &Config) -> Result<()> {
     for result in &results {
         print!("{}", mode_report(config, result));
         println!();
+        if !result.compared.is_empty() {
+            print!("{}", comparison_report(config, result));
+            println!();
+        }
     }
     if config.json {
         println!("{}", to_json(config, &fs_name, &results));
@@ -263,6 +295,69 @@ struct ModeResult {
     cp_last_duration_us: u64,
     cp_last_blocks: u64,
     mirror_state: String,
+    /// With `--baseline-controller`: every cluster run, in the order they ran.
+    compared: Vec<ComparedRun>,
+}
+
+impl ModeResult {
+    fn new(mode: Mode, nvlog: Stage, stages: ClusterStages, compared: Vec<ComparedRun>) -> ModeResult {
+        ModeResult {
+            mode,
+            nvlog,
+            round_trip: stages.round_trip,
+            write_qd1: stages.write_qd1,
+            write_deep: stages.write_deep,
+            cp_completed: stages.cp_completed,
+            backpressure_waits: stages.backpressure_waits,
+            cp_last_duration_us: stages.cp_last_duration_us,
+            cp_last_blocks: stages.cp_last_blocks,
+            mirror_state: stages.mirror_state,
+            compared,
+        }
+    }
+}
+
+/// What one cluster run measured.
+#[derive(Debug, Clone)]
+struct ClusterStages {
+    round_trip: Stage,
+    write_qd1: Stage,
+    write_deep: Stage,
+    /// A's account after the run.
+    cp_completed: u64,
+    backpressure_waits: u64,
+    cp_last_duration_us: u64,
+    cp_last_blocks: u64,
+    mirror_state: String,
+    /// Which shelf directory the plex 1 disk file appeared in after `CreateAggregate`.
+    plex1_shelf: &'static str,
+}
+
+/// The binary a cluster run used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// `--controller`.
+    Current,
+    /// `--baseline-controller`.
+    Baseline,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Which::Current => "current",
+            Which::Baseline => "baseline",
+        }
+    }
+}
+
+/// One cluster run of a comparison.
+#[derive(Debug)]
+struct ComparedRun {
+    /// From 0.
+    round: usize,
+    which: Which,
+    stages: ClusterStages,
 }
 
 /// One case: the calls counted in the measured window, their latencies, and CPU per call.
@@ -313,10 +408,55 @@ fn bench_mode(
     let nvlog = bench_nvlog(config, dir, mode).context("append to the NVLog alone")?;
     print_stage("NVLog append alone", &nvlog);
 
+    let Some(baseline) = &config.baseline else {
+        let stages = run_cluster(config, runtime, &config.controller, dir, mode)?;
+        return Ok(ModeResult::new(mode, nvlog, stages, Vec::new()));
+    };
+    let mut compared = Vec::with_capacity(2 * config.baseline_rounds);
+    for round in 0..config.baseline_rounds {
+        // Each binary goes first in every other round, so a drift of the machine (page cache,
+        // writeback, other tenants) is shared out evenly.
+        let order = if round % 2 == 0 {
+            [Which::Current, Which::Baseline]
+        } else {
+            [Which::Baseline, Which::Current]
+        };
+        for which in order {
+            let binary = match which {
+                Which::Current => &config.controller,
+                Which::Baseline => baseline,
+            };
+            println!("  round {}/{}, {} controller:", round + 1, config.baseline_rounds, which.name());
+            let run_dir = dir.join(format!("round{round}-{}", which.name()));
+            fs::create_dir_all(&run_dir).with_context(|| format!("create {}", run_dir.display()))?;
+            settle(dir)?;
+            let stages = run_cluster(config, runtime, binary, &run_dir, mode).with_context(|| {
+                format!("round {} with the {} controller {}", round + 1, which.name(), binary.display())
+            })?;
+            fs::remove_dir_all(&run_dir).with_context(|| format!("remove {}", run_dir.display()))?;
+            compared.push(ComparedRun { round, which, stages });
+        }
+    }
+    let first = compared
+        .iter()
+        .find(|run| run.which == Which::Current)
+        .map(|run| run.stages.clone())
+        .context("no run of the current controller")?;
+    Ok(ModeResult::new(mode, nvlog, first, compared))
+}
+
+/// Starts a cluster of `binary` in `dir`, measures its stages and stops it.
+fn run_cluster(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+    binary: &Path,
+    dir: &Path,
+    mode: Mode,
+) -> Result<ClusterStages> {
     // Spawned from this (the main) thread, which lives as long as the benchmark: the daemons'
     // parent-death signal fires when the spawning thread exits.
-    let mut cluster = Cluster::start(config, dir, mode)?;
-    let measured = runtime.block_on(bench_cluster(config, &cluster, dir, mode, nvlog));
+    let mut cluster = Cluster::start(binary, dir, mode)?;
+    let measured = runtime.block_on(bench_cluster(config, &cluster, dir));
     let stopped = cluster.stop();
     let result = measured.map_err(|e| e.context(cluster.logs()))?;
     stopped?;
@@ -487,139 +627,6 @@ cp_interval_ms = {CP_INTERVAL_MS}
     }
 }
 
-/// A free TCP port on 127.0.0.1 (the daemons must know each other's ports before they start).
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind a probe port")?;
-    Ok(listener.local_addr().context("read the probe port")?.port())
-}
-
-/// A running daemon: SIGTERM, then SIGKILL, when stopped or dropped.
-#[derive(Debug)]
-struct Daemon {
-    name: String,
-    child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Starts `binary --config config` and waits for the line it prints once it listens.
-    fn spawn(name: String, binary: &Path, config: &Path) -> Result<Daemon> {
-        let mut command = Command::new(binary);
-        command
-            .arg("--config")
-            .arg(config)
-            // Per-write logging would be part of what is measured; warnings still show up.
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        die_with_parent(&mut command);
-        let mut child = command.spawn().with_context(|| format!("start {}", binary.display()))?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().context("take the daemon's stdout")?;
-        thread::spawn(move || {
-            // Keeps draining stdout after the first line, so the daemon never blocks on it.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = child.stderr.take().context("take the daemon's stderr")?;
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(mut lines) = sink.lock() {
-                    if lines.len() >= LOG_LINES_KEPT {
-                        lines.remove(0);
-                    }
-                    lines.push(line);
-                }
-            }
-        });
-        let mut daemon = Daemon { name, child: Some(child), log };
-        let deadline = Instant::now() + DAEMON_DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("mc-controller node ") && line.contains(" listening ") => {
-                    return Ok(daemon);
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    // Ends the daemon first, so its last words are in the log.
-                    let _ = daemon.terminate();
-                    bail!("{} did not start listening:\n{}", daemon.name, daemon.log_text());
-                }
-            }
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().map(|lines| lines.join("\n")).unwrap_or_default()
-    }
-
-    /// SIGTERM and a wait for the exit; SIGKILL after `STOP_GRACE`. Errors if the daemon did not
-    /// exit cleanly on SIGTERM.
-    fn terminate(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
-        if child.try_wait().context("poll the daemon")?.is_none() {
-            let pid = i32::try_from(child.id()).context("the daemon's pid")?;
-            // SAFETY: signalling our own child, which has not been reaped (try_wait saw it alive),
-            // so the pid cannot name another process.
-            if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-                let error = std::io::Error::last_os_error();
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(error).with_context(|| format!("send SIGTERM to {}", self.name));
-            }
-        }
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().context("poll the daemon")? {
-                ensure!(status.success(), "{} exited with {status} on SIGTERM", self.name);
-                return Ok(());
-            }
-            if started.elapsed() > STOP_GRACE {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("{} did not stop within {STOP_GRACE:?} of SIGTERM; killed", self.name);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Best effort on the error path; a clean stop goes through `terminate` and reports.
-        let _ = self.terminate();
-    }
-}
-
-/// Makes the child get SIGKILL when this process dies, so a killed benchmark leaves no daemon.
-#[cfg(target_os = "linux")]
-fn die_with_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt as _;
-
-    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl, which
-    // is async-signal-safe, and allocates nothing.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut Command) {}
-
 /// Nodes 1 (site A, the writer) and 2 (site B, its DR partner).
 #[derive(Debug)]
 struct Cluster {
@@ -628,15 +635,16 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(config: &Config, dir: &Path, mode: Mode) -> Result<Cluster> {
+    fn start(binary: &Path, dir: &Path, mode: Mode) -> Result<Cluster> {
         let spec = |id: u32, site: &'static str| -> Result<NodeSpec> {
             Ok(NodeSpec { id, site, dir: dir.join(site), grpc_port: free_port()? })
         };
         let nodes = [spec(1, "A")?, spec(2, "B")?];
         nodes[0].write_config(&nodes[1], mode)?;
         nodes[1].write_config(&nodes[0], mode)?;
-        let a = Daemon::spawn("node 1 (A)".into(), &config.controller, &nodes[0].config_path())?;
-        let b = Daemon::spawn("node 2 (B)".into(), &config.controller, &nodes[1].config_path())?;
+        // Per-write logging would be part of what is measured; warnings still show up.
+        let a = Daemon::spawn("node 1 (A)".into(), binary, &nodes[0].config_path(), "warn", &[])?;
+        let b = Daemon::spawn("node 2 (B)".into(), binary, &nodes[1].config_path(), "warn", &[])?;
         Ok(Cluster { nodes, daemons: [a, b] })
     }
 
@@ -651,14 +659,14 @@ impl Cluster {
     fn logs(&self) -> String {
         let mut out = String::new();
         for daemon in &self.daemons {
-            let _ = write!(out, "--- {} log ---\n{}\n", daemon.name, daemon.log_text());
+            let _ = write!(out, "--- {} log ---\n{}\n", daemon.name(), daemon.log_text());
         }
         out
     }
 
     fn pids(&self) -> Result<[u32; 2]> {
         let pid = |i: usize| {
-            self.daemons[i].pid().with_context(|| format!("{} is not running", self.daemons[i].name))
+            self.daemons[i].pid().with_context(|| format!("{} is not running", self.daemons[i].name()))
         };
         Ok([pid(0)?, pid(1)?])
     }
@@ -718,13 +726,7 @@ fn mirror_state_name(reply: &StatusReply) -> String {
 
 /// Measures the cluster's stages; `nvlog` (measured before the cluster started) completes the
 /// result.
-async fn bench_cluster(
-    config: &Config,
-    cluster: &Cluster,
-    dir: &Path,
-    mode: Mode,
-    nvlog: Stage,
-) -> Result<ModeResult> {
+async fn bench_cluster(config: &Config, cluster: &Cluster, dir: &Path) -> Result<ClusterStages> {
     let [a, b] = &cluster.nodes;
     wait_status(a, "serving", |s| s.node_state == "serving").await?;
     wait_status(b, "serving", |s| s.node_state == "serving").await?;
@@ -732,7 +734,7 @@ async fn bench_cluster(
         .await?;
 
     let mut admin = AdminClient::new(connect(&a.address()).await?);
-    admin
+    let created = admin
         .create_aggregate(CreateAggregateRequest {
             cluster_id: CLUSTER_ID.to_vec(),
             name: AGGREGATE.into(),
@@ -741,7 +743,25 @@ async fn bench_cluster(
             disk_size_bytes: config.volume_bytes + DISK_SLACK_BYTES,
         })
         .await
-        .context("Admin.CreateAggregate")?;
+        .context("Admin.CreateAggregate")?
+        .into_inner();
+    ensure!(
+        created.state == "mirrored,normal",
+        "the new aggregate is {:?}, not mirrored,normal: {created:?}",
+        created.state
+    );
+    // Since 1ff6fe2 plex 1's disks are created on the DR partner's shelf; before, both plexes
+    // were files on the owner's shelf. The same request works for both; say which it was.
+    let shelf_file = |node: &NodeSpec, name: &str| node.dir.join("shelf").join(name).is_file();
+    ensure!(shelf_file(a, "d0"), "plex 0's disk d0 is not on A's shelf");
+    let plex1_shelf = match (shelf_file(a, "d1"), shelf_file(b, "d1")) {
+        (false, true) => "B's shelf (remote, DiskService)",
+        (true, false) => "A's shelf (local)",
+        (on_a, on_b) => bail!("plex 1's disk d1: on A's shelf {on_a}, on B's shelf {on_b}"),
+    };
+    if config.baseline.is_some() {
+        println!("  plex 0 on A's shelf, plex 1 on {plex1_shelf}");
+    }
     admin
         .create_volume(CreateVolumeRequest {
             cluster_id: CLUSTER_ID.to_vec(),
@@ -772,9 +792,7 @@ async fn bench_cluster(
     let last = lsn_qd1.max(lsn_deep);
     ensure!(acked >= last, "writes returned lsns up to {last}, but A's mirror says B acked only {acked}");
     let cp = after.cp.unwrap_or_default();
-    Ok(ModeResult {
-        mode,
-        nvlog,
+    Ok(ClusterStages {
         round_trip,
         write_qd1,
         write_deep,
@@ -783,6 +801,7 @@ async fn bench_cluster(
         cp_last_duration_us: cp.last_duration_us,
         cp_last_blocks: cp.last_blocks,
         mirror_state: mirror_state_name(&after),
+        plex1_shelf,
     })
 }
 
@@ -918,47 +937,13 @@ async fn client_task(
     }
 }
 
-/// User + system CPU of a process (`self` or a pid) in clock ticks, from `/proc/PID/stat`.
-fn cpu_ticks(pid: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    // The command name (field 2) may hold spaces; the fields after its closing parenthesis
-    // start at field 3, so utime (14) and stime (15) are the 12th and 13th of them.
-    let rest = text.rfind(')').map(|i| &text[i + 1..]).with_context(|| format!("parse {path}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .with_context(|| format!("{path} has no field {}", i + 3))?
-            .parse()
-            .with_context(|| format!("parse field {} of {path}", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
-}
-
-fn clock_ticks_per_second() -> Result<f64> {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) returned {ticks}");
-    Ok(ticks as f64)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers shared with `nvlog-bench`'s approach.
 
 /// Syncs the file system of `dir` and waits a moment, so the next case does not pay for the
 /// writeback of the last.
 fn settle(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-
-    let handle = File::open(dir).with_context(|| format!("open {}", dir.display()))?;
-    // SAFETY: the descriptor belongs to `handle`, which is open for the whole call.
-    let rc = unsafe { libc::syncfs(handle.as_raw_fd()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("syncfs {}", dir.display()));
-    }
-    thread::sleep(SETTLE);
-    Ok(())
+    mc_tests::daemon::settle(dir, SETTLE)
 }
 
 /// The file system's name for the report.
@@ -1105,6 +1090,131 @@ fn mode_report(config: &Config, r: &ModeResult) -> String {
     out
 }
 
+/// The median of `values` (the mean of the middle two for an even count); `None` for none.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        None
+    } else if n % 2 == 1 {
+        Some(sorted[n / 2])
+    } else {
+        Some(f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]))
+    }
+}
+
+/// What a comparison sets side by side, per run: a name and a value where lower is better for
+/// latencies and higher for IOPS (the ratio is current / baseline either way).
+fn compared_values(config: &Config, s: &ClusterStages) -> Vec<(String, f64)> {
+    let deep = config.depth;
+    vec![
+        ("gRPC round trip, mean (the same work for both: the noise)".into(), s.round_trip.mean_ns),
+        ("write QD1, mean latency".into(), s.write_qd1.mean_ns),
+        ("write QD1, p50 latency".into(), s.write_qd1.p50_ns as f64),
+        ("write QD1, p99 latency".into(), s.write_qd1.p99_ns as f64),
+        ("write QD1, IOPS".into(), s.write_qd1.iops()),
+        (format!("write QD{deep}, IOPS"), s.write_deep.iops()),
+        (format!("write QD{deep}, mean latency"), s.write_deep.mean_ns),
+        (format!("write QD{deep}, p99 latency"), s.write_deep.p99_ns as f64),
+    ]
+}
+
+/// Per compared value: its name, the ratio current / baseline of every round, and their median.
+fn comparison_ratios(config: &Config, r: &ModeResult) -> Vec<(String, Vec<f64>, Option<f64>)> {
+    let rounds = r.compared.iter().map(|run| run.round + 1).max().unwrap_or(0);
+    let find = |round: usize, which: Which| {
+        r.compared.iter().find(|run| run.round == round && run.which == which).map(|run| &run.stages)
+    };
+    let mut per_value: Vec<(String, Vec<f64>)> = Vec::new();
+    for round in 0..rounds {
+        let (Some(current), Some(baseline)) = (find(round, Which::Current), find(round, Which::Baseline))
+        else {
+            continue;
+        };
+        let pairs = compared_values(config, current).into_iter().zip(compared_values(config, baseline));
+        for (i, ((name, c), (_, b))) in pairs.enumerate() {
+            if per_value.len() <= i {
+                per_value.push((name, Vec::new()));
+            }
+            per_value[i].1.push(c / b);
+        }
+    }
+    per_value
+        .into_iter()
+        .map(|(name, ratios)| {
+            let middle = median(&ratios);
+            (name, ratios, middle)
+        })
+        .collect()
+}
+
+fn comparison_report(config: &Config, r: &ModeResult) -> String {
+    let mut out = String::new();
+    let deep = config.depth;
+    let _ = writeln!(out, "### durability = {}: current vs baseline controller", r.mode.name());
+    let _ = writeln!(out);
+    let _ = writeln!(out, "current: {}", config.controller.display());
+    if let Some(baseline) = &config.baseline {
+        let _ = writeln!(out, "baseline: {}", baseline.display());
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| round | controller | plex 1 | round trip mean us | QD1 IOPS | QD1 mean us | QD1 p50 us | QD1 p99 us | \
+         QD{deep} IOPS | QD{deep} mean us | QD{deep} p99 us | CPU us/write QD1 A / B / client | \
+         CPU us/write QD{deep} A / B / client | back-pressure waits | CPs | the last CP |"
+    );
+    let _ = writeln!(out, "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let cpu = |s: &Stage| {
+        s.cpu_us_per_op.map_or_else(|| "-".to_string(), |[a, b, c]| format!("{a:.0} / {b:.0} / {c:.0}"))
+    };
+    for run in &r.compared {
+        let s = &run.stages;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | \
+             {} blocks in {:.0} ms |",
+            run.round + 1,
+            run.which.name(),
+            s.plex1_shelf,
+            s.round_trip.mean_ns / 1000.0,
+            s.write_qd1.iops(),
+            s.write_qd1.mean_ns / 1000.0,
+            micros(s.write_qd1.p50_ns),
+            micros(s.write_qd1.p99_ns),
+            s.write_deep.iops(),
+            s.write_deep.mean_ns / 1000.0,
+            micros(s.write_deep.p99_ns),
+            cpu(&s.write_qd1),
+            cpu(&s.write_deep),
+            s.backpressure_waits,
+            s.cp_completed,
+            s.cp_last_blocks,
+            s.cp_last_duration_us as f64 / 1000.0,
+        );
+    }
+    let _ = writeln!(out);
+    let ratios = comparison_ratios(config, r);
+    let rounds = ratios.first().map_or(0, |(_, per_round, _)| per_round.len());
+    let mut header = "| current / baseline |".to_string();
+    let mut rule = "|---|".to_string();
+    for round in 1..=rounds {
+        let _ = write!(header, " round {round} |");
+        rule.push_str("--:|");
+    }
+    let _ = writeln!(out, "{header} median |");
+    let _ = writeln!(out, "{rule}--:|");
+    for (name, per_round, middle) in &ratios {
+        let mut row = format!("| {name} |");
+        for ratio in per_round {
+            let _ = write!(row, " {ratio:.2}x |");
+        }
+        let _ = writeln!(out, "{row} {} |", middle.map_or_else(|| "-".into(), |m| format!("{m:.2}x")));
+    }
+    out
+}
+
 fn stage_json(s: &Stage) -> serde_json::Value {
     serde_json::json!({
         "depth": s.depth,
@@ -1117,6 +1227,37 @@ fn stage_json(s: &Stage) -> serde_json::Value {
         "max_ns": s.max_ns,
         "cpu_us_per_op": s.cpu_us_per_op.map(|[a, b, client]| serde_json::json!({"a": a, "b": b, "client": client})),
     })
+}
+
+/// The runs of a comparison and the ratios current / baseline; null without one.
+fn compared_json(config: &Config, r: &ModeResult) -> serde_json::Value {
+    if r.compared.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let runs: Vec<serde_json::Value> = r
+        .compared
+        .iter()
+        .map(|run| {
+            let s = &run.stages;
+            serde_json::json!({
+                "round": run.round + 1,
+                "controller": run.which.name(),
+                "plex1_shelf": s.plex1_shelf,
+                "grpc_round_trip": stage_json(&s.round_trip),
+                "write_qd1": stage_json(&s.write_qd1),
+                "write_deep": stage_json(&s.write_deep),
+                "cp_completed": s.cp_completed,
+                "backpressure_waits": s.backpressure_waits,
+                "cp_last_duration_us": s.cp_last_duration_us,
+                "cp_last_blocks": s.cp_last_blocks,
+            })
+        })
+        .collect();
+    let ratios: Vec<serde_json::Value> = comparison_ratios(config, r)
+        .into_iter()
+        .map(|(name, per_round, middle)| serde_json::json!({"value": name, "per_round": per_round, "median": middle}))
+        .collect();
+    serde_json::json!({"runs": runs, "current_over_baseline": ratios})
 }
 
 fn to_json(config: &Config, fs_name: &str, results: &[ModeResult]) -> String {
@@ -1139,6 +1280,7 @@ fn to_json(config: &Config, fs_name: &str, results: &[ModeResult]) -> String {
                 "cp_last_duration_us": r.cp_last_duration_us,
                 "cp_last_blocks": r.cp_last_blocks,
                 "mirror_state": r.mirror_state,
+                "compared": compared_json(config, r),
             })
         })
         .collect();
@@ -1152,6 +1294,8 @@ fn to_json(config: &Config, fs_name: &str, results: &[ModeResult]) -> String {
         "depth": config.depth,
         "channels": config.channels,
         "seed": config.seed,
+        "controller": config.controller.display().to_string(),
+        "baseline_controller": config.baseline.as_ref().map(|p| p.display().to_string()),
         "modes": modes,
     })
     .to_string()
@@ -1172,15 +1316,19 @@ mod tests {
             &["write-bench", "--controller", exe, "--channels", "64"],
             &["write-bench", "--controller", exe, "--volume-mib", "0"],
             &["write-bench", "--controller", "/nonexistent/mc-controller"],
+            &["write-bench", "--controller", exe, "--baseline-controller", "/nonexistent/mc-controller"],
+            &["write-bench", "--controller", exe, "--baseline-controller", exe, "--baseline-rounds", "0"],
         ] {
             assert!(Config::from_args(Args::parse_from(args)).is_err(), "{args:?} was accepted");
         }
         assert!(Config::from_args(Args::parse_from(["write-bench", "--controller", exe])).is_ok());
     }
 
-    /// `/proc` parsing must survive a command name with spaces and parentheses.
+    /// The median of the per-round ratios is the middle one, or the mean of the middle two.
     #[test]
-    fn own_cpu_ticks_parse() {
-        assert!(cpu_ticks("self").is_ok());
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
     }
 }
