@@ -357,8 +357,13 @@ async fn run_in_span(
         .into_iter()
         .filter(|f| f.plexes[0].iter().any(|d| d.label.as_ref().is_some_and(|l| l.owner.0 == config.node_id)))
         .collect();
-    let shelf_state = crate::shelf_state::ShelfState::open(&config.shelf_dir).map_err(|e| {
-        DaemonError::Nvlog { path: config.shelf_dir.display().to_string(), message: e.to_string() }
+    let shelf_state = crate::shelf_state::ShelfState::open(
+        &config.shelf_dir,
+        crate::shelf_state::ShelfOwner { cluster: config.cluster_id, node: config.node_id },
+    )
+    .map_err(|e| DaemonError::Nvlog {
+        path: config.shelf_dir.display().to_string(),
+        message: e.to_string(),
     })?;
     let clock = Arc::new(crate::peer::PeerClock::default());
     let remote = crate::remote_disk::RemoteShelf::new(

@@ -177,38 +177,41 @@ impl DropHook for PartnerDrops {
             );
             tokio::pin!(call);
             let started = std::time::Instant::now();
+            // The partner's own out-of-sync report, or S3's silence.
+            let otherwise = || {
+                if self.mirror.partner_reported_out_of_sync() {
+                    return Some(
+                        "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string(),
+                    );
+                }
+                let silent = self.clock.silent_for();
+                (silent >= self.mirror_timeout)
+                    .then(|| format!("the DR partner unreachable and silent for {silent:?}"))
+            };
             let how = loop {
                 tokio::select! {
                     result = &mut call => match result {
                         Ok(()) => break "recorded at the DR partner".to_string(),
-                        Err(status) => {
-                            if self.mirror.partner_reported_out_of_sync() {
-                                break "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string();
+                        Err(status) => match otherwise() {
+                            Some(how) => break how,
+                            None => {
+                                return Err(format!(
+                                    "the DR partner did not record the drop ({}: {}) and was heard from {:?} ago \
+                                     (S3 waits for its record or {:?} of silence)",
+                                    status.code(),
+                                    status.message(),
+                                    self.clock.silent_for(),
+                                    self.mirror_timeout
+                                ));
                             }
-                            let silent = self.clock.silent_for();
-                            if silent >= self.mirror_timeout {
-                                break format!("the DR partner unreachable and silent for {silent:?}");
-                            }
-                            return Err(format!(
-                                "the DR partner did not record the drop ({}: {}) and was heard from {silent:?} ago \
-                                 (S3 waits for its record or {:?} of silence)",
-                                status.code(),
-                                status.message(),
-                                self.mirror_timeout
-                            ));
-                        }
+                        },
                     },
+                    // Only once the call is under way: its answer is the preferred record.
                     () = tokio::time::sleep(Duration::from_millis(50)) => {
-                        // Only once the call is under way: its answer is the preferred record.
-                        if started.elapsed() < Duration::from_millis(200) {
-                            continue;
-                        }
-                        if self.mirror.partner_reported_out_of_sync() {
-                            break "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string();
-                        }
-                        let silent = self.clock.silent_for();
-                        if silent >= self.mirror_timeout {
-                            break format!("the DR partner unreachable and silent for {silent:?}");
+                        if started.elapsed() >= Duration::from_millis(200)
+                            && let Some(how) = otherwise()
+                        {
+                            break how;
                         }
                     }
                 }

@@ -22,8 +22,8 @@ use plex::{Epoch, NodeId, Uuid};
 
 const MAGIC: [u8; 8] = *b"MCSHELF1";
 const VERSION: u32 = 1;
-/// Bytes of the header: magic, version, entry count.
-const HEADER_BYTES: usize = 16;
+/// Bytes of the header: magic, version, entry count, cluster id, node id, reserved.
+const HEADER_BYTES: usize = 40;
 /// Bytes of one entry.
 const ENTRY_BYTES: usize = 48;
 /// The file name in the shelf directory (a dot file: never taken for a disk).
@@ -89,10 +89,20 @@ pub enum ShelfStateError {
     },
 }
 
+/// Whose shelf a state file belongs to: a file of another cluster or node is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShelfOwner {
+    /// The cluster.
+    pub cluster: [u8; 16],
+    /// The node serving the shelf.
+    pub node: u32,
+}
+
 /// The state, shared by the DiskService and this node's own plex writes.
 #[derive(Debug)]
 pub struct ShelfState {
     path: PathBuf,
+    owner: ShelfOwner,
     /// What the file holds.
     marks: Mutex<BTreeMap<Uuid, AggregateMarks>>,
     /// Marks seen in labels at open (durable there, not necessarily in the file).
@@ -101,11 +111,14 @@ pub struct ShelfState {
     writer: tokio::sync::Mutex<()>,
 }
 
-fn encode(marks: &BTreeMap<Uuid, AggregateMarks>) -> Vec<u8> {
+fn encode(owner: ShelfOwner, marks: &BTreeMap<Uuid, AggregateMarks>) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + marks.len() * ENTRY_BYTES + 4);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&u32::try_from(marks.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&owner.cluster);
+    out.extend_from_slice(&owner.node.to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
     for (uuid, mark) in marks {
         out.extend_from_slice(&uuid.0);
         out.extend_from_slice(&mark.epoch.number.to_le_bytes());
@@ -135,7 +148,7 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn decode(bytes: &[u8]) -> Result<BTreeMap<Uuid, AggregateMarks>, String> {
+fn decode(owner: ShelfOwner, bytes: &[u8]) -> Result<BTreeMap<Uuid, AggregateMarks>, String> {
     if bytes.len() < HEADER_BYTES + 4 {
         return Err(format!("{} bytes is too short", bytes.len()));
     }
@@ -153,6 +166,15 @@ fn decode(bytes: &[u8]) -> Result<BTreeMap<Uuid, AggregateMarks>, String> {
     let body = bytes.len() - 4;
     if crc32fast::hash(&bytes[..body]) != le_u32(bytes, body) {
         return Err("CRC mismatch".into());
+    }
+    let (cluster, node) = (&bytes[16..32], le_u32(bytes, 32));
+    if cluster != owner.cluster || node != owner.node {
+        return Err(format!(
+            "the file belongs to node {node} of cluster {}, not to node {} of cluster {}",
+            crate::node::hex(cluster),
+            owner.node,
+            crate::node::hex(&owner.cluster)
+        ));
     }
     let mut marks = BTreeMap::new();
     for i in 0..count {
@@ -183,20 +205,21 @@ fn hex(uuid: Uuid) -> String {
 }
 
 impl ShelfState {
-    /// Opens the state of the shelf at `dir` (a missing file is an empty state; the directory
-    /// is created).
-    pub fn open(dir: &Path) -> Result<Arc<ShelfState>, ShelfStateError> {
+    /// Opens the state of the shelf at `dir` served by `owner` (a missing file is an empty
+    /// state; the directory is created; a file of another cluster or node is refused).
+    pub fn open(dir: &Path, owner: ShelfOwner) -> Result<Arc<ShelfState>, ShelfStateError> {
         let path = dir.join(FILE_NAME);
         let io = |source| ShelfStateError::Io { path: path.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let marks = match std::fs::read(&path) {
-            Ok(bytes) => decode(&bytes)
+            Ok(bytes) => decode(owner, &bytes)
                 .map_err(|reason| ShelfStateError::Corrupt { path: path.display().to_string(), reason })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(io(e)),
         };
         Ok(Arc::new(ShelfState {
             path,
+            owner,
             marks: Mutex::new(marks),
             observed: Mutex::new(BTreeMap::new()),
             writer: tokio::sync::Mutex::new(()),
@@ -303,7 +326,7 @@ impl ShelfState {
         let _writer = self.writer.lock().await;
         let mut next = self.lock().clone();
         change(next.entry(aggregate).or_default())?;
-        let bytes = encode(&next);
+        let bytes = encode(self.owner, &next);
         let path = self.path.clone();
         let written = tokio::task::spawn_blocking(move || replace_file(&path, &bytes))
             .await
@@ -336,6 +359,8 @@ mod tests {
 
     use super::*;
 
+    const OWNER: ShelfOwner = ShelfOwner { cluster: [9; 16], node: 2 };
+
     fn epoch(number: u64, owner: u32) -> Epoch {
         Epoch { number, owner: NodeId(owner) }
     }
@@ -343,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn marks_only_rise_survive_reopen_and_refuse_stale_epochs() {
         let dir = tempfile::tempdir().unwrap();
-        let state = ShelfState::open(dir.path()).unwrap();
+        let state = ShelfState::open(dir.path(), OWNER).unwrap();
         let aggr = Uuid([3; 16]);
         state.admit(aggr, epoch(1, 1)).await.unwrap();
         state.admit(aggr, epoch(2, 1)).await.unwrap();
@@ -355,7 +380,7 @@ mod tests {
         let other = Uuid([4; 16]);
         state.observe(other, epoch(7, 2));
         assert!(state.admit(other, epoch(6, 2)).await.is_err());
-        let reopened = ShelfState::open(dir.path()).unwrap();
+        let reopened = ShelfState::open(dir.path(), OWNER).unwrap();
         assert_eq!(reopened.marks(aggr), AggregateMarks { epoch: epoch(2, 1), drop: Some(drop) });
         assert!(reopened.admit(aggr, epoch(1, 9)).await.is_err());
         assert_eq!(reopened.marks(other), AggregateMarks::default());
@@ -365,22 +390,25 @@ mod tests {
     fn damage_is_detected_and_garbage_never_panics() {
         let mut marks = BTreeMap::new();
         marks.insert(Uuid([1; 16]), AggregateMarks { epoch: epoch(3, 2), drop: None });
-        let bytes = encode(&marks);
-        assert_eq!(decode(&bytes).unwrap(), marks);
+        let bytes = encode(OWNER, &marks);
+        assert_eq!(decode(OWNER, &bytes).unwrap(), marks);
+        // Another node's or another cluster's file is refused.
+        assert!(decode(ShelfOwner { node: 3, ..OWNER }, &bytes).is_err());
+        assert!(decode(ShelfOwner { cluster: [8; 16], ..OWNER }, &bytes).is_err());
         for at in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x10;
-            assert!(decode(&damaged).is_err(), "a flip at byte {at} went unnoticed");
+            assert!(decode(OWNER, &damaged).is_err(), "a flip at byte {at} went unnoticed");
         }
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err());
+            assert!(decode(OWNER, &bytes[..len]).is_err());
         }
         let mut seed = 1u64;
         for _ in 0..2000 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let len = usize::try_from(seed >> 54).unwrap();
             let garbage: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
-            let _ = decode(&garbage);
+            let _ = decode(OWNER, &garbage);
         }
     }
 
@@ -388,6 +416,6 @@ mod tests {
     fn a_corrupt_file_is_an_error_not_an_empty_state() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"not a shelf state").unwrap();
-        assert!(matches!(ShelfState::open(dir.path()), Err(ShelfStateError::Corrupt { .. })));
+        assert!(matches!(ShelfState::open(dir.path(), OWNER), Err(ShelfStateError::Corrupt { .. })));
     }
 }

@@ -68,7 +68,11 @@ async fn rig(silence_limit: Duration) -> Rig {
         ReceiverIdentity { cluster: CLUSTER, node: RECEIVER, writer: WRITER },
         ReceiverTimers { keepalive_interval: Duration::from_millis(50), silence_limit },
         Arc::new(controller::peer::PeerClock::default()),
-        controller::shelf_state::ShelfState::open(&dir.path().join("shelf")).unwrap(),
+        controller::shelf_state::ShelfState::open(
+            &dir.path().join("shelf"),
+            controller::shelf_state::ShelfOwner { cluster: CLUSTER, node: RECEIVER },
+        )
+        .unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
