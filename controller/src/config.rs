@@ -29,6 +29,9 @@ pub const DEFAULT_NVLOG_SIZE_MIB: u64 = 256;
 pub const MIN_NVLOG_SIZE_MIB: u64 = 16;
 /// The largest NVLog accepted (the file is memory-mapped).
 pub const MAX_NVLOG_SIZE_MIB: u64 = 64 << 10;
+/// Where hosts reach the NBD export unless `listen.nbd` says otherwise: the port IANA assigned
+/// to NBD, on the loopback interface only (DESIGN §13: no TLS yet).
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 
 /// Why a configuration is refused; every message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +143,13 @@ pub struct ListenFile {
     pub grpc: String,
     /// Prometheus `/metrics` over HTTP.
     pub metrics: String,
+    /// The NBD export of this node's volumes (DESIGN §9).
+    #[serde(default = "default_nbd_listen")]
+    pub nbd: String,
+}
+
+fn default_nbd_listen() -> String {
+    DEFAULT_NBD_LISTEN.to_string()
 }
 
 /// Timers as written, in milliseconds.
@@ -198,6 +208,8 @@ pub struct Overrides {
     pub grpc_listen: Option<String>,
     /// `listen.metrics`.
     pub metrics_listen: Option<String>,
+    /// `listen.nbd`.
+    pub nbd_listen: Option<String>,
     /// `nvlog.path`.
     pub nvlog_path: Option<PathBuf>,
     /// `dr_partner.address`.
@@ -271,6 +283,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     /// `/metrics` listen address.
     pub metrics_listen: SocketAddr,
+    /// NBD listen address.
+    pub nbd_listen: SocketAddr,
     /// Timers.
     pub timers: Timers,
     /// The resync bandwidth limit in bytes per second (`None`: unlimited).
@@ -311,6 +325,9 @@ impl Config {
         }
         if let Some(metrics) = &overrides.metrics_listen {
             file.listen.metrics = metrics.clone();
+        }
+        if let Some(nbd) = &overrides.nbd_listen {
+            file.listen.nbd = nbd.clone();
         }
         if let Some(nvlog) = &overrides.nvlog_path {
             file.nvlog.path = nvlog.clone();
@@ -374,6 +391,10 @@ impl Config {
         if grpc_listen == metrics_listen && grpc_listen.port() != 0 {
             return Err(invalid("listen.metrics", "the same address as listen.grpc"));
         }
+        let nbd_listen = parse_addr("listen.nbd", &file.listen.nbd)?;
+        if nbd_listen.port() != 0 && (nbd_listen == grpc_listen || nbd_listen == metrics_listen) {
+            return Err(invalid("listen.nbd", "the same address as listen.grpc or listen.metrics"));
+        }
         let timers = validate_timers(&file.timers)?;
         Ok(Config {
             cluster_id,
@@ -386,6 +407,7 @@ impl Config {
             durability,
             grpc_listen,
             metrics_listen,
+            nbd_listen,
             timers,
             resync_bytes_per_second: match file.resync.max_bytes_per_second {
                 0 => None,
@@ -470,6 +492,7 @@ durability = "process"
 [listen]
 grpc = "127.0.0.1:0"
 metrics = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
 
 [timers]
 mirror_timeout_ms = 5000

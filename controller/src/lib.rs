@@ -16,6 +16,7 @@ pub mod data;
 pub mod disk_service;
 pub mod faults;
 pub mod mirror_receiver;
+pub mod nbd;
 pub mod node;
 pub mod nvlog_mirror;
 pub mod peer;

@@ -32,6 +32,7 @@ durability = "power"
 [listen]
 grpc = "127.0.0.1:0"
 metrics = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
 
 [timers]
 mirror_timeout_ms = 5000

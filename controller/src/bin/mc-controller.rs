@@ -22,6 +22,9 @@ struct Args {
     /// Overrides `listen.metrics`.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Overrides `listen.nbd`.
+    #[arg(long)]
+    nbd_listen: Option<String>,
     /// Overrides `nvlog.path`.
     #[arg(long)]
     nvlog_path: Option<PathBuf>,
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     let overrides = Overrides {
         grpc_listen: args.grpc_listen,
         metrics_listen: args.metrics_listen,
+        nbd_listen: args.nbd_listen,
         nvlog_path: args.nvlog_path,
         dr_partner_address: args.dr_partner_address,
         mirror_timeout_ms: args.mirror_timeout_ms,

@@ -74,6 +74,8 @@ pub struct Daemon {
     pub log: Arc<Mutex<Vec<String>>>,
     /// The `/metrics` address.
     pub metrics: String,
+    /// The NBD export's address.
+    pub nbd: String,
 }
 
 impl Drop for Daemon {
@@ -113,6 +115,7 @@ durability = "{durability}"
 [listen]
 grpc = "127.0.0.1:{port}"
 metrics = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
 
 [timers]
 mirror_timeout_ms = {timeout}
@@ -248,12 +251,14 @@ impl Cluster {
                 }
             });
             if let Ok(line) = rx.recv_timeout(DEADLINE) {
-                let metrics = line
-                    .split_whitespace()
-                    .find_map(|word| word.strip_prefix("metrics="))
-                    .unwrap_or_else(|| panic!("no metrics= in {line:?}"))
-                    .to_string();
-                self.procs[i] = Some(Daemon { child, log, metrics });
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|word| word.strip_prefix(name))
+                        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                        .to_string()
+                };
+                let (metrics, nbd) = (field("metrics="), field("nbd="));
+                self.procs[i] = Some(Daemon { child, log, metrics, nbd });
                 return;
             }
             // The port may still be held by the killed process for a moment; anything else
@@ -367,6 +372,21 @@ impl Cluster {
 
     /// Creates aggregate `aggr_a` (one 64 MiB disk per plex) with volume `vol_a` of `size` at A.
     pub async fn create_volume(&self, i: usize, size: u64) {
+        self.create_volume_on(i, 64 << 20, size).await;
+    }
+
+    /// Node `i`'s NBD URI of `volume`.
+    pub fn nbd_uri(&self, i: usize, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.procs[i].as_ref().unwrap().nbd)
+    }
+
+    /// Node `i`'s NBD address.
+    pub fn nbd_address(&self, i: usize) -> String {
+        self.procs[i].as_ref().unwrap().nbd.clone()
+    }
+
+    /// As `create_volume`, with disks of `disk_bytes`.
+    pub async fn create_volume_on(&self, i: usize, disk_bytes: u64, size: u64) {
         let mut admin = self.admin(i).await;
         admin
             .create_aggregate(CreateAggregateRequest {
@@ -374,7 +394,7 @@ impl Cluster {
                 name: "aggr_a".into(),
                 plex0_disks: vec!["d0".into()],
                 plex1_disks: vec!["d1".into()],
-                disk_size_bytes: 64 << 20,
+                disk_size_bytes: disk_bytes,
             })
             .await
             .unwrap();

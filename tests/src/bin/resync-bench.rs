@@ -397,6 +397,7 @@ durability = "process"
 [listen]
 grpc = "127.0.0.1:{port}"
 metrics = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
 
 [timers]
 mirror_timeout_ms = {timeout}

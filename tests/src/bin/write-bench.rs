@@ -589,7 +589,9 @@ impl NodeSpec {
         self.dir.join("controller.toml")
     }
 
-    fn write_config(&self, partner: &NodeSpec, mode: Mode) -> Result<()> {
+    /// `nbd_key`: whether the binary knows `listen.nbd` (a baseline built before the NBD export
+    /// refuses the key, and has no export to put on a port).
+    fn write_config(&self, partner: &NodeSpec, mode: Mode, nbd_key: bool) -> Result<()> {
         fs::create_dir_all(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
         let text = format!(
             r#"cluster_id = "{CLUSTER_ID_HEX}"
@@ -609,7 +611,7 @@ durability = "{durability}"
 [listen]
 grpc = "127.0.0.1:{port}"
 metrics = "127.0.0.1:0"
-
+{nbd}
 [timers]
 mirror_timeout_ms = {MIRROR_TIMEOUT_MS}
 cp_interval_ms = {CP_INTERVAL_MS}
@@ -621,10 +623,19 @@ cp_interval_ms = {CP_INTERVAL_MS}
             partner_address = partner.address(),
             durability = mode.name(),
             port = self.grpc_port,
+            nbd = if nbd_key { "nbd = \"127.0.0.1:0\"\n" } else { "" },
         );
         let path = self.config_path();
         fs::write(&path, text).with_context(|| format!("write {}", path.display()))
     }
+}
+
+/// Whether `binary` has the NBD export (`--nbd-listen` in its `--help`).
+fn knows_nbd_listen(binary: &Path) -> bool {
+    std::process::Command::new(binary)
+        .arg("--help")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--nbd-listen"))
 }
 
 /// Nodes 1 (site A, the writer) and 2 (site B, its DR partner).
@@ -640,8 +651,10 @@ impl Cluster {
             Ok(NodeSpec { id, site, dir: dir.join(site), grpc_port: free_port()? })
         };
         let nodes = [spec(1, "A")?, spec(2, "B")?];
-        nodes[0].write_config(&nodes[1], mode)?;
-        nodes[1].write_config(&nodes[0], mode)?;
+        // Each build is asked whether it knows the key, so an old baseline keeps working.
+        let nbd_key = knows_nbd_listen(binary);
+        nodes[0].write_config(&nodes[1], mode, nbd_key)?;
+        nodes[1].write_config(&nodes[0], mode, nbd_key)?;
         // Per-write logging would be part of what is measured; warnings still show up.
         let a = Daemon::spawn("node 1 (A)".into(), binary, &nodes[0].config_path(), "warn", &[])?;
         let b = Daemon::spawn("node 2 (B)".into(), binary, &nodes[1].config_path(), "warn", &[])?;
