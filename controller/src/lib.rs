@@ -1,12 +1,13 @@
-//! The `mc-controller` daemon and the `mcctl` admin CLI (DESIGN §4, §8, §9, §11).
+//! The `mc-controller` daemon and the `mcctl` admin CLI (DESIGN §4, §8, §9, §11, §12).
 //!
-//! So far: `admin` (the `Admin` service's `Status`), `config` (the validated TOML configuration with the timer rules of DESIGN §10.1)
-//! and `daemon` (`run`: the NVLog opened or formatted, `grpc.health.v1`, reflection,
-//! `/metrics`, a clean stop on SIGTERM). The controller issues add the write path that
-//! acknowledges a host write only once its record is persisted in the local NVLog and at every
-//! partner in the ack set (S1), consistency points, the NBD export, the other gRPC services,
-//! switchover, heal, switchback and NVFAIL. It uses `nvlog`, `plex` and `mc-proto`, never
-//! `mediator`.
+//! The daemon (`daemon::run`) serves the write path that acknowledges a host write only once
+//! its record is persisted in the local NVLog and at every partner in the ack set (S1,
+//! `write_path`, `nvlog_mirror`, `mirror_receiver`), consistency points (`cp`), aggregates whose
+//! second plex is at the other site (`remote_disk`, `disk_service`, `shelf_state`), the NBD
+//! export (`nbd`), and the gRPC services (`admin`, `data`), health, reflection and `/metrics`.
+//! `lab` is what `mcctl lab` runs: a two-site cluster of real daemons on this machine. Later
+//! issues add switchover, heal, switchback, NVFAIL and the rest of `mcctl`. It uses `nvlog`,
+//! `plex` and `mc-proto`, never `mediator`.
 
 pub mod admin;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod data;
 pub mod disk_service;
 pub mod faults;
+pub mod lab;
 pub mod mirror_receiver;
 pub mod nbd;
 pub mod node;
