@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".mc.v1.DiskReadReply.data")
         .bytes(".mc.v1.DiskWriteRequest.data")
+        .bytes(".mc.v1.DiskExtent.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -27,8 +27,13 @@ use crate::node::{BLOCK, Block, DataError, Key, Node, Phase};
 
 /// The largest destage write.
 const DESTAGE_BYTES: u64 = 1 << 20;
-/// Destage writes in flight at once.
-const DESTAGE_DEPTH: usize = 64;
+/// Destage writes in flight at once, at most. The remote plex needs many: the partner answers a
+/// write once an fdatasync covers it (S12), so the destage rate is about the window over the
+/// time of a write and an fdatasync there. Measured with the lab (4 KiB random writes, QD32):
+/// a window of 64 runs destaged ~3,300 blocks/s, 1024 ~11,000, 4096 ~14,000.
+const DESTAGE_DEPTH: usize = 4096;
+/// Destage bytes in flight at once, at most (the runs are copies of cached blocks).
+const DESTAGE_WINDOW_BYTES: u64 = 64 << 20;
 
 impl Node {
     /// Runs one CP now (waiting for a running one to finish first).
@@ -125,16 +130,21 @@ impl Node {
     async fn destage_and_record(&self, lsn: Lsn, frozen: &BTreeMap<Key, Block>) -> Result<u64, DataError> {
         let aggregates = self.aggregates();
         let mut writes = JoinSet::new();
+        let mut window = 0u64;
         let mut run: Option<(u32, u64, Vec<u8>)> = None;
-        let issue = |writes: &mut JoinSet<Result<(), String>>, run: (u32, u64, Vec<u8>)| {
-            let (index, block, bytes) = run;
-            let aggregate = aggregates.iter().find(|a| a.index == index).map(|a| a.aggregate.clone());
-            writes.spawn(async move {
-                let aggregate = aggregate.ok_or_else(|| format!("no aggregate {index}"))?;
-                let data = AlignedBuf::from_slice(&bytes);
-                aggregate.write(block * BLOCK, &data).await.map_err(|e| e.to_string())
-            });
-        };
+        let issue =
+            |writes: &mut JoinSet<Result<u64, String>>, window: &mut u64, run: (u32, u64, Vec<u8>)| {
+                let (index, block, bytes) = run;
+                let aggregate = aggregates.iter().find(|a| a.index == index).map(|a| a.aggregate.clone());
+                let len = bytes.len() as u64;
+                *window += len;
+                writes.spawn(async move {
+                    let aggregate = aggregate.ok_or_else(|| format!("no aggregate {index}"))?;
+                    let data = AlignedBuf::from_slice(&bytes);
+                    aggregate.write(block * BLOCK, &data).await.map_err(|e| e.to_string())?;
+                    Ok(len)
+                });
+            };
         for (&(index, block), data) in frozen {
             match &mut run {
                 Some((i, start, bytes))
@@ -146,21 +156,20 @@ impl Node {
                 }
                 _ => {
                     if let Some(done) = run.take() {
-                        issue(&mut writes, done);
+                        issue(&mut writes, &mut window, done);
                     }
                     run = Some((index, block, data.to_vec()));
                 }
             }
-            while writes.len() >= DESTAGE_DEPTH {
-                if let Some(result) = writes.join_next().await {
-                    result
-                        .map_err(|e| DataError::Plex(format!("destage task: {e}")))?
-                        .map_err(DataError::Plex)?;
-                }
+            while writes.len() >= DESTAGE_DEPTH || window >= DESTAGE_WINDOW_BYTES {
+                let Some(result) = writes.join_next().await else { break };
+                window -= result
+                    .map_err(|e| DataError::Plex(format!("destage task: {e}")))?
+                    .map_err(DataError::Plex)?;
             }
         }
         if let Some(done) = run.take() {
-            issue(&mut writes, done);
+            issue(&mut writes, &mut window, done);
         }
         while let Some(result) = writes.join_next().await {
             result.map_err(|e| DataError::Plex(format!("destage task: {e}")))?.map_err(DataError::Plex)?;

@@ -36,6 +36,8 @@ use crate::shelf_state::{RecordedDrop, ShelfState, ShelfStateError};
 
 /// The largest read or write one call carries (a request under the message limit).
 pub const MAX_IO_BYTES: u64 = 1 << 20;
+/// The most extents one `Write` carries.
+pub const MAX_EXTENTS: usize = 1024;
 
 /// Who serves and for whom.
 #[derive(Clone, Copy, Debug)]
@@ -316,16 +318,45 @@ impl DiskService for DiskServer {
     async fn write(&self, request: Request<DiskWriteRequest>) -> Result<Response<DiskWriteReply>, Status> {
         let request = request.into_inner();
         let (aggregate, plex, _) = self.admit(request.call.as_ref()).await?;
-        DiskServer::check_io(request.offset, request.data.len() as u64)?;
-        let disk = self.served(request.call.as_ref(), aggregate, plex)?;
-        let (result, _) = disk.device.write(request.offset, AlignedBuf::from_slice(&request.data)).await;
-        if let Err(e) = result {
-            if !matches!(e, DeviceError::OutOfRange { .. } | DeviceError::Misaligned { .. }) {
-                disk.failed.store(true, Ordering::Release);
+        let extents: Vec<(u64, bytes::Bytes)> = if request.extents.is_empty() {
+            vec![(request.offset, request.data)]
+        } else {
+            if request.offset != 0 || !request.data.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a write with extents carries no offset or data of its own",
+                ));
             }
-            return Err(device_status(&e));
+            request.extents.into_iter().map(|e| (e.offset, e.data)).collect()
+        };
+        if extents.len() > MAX_EXTENTS {
+            return Err(Status::invalid_argument(format!(
+                "{} extents in one write; at most {MAX_EXTENTS}",
+                extents.len()
+            )));
         }
-        let through = disk.written.fetch_add(1, Ordering::AcqRel) + 1;
+        let total: u64 = extents.iter().map(|(_, data)| data.len() as u64).sum();
+        DiskServer::check_io(0, total)?;
+        let disk = self.served(request.call.as_ref(), aggregate, plex)?;
+        // Every extent is checked before any is written, so a bad one writes nothing.
+        for (offset, data) in &extents {
+            DiskServer::check_io(*offset, data.len() as u64)?;
+            plex::device::check_range(*offset, data.len(), disk.device.size_bytes())
+                .map_err(|e| device_status(&e))?;
+        }
+        let count = extents.len() as u64;
+        let writes: Vec<plex::IoFuture<'_, (Result<(), DeviceError>, AlignedBuf)>> = extents
+            .iter()
+            .map(|(offset, data)| disk.device.write(*offset, AlignedBuf::from_slice(data)))
+            .collect();
+        for (result, _) in plex::device::join_all(writes).await {
+            if let Err(e) = result {
+                if !matches!(e, DeviceError::OutOfRange { .. } | DeviceError::Misaligned { .. }) {
+                    disk.failed.store(true, Ordering::Release);
+                }
+                return Err(device_status(&e));
+            }
+        }
+        let through = disk.written.fetch_add(count, Ordering::AcqRel) + count;
         if let Err(e) = disk.durable(through).await {
             disk.failed.store(true, Ordering::Release);
             return Err(device_status(&e));

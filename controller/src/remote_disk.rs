@@ -4,7 +4,9 @@
 //! Invariants:
 //! - every call carries the cluster, this node, the partner, the aggregate, the plex and the
 //!   epoch this node holds for the aggregate (S2, DESIGN §8), and has a deadline;
-//! - a completed `write` is durable at the partner (the service answers only then, S12);
+//! - a completed `write` is durable at the partner (the service answers only then, S12); the
+//!   writes that wait while `WRITE_CALLS_IN_FLIGHT` calls are in flight go together in one call
+//!   (one flush at the partner for all of them), in the order they were queued;
 //! - requests above `MAX_IO_BYTES` are split into calls sent concurrently;
 //! - after a failed write or flush the device refuses writes and flushes until it is opened
 //!   again (S10); a read that fails is only an error;
@@ -17,13 +19,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use mc_proto::v1::disk_service_client::DiskServiceClient;
 use mc_proto::v1::{
-    DiskCall, DiskFlushRequest, DiskReadRequest, DiskWriteRequest, Identity, ListDisksRequest,
+    DiskCall, DiskExtent, DiskFlushRequest, DiskReadRequest, DiskWriteRequest, Identity, ListDisksRequest,
     OpenDiskRequest, PlexDropRequest, ShelfDiskInfo,
 };
 use plex::{AlignedBuf, BLOCK_BYTES, BlockDevice, DeviceError, Epoch, IoFuture, Uuid};
 use tonic::transport::Channel;
 
-use crate::disk_service::MAX_IO_BYTES;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::disk_service::{MAX_EXTENTS, MAX_IO_BYTES};
 use crate::peer::PeerClock;
 
 /// Where the partner's disks are and who we are to it.
@@ -171,12 +175,15 @@ impl RemoteShelf {
                 "disk {disk} at the partner has {size} bytes, not a positive multiple of {BLOCK_BYTES}"
             )));
         }
+        let (writes, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_writes(self.clone(), call.clone(), queue));
         Ok(RemoteDisk {
             shelf: self.clone(),
             call,
             name: disk.to_string(),
             size,
             failed: AtomicBool::new(false),
+            writes,
         })
     }
 
@@ -200,6 +207,81 @@ impl RemoteShelf {
     }
 }
 
+/// Calls of one disk's writes in flight at once; the writes that arrive meanwhile wait and go
+/// together in the next call.
+pub const WRITE_CALLS_IN_FLIGHT: usize = 8;
+
+/// One write waiting for a call: its extent and who waits for the answer.
+#[derive(Debug)]
+struct QueuedWrite {
+    offset: u64,
+    data: Bytes,
+    done: oneshot::Sender<Result<(), tonic::Status>>,
+}
+
+/// Sends a disk's queued writes, many per call (group commit on the client: one flush at the
+/// partner answers all of a call's extents, S12), with at most `WRITE_CALLS_IN_FLIGHT` calls in
+/// flight. A write is answered with its call's answer. Ends when the disk is dropped.
+async fn send_writes(shelf: RemoteShelf, call: DiskCall, mut queue: mpsc::UnboundedReceiver<QueuedWrite>) {
+    let calls = Arc::new(Semaphore::new(WRITE_CALLS_IN_FLIGHT));
+    let mut carry: Option<QueuedWrite> = None;
+    loop {
+        // The permit first: while every call is in flight, writes gather in the queue.
+        let Ok(permit) = calls.clone().acquire_owned().await else { return };
+        let first = match carry.take() {
+            Some(write) => write,
+            None => match queue.recv().await {
+                Some(write) => write,
+                None => return,
+            },
+        };
+        let mut bytes = first.data.len() as u64;
+        let mut batch = vec![first];
+        while batch.len() < MAX_EXTENTS {
+            match queue.try_recv() {
+                Ok(next) if bytes + next.data.len() as u64 <= MAX_IO_BYTES => {
+                    bytes += next.data.len() as u64;
+                    batch.push(next);
+                }
+                Ok(next) => {
+                    carry = Some(next);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(send_batch(shelf.clone(), call.clone(), batch, permit));
+    }
+}
+
+/// One call with `batch`'s extents; each waiting write gets its answer.
+async fn send_batch(
+    shelf: RemoteShelf,
+    call: DiskCall,
+    batch: Vec<QueuedWrite>,
+    permit: OwnedSemaphorePermit,
+) {
+    let mut waiters = Vec::with_capacity(batch.len());
+    let mut extents = Vec::with_capacity(batch.len());
+    for write in batch {
+        extents.push(DiskExtent { offset: write.offset, data: write.data });
+        waiters.push(write.done);
+    }
+    let message = match <[DiskExtent; 1]>::try_from(extents) {
+        Ok([one]) => {
+            DiskWriteRequest { call: Some(call), offset: one.offset, data: one.data, extents: Vec::new() }
+        }
+        Err(extents) => DiskWriteRequest { call: Some(call), offset: 0, data: Bytes::new(), extents },
+    };
+    let mut client = shelf.client.clone();
+    let request = shelf.request(message);
+    let result = shelf.bounded(client.write(request)).await.map(|_| ());
+    drop(permit);
+    for waiter in waiters {
+        let _ = waiter.send(result.clone());
+    }
+}
+
 /// One disk at the partner.
 #[derive(Debug)]
 pub struct RemoteDisk {
@@ -208,6 +290,8 @@ pub struct RemoteDisk {
     name: String,
     size: u64,
     failed: AtomicBool,
+    /// To `send_writes`.
+    writes: mpsc::UnboundedSender<QueuedWrite>,
 }
 
 impl RemoteDisk {
@@ -245,9 +329,17 @@ impl RemoteDisk {
     }
 
     async fn write_piece(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
-        let mut client = self.shelf.client.clone();
-        let request = self.shelf.request(DiskWriteRequest { call: Some(self.call.clone()), offset, data });
-        self.shelf.bounded(client.write(request)).await.map(|_| ()).map_err(|s| io_error("write", offset, &s))
+        let (done, answer) = oneshot::channel();
+        let stopped = || DeviceError::Io {
+            op: "write",
+            offset,
+            source: std::io::Error::other("the disk's write sender stopped"),
+        };
+        self.writes.send(QueuedWrite { offset, data, done }).map_err(|_| stopped())?;
+        match answer.await {
+            Ok(result) => result.map_err(|s| io_error("write", offset, &s)),
+            Err(_) => Err(stopped()),
+        }
     }
 }
 

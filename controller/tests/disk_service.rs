@@ -9,8 +9,8 @@ mod common;
 use common::{BLOCK, CLUSTER, Cluster, Settings, block_data};
 use mc_proto::v1::disk_service_client::DiskServiceClient;
 use mc_proto::v1::{
-    DiskCall, DiskFlushRequest, DiskReadRequest, DiskWriteRequest, Epoch, Identity, ListDisksRequest,
-    OpenDiskRequest, PlexDropRequest,
+    DiskCall, DiskExtent, DiskFlushRequest, DiskReadRequest, DiskWriteRequest, Epoch, Identity,
+    ListDisksRequest, OpenDiskRequest, PlexDropRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -49,7 +49,12 @@ async fn try_write(
     offset: u64,
 ) -> Result<(), tonic::Status> {
     client
-        .write(DiskWriteRequest { call: call.wire(), offset, data: block_data(offset / BLOCK, 0xbad).into() })
+        .write(DiskWriteRequest {
+            call: call.wire(),
+            offset,
+            data: block_data(offset / BLOCK, 0xbad).into(),
+            extents: Vec::new(),
+        })
         .await
         .map(|_| ())
 }
@@ -144,10 +149,60 @@ async fn stale_epochs_strangers_and_bad_calls_are_refused_and_change_nothing() {
         assert_eq!(error.code(), *code, "{what}: {error:?}");
     }
     let error = client
-        .write(DiskWriteRequest { call: good.wire(), offset, data: vec![1u8; (2 << 20) - 4096].into() })
+        .write(DiskWriteRequest {
+            call: good.wire(),
+            offset,
+            data: vec![1u8; (2 << 20) - 4096].into(),
+            extents: Vec::new(),
+        })
         .await
         .unwrap_err();
     assert!(matches!(error.code(), Code::InvalidArgument | Code::OutOfRange), "oversized: {error:?}");
+    // A write of several extents is refused whole when one of them is bad, when it also carries
+    // data of its own, or when it has too many: nothing of it is written.
+    let extent = |at: u64| DiskExtent { offset: at, data: block_data(at / BLOCK, 0xbad).into() };
+    let bad_extents: Vec<(&str, DiskWriteRequest)> = vec![
+        (
+            "one extent past the end",
+            DiskWriteRequest {
+                call: good.wire(),
+                offset: 0,
+                data: Default::default(),
+                extents: vec![extent(offset), extent(1 << 40)],
+            },
+        ),
+        (
+            "one extent misaligned",
+            DiskWriteRequest {
+                call: good.wire(),
+                offset: 0,
+                data: Default::default(),
+                extents: vec![extent(offset), extent(offset + 512 + BLOCK)],
+            },
+        ),
+        (
+            "extents and data",
+            DiskWriteRequest {
+                call: good.wire(),
+                offset,
+                data: vec![1u8; 4096].into(),
+                extents: vec![extent(offset + BLOCK)],
+            },
+        ),
+        (
+            "too many extents",
+            DiskWriteRequest {
+                call: good.wire(),
+                offset: 0,
+                data: Default::default(),
+                extents: (0..1025).map(|_| DiskExtent { offset, data: vec![0u8; 512].into() }).collect(),
+            },
+        ),
+    ];
+    for (what, request) in bad_extents {
+        let error = client.write(request).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{what}: {error:?}");
+    }
     let error =
         client.read(DiskReadRequest { call: good.wire(), offset, length: 64 << 20 }).await.unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument, "oversized read: {error:?}");
@@ -193,4 +248,19 @@ async fn stale_epochs_strangers_and_bad_calls_are_refused_and_change_nothing() {
     try_write(&mut client, &raised, offset).await.unwrap();
     let read = client.read(DiskReadRequest { call: raised.wire(), offset, length: BLOCK }).await.unwrap();
     assert_eq!(read.into_inner().data.to_vec(), block_data(offset / BLOCK, 0xbad));
+    // Several extents in one call all land.
+    let extents: Vec<DiskExtent> = [3u64, 9, 4]
+        .iter()
+        .map(|i| DiskExtent { offset: offset + i * BLOCK, data: block_data(offset / BLOCK + i, 7).into() })
+        .collect();
+    client
+        .write(DiskWriteRequest { call: raised.wire(), offset: 0, data: Default::default(), extents })
+        .await
+        .unwrap();
+    for i in [3u64, 9, 4] {
+        let at = offset + i * BLOCK;
+        let read =
+            client.read(DiskReadRequest { call: raised.wire(), offset: at, length: BLOCK }).await.unwrap();
+        assert_eq!(read.into_inner().data.to_vec(), block_data(at / BLOCK, 7), "extent {i}");
+    }
 }
