@@ -10,6 +10,7 @@
 //! `plex` and `mc-proto`, never `mediator`.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod cp;
 pub mod daemon;

@@ -1,0 +1,186 @@
+//! `mcctl`'s admin commands against a real lab: `node show`, `aggregate show`, `plex show`,
+//! `volume create` and `volume show` through `--lab`, a wrong cluster id through `--endpoint`
+//! refused with exit code 1, and `--lab` with `--endpoint` refused as bad usage (exit code 2).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const MCCTL: &str = env!("CARGO_BIN_EXE_mcctl");
+/// A small, fast lab: the mirror timeout's keepalive and margin must fit below it (S11).
+const SMALL: &[&str] = &[
+    "--volume-size-mib",
+    "64",
+    "--nvlog-size-mib",
+    "16",
+    "--mirror-timeout-ms",
+    "5000",
+    "--cp-interval-ms",
+    "1000",
+    "--keepalive-interval-ms",
+    "200",
+    "--keepalive-timeout-ms",
+    "1500",
+];
+
+fn mcctl(args: &[&str]) -> Output {
+    Command::new(MCCTL).args(args).output().unwrap()
+}
+
+/// Runs `mcctl` and fails the test with its output unless it succeeded.
+fn mcctl_ok(args: &[&str]) -> String {
+    let out = mcctl(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "mcctl {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn mcctl_json(args: &[&str]) -> Value {
+    let stdout = mcctl_ok(args);
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("mcctl {args:?}: not one JSON object ({e}):\n{stdout}"))
+}
+
+/// Stops the lab in `dir` when the test ends, passed or failed: `mcctl lab down`, then SIGKILL
+/// of every pid `lab.json` still names, so no controller outlives the test.
+struct LabGuard {
+    dir: PathBuf,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let dir = self.dir.to_str().unwrap().to_string();
+        let _ = Command::new(MCCTL).args(["lab", "down", "--dir", &dir]).output();
+        let Ok(text) = std::fs::read_to_string(self.dir.join("lab.json")) else { return };
+        let Ok(state) = serde_json::from_str::<Value>(&text) else { return };
+        for controller in state["controllers"].as_array().into_iter().flatten() {
+            if let Some(pid) = controller["pid"].as_u64()
+                && running(pid)
+            {
+                // SAFETY: a pid the lab recorded and `running` just saw as a controller.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) mc-controller.
+fn running(pid: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("mc-controller")
+}
+
+/// The admin commands on a fresh lab: both nodes serving with their DR mirror, both aggregates
+/// `mirrored,normal` with two plexes at opposite sites, a created volume found by `volume show`,
+/// a wrong cluster id an error (exit 1, with a message) and not a panic or an empty success, and
+/// two ways of finding the cluster at once bad usage (exit 2). Prevents commands that drift from
+/// what the daemon reports or exit codes scripts cannot rely on.
+#[test]
+fn show_create_and_refusals() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = temp.path().join("lab");
+    let _guard = LabGuard { dir: dir.clone() };
+    let d = dir.to_str().unwrap();
+
+    let mut args = vec!["lab", "up", "--dir", d, "--detach", "-o", "json"];
+    args.extend_from_slice(SMALL);
+    let up = mcctl_json(&args);
+    let cluster_id = up["cluster_id"].as_str().unwrap().to_string();
+    let admin_a = up["controllers"][0]["admin"].as_str().unwrap().to_string();
+
+    let nodes = mcctl_json(&["node", "show", "--lab", d, "-o", "json"]);
+    let nodes = nodes["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:#?}");
+    for (node, (id, site, partner)) in nodes.iter().zip([(1, "A", 2), (2, "B", 1)]) {
+        assert_eq!(node["reachable"], true, "{node:#}");
+        assert_eq!(node["node"], id, "{node:#}");
+        assert_eq!(node["site"], site, "{node:#}");
+        assert_eq!(node["state"], "serving", "{node:#}");
+        assert_eq!(node["dr_mirror"]["partner_node"], partner, "{node:#}");
+    }
+    let table = mcctl_ok(&["node", "show", "--lab", d]);
+    assert!(table.starts_with("NODE  SITE  STATE"), "{table}");
+    assert_eq!(table.lines().count(), 3, "{table}");
+
+    let aggregates = mcctl_json(&["aggregate", "show", "--lab", d, "-o", "json"]);
+    let aggregates = aggregates["aggregates"].as_array().unwrap();
+    let names: Vec<&str> = aggregates.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["aggr_a", "aggr_b"], "{aggregates:#?}");
+    for aggr in aggregates {
+        assert_eq!(aggr["state"], "mirrored,normal", "{aggr:#}");
+        assert_eq!(aggr["plex_count"], 2, "{aggr:#}");
+        assert_eq!(aggr["uuid"].as_str().unwrap().len(), 32, "{aggr:#}");
+        assert!(aggr["size_bytes"].as_u64().unwrap() >= 64 << 20, "{aggr:#}");
+    }
+
+    let plexes = mcctl_json(&["plex", "show", "aggr_a", "--lab", d, "-o", "json"]);
+    let plexes = plexes["plexes"].as_array().unwrap();
+    let sites: Vec<(&str, &str)> =
+        plexes.iter().map(|p| (p["plex"].as_str().unwrap(), p["site"].as_str().unwrap())).collect();
+    assert_eq!(sites, [("plex0", "A"), ("plex1", "B")], "{plexes:#?}");
+
+    let created = mcctl_json(&[
+        "volume",
+        "create",
+        "--lab",
+        d,
+        "--aggregate",
+        "aggr_a",
+        "--name",
+        "vol_x",
+        "--size-mib",
+        "16",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(created["volumes"][0]["name"], "vol_x", "{created:#}");
+    let shown = mcctl_json(&["volume", "show", "vol_x", "--lab", d, "-o", "json"]);
+    let volumes = shown["volumes"].as_array().unwrap();
+    assert_eq!(volumes.len(), 1, "{shown:#}");
+    assert_eq!(volumes[0]["aggregate"], "aggr_a", "{shown:#}");
+    assert_eq!(volumes[0]["node"], 1, "{shown:#}");
+    assert_eq!(volumes[0]["size_bytes"], 16 << 20, "{shown:#}");
+    assert_eq!(volumes[0]["state"], "online", "{shown:#}");
+    let table = mcctl_ok(&["volume", "show", "--lab", d]);
+    assert!(table.contains("vol_x") && table.contains("16 MiB"), "{table}");
+
+    // The right address with another cluster's id: refused by the node, reported, exit 1.
+    let wrong = if cluster_id.starts_with('0') { "1" } else { "0" }.repeat(32);
+    let out = mcctl(&["node", "show", "--endpoint", &admin_a, "--cluster-id", &wrong]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("unreachable"), "{stdout}");
+    assert!(stderr.contains("error:"), "{stderr}");
+    // The right id through --endpoint works.
+    let nodes =
+        mcctl_json(&["node", "show", "--endpoint", &admin_a, "--cluster-id", &cluster_id, "-o", "json"]);
+    assert_eq!(nodes["nodes"][0]["state"], "serving", "{nodes:#}");
+
+    for bad in [
+        vec!["node", "show", "--lab", d, "--endpoint", &admin_a, "--cluster-id", &cluster_id],
+        vec!["node", "show"],
+        vec!["node", "show", "--endpoint", &admin_a],
+        vec!["node", "show", "--endpoint", &admin_a, "--cluster-id", "xyz"],
+    ] {
+        let out = mcctl(&bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let down = mcctl_json(&["lab", "down", "--dir", d, "-o", "json"]);
+    assert_eq!(down["controllers"].as_array().unwrap().len(), 2, "{down:#}");
+    // With the lab down, nodes are unreachable: printed, never a panic, exit 1.
+    let out = mcctl(&["node", "show", "--lab", d, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes["nodes"][1]["state"], "unreachable", "{nodes:#}");
+}
