@@ -97,14 +97,38 @@ impl NbdMetrics {
     }
 }
 
-fn command_name(command: &Command) -> &'static str {
+/// The commands, as the counters name them.
+const COMMANDS: [&str; 6] = ["read", "write", "flush", "trim", "write_zeroes", "disconnect"];
+
+fn command_index(command: &Command) -> usize {
     match command {
-        Command::Read { .. } => "read",
-        Command::Write { .. } => "write",
-        Command::Flush => "flush",
-        Command::Trim { .. } => "trim",
-        Command::WriteZeroes { .. } => "write_zeroes",
-        Command::Disconnect => "disconnect",
+        Command::Read { .. } => 0,
+        Command::Write { .. } => 1,
+        Command::Flush => 2,
+        Command::Trim { .. } => 3,
+        Command::WriteZeroes { .. } => 4,
+        Command::Disconnect => 5,
+    }
+}
+
+/// One connection's handles on its counters, looked up once: a family lookup takes a lock and
+/// hashes the labels, which the request path should not pay.
+struct Counters {
+    requests: [Counter; 6],
+    errors: [Counter; 6],
+    refused: Counter,
+}
+
+impl NbdMetrics {
+    fn counters(&self) -> Counters {
+        let of = |family: &Family<CommandLabels, Counter>, command| {
+            family.get_or_create(&CommandLabels { command }).clone()
+        };
+        Counters {
+            requests: COMMANDS.map(|command| of(&self.requests, command)),
+            errors: COMMANDS.map(|command| of(&self.errors, command)),
+            refused: of(&self.errors, "refused"),
+        }
     }
 }
 
@@ -380,6 +404,7 @@ async fn transmission(
     let writer = tokio::spawn(send_replies(write, outgoing));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS));
     let volume: Arc<str> = Arc::from(export.name.as_str());
+    let counters = metrics.counters();
     let mut inflight = JoinSet::new();
     let result = loop {
         while inflight.try_join_next().is_some() {}
@@ -440,7 +465,7 @@ async fn transmission(
         let command = match checked {
             Ok(command) => command,
             Err(refusal) => {
-                metrics.errors.get_or_create(&CommandLabels { command: "refused" }).inc();
+                counters.refused.inc();
                 tracing::debug!(cookie = header.cookie, "refused: {}", refusal.message);
                 if replies
                     .send(error_reply(header.cookie, structured, refusal.errno, &refusal.message))
@@ -452,19 +477,19 @@ async fn transmission(
                 continue;
             }
         };
-        let name = command_name(&command);
-        metrics.requests.get_or_create(&CommandLabels { command: name }).inc();
+        let index = command_index(&command);
+        counters.requests[index].inc();
         if command == Command::Disconnect {
             break Ok(());
         }
-        let (node, metrics, replies, volume) =
-            (node.clone(), metrics.clone(), replies.clone(), volume.clone());
+        let (node, errors, replies, volume) =
+            (node.clone(), counters.errors[index].clone(), replies.clone(), volume.clone());
         inflight.spawn(async move {
             let reply = match execute(&node, &volume, header.cookie, command, payload, structured).await {
                 Ok(reply) => reply,
                 Err((errno, message)) => {
-                    metrics.errors.get_or_create(&CommandLabels { command: name }).inc();
-                    tracing::debug!(cookie = header.cookie, ?errno, "{name} fails: {message}");
+                    errors.inc();
+                    tracing::debug!(cookie = header.cookie, ?errno, "{} fails: {message}", COMMANDS[index]);
                     error_reply(header.cookie, structured, errno, &message)
                 }
             };
