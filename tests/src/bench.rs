@@ -1,4 +1,5 @@
-//! What the benchmarks share: the durability modes they compare, and latency arithmetic.
+//! What the benchmarks share: the durability modes they compare, latency arithmetic and medians,
+//! and the gRPC connection and status call to a daemon.
 
 use std::path::Path;
 use std::time::Duration;
@@ -100,9 +101,50 @@ pub fn check_disk_file_system(_dir: &Path, _why: &str) -> Result<String> {
     Ok("file system not checked".to_string())
 }
 
+/// The median of `values`; `None` when there are none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some(f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])),
+    }
+}
+
+/// A gRPC channel to a daemon at `address` (`host:port`).
+pub async fn connect(address: &str) -> Result<tonic::transport::Channel> {
+    tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .context("build the channel's URI")?
+        .connect()
+        .await
+        .with_context(|| format!("connect to {address}"))
+}
+
+/// `Admin.Status` of the daemon behind `admin`, in cluster `cluster`.
+pub async fn status(
+    admin: &mut mc_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    cluster: &[u8; 16],
+) -> Result<mc_proto::v1::StatusReply> {
+    Ok(admin
+        .status(mc_proto::v1::StatusRequest { cluster_id: cluster.to_vec() })
+        .await
+        .context("Admin.Status")?
+        .into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The median is the middle value, or the mean of the middle two; none of nothing.
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -31,7 +31,7 @@
 //! - every file lives in a fresh temporary directory under `--dir` (a disk file system, not
 //!   tmpfs), deleted at the end.
 
-use mc_tests::bench::check_disk_file_system;
+use mc_tests::bench::{check_disk_file_system, median};
 use mc_tests::daemon::{die_with_parent, free_port, settle};
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -1026,17 +1026,6 @@ fn fio(config: &Config, args: &[String], scratch: &Path, within: Duration) -> Re
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some(f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])),
-    }
-}
-
 /// The median of `metric` over the repetitions of `target`.
 fn median_of(samples: &[Sample], metric: Metric, target: Target) -> Option<f64> {
     let values: Vec<f64> = samples
@@ -1322,9 +1311,6 @@ mod tests {
 
     #[test]
     fn medians_and_goals() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&[]), None);
         assert!(Goal::AtMost(1.0).met(1.0) && !Goal::AtMost(1.0).met(1.01));
         assert!(Goal::AtLeast(1.5).met(1.5) && !Goal::AtLeast(1.5).met(1.49));
         assert_eq!(ratio(Some(3.0), Some(0.0)), None);

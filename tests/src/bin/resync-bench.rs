@@ -51,7 +51,8 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::data_client::DataClient;
-use mc_proto::v1::{CreateAggregateRequest, CreateVolumeRequest, StatusReply, StatusRequest, WriteRequest};
+use mc_proto::v1::{CreateAggregateRequest, CreateVolumeRequest, StatusReply, WriteRequest};
+use mc_tests::bench::{connect, status};
 use mc_tests::daemon::{
     DAEMON_DEADLINE, Daemon, clock_ticks_per_second, cpu_ticks, die_with_parent, free_port,
 };
@@ -482,22 +483,6 @@ impl Cluster {
     }
 }
 
-async fn connect(address: &str) -> Result<Channel> {
-    Channel::from_shared(format!("http://{address}"))
-        .context("build the channel's URI")?
-        .connect()
-        .await
-        .with_context(|| format!("connect to {address}"))
-}
-
-async fn status(admin: &mut AdminClient<Channel>) -> Result<StatusReply> {
-    Ok(admin
-        .status(StatusRequest { cluster_id: CLUSTER_ID.to_vec() })
-        .await
-        .context("Admin.Status")?
-        .into_inner())
-}
-
 /// Polls `admin` every `POLL` until `check` holds or `deadline` passes; returns the status and
 /// when it was seen.
 async fn wait_status(
@@ -508,7 +493,7 @@ async fn wait_status(
 ) -> Result<(StatusReply, Instant)> {
     let started = Instant::now();
     loop {
-        let reply = status(admin).await?;
+        let reply = status(admin, &CLUSTER_ID).await?;
         let seen = Instant::now();
         if check(&reply) {
             return Ok((reply, seen));
@@ -917,14 +902,7 @@ fn copy_pieces(source: &Path, target: &Path, pieces: &[u64], flush_every: Option
 
 /// The median of `values` (the mean of the middle two for an even count); 0 for none.
 fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut sorted: Vec<f64> = values.into_iter().collect();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
-    }
+    mc_tests::bench::median(&values.into_iter().collect::<Vec<_>>()).unwrap_or(0.0)
 }
 
 fn report(config: &Config, results: &[RunResult]) -> String {
@@ -1079,11 +1057,5 @@ mod tests {
         assert_eq!(config.pieces.len(), 256);
         assert_eq!(config.pieces[1], 2 << 20);
         assert!(config.pieces.last().is_some_and(|&last| last + PIECE_BYTES <= config.volume_bytes));
-    }
-
-    #[test]
-    fn medians() {
-        assert!((median([3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
-        assert!((median([4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < f64::EPSILON);
     }
 }

@@ -37,7 +37,7 @@
 //! warm-up included: on a small machine the three processes share the cores, and the numbers say
 //! who spends them. Speed is reported, never asserted (DESIGN §14).
 
-use mc_tests::bench::{Mode, micros, nanos, percentile};
+use mc_tests::bench::{Mode, connect, median, micros, nanos, percentile, status};
 use mc_tests::daemon::{DAEMON_DEADLINE, Daemon, clock_ticks_per_second, cpu_ticks, free_port};
 use std::fmt::Write as _;
 use std::fs;
@@ -52,8 +52,7 @@ use clap::Parser;
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::data_client::DataClient;
 use mc_proto::v1::{
-    CreateAggregateRequest, CreateVolumeRequest, FlushRequest, MirrorState, StatusReply, StatusRequest,
-    WriteRequest,
+    CreateAggregateRequest, CreateVolumeRequest, FlushRequest, MirrorState, StatusReply, WriteRequest,
 };
 use nvlog::{
     AggregateId, ClusterId, Epoch, FormatSpec, Identity, Lsn, MmapMedia, NodeId, Nvlog, OpKind, Options,
@@ -685,22 +684,6 @@ impl Cluster {
     }
 }
 
-async fn connect(address: &str) -> Result<Channel> {
-    Channel::from_shared(format!("http://{address}"))
-        .context("build the channel's URI")?
-        .connect()
-        .await
-        .with_context(|| format!("connect to {address}"))
-}
-
-async fn status(admin: &mut AdminClient<Channel>) -> Result<StatusReply> {
-    Ok(admin
-        .status(StatusRequest { cluster_id: CLUSTER_ID.to_vec() })
-        .await
-        .context("Admin.Status")?
-        .into_inner())
-}
-
 /// Polls node `spec`'s status until `check` holds or the deadline passes.
 async fn wait_status(
     spec: &NodeSpec,
@@ -710,7 +693,7 @@ async fn wait_status(
     let deadline = Instant::now() + DAEMON_DEADLINE;
     loop {
         let reply = match connect(&spec.address()).await {
-            Ok(channel) => status(&mut AdminClient::new(channel)).await,
+            Ok(channel) => status(&mut AdminClient::new(channel), &CLUSTER_ID).await,
             Err(error) => Err(error),
         };
         let last = match reply {
@@ -800,7 +783,7 @@ async fn bench_cluster(config: &Config, cluster: &Cluster, dir: &Path) -> Result
         .with_context(|| format!("measure writes at QD{}", config.depth))?;
     print_stage("write at A, mirrored to B", &write_deep);
 
-    let after = status(&mut admin).await?;
+    let after = status(&mut admin, &CLUSTER_ID).await?;
     let acked = after.dr_mirror.as_ref().map_or(0, |m| m.acked_lsn);
     let last = lsn_qd1.max(lsn_deep);
     ensure!(acked >= last, "writes returned lsns up to {last}, but A's mirror says B acked only {acked}");
@@ -1103,20 +1086,6 @@ fn mode_report(config: &Config, r: &ModeResult) -> String {
     out
 }
 
-/// The median of `values` (the mean of the middle two for an even count); `None` for none.
-fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n == 0 {
-        None
-    } else if n % 2 == 1 {
-        Some(sorted[n / 2])
-    } else {
-        Some(f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]))
-    }
-}
-
 /// What a comparison sets side by side, per run: a name and a value where lower is better for
 /// latencies and higher for IOPS (the ratio is current / baseline either way).
 fn compared_values(config: &Config, s: &ClusterStages) -> Vec<(String, f64)> {
@@ -1335,13 +1304,5 @@ mod tests {
             assert!(Config::from_args(Args::parse_from(args)).is_err(), "{args:?} was accepted");
         }
         assert!(Config::from_args(Args::parse_from(["write-bench", "--controller", exe])).is_ok());
-    }
-
-    /// The median of the per-round ratios is the middle one, or the mean of the middle two.
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&[]), None);
     }
 }
