@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use mc_proto::v1::admin_server::Admin;
 use mc_proto::v1::{
-    AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, Identity,
-    MirrorState as WireMirrorState, NvlogPartition, PartitionRecord, PartitionRecordsReply,
-    PartitionRecordsRequest, PlexInfo, StatusReply, StatusRequest, VolumeInfo, WriterMirror,
+    AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, DeleteVolumeReply,
+    DeleteVolumeRequest, Identity, MirrorState as WireMirrorState, ModifyVolumeRequest, NvlogPartition,
+    OperationsReply, OperationsRequest, PartitionRecord, PartitionRecordsReply, PartitionRecordsRequest,
+    PlexInfo, StatusReply, StatusRequest, SwitchoverReply, SwitchoverRequest, UnavailableAggregate,
+    UnfenceReply, UnfenceRequest, VolumeInfo, WriterMirror,
 };
 use nvlog::{OpKind, PartitionKind};
 use tonic::{Request, Response, Status};
@@ -77,23 +79,12 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
                 site: if i == 0 { here } else { there }.to_string(),
             })
             .collect(),
-        volumes: table
-            .volumes
-            .iter()
-            .map(|v| {
-                let reason = offline.get(&v.name).cloned();
-                VolumeInfo {
-                    id: v.id,
-                    name: v.name.clone(),
-                    aggregate_uuid: aggr.uuid.0.to_vec(),
-                    size_bytes: v.size,
-                    state: if reason.is_some() { "offline" } else { "online" }.to_string(),
-                    reason: reason.unwrap_or_default(),
-                }
-            })
-            .collect(),
+        volumes: table.volumes.iter().map(|v| crate::nvfail::volume_info(aggr, v, &offline)).collect(),
         last_cp_id: last_cp.id.0,
         last_cp_lsn: last_cp.last_lsn.0,
+        epoch: Some(crate::wire::epoch(aggr.plex_epoch())),
+        switched_over: aggr.switched_over,
+        home_node: if aggr.switched_over { node.config().dr_partner.node_id } else { node.node_id() },
     }
 }
 
@@ -188,6 +179,12 @@ impl Admin for AdminService {
                 connected: mirror.connected,
                 acked_lsn: mirror.acked.0,
             }),
+            mode: node.mode().to_string(),
+            unavailable: node
+                .unavailable_aggregates()
+                .into_iter()
+                .map(|(uuid, reason)| UnavailableAggregate { uuid: uuid.0.to_vec(), reason })
+                .collect(),
             aggregates,
             cp: Some(CpStats {
                 completed: cp.completed,
@@ -230,14 +227,11 @@ impl Admin for AdminService {
             .create_volume(&request.aggregate, &request.name, request.size_bytes)
             .await
             .map_err(|e| crate::data::status(&e))?;
-        Ok(Response::new(VolumeInfo {
-            id: volume.entry.id,
-            name: volume.entry.name.clone(),
-            aggregate_uuid: volume.aggr.uuid.0.to_vec(),
-            size_bytes: volume.entry.size,
-            state: "online".into(),
-            reason: String::new(),
-        }))
+        Ok(Response::new(crate::nvfail::volume_info(
+            &volume.aggr,
+            &volume.entry,
+            &self.node.offline_reasons(),
+        )))
     }
 
     async fn partition_records(
@@ -277,5 +271,48 @@ impl Admin for AdminService {
             });
         }
         Ok(Response::new(PartitionRecordsReply { records, more }))
+    }
+
+    async fn modify_volume(
+        &self,
+        request: Request<ModifyVolumeRequest>,
+    ) -> Result<Response<VolumeInfo>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::nvfail::modify_volume(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::nvfail::delete_volume(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<SwitchoverRequest>,
+    ) -> Result<Response<SwitchoverReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::switchover::admin_switchover(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn unfence(&self, request: Request<UnfenceRequest>) -> Result<Response<UnfenceReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::switchover::admin_unfence(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn operations(
+        &self,
+        request: Request<OperationsRequest>,
+    ) -> Result<Response<OperationsReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        let operations = self.node.operations().list().iter().map(crate::operations::to_wire).collect();
+        Ok(Response::new(OperationsReply { operations }))
     }
 }

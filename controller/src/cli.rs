@@ -1,6 +1,7 @@
 //! What `mcctl`'s admin commands print (DESIGN §11): tables for people and JSON values for
-//! scripts, built from the `Admin.Status` answers of every node, so the shapes are tested without
-//! processes. The binary (`src/bin/mcctl.rs`) does the calls and picks the format.
+//! scripts, built from the answers of every node (`Admin.Status`, `Admin.Operations`) and from
+//! the replies of `Switchover` and `Unfence`, so the shapes are tested without processes. The
+//! binary (`src/bin/mcctl.rs`) does the calls and picks the format.
 //!
 //! Invariants:
 //! - every function here is pure: the same answers give the same text, with nodes in the order
@@ -8,9 +9,11 @@
 //! - a node that did not answer is never dropped silently: `node show` lists it as
 //!   `unreachable` with the error, the other commands list it under `unreachable`;
 //! - JSON field names are snake_case, sizes are raw byte counts (`size_bytes`) and uuids are
-//!   lowercase hex; tables show sizes in binary units (`1.1 GiB`).
+//!   lowercase hex; tables show sizes in binary units (`1.1 GiB`);
+//! - times are UTC RFC 3339 text with milliseconds (`2026-11-26T15:00:36.123Z`, "-" for none) in
+//!   tables, and both that text and the raw unix milliseconds in JSON.
 
-use mc_proto::v1::{AggregateInfo, MirrorState, StatusReply, VolumeInfo};
+use mc_proto::v1::{AggregateInfo, MirrorState, Operation, StatusReply, SwitchoverReply, Veto, VolumeInfo};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -20,7 +23,7 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code: bad usage (clap's own code).
 pub const EXIT_USAGE: u8 = 2;
-/// Exit code: the operation was vetoed (a switchover refused by its checks; a later issue).
+/// Exit code: the operation was vetoed (a switchover refused by its checks).
 pub const EXIT_VETOED: u8 = 3;
 
 /// Where a node was asked and what it is known to be before it answers (`--lab` knows the node
@@ -189,6 +192,11 @@ fn unreachable_text(answers: &[NodeAnswer]) -> String {
         out.push_str(&format!("unreachable: {node}at {}: {}\n", u.endpoint, u.error));
     }
     out
+}
+
+/// An option as ONTAP prints it.
+fn on_off(value: bool) -> &'static str {
+    if value { "on" } else { "off" }
 }
 
 fn or_dash(text: &str) -> String {
@@ -485,10 +493,16 @@ pub struct VolumeRow {
     pub node: Option<u32>,
     /// Its size.
     pub size_bytes: u64,
-    /// "online" or "offline".
+    /// "online", "offline" or "nvfailed".
     pub state: String,
     /// Why it is offline.
     pub reason: String,
+    /// NVFAIL option: fence the volume when NVLog records may have been lost (DESIGN §9).
+    pub nvfail: bool,
+    /// NVFAIL option: fence it on every forced switchover.
+    pub dr_force_nvfail: bool,
+    /// Fenced by NVFAIL until an operator clears it (`volume modify --in-nvfailed-state false`).
+    pub in_nvfailed_state: bool,
 }
 
 /// A volume of aggregate `aggregate`, owned by `node`, as a row.
@@ -502,6 +516,9 @@ pub fn volume_row(volume: &VolumeInfo, aggregate: &str, node: Option<u32>) -> Vo
         size_bytes: volume.size_bytes,
         state: volume.state.clone(),
         reason: volume.reason.clone(),
+        nvfail: volume.nvfail,
+        dr_force_nvfail: volume.dr_force_nvfail,
+        in_nvfailed_state: volume.in_nvfailed_state,
     }
 }
 
@@ -519,7 +536,17 @@ pub fn volume_rows(answers: &[NodeAnswer], name: Option<&str>) -> Vec<VolumeRow>
 
 /// Volume rows as a table.
 pub fn volume_rows_table(rows: &[VolumeRow]) -> String {
-    let mut table = Table::new(&["VOLUME", "AGGREGATE", "NODE", "SIZE", "STATE", "REASON"]);
+    let mut table = Table::new(&[
+        "VOLUME",
+        "AGGREGATE",
+        "NODE",
+        "SIZE",
+        "STATE",
+        "NVFAIL",
+        "DR-FORCE-NVFAIL",
+        "IN-NVFAILED-STATE",
+        "REASON",
+    ]);
     for row in rows {
         table.row(vec![
             row.name.clone(),
@@ -527,6 +554,9 @@ pub fn volume_rows_table(rows: &[VolumeRow]) -> String {
             opt_text(row.node),
             human_size(row.size_bytes),
             row.state.clone(),
+            on_off(row.nvfail).into(),
+            on_off(row.dr_force_nvfail).into(),
+            row.in_nvfailed_state.to_string(),
             or_dash(&row.reason),
         ]);
     }
@@ -541,6 +571,438 @@ pub fn volumes_table(answers: &[NodeAnswer], name: Option<&str>) -> String {
 /// `volume show` as one JSON object: `{"volumes": [...], "unreachable": [...]}`.
 pub fn volumes_json(answers: &[NodeAnswer], name: Option<&str>) -> Value {
     json!({ "volumes": volume_rows(answers, name), "unreachable": unreachable(answers) })
+}
+
+/// `unix_ms` as UTC RFC 3339 text with milliseconds (`2026-11-26T15:00:36.123Z`), "-" for 0 (no
+/// time: an operation still in progress has no end).
+pub fn utc_text(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let (secs, millis) = (unix_ms / 1000, unix_ms % 1000);
+    let (days, in_day) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (in_day / 3600, in_day % 3600 / 60, in_day % 60);
+    // Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `civil_from_days`),
+    // in unsigned arithmetic: the days are never negative here.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+}
+
+/// One row of `cluster show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterNodeRow {
+    /// The address asked.
+    pub endpoint: String,
+    /// Whether it answered.
+    pub reachable: bool,
+    /// Its node id, when known.
+    pub node: Option<u32>,
+    /// Its site, when known.
+    pub site: Option<String>,
+    /// Its MetroCluster mode ("normal", "switchover", …); none when it did not answer.
+    pub mode: Option<String>,
+    /// `node_state` ("serving", "fenced", …), or "unreachable".
+    pub state: String,
+    /// Why it is in that state (for an unreachable node: the error).
+    pub reason: String,
+}
+
+/// The cluster's mode, as `cluster show` derives it from the nodes'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterMode {
+    /// As ONTAP names it: "normal", "switchover", "partial-switchover", "partial-switchback",
+    /// "waiting-for-switchback"; "inconsistent" when the nodes contradict each other, "unknown"
+    /// when none answered or a node reports a mode this tool does not know.
+    pub mode: String,
+    /// What the mode rests on, when it is not plain (a node that did not answer, a conflict).
+    pub note: String,
+}
+
+/// The rows of `cluster show`, one per node asked.
+pub fn cluster_node_rows(answers: &[NodeAnswer]) -> Vec<ClusterNodeRow> {
+    answers
+        .iter()
+        .map(|a| match &a.result {
+            Ok(reply) => ClusterNodeRow {
+                endpoint: a.target.address.clone(),
+                reachable: true,
+                node: a.node(),
+                site: Some(reply.site.clone()),
+                mode: Some(if reply.mode.is_empty() { "unknown".into() } else { reply.mode.clone() }),
+                state: reply.node_state.clone(),
+                reason: reply.state_reason.clone(),
+            },
+            Err(error) => ClusterNodeRow {
+                endpoint: a.target.address.clone(),
+                reachable: false,
+                node: a.node(),
+                site: a.target.site.clone(),
+                mode: None,
+                state: "unreachable".into(),
+                reason: error.clone(),
+            },
+        })
+        .collect()
+}
+
+/// The modes in which a node serves (some of) its DR partner's aggregates.
+const TAKEOVER_MODES: [&str; 3] = ["switchover", "partial-switchover", "partial-switchback"];
+
+fn node_name(row: &ClusterNodeRow) -> String {
+    row.node.map_or_else(|| format!("the node at {}", row.endpoint), |n| format!("node {n}"))
+}
+
+/// The cluster's mode from its nodes', as a decision table (first match wins):
+///
+/// | nodes | cluster |
+/// |---|---|
+/// | none answered | unknown |
+/// | two or more in a takeover mode (switchover, partial-*) | inconsistent |
+/// | one in takeover mode M (the others unreachable, not serving or waiting) | M |
+/// | one waiting-for-switchback, none in takeover mode | switchover (the survivor is unheard) |
+/// | every one that answered normal | normal (noted when some did not answer) |
+/// | otherwise | unknown |
+pub fn cluster_mode(rows: &[ClusterNodeRow]) -> ClusterMode {
+    let mode = |mode: &str, note: String| ClusterMode { mode: mode.into(), note };
+    let answered: Vec<&ClusterNodeRow> = rows.iter().filter(|r| r.reachable).collect();
+    let silent: Vec<String> = rows.iter().filter(|r| !r.reachable).map(node_name).collect();
+    let silent_note =
+        if silent.is_empty() { String::new() } else { format!("{} did not answer", silent.join(", ")) };
+    if answered.is_empty() {
+        return mode("unknown", "no node answered".into());
+    }
+    let node_mode = |r: &ClusterNodeRow| r.mode.clone().unwrap_or_default();
+    let takeover: Vec<&&ClusterNodeRow> =
+        answered.iter().filter(|r| TAKEOVER_MODES.contains(&node_mode(r).as_str())).collect();
+    if takeover.len() > 1 {
+        let who: Vec<String> =
+            takeover.iter().map(|r| format!("{} is in {}", node_name(r), node_mode(r))).collect();
+        return mode(
+            "inconsistent",
+            format!("more than one node serves its partner's aggregates: {}", who.join(", ")),
+        );
+    }
+    if let Some(survivor) = takeover.first() {
+        let others: Vec<String> = answered
+            .iter()
+            .filter(|r| r.endpoint != survivor.endpoint && node_mode(r) == "normal" && r.state == "serving")
+            .map(|r| format!("{} reports normal and serving too", node_name(r)))
+            .collect();
+        return mode(&node_mode(survivor), others.join("; "));
+    }
+    if let Some(waiting) = answered.iter().find(|r| node_mode(r) == "waiting-for-switchback") {
+        let note =
+            format!("{} waits for switchback; the node in switchover did not answer", node_name(waiting));
+        return mode("switchover", note);
+    }
+    if answered.iter().all(|r| node_mode(r) == "normal") {
+        return mode("normal", silent_note);
+    }
+    let modes: Vec<String> =
+        answered.iter().map(|r| format!("{} reports {}", node_name(r), node_mode(r))).collect();
+    mode("unknown", modes.join(", "))
+}
+
+/// `cluster show` as a table: a line per node, then the cluster's mode.
+pub fn cluster_table(answers: &[NodeAnswer]) -> String {
+    let rows = cluster_node_rows(answers);
+    let mut table = Table::new(&["NODE", "SITE", "MODE", "STATE", "REASON"]);
+    for row in &rows {
+        table.row(vec![
+            opt_text(row.node),
+            opt_text(row.site.as_deref()),
+            opt_text(row.mode.as_deref()),
+            row.state.clone(),
+            or_dash(&row.reason),
+        ]);
+    }
+    let cluster = cluster_mode(&rows);
+    let mut out = table.render();
+    out.push_str(&format!("\ncluster mode: {}", cluster.mode));
+    if !cluster.note.is_empty() {
+        out.push_str(&format!(" ({})", cluster.note));
+    }
+    out.push('\n');
+    out
+}
+
+/// `cluster show` as one JSON object: `{"cluster": {"mode", "note"}, "nodes": [...]}`.
+pub fn cluster_json(answers: &[NodeAnswer]) -> Value {
+    let rows = cluster_node_rows(answers);
+    json!({ "cluster": cluster_mode(&rows), "nodes": rows })
+}
+
+/// One operation as `operation show`, `switchover` and `node unfence` print it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OperationRow {
+    /// Its id on its node.
+    pub id: u64,
+    /// The node that ran it.
+    pub node: u32,
+    /// "switchover" or "unfence".
+    pub kind: String,
+    /// "in_progress", "successful", "partially_successful" or "failed".
+    pub state: String,
+    /// When it started, UTC RFC 3339.
+    pub start: String,
+    /// When it ended, UTC RFC 3339, "-" while in progress.
+    pub end: String,
+    /// The start in unix milliseconds.
+    pub start_unix_ms: u64,
+    /// The end in unix milliseconds, 0 while in progress.
+    pub end_unix_ms: u64,
+    /// The step reached.
+    pub step: String,
+    /// What failed.
+    pub errors: Vec<String>,
+}
+
+/// An operation as a row.
+pub fn operation_row(operation: &Operation) -> OperationRow {
+    OperationRow {
+        id: operation.id,
+        node: operation.node,
+        kind: operation.kind.clone(),
+        state: operation.state.clone(),
+        start: utc_text(operation.start_unix_ms),
+        end: utc_text(operation.end_unix_ms),
+        start_unix_ms: operation.start_unix_ms,
+        end_unix_ms: operation.end_unix_ms,
+        step: operation.step.clone(),
+        errors: operation.errors.clone(),
+    }
+}
+
+/// Operation rows as a table (errors joined by "; ", last: the long column).
+pub fn operation_rows_table(rows: &[OperationRow]) -> String {
+    let mut table = Table::new(&["ID", "NODE", "KIND", "STATE", "START", "END", "STEP", "ERRORS"]);
+    for row in rows {
+        table.row(vec![
+            row.id.to_string(),
+            row.node.to_string(),
+            row.kind.clone(),
+            row.state.clone(),
+            row.start.clone(),
+            row.end.clone(),
+            or_dash(&row.step),
+            or_dash(&row.errors.join("; ")),
+        ]);
+    }
+    table.render()
+}
+
+/// One node's answer to `Admin.Operations`, or why there is none.
+#[derive(Clone, Debug)]
+pub struct OperationsAnswer {
+    /// The node asked.
+    pub target: Target,
+    /// Its operations, oldest first, or the error.
+    pub result: Result<Vec<Operation>, String>,
+}
+
+/// The rows of `operation show`: every node's newest operation, or all of them with `all`, in
+/// the order the nodes were asked, each node's oldest first.
+pub fn operations_rows(answers: &[OperationsAnswer], all: bool) -> Vec<OperationRow> {
+    answers
+        .iter()
+        .filter_map(|a| a.result.as_ref().ok())
+        .flat_map(|operations| {
+            let skip = if all { 0 } else { operations.len().saturating_sub(1) };
+            operations.iter().skip(skip).map(operation_row)
+        })
+        .collect()
+}
+
+fn operations_unreachable(answers: &[OperationsAnswer]) -> Vec<Unreachable> {
+    answers
+        .iter()
+        .filter_map(|a| {
+            let error = a.result.as_ref().err()?;
+            Some(Unreachable {
+                endpoint: a.target.address.clone(),
+                node: a.target.node,
+                error: error.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Whether any node did not answer `Admin.Operations`.
+pub fn any_operations_unreachable(answers: &[OperationsAnswer]) -> bool {
+    answers.iter().any(|a| a.result.is_err())
+}
+
+/// `operation show` as a table ("no operations" when there is none), then a line per node that
+/// did not answer.
+pub fn operations_table(answers: &[OperationsAnswer], all: bool) -> String {
+    let rows = operations_rows(answers, all);
+    let mut out = if rows.is_empty() { "no operations\n".to_string() } else { operation_rows_table(&rows) };
+    for u in operations_unreachable(answers) {
+        let node = u.node.map_or_else(String::new, |n| format!("node {n} "));
+        out.push_str(&format!("unreachable: {node}at {}: {}\n", u.endpoint, u.error));
+    }
+    out
+}
+
+/// `operation show` as one JSON object: `{"operations": [...], "unreachable": [...]}`.
+pub fn operations_json(answers: &[OperationsAnswer], all: bool) -> Value {
+    json!({ "operations": operations_rows(answers, all), "unreachable": operations_unreachable(answers) })
+}
+
+/// A veto as `switchover` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VetoRow {
+    /// "hard" or "soft".
+    pub kind: String,
+    /// Its stable name ("partner_reachable", "out_of_sync", …).
+    pub code: String,
+    /// The aggregate (hex uuid), empty for the whole operation.
+    pub aggregate: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+/// The vetoes as rows.
+pub fn veto_rows(vetoes: &[Veto]) -> Vec<VetoRow> {
+    vetoes
+        .iter()
+        .map(|v| VetoRow {
+            kind: v.kind.clone(),
+            code: v.code.clone(),
+            aggregate: v.aggregate.clone(),
+            reason: v.reason.clone(),
+        })
+        .collect()
+}
+
+/// The vetoes as a table, or "no vetoes".
+pub fn vetoes_table(vetoes: &[Veto]) -> String {
+    if vetoes.is_empty() {
+        return "no vetoes\n".into();
+    }
+    let mut table = Table::new(&["KIND", "CODE", "AGGREGATE", "REASON"]);
+    for v in veto_rows(vetoes) {
+        table.row(vec![v.kind, v.code, or_dash(&v.aggregate), v.reason]);
+    }
+    table.render()
+}
+
+/// Whether `vetoes` stop a switchover: any hard one, or a soft one not overridden.
+pub fn vetoes_stop(vetoes: &[Veto], override_vetoes: bool) -> bool {
+    vetoes.iter().any(|v| v.kind != "soft" || !override_vetoes)
+}
+
+/// How a `switchover` call ended, for printing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SwitchoverOutcome {
+    /// A simulation: the vetoes found (stopping or not).
+    Simulated(SwitchoverReply),
+    /// Refused by its vetoes (`FAILED_PRECONDITION` with the reply in its details).
+    Vetoed(SwitchoverReply),
+    /// Done (or partly, or failed: the operation says).
+    Ran(SwitchoverReply),
+}
+
+/// `switchover` as a table-and-lines text for people; `node` is the survivor it ran on.
+pub fn switchover_text(node: Option<u32>, outcome: &SwitchoverOutcome, override_vetoes: bool) -> String {
+    let on = node.map_or_else(String::new, |n| format!(" on node {n}"));
+    match outcome {
+        SwitchoverOutcome::Simulated(reply) => {
+            let verdict = if vetoes_stop(&reply.vetoes, override_vetoes) {
+                "would be vetoed"
+            } else if reply.vetoes.is_empty() {
+                "would proceed"
+            } else {
+                "would proceed, overriding the soft vetoes (their volumes are NVFAILed)"
+            };
+            format!("Simulated forced switchover{on}: {verdict}\n{}", vetoes_table(&reply.vetoes))
+        }
+        SwitchoverOutcome::Vetoed(reply) => {
+            let hint = if reply.vetoes.iter().all(|v| v.kind == "soft") {
+                "\nOnly soft vetoes: --override-vetoes goes on and NVFAILs their volumes.\n"
+            } else {
+                ""
+            };
+            format!("Forced switchover{on} vetoed:\n{}{hint}", vetoes_table(&reply.vetoes))
+        }
+        SwitchoverOutcome::Ran(reply) => {
+            let mut out = format!("Forced switchover{on}:\n");
+            match &reply.operation {
+                Some(operation) => out.push_str(&operation_rows_table(&[operation_row(operation)])),
+                None => out.push_str("no operation reported\n"),
+            }
+            out.push_str(&format!("volumes now served: {}\n", list_or_none(&reply.volumes)));
+            out.push_str(&format!("NVFAILed volumes: {}\n", list_or_none(&reply.nvfailed_volumes)));
+            if !reply.vetoes.is_empty() {
+                out.push_str("vetoes overridden:\n");
+                out.push_str(&vetoes_table(&reply.vetoes));
+            }
+            out
+        }
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() { "none".into() } else { items.join(", ") }
+}
+
+/// `switchover -o json`: `{"node", "simulate", "vetoed", "vetoes", "operation", "volumes",
+/// "nvfailed_volumes"}` (`vetoed`: the vetoes stop, or would stop, the switchover).
+pub fn switchover_json(node: Option<u32>, outcome: &SwitchoverOutcome, override_vetoes: bool) -> Value {
+    let (reply, simulate, vetoed) = match outcome {
+        SwitchoverOutcome::Simulated(reply) => (reply, true, vetoes_stop(&reply.vetoes, override_vetoes)),
+        SwitchoverOutcome::Vetoed(reply) => (reply, false, true),
+        SwitchoverOutcome::Ran(reply) => (reply, false, false),
+    };
+    json!({
+        "node": node,
+        "simulate": simulate,
+        "vetoed": vetoed,
+        "vetoes": veto_rows(&reply.vetoes),
+        "operation": reply.operation.as_ref().map(operation_row),
+        "volumes": reply.volumes,
+        "nvfailed_volumes": reply.nvfailed_volumes,
+    })
+}
+
+/// The exit code of a switchover: vetoed (3) when vetoes stop it (or would, for a simulation),
+/// failed (1) when its operation did not fully succeed, else 0.
+pub fn switchover_exit(outcome: &SwitchoverOutcome, override_vetoes: bool) -> u8 {
+    match outcome {
+        SwitchoverOutcome::Simulated(reply) if vetoes_stop(&reply.vetoes, override_vetoes) => EXIT_VETOED,
+        SwitchoverOutcome::Simulated(_) => EXIT_OK,
+        SwitchoverOutcome::Vetoed(_) => EXIT_VETOED,
+        SwitchoverOutcome::Ran(reply) => match &reply.operation {
+            Some(operation) if operation.state == "successful" => EXIT_OK,
+            Some(_) => EXIT_FAILED,
+            // A server that reports no operation: the call itself succeeded.
+            None => EXIT_OK,
+        },
+    }
+}
+
+/// `node unfence` as text: the operation and the volumes NVFAILed.
+pub fn unfence_text(node: u32, operation: Option<&Operation>, nvfailed: &[String]) -> String {
+    let mut out = format!("Forced unfence of node {node}:\n");
+    match operation {
+        Some(operation) => out.push_str(&operation_rows_table(&[operation_row(operation)])),
+        None => out.push_str("no operation reported\n"),
+    }
+    out.push_str(&format!("NVFAILed volumes: {}\n", list_or_none(nvfailed)));
+    out
+}
+
+/// `node unfence -o json`: `{"node", "operation", "nvfailed_volumes"}`.
+pub fn unfence_json(node: u32, operation: Option<&Operation>, nvfailed: &[String]) -> Value {
+    json!({ "node": node, "operation": operation.map(operation_row), "nvfailed_volumes": nvfailed })
 }
 
 #[cfg(test)]
@@ -591,9 +1053,15 @@ mod tests {
                     size_bytes: 64 << 20,
                     state: "online".into(),
                     reason: String::new(),
+                    nvfail: true,
+                    dr_force_nvfail: false,
+                    in_nvfailed_state: false,
                 }],
                 last_cp_id: 12,
                 last_cp_lsn: 40,
+                epoch: None,
+                switched_over: false,
+                home_node: node,
             }],
             cp: Some(CpStats {
                 completed: 12,
@@ -601,6 +1069,8 @@ mod tests {
                 last_lsn: 40 + u64::from(node),
                 ..CpStats::default()
             }),
+            mode: "normal".into(),
+            unavailable: Vec::new(),
         }
     }
 
@@ -781,15 +1251,15 @@ aggr_b     plex1  A     normal  2           d1a.img,d1b.img
         assert_eq!(
             volumes_table(&both(), None),
             "\
-VOLUME  AGGREGATE  NODE  SIZE    STATE   REASON
-vol_a   aggr_a     1     64 MiB  online  -
-vol_b   aggr_b     2     64 MiB  online  -
+VOLUME  AGGREGATE  NODE  SIZE    STATE   NVFAIL  DR-FORCE-NVFAIL  IN-NVFAILED-STATE  REASON
+vol_a   aggr_a     1     64 MiB  online  on      off              false              -
+vol_b   aggr_b     2     64 MiB  online  on      off              false              -
 "
         );
         assert_eq!(
             volumes_table(&b_down(), Some("vol_b")),
-            "VOLUME  AGGREGATE  NODE  SIZE  STATE  REASON\nunreachable: node 2 at 127.0.0.1:7002: connect: \
-             connection refused\n"
+            "VOLUME  AGGREGATE  NODE  SIZE  STATE  NVFAIL  DR-FORCE-NVFAIL  IN-NVFAILED-STATE  REASON\n\
+             unreachable: node 2 at 127.0.0.1:7002: connect: connection refused\n"
         );
     }
 
@@ -800,11 +1270,330 @@ vol_b   aggr_b     2     64 MiB  online  -
             "volumes": [{
                 "name": "vol_b", "id": 1, "aggregate": "aggr_b",
                 "aggregate_uuid": "202122232425262728292a2b2c2d2e2f", "node": 2,
-                "size_bytes": 67_108_864u64, "state": "online", "reason": ""
+                "size_bytes": 67_108_864u64, "state": "online", "reason": "",
+                "nvfail": true, "dr_force_nvfail": false, "in_nvfailed_state": false
             }],
             "unreachable": []
         });
         assert_eq!(volumes_json(&both(), Some("vol_b")), expected);
+    }
+
+    /// Prevents an NVFAILed volume shown as if it were online with default options.
+    #[test]
+    fn volume_table_nvfailed() {
+        let mut answers = both();
+        if let Ok(reply) = &mut answers[1].result {
+            let volume = &mut reply.aggregates[0].volumes[0];
+            volume.state = "nvfailed".into();
+            volume.reason = "forced switchover: the mirror was out of sync".into();
+            volume.nvfail = false;
+            volume.dr_force_nvfail = true;
+            volume.in_nvfailed_state = true;
+        }
+        assert_eq!(
+            volumes_table(&answers, Some("vol_b")),
+            "\
+VOLUME  AGGREGATE  NODE  SIZE    STATE     NVFAIL  DR-FORCE-NVFAIL  IN-NVFAILED-STATE  REASON
+vol_b   aggr_b     2     64 MiB  nvfailed  off     on               true               forced switchover: the mirror was out of sync
+"
+        );
+    }
+
+    /// `both()` after a forced switchover to A: A serves B's aggregate too; B did not answer.
+    fn switched_over() -> Vec<NodeAnswer> {
+        let mut answers = b_down();
+        if let Ok(reply) = &mut answers[0].result {
+            reply.mode = "switchover".into();
+        }
+        answers
+    }
+
+    fn cluster_row(node: u32, mode: Option<&str>, state: &str) -> ClusterNodeRow {
+        ClusterNodeRow {
+            endpoint: format!("127.0.0.1:700{node}"),
+            reachable: mode.is_some(),
+            node: Some(node),
+            site: Some(if node == 1 { "A" } else { "B" }.into()),
+            mode: mode.map(str::to_string),
+            state: state.into(),
+            reason: String::new(),
+        }
+    }
+
+    /// Prevents a wrong cluster mode: the decision table of `cluster_mode`, row by row.
+    #[test]
+    fn cluster_modes() {
+        // Each node as (mode, node state), mode None when it did not answer; then the cluster's.
+        type Nodes<'a> = &'a [(Option<&'a str>, &'a str)];
+        let cases: &[(Nodes<'_>, &str)] = &[
+            (&[(Some("normal"), "serving"), (Some("normal"), "serving")], "normal"),
+            (&[(Some("normal"), "serving"), (None, "unreachable")], "normal"),
+            (&[(None, "unreachable"), (None, "unreachable")], "unknown"),
+            (&[(Some("switchover"), "serving"), (None, "unreachable")], "switchover"),
+            (&[(Some("switchover"), "serving"), (Some("normal"), "fenced")], "switchover"),
+            (&[(Some("waiting-for-switchback"), "serving"), (Some("switchover"), "serving")], "switchover"),
+            (&[(Some("partial-switchover"), "serving"), (None, "unreachable")], "partial-switchover"),
+            (&[(Some("normal"), "fenced"), (Some("partial-switchback"), "serving")], "partial-switchback"),
+            (&[(Some("waiting-for-switchback"), "serving"), (None, "unreachable")], "switchover"),
+            (&[(Some("switchover"), "serving"), (Some("switchover"), "serving")], "inconsistent"),
+            (&[(Some("normal"), "serving"), (Some("unknown"), "serving")], "unknown"),
+        ];
+        for (nodes, expected) in cases {
+            let rows: Vec<ClusterNodeRow> = nodes
+                .iter()
+                .zip(1u32..)
+                .map(|((mode, state), node)| cluster_row(node, *mode, state))
+                .collect();
+            assert_eq!(cluster_mode(&rows).mode, *expected, "{nodes:?}");
+        }
+        let both_normal =
+            [cluster_row(1, Some("normal"), "serving"), cluster_row(2, Some("normal"), "serving")];
+        assert_eq!(cluster_mode(&both_normal).note, "");
+        let one_silent = [cluster_row(1, Some("normal"), "serving"), cluster_row(2, None, "unreachable")];
+        assert_eq!(cluster_mode(&one_silent).note, "node 2 did not answer");
+    }
+
+    /// Prevents a silent change of `cluster show`'s columns or of its cluster line.
+    #[test]
+    fn cluster_table_shapes() {
+        assert_eq!(
+            cluster_table(&both()),
+            "\
+NODE  SITE  MODE    STATE    REASON
+1     A     normal  serving  -
+2     B     normal  serving  -
+
+cluster mode: normal
+"
+        );
+        assert_eq!(
+            cluster_table(&switched_over()),
+            "\
+NODE  SITE  MODE        STATE        REASON
+1     A     switchover  serving      -
+2     B     -           unreachable  connect: connection refused
+
+cluster mode: switchover
+"
+        );
+    }
+
+    /// Prevents a change of `cluster show -o json`.
+    #[test]
+    fn cluster_json_shape() {
+        let expected = json!({
+            "cluster": {"mode": "switchover", "note": ""},
+            "nodes": [
+                {"endpoint": "127.0.0.1:7001", "reachable": true, "node": 1, "site": "A",
+                 "mode": "switchover", "state": "serving", "reason": ""},
+                {"endpoint": "127.0.0.1:7002", "reachable": false, "node": 2, "site": "B",
+                 "mode": null, "state": "unreachable", "reason": "connect: connection refused"}
+            ]
+        });
+        assert_eq!(cluster_json(&switched_over()), expected);
+    }
+
+    /// Prevents wrong dates (leap years, month ends, the epoch) in operation times.
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc_text(0), "-");
+        assert_eq!(utc_text(1), "1970-01-01T00:00:00.001Z");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc_text(1_709_251_199_999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(utc_text(1_735_689_599_000), "2024-12-31T23:59:59.000Z");
+        assert_eq!(utc_text(1_796_136_036_123), "2026-12-01T14:40:36.123Z");
+        // Never a panic, whatever a node reports.
+        assert!(utc_text(u64::MAX).ends_with('Z'));
+    }
+
+    fn operation(id: u64, node: u32, state: &str) -> Operation {
+        let done = state != "in_progress";
+        Operation {
+            id,
+            kind: if id == 1 { "unfence" } else { "switchover" }.into(),
+            state: state.into(),
+            start_unix_ms: 1_796_136_036_123 + id * 1000,
+            end_unix_ms: if done { 1_796_136_036_123 + id * 1000 + 500 } else { 0 },
+            errors: if state == "failed" {
+                vec!["aggr_b: no usable plex".into(), "x".into()]
+            } else {
+                Vec::new()
+            },
+            node,
+            step: if done { "done" } else { "replay" }.into(),
+        }
+    }
+
+    fn operation_answers() -> Vec<OperationsAnswer> {
+        vec![
+            OperationsAnswer {
+                target: target("127.0.0.1:7001", 1, "A"),
+                result: Ok(vec![operation(1, 1, "successful"), operation(2, 1, "failed")]),
+            },
+            OperationsAnswer { target: target("127.0.0.1:7002", 2, "B"), result: Ok(Vec::new()) },
+        ]
+    }
+
+    /// Prevents a silent change of `operation show`'s columns; checks last-only against `--all`.
+    #[test]
+    fn operation_table() {
+        assert_eq!(
+            operations_table(&operation_answers(), false),
+            "\
+ID  NODE  KIND        STATE   START                     END                       STEP  ERRORS
+2   1     switchover  failed  2026-12-01T14:40:38.123Z  2026-12-01T14:40:38.623Z  done  aggr_b: no usable plex; x
+"
+        );
+        let mut answers = operation_answers();
+        answers[1].result = Err("Unimplemented: operations".into());
+        assert_eq!(
+            operations_table(&answers, true),
+            "\
+ID  NODE  KIND        STATE       START                     END                       STEP  ERRORS
+1   1     unfence     successful  2026-12-01T14:40:37.123Z  2026-12-01T14:40:37.623Z  done  -
+2   1     switchover  failed      2026-12-01T14:40:38.123Z  2026-12-01T14:40:38.623Z  done  aggr_b: no usable plex; x
+unreachable: node 2 at 127.0.0.1:7002: Unimplemented: operations
+"
+        );
+        assert!(any_operations_unreachable(&answers));
+        answers.truncate(0);
+        assert_eq!(operations_table(&answers, true), "no operations\n");
+    }
+
+    /// Prevents a change of `operation show -o json` (both time forms, the unreachable list).
+    #[test]
+    fn operation_json() {
+        let mut answers = operation_answers();
+        answers[0].result = Ok(vec![operation(3, 1, "in_progress")]);
+        answers[1].result = Err("connect: connection refused".into());
+        let expected = json!({
+            "operations": [{
+                "id": 3, "node": 1, "kind": "switchover", "state": "in_progress",
+                "start": "2026-12-01T14:40:39.123Z", "end": "-",
+                "start_unix_ms": 1_796_136_039_123u64, "end_unix_ms": 0,
+                "step": "replay", "errors": []
+            }],
+            "unreachable": [{"endpoint": "127.0.0.1:7002", "node": 2, "error": "connect: connection refused"}]
+        });
+        assert_eq!(operations_json(&answers, false), expected);
+    }
+
+    fn veto(kind: &str, code: &str, aggregate: &str) -> Veto {
+        Veto {
+            kind: kind.into(),
+            code: code.into(),
+            aggregate: aggregate.into(),
+            reason: format!("{code} here"),
+        }
+    }
+
+    /// Prevents a simulation or a refusal that hides its vetoes, or exits with the wrong code.
+    #[test]
+    fn switchover_vetoes() {
+        let hard = SwitchoverReply {
+            vetoes: vec![veto("hard", "partner_reachable", ""), veto("soft", "out_of_sync", "2021")],
+            ..SwitchoverReply::default()
+        };
+        let soft = SwitchoverReply {
+            vetoes: vec![veto("soft", "out_of_sync", "2021")],
+            ..SwitchoverReply::default()
+        };
+        let vetoed = SwitchoverOutcome::Vetoed(hard.clone());
+        assert_eq!(
+            switchover_text(Some(1), &vetoed, false),
+            "\
+Forced switchover on node 1 vetoed:
+KIND  CODE               AGGREGATE  REASON
+hard  partner_reachable  -          partner_reachable here
+soft  out_of_sync        2021       out_of_sync here
+"
+        );
+        assert_eq!(switchover_exit(&vetoed, true), EXIT_VETOED);
+        assert_eq!(
+            switchover_text(Some(1), &SwitchoverOutcome::Vetoed(soft.clone()), false),
+            "\
+Forced switchover on node 1 vetoed:
+KIND  CODE         AGGREGATE  REASON
+soft  out_of_sync  2021       out_of_sync here
+
+Only soft vetoes: --override-vetoes goes on and NVFAILs their volumes.
+"
+        );
+        let simulated = SwitchoverOutcome::Simulated(soft.clone());
+        assert_eq!(switchover_exit(&simulated, false), EXIT_VETOED);
+        assert_eq!(switchover_exit(&simulated, true), EXIT_OK);
+        assert_eq!(switchover_exit(&SwitchoverOutcome::Simulated(hard), true), EXIT_VETOED);
+        let clean = SwitchoverOutcome::Simulated(SwitchoverReply::default());
+        assert_eq!(switchover_exit(&clean, false), EXIT_OK);
+        assert_eq!(
+            switchover_text(None, &clean, false),
+            "Simulated forced switchover: would proceed\nno vetoes\n"
+        );
+        assert_eq!(
+            switchover_json(Some(1), &simulated, false),
+            json!({
+                "node": 1, "simulate": true, "vetoed": true,
+                "vetoes": [{"kind": "soft", "code": "out_of_sync", "aggregate": "2021", "reason": "out_of_sync here"}],
+                "operation": null, "volumes": [], "nvfailed_volumes": []
+            })
+        );
+    }
+
+    /// Prevents a done switchover printed without its operation, volumes or NVFAILed volumes.
+    #[test]
+    fn switchover_done() {
+        let reply = SwitchoverReply {
+            vetoes: Vec::new(),
+            operation: Some(operation(4, 1, "successful")),
+            nvfailed_volumes: vec!["vol_b".into()],
+            volumes: vec!["vol_b".into(), "vol_c".into()],
+        };
+        let ran = SwitchoverOutcome::Ran(reply.clone());
+        assert_eq!(
+            switchover_text(Some(1), &ran, false),
+            "\
+Forced switchover on node 1:
+ID  NODE  KIND        STATE       START                     END                       STEP  ERRORS
+4   1     switchover  successful  2026-12-01T14:40:40.123Z  2026-12-01T14:40:40.623Z  done  -
+volumes now served: vol_b, vol_c
+NVFAILed volumes: vol_b
+"
+        );
+        assert_eq!(switchover_exit(&ran, false), EXIT_OK);
+        let partial = SwitchoverReply { operation: Some(operation(4, 1, "partially_successful")), ..reply };
+        assert_eq!(switchover_exit(&SwitchoverOutcome::Ran(partial), false), EXIT_FAILED);
+        assert_eq!(
+            switchover_json(Some(1), &ran, false),
+            json!({
+                "node": 1, "simulate": false, "vetoed": false, "vetoes": [],
+                "operation": {
+                    "id": 4, "node": 1, "kind": "switchover", "state": "successful",
+                    "start": "2026-12-01T14:40:40.123Z", "end": "2026-12-01T14:40:40.623Z",
+                    "start_unix_ms": 1_796_136_040_123u64, "end_unix_ms": 1_796_136_040_623u64,
+                    "step": "done", "errors": []
+                },
+                "volumes": ["vol_b", "vol_c"], "nvfailed_volumes": ["vol_b"]
+            })
+        );
+    }
+
+    /// Prevents a change of `node unfence`'s text or JSON.
+    #[test]
+    fn unfence_shapes() {
+        let op = operation(1, 2, "successful");
+        assert_eq!(
+            unfence_text(2, Some(&op), &[]),
+            "\
+Forced unfence of node 2:
+ID  NODE  KIND     STATE       START                     END                       STEP  ERRORS
+1   2     unfence  successful  2026-12-01T14:40:37.123Z  2026-12-01T14:40:37.623Z  done  -
+NVFAILed volumes: none
+"
+        );
+        assert_eq!(
+            unfence_json(2, None, &["vol_b".to_string()]),
+            json!({"node": 2, "operation": null, "nvfailed_volumes": ["vol_b"]})
+        );
     }
 
     /// Prevents sizes shown in the wrong unit or rounded the wrong way.

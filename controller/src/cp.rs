@@ -128,7 +128,8 @@ impl Node {
 
     /// Steps 2 and 3; returns the CP id.
     async fn destage_and_record(&self, lsn: Lsn, frozen: &BTreeMap<Key, Block>) -> Result<u64, DataError> {
-        let aggregates = self.aggregates();
+        // A deposed aggregate is written no more (S2): its cached blocks are dropped.
+        let aggregates: Vec<_> = self.aggregates().into_iter().filter(|a| !a.is_deposed()).collect();
         let mut writes = JoinSet::new();
         let mut window = 0u64;
         let mut run: Option<(u32, u64, Vec<u8>)> = None;
@@ -146,6 +147,9 @@ impl Node {
                 });
             };
         for (&(index, block), data) in frozen {
+            if !aggregates.iter().any(|a| a.index == index) {
+                continue;
+            }
             match &mut run {
                 Some((i, start, bytes))
                     if *i == index

@@ -365,7 +365,31 @@ async fn run_in_span(
         path: config.shelf_dir.display().to_string(),
         message: e.to_string(),
     })?;
+    let operations = crate::operations::OperationLog::open(
+        &config.shelf_dir,
+        crate::shelf_state::ShelfOwner { cluster: config.cluster_id, node: config.node_id },
+    )
+    .map_err(|e| DaemonError::Nvlog {
+        path: config.shelf_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    // The DR partner's aggregates a completed forced switchover gave this node (their plex
+    // here is plex 1, its labels name this node the owner).
+    let switchover = crate::switchover::last_switchover(&operations.list());
+    let mut found = found;
+    if let Some((_, plan)) = &switchover {
+        let partner_aggregates = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
+        for mut f in partner_aggregates {
+            let ours =
+                f.plexes[1].iter().any(|d| d.label.as_ref().is_some_and(|l| l.owner.0 == config.node_id));
+            if ours && plan.aggregates.iter().any(|a| a.uuid == f.uuid && a.done) {
+                f.switched_over = true;
+                found.push(f);
+            }
+        }
+    }
     let clock = Arc::new(crate::peer::PeerClock::default());
+    let _pauses = clock.watch_pauses();
     let remote = crate::remote_disk::RemoteShelf::new(
         &config.dr_partner.address,
         config.cluster_id,
@@ -397,14 +421,7 @@ async fn run_in_span(
     );
     // The epochs this node holds, from its labels, go in its first hello (S2).
     mirror.set_epochs(
-        found
-            .iter()
-            .filter_map(|f| {
-                let label =
-                    f.plexes[0].iter().filter_map(|d| d.label.as_ref()).max_by_key(|l| l.epoch_high_water)?;
-                Some(crate::wire::aggregate_epoch(f.uuid, label.epoch_high_water))
-            })
-            .collect(),
+        found.iter().filter_map(|f| Some(crate::wire::aggregate_epoch(f.uuid, f.epoch()?))).collect(),
     );
     // A node with no aggregate yet (a new cluster) has nothing its lost log could have held.
     let local_partition_lost = local_partition_lost && !found.is_empty();
@@ -417,6 +434,7 @@ async fn run_in_span(
             shelf_state: shelf_state.clone(),
             remote,
             clock: clock.clone(),
+            operations,
         },
     );
 
@@ -477,6 +495,7 @@ async fn run_in_span(
             shelf_state.clone(),
         );
         receiver_handle = receiver.clone();
+        node.set_receiver(receiver.clone());
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
             .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         let disks =
@@ -513,6 +532,7 @@ async fn run_in_span(
     metrics.register(&mut registry);
     nbd_metrics.register(&mut registry);
     node.plex_metrics().register(&mut registry);
+    node.nvfail_metrics().register(&mut registry);
     let registry = Arc::new(registry);
     let app = {
         let (metrics, registry, nvlog, node) =
@@ -549,6 +569,11 @@ async fn run_in_span(
         })
     };
 
+    if switchover.is_some() {
+        // A switchover planned before this start froze the partner's partition (DESIGN §11).
+        receiver_handle.freeze().await;
+        node.partner_down_confirmed.store(true, std::sync::atomic::Ordering::Release);
+    }
     let grpc = tokio::spawn(grpc);
     let http = tokio::spawn(async move { http.await });
     let nbd = tokio::spawn(
@@ -562,6 +587,11 @@ async fn run_in_span(
     };
     let cps = tokio::spawn(
         node.clone().run_cps(stop_rx.clone()).instrument(tracing::info_span!("cp", node = config.node_id)),
+    );
+    let deposed = tokio::spawn(
+        node.clone()
+            .watch_deposed(stop_rx.clone())
+            .instrument(tracing::info_span!("epochs", node = config.node_id)),
     );
     let monitor = tokio::spawn(
         node.clone()
@@ -599,6 +629,7 @@ async fn run_in_span(
     let _ = stop_tx.send(true);
     let _ = cps.await;
     let _ = monitor.await;
+    let _ = deposed.await;
     let _ = data_health.await;
     // Servers stop accepting at once and drain open connections; a client that keeps its
     // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.

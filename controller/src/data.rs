@@ -1,8 +1,9 @@
 //! The `Data` gRPC service (DESIGN §4): the data API over the network, for tests and the
 //! benchmark until the NBD export exists. Every call names the cluster; errors map to codes
 //! deliberately (DESIGN §8): not serving → `UNAVAILABLE`, unknown volume → `NOT_FOUND`, a range
-//! outside the volume → `OUT_OF_RANGE`, bad input → `INVALID_ARGUMENT`, a partner that did not
-//! acknowledge → `DEADLINE_EXCEEDED` (the write was not acknowledged).
+//! outside the volume → `OUT_OF_RANGE`, an NVFAILed volume → `FAILED_PRECONDITION` (only an
+//! administrator clearing the state helps, DESIGN §9), bad input → `INVALID_ARGUMENT`, a partner
+//! that did not acknowledge → `DEADLINE_EXCEEDED` (the write was not acknowledged).
 
 use std::sync::Arc;
 
@@ -51,6 +52,8 @@ pub fn status(e: &DataError) -> Status {
     match e {
         DataError::NotServing { .. } | DataError::Offline { .. } => Status::unavailable(e.to_string()),
         DataError::NotFound(_) => Status::not_found(e.to_string()),
+        // Not transient: retrying cannot help until an administrator clears the state (S9).
+        DataError::NvFailed { .. } => Status::failed_precondition(e.to_string()),
         DataError::Range(_) => Status::out_of_range(e.to_string()),
         DataError::Invalid(_) => Status::invalid_argument(e.to_string()),
         DataError::Mirror(_) => Status::deadline_exceeded(e.to_string()),

@@ -33,3 +33,17 @@ pub async fn wait_while_stalled(point: &'static str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The forced switchover crashes the daemon (abort, as `kill -9` would leave it) at the step
+/// this variable names: `planned`, `frozen`, `adopted`, `replayed` or `cp`.
+pub const SWITCHOVER_CRASH: &str = "MC_FAULT_SWITCHOVER_CRASH_AT";
+
+/// Aborts the process if `SWITCHOVER_CRASH` names `step`.
+pub fn crash_at(step: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var(SWITCHOVER_CRASH).ok());
+    if at.as_deref() == Some(step) {
+        tracing::error!(step, "fault injected: the switchover crashes here");
+        std::process::abort();
+    }
+}

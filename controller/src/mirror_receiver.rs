@@ -80,6 +80,12 @@ pub struct MirrorReceiver<M: Media> {
     /// Raised each time the silence rule persists `out_of_sync`: the stream tells the writer
     /// (S13), which takes it as the acknowledgement of a drop (S3).
     marked: tokio::sync::watch::Sender<u64>,
+    /// True once the writer's aggregates were switched over to this node (DESIGN §11 step 2):
+    /// nothing more from it is stored, released or announced. Every stored message holds it
+    /// shared, so `freeze` returns only once no message is being applied.
+    frozen: tokio::sync::RwLock<bool>,
+    /// `frozen`, for the streams to watch.
+    frozen_watch: tokio::sync::watch::Sender<bool>,
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -125,6 +131,8 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             epoch: Instant::now(),
             stop: tokio::sync::watch::Sender::new(false),
             marked: tokio::sync::watch::Sender::new(0),
+            frozen: tokio::sync::RwLock::new(false),
+            frozen_watch: tokio::sync::watch::Sender::new(false),
         });
         let weak = Arc::downgrade(&receiver);
         tokio::spawn(async move {
@@ -149,6 +157,27 @@ impl<M: Media + 'static> MirrorReceiver<M> {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Freezes the writer's partition (a forced switchover, DESIGN §11 step 2): from the return
+    /// on, no record, release or announcement of the writer is applied, its streams end, and
+    /// its hellos are answered with this node's epochs and refused (so a deposed writer learns
+    /// of the higher epoch, S2). Not undone in this life of the node (heal restarts it).
+    pub async fn freeze(&self) {
+        *self.frozen.write().await = true;
+        self.frozen_watch.send_replace(true);
+    }
+
+    /// Whether the writer's partition is frozen.
+    pub fn is_frozen(&self) -> bool {
+        *self.frozen_watch.borrow()
+    }
+
+    /// How long ago the last round trip with the writer completed (a reply to our keepalive),
+    /// `None` if none did in this life of the node.
+    pub fn last_round_trip_age(&self) -> Option<Duration> {
+        let at = self.last_round_trip_ms.load(Ordering::Acquire);
+        (at > 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(at)))
     }
 
     /// S13: no round trip with the writer for `silence_limit` persists `out_of_sync`.
@@ -252,21 +281,40 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         // Heard from, but not a round trip: a writer whose hellos arrive while our answers do
         // not (a one-way cut) must not keep this account in sync (S13).
         self.clock.heard();
-        // S2: a writer holding an epoch below our mark for one of its aggregates was deposed.
+        // S2: a writer holding an epoch below our mark for one of its aggregates was deposed; a
+        // frozen partition (its aggregates switched over to us) takes nothing more from it.
+        // Either way it is told our epochs first, so it learns that it was deposed.
+        let mut refusal = self.is_frozen().then(|| {
+            format!(
+                "node {} took over node {}'s aggregates (forced switchover): its records are no longer \
+                 accepted here (S2)",
+                self.identity.node, self.identity.writer
+            )
+        });
         for wire in &hello.epochs {
             let (aggregate, epoch) = crate::wire::from_aggregate_epoch(wire)
                 .ok_or_else(|| Status::invalid_argument("a malformed epoch in the hello"))?;
             let mark = self.shelf_state.marks(aggregate).epoch;
-            if epoch < mark {
-                return Err(Status::failed_precondition(format!(
+            if epoch < mark && refusal.is_none() {
+                refusal = Some(format!(
                     "stale epoch {}@node{} for aggregate {}: this node saw {}@node{} (S2)",
                     epoch.number,
                     epoch.owner.0,
                     crate::node::hex(&aggregate.0),
                     mark.number,
                     mark.owner.0
-                )));
+                ));
             }
+        }
+        if let Some(refusal) = refusal {
+            let reply = ReceiverHello {
+                identity: Some(self.our_identity()),
+                epochs: self.shelf_state.wire_epochs(),
+                mirror_state: WireMirrorState::OutOfSync as i32,
+                ..Default::default()
+            };
+            let _ = send(Out::Hello(reply)).await;
+            return Err(Status::failed_precondition(refusal));
         }
         let nvlog = self.nvlog.clone();
         let status = blocking(move || nvlog.status(KIND)).await?;
@@ -309,6 +357,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         // to the storage task, so a stalled store (a hung NVRAM) does not stop the keepalives
         // — the writer then hears us and may not drop us without our acknowledgement (S3).
         let mut stop = self.stop.subscribe();
+        let mut frozen = self.frozen_watch.subscribe();
         let mut marked = self.marked.subscribe();
         marked.borrow_and_update();
         let (to_store, stored) = mpsc::channel::<In>(256);
@@ -318,6 +367,12 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         loop {
             let message = tokio::select! {
                 () = async { let _ = stop.wait_for(|stop| *stop).await; } => return Ok(()),
+                () = async { let _ = frozen.wait_for(|frozen| *frozen).await; } => {
+                    storage.abort();
+                    return Err(Status::failed_precondition(
+                        "this node took over the writer's aggregates (forced switchover) (S2)",
+                    ));
+                }
                 ended = &mut storage => {
                     return match ended {
                         Ok(result) => result,
@@ -361,7 +416,8 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 Some(In::KeepaliveReply(reply)) => {
                     // A round trip completed only when the writer answers our own keepalive.
                     if reply.sequence != 0 && reply.sequence <= sequence {
-                        self.last_round_trip_ms.store(self.now_ms(), Ordering::Release);
+                        // Never 0: 0 means "no round trip yet".
+                        self.last_round_trip_ms.store(self.now_ms().max(1), Ordering::Release);
                     }
                 }
                 Some(other) => {
@@ -409,6 +465,13 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         let persist = self.persister(out.clone());
         while let Some(body) = stored.recv().await {
             crate::faults::wait_while_stalled(crate::faults::RECEIVER_STORAGE).await;
+            // Held while the message is applied: `freeze` waits for it.
+            let frozen = self.frozen.read().await;
+            if *frozen {
+                return Err(Status::failed_precondition(
+                    "this node took over the writer's aggregates (forced switchover) (S2)",
+                ));
+            }
             match body {
                 In::Record(record) => {
                     self.admit_epoch(&record.encoded).await?;

@@ -113,6 +113,18 @@ pub enum DataError {
         /// Why.
         reason: String,
     },
+    /// The volume is in the NVFAILed state (DESIGN §9, S9): it may have lost acknowledged
+    /// writes, so it serves no I/O until an administrator clears the state.
+    #[error(
+        "volume {volume} is NVFAILed: {reason}; it may have lost acknowledged writes. After checking its \
+         data, clear the state with `mcctl volume modify {volume} --in-nvfailed-state false --confirm`"
+    )]
+    NvFailed {
+        /// The volume.
+        volume: String,
+        /// Why, as far as it is known.
+        reason: String,
+    },
     /// The DR partner did not acknowledge in time: the write was not acknowledged (S1).
     #[error("{0}")]
     Mirror(#[from] crate::nvlog_mirror::MirrorError),
@@ -143,6 +155,8 @@ pub struct PartnerDrops {
     clock: Arc<PeerClock>,
     mirror: Arc<MirrorWriter<MmapMedia>>,
     mirror_timeout: Duration,
+    /// The operator confirmed the partner's site down (forced switchover or unfence).
+    partner_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn drop_reason(reason: plex::DropReason) -> (&'static str, u8) {
@@ -177,8 +191,12 @@ impl DropHook for PartnerDrops {
             );
             tokio::pin!(call);
             let started = std::time::Instant::now();
-            // The partner's own out-of-sync report, or S3's silence.
+            // The partner's own out-of-sync report, the operator's confirmation that its site is
+            // down (its aggregates switched over here, or a forced unfence), or S3's silence.
             let otherwise = || {
+                if self.partner_down.load(std::sync::atomic::Ordering::Acquire) {
+                    return Some("the operator confirmed the DR partner's site down or isolated".to_string());
+                }
                 if self.mirror.partner_reported_out_of_sync() {
                     return Some(
                         "the DR partner's receiver persisted out_of_sync for this node (S13)".to_string(),
@@ -252,9 +270,45 @@ pub struct AggrSlot {
     pub disks: Mutex<[Vec<String>; 2]>,
     /// The last CP recorded in its labels.
     pub last_cp: Mutex<CpRecord>,
+    /// Served here after a switchover: its home is the DR partner, plex 0 is at the partner's
+    /// site and stays out until heal (issue 9), plex 1 is on this shelf.
+    pub switched_over: bool,
+    /// Whether its volumes are served, and why not.
+    pub serving: watch::Sender<SlotState>,
+}
+
+/// Whether an aggregate's volumes are served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Served.
+    Serving,
+    /// Taken over by a switchover that has not exported it yet (DESIGN §11 steps 3–6): CPs
+    /// write it, hosts do not see it.
+    Adopting(String),
+    /// A higher epoch was seen (S2): no I/O is served, nothing is written, its cached blocks
+    /// are dropped.
+    Deposed(String),
 }
 
 impl AggrSlot {
+    /// Why its volumes are not served (deposed, S2, or a switchover in progress), if they are not.
+    pub fn deposed(&self) -> Option<String> {
+        match &*self.serving.borrow() {
+            SlotState::Serving => None,
+            SlotState::Adopting(why) | SlotState::Deposed(why) => Some(why.clone()),
+        }
+    }
+
+    /// Whether a higher epoch was seen (S2).
+    pub fn is_deposed(&self) -> bool {
+        matches!(*self.serving.borrow(), SlotState::Deposed(_))
+    }
+
+    /// The epoch as `plex` spells it.
+    pub fn plex_epoch(&self) -> plex::Epoch {
+        plex::Epoch { number: self.epoch.number, owner: plex::NodeId(self.epoch.owner.0) }
+    }
+
     /// The volume table.
     pub fn table(&self) -> MutexGuard<'_, VolumeTable> {
         self.table.lock().expect("a volume table lock holder panicked")
@@ -403,6 +457,17 @@ pub struct Node {
     pub(crate) remote: RemoteShelf,
     /// When the DR partner was last heard from (S3).
     pub(crate) clock: Arc<PeerClock>,
+    /// The operation journal (DESIGN §11).
+    pub(crate) operations: Arc<crate::operations::OperationLog>,
+    /// NVFAIL counters.
+    pub(crate) nvfail_metrics: crate::nvfail::NvfailMetrics,
+    /// The receiver of the DR partner's records (set by the daemon): a switchover freezes it.
+    pub(crate) receiver: std::sync::OnceLock<Arc<crate::mirror_receiver::MirrorReceiver<MmapMedia>>>,
+    /// Set when the operator confirmed the DR partner's site down or isolated (a forced
+    /// switchover or unfence without a mediator): S3's record for dropping it.
+    pub(crate) partner_down_confirmed: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised by a forced unfence: `recover` stops waiting for the partner (S2).
+    pub(crate) unfence: watch::Sender<bool>,
 }
 
 /// What a node is built from besides its configuration and NVLog.
@@ -418,12 +483,14 @@ pub struct NodeParts {
     pub remote: RemoteShelf,
     /// The partner's last sign of life.
     pub clock: Arc<PeerClock>,
+    /// The operation journal.
+    pub operations: Arc<crate::operations::OperationLog>,
 }
 
 impl Node {
     /// A node over an open NVLog and a started mirror writer; `starting` until `recover`.
     pub fn new(config: Config, nvlog: Arc<Nvlog<MmapMedia>>, parts: NodeParts) -> Arc<Node> {
-        let NodeParts { mirror, local_partition_lost, shelf_state, remote, clock } = parts;
+        let NodeParts { mirror, local_partition_lost, shelf_state, remote, clock, operations } = parts;
         let half_bytes = nvlog.status(PartitionKind::Local).map(|s| s.size_bytes / 2).unwrap_or(u64::MAX);
         Arc::new(Node {
             config,
@@ -450,7 +517,22 @@ impl Node {
             shelf_state,
             remote,
             clock,
+            operations,
+            nvfail_metrics: crate::nvfail::NvfailMetrics::default(),
+            receiver: std::sync::OnceLock::new(),
+            partner_down_confirmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            unfence: watch::Sender::new(false),
         })
+    }
+
+    /// The operation journal.
+    pub fn operations(&self) -> &crate::operations::OperationLog {
+        &self.operations
+    }
+
+    /// Gives the node the receiver of the DR partner's records (the daemon, once).
+    pub fn set_receiver(&self, receiver: Arc<crate::mirror_receiver::MirrorReceiver<MmapMedia>>) {
+        let _ = self.receiver.set(receiver);
     }
 
     /// This node's id.
@@ -534,8 +616,19 @@ impl Node {
             })
         };
         if let Some(volume) = found {
+            if let Some(reason) = volume.aggr.deposed() {
+                return Err(DataError::Offline { volume: name.to_string(), reason });
+            }
             if let Some(reason) = self.offline.lock().expect("offline lock").get(name) {
                 return Err(DataError::Offline { volume: name.to_string(), reason: reason.clone() });
+            }
+            // S9: checked on every request, so I/O already under way on a connection fails as
+            // soon as the state is in the table.
+            if volume.entry.in_nvfailed_state {
+                return Err(DataError::NvFailed {
+                    volume: name.to_string(),
+                    reason: "it is in the NVFAILed state (DESIGN §9)".to_string(),
+                });
             }
             return Ok(volume);
         }
@@ -570,6 +663,7 @@ impl Node {
             clock: self.clock.clone(),
             mirror: self.mirror.clone(),
             mirror_timeout: self.config.timers.mirror_timeout,
+            partner_down: self.partner_down_confirmed.clone(),
         })
     }
 
@@ -683,14 +777,24 @@ impl Node {
             ),
         );
         let started = Instant::now();
-        loop {
+        let mut unfence = self.unfence.subscribe();
+        let mut deposed = self.mirror.subscribe_deposed();
+        let forced = loop {
             tokio::select! {
                 result = self.mirror.wait_handshakes(1) => {
                     if result.is_err() {
                         return;
                     }
-                    break;
+                    break false;
                 }
+                true = async { unfence.wait_for(|unfence| *unfence).await.is_ok() } => {
+                    tracing::error!(
+                        node = self.config.node_id,
+                        "forced unfence by the operator: the epochs are raised and every volume NVFAILed (S2, S9)"
+                    );
+                    break true;
+                }
+                Ok(()) = deposed.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(10)) => {
                     let status = self.mirror.status();
                     tracing::warn!(
@@ -703,16 +807,44 @@ impl Node {
                 }
                 _ = stop.wait_for(|stop| *stop) => return,
             }
+            // S2: the partner answered with higher epochs (it took our aggregates over):
+            // persisted here, so our own disks refuse the old epoch even without it.
+            let list = deposed.borrow_and_update().clone();
+            for (uuid, epoch) in &list {
+                if let Err(e) = self.shelf_state.admit(*uuid, *epoch).await {
+                    tracing::error!(aggregate = %hex(&uuid.0), "persisting the higher epoch failed: {e}");
+                }
+            }
+            if !found.is_empty() && found.iter().all(|f| list.iter().any(|(u, _)| *u == f.uuid)) {
+                self.set_state(
+                    Phase::Fenced,
+                    format!(
+                        "deposed: node {} took over every aggregate of this node (switchover); this node \
+                         serves none of them until heal and switchback",
+                        partner.node_id
+                    ),
+                );
+            }
+        };
+        if forced
+            && let Err(e) = self
+                .mirror
+                .drop_confirmed("forced unfence: the operator confirmed the partner's site down or isolated")
+                .await
+        {
+            self.set_state(Phase::Fenced, format!("the forced unfence could not drop the NVLog mirror: {e}"));
+            return;
         }
-        // S2: the partner's epochs for our aggregates must not be above ours.
+        // S2: the partner's epochs for our aggregates must not be above ours (none known after a
+        // forced unfence: the partner did not answer).
         let mirror = self.mirror.status();
-        let partner_epochs = mirror.partner_epochs;
+        let partner_epochs = if forced { Vec::new() } else { mirror.partner_epochs };
         // S8: a lost or corrupt local partition was refilled from the partner's copy, which
         // counts only if the partner's receiver held the mirror in sync and lost nothing.
         let unrecoverable =
-            (self.local_partition_lost && mirror.first_copy_complete != Some(true)).then(|| {
+            (self.local_partition_lost && (forced || mirror.first_copy_complete != Some(true))).then(|| {
                 "the local NVLog partition was lost or corrupt and the DR partner's copy was incomplete \
-             (its receiver was not in sync): acknowledged writes may be missing (S8)"
+             (its receiver was not in sync, or it did not answer): acknowledged writes may be missing (S8)"
                     .to_string()
             });
         self.set_state(Phase::Recovering, "opening aggregates and replaying the NVLog");
@@ -721,23 +853,31 @@ impl Node {
         for found in found {
             let uuid = found.uuid;
             let last_cp = found.last_cp();
-            match self.open_found(&found, slots.len()).await {
+            let ours = found.epoch().unwrap_or_default();
+            let higher = partner_epochs
+                .iter()
+                .filter_map(crate::wire::from_aggregate_epoch)
+                .find(|(u, e)| *u == uuid && *e > ours);
+            if let Some((_, epoch)) = higher {
+                // Deposed: persisted, and its records in our partition are discarded (S8).
+                if let Err(e) = self.shelf_state.admit(uuid, epoch).await {
+                    tracing::error!(aggregate = %hex(&uuid.0), "persisting the higher epoch failed: {e}");
+                }
+                self.unavailable_push(
+                    uuid,
+                    &format!(
+                        "deposed: node {} holds epoch {} (switchover, S2); served again after heal and switchback",
+                        epoch.owner.0, epoch.number
+                    ),
+                );
+                floors.insert(uuid.0, Lsn(u64::MAX));
+                continue;
+            }
+            match self.open_found(&found, slots.len(), forced).await {
                 Ok(slot) => {
-                    let ours = slot.epoch;
-                    let deposed = partner_epochs.iter().any(|e| {
-                        e.aggregate_uuid.as_slice() == uuid.0
-                            && e.epoch
-                                .as_ref()
-                                .is_some_and(|e| (e.number, e.owner_node) > (ours.number, ours.owner.0))
-                    });
-                    if deposed {
-                        self.unavailable_push(
-                            uuid,
-                            "the DR partner holds a higher epoch: this node was deposed (S2)",
-                        );
-                        continue;
-                    }
-                    floors.insert(uuid.0, Lsn(last_cp.last_lsn.0));
+                    // S8: the label's CP covers only its writer's records.
+                    let floor = if last_cp.writer.0 == self.config.node_id { last_cp.last_lsn.0 } else { 0 };
+                    floors.insert(uuid.0, Lsn(floor));
                     self.next_cp_id.fetch_max(last_cp.id.0 + 1, std::sync::atomic::Ordering::Relaxed);
                     slots.push(Arc::new(slot));
                 }
@@ -755,16 +895,36 @@ impl Node {
             (Some(reason), _) => Err(reason),
             (None, result) => result,
         };
+        // NVFAIL (DESIGN §9): (d) records that cannot be recovered, (e) a forced unfence. A
+        // volume whose NVFAIL cannot be recorded stays offline instead (never served silently).
+        let mut causes = Vec::new();
         if let Err(e) = replayed {
             tracing::error!(node = self.config.node_id, "replay: {e}");
-            let names: Vec<String> = self
-                .aggregates()
-                .iter()
-                .flat_map(|a| a.table().volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
-                .collect();
-            let mut offline = self.offline.lock().expect("offline lock");
-            for name in names {
-                offline.insert(name, format!("its NVLog records cannot be recovered: {e} (S8)"));
+            causes.push(crate::nvfail::NvfailCause {
+                rule: crate::nvfail::NvfailRule::Unrecoverable,
+                why: format!("its NVLog records cannot be recovered: {e} (S8)"),
+            });
+        }
+        if forced {
+            causes.push(crate::nvfail::NvfailCause {
+                rule: crate::nvfail::NvfailRule::ForcedUnfence,
+                why: "an operator forced the unfence: the DR partner may have taken over meanwhile (S2)"
+                    .into(),
+            });
+        }
+        for cause in &causes {
+            for aggr in self.aggregates() {
+                if let Err(e) = self.enter_nvfail(&aggr, None, cause).await {
+                    tracing::error!(node = self.config.node_id, "NVFAIL could not be recorded: {e}");
+                    let names: Vec<String> = aggr.table().volumes.iter().map(|v| v.name.clone()).collect();
+                    let mut offline = self.offline.lock().expect("offline lock");
+                    for name in names {
+                        offline.insert(
+                            name,
+                            format!("{}; its NVFAIL state could not be recorded: {e}", cause.why),
+                        );
+                    }
+                }
             }
         }
         if let Err(e) = self.cp("recovery").await {
@@ -779,22 +939,33 @@ impl Node {
         self.unavailable.lock().expect("unavailable lock").push((uuid, reason.to_string()));
     }
 
-    async fn open_found(&self, found: &FoundAggregate, index: usize) -> Result<AggrSlot, String> {
-        let label = found.plexes[0]
-            .iter()
-            .filter_map(|d| d.label.as_ref())
-            .max_by_key(|l| l.epoch_high_water)
-            .ok_or("plex 0 has no labelled disk at this site")?;
-        let epoch = label.epoch_high_water;
+    async fn open_found(
+        &self,
+        found: &FoundAggregate,
+        index: usize,
+        forced: bool,
+    ) -> Result<AggrSlot, String> {
+        let label_epoch = found.epoch().ok_or("no labelled disk of this node's plex at this site")?;
         // S2: a higher mark on this shelf (a partner that took the aggregate over wrote here)
-        // means this node was deposed.
-        self.shelf_state.observe(found.uuid, epoch);
+        // means this node was deposed; a forced unfence does not override that.
+        self.shelf_state.observe(found.uuid, label_epoch);
         let mark = self.shelf_state.marks(found.uuid).epoch;
-        if mark > epoch || epoch.owner.0 != self.config.node_id {
+        if mark > label_epoch || label_epoch.owner.0 != self.config.node_id {
             return Err(format!(
                 "this shelf saw epoch {}@node{} for it, above this node's {}@node{}: deposed (S2)",
-                mark.number, mark.owner.0, epoch.number, epoch.owner.0
+                mark.number, mark.owner.0, label_epoch.number, label_epoch.owner.0
             ));
+        }
+        // A forced unfence raises the epoch (S2): whatever the partner did meanwhile, our
+        // writes from now on are above it.
+        let epoch = if forced {
+            plex::Epoch { number: mark.max(label_epoch).number + 1, owner: plex::NodeId(self.config.node_id) }
+        } else {
+            label_epoch
+        };
+        let index = u32::try_from(index).map_err(|_| "too many aggregates")?;
+        if found.switched_over {
+            return self.open_switched_over(found, index, epoch, SlotState::Serving).await;
         }
         let paths: Vec<std::path::PathBuf> = found.plexes[0].iter().map(|d| d.path.clone()).collect();
         let local = self.local_devices(&paths, found.uuid, epoch)?;
@@ -808,15 +979,23 @@ impl Node {
         let aggregate = Aggregate::open([local, remote], self.aggregate_options(), self.drop_hook(epoch))
             .await
             .map_err(|e| format!("open: {e}"))?;
+        if forced {
+            aggregate
+                .record_owner(plex::NodeId(self.config.node_id), epoch)
+                .await
+                .map_err(|e| format!("record the raised epoch in the labels: {e}"))?;
+        }
         let table = Node::read_table(&aggregate).await?;
         Ok(AggrSlot {
-            index: u32::try_from(index).map_err(|_| "too many aggregates")?,
+            index,
             uuid: found.uuid,
             aggregate: Arc::new(aggregate),
             epoch: nvlog::Epoch { number: epoch.number, owner: nvlog::NodeId(epoch.owner.0) },
             table: Mutex::new(table),
             disks: Mutex::new([found.plexes[0].iter().map(|d| d.name.clone()).collect(), remote_names]),
             last_cp: Mutex::new(found.last_cp()),
+            switched_over: false,
+            serving: watch::Sender::new(SlotState::Serving),
         })
     }
 
@@ -889,8 +1068,25 @@ impl Node {
             .iter()
             .find(|a| a.uuid.0 == header.aggregate.0)
             .ok_or("its aggregate is not served")?;
-        let entry = aggr.table().volumes.iter().find(|v| v.id == header.volume.0).cloned();
-        let entry = entry.ok_or_else(|| format!("volume id {} does not exist", header.volume.0))?;
+        let (entry, removed) = {
+            let table = aggr.table();
+            let entry = table.volumes.iter().find(|v| v.id == header.volume.0).cloned();
+            (entry, table.was_removed(header.volume.0))
+        };
+        let Some(entry) = entry else {
+            if removed {
+                // A deleted volume (ids are never reused): its records have nowhere to go and
+                // no reader left. Any other unknown id is an error (S8).
+                tracing::debug!(
+                    node = self.config.node_id,
+                    lsn = header.lsn.0,
+                    volume_id = header.volume.0,
+                    "a record of a deleted volume is skipped"
+                );
+                return Ok(());
+            }
+            return Err(format!("volume id {} does not exist", header.volume.0));
+        };
         let volume = VolumeRef { aggr: aggr.clone(), entry };
         let end = header.offset.checked_add(header.range_len);
         if end.is_none_or(|end| end > volume.entry.size) {
@@ -1000,6 +1196,8 @@ impl Node {
             table: Mutex::new(table),
             disks: Mutex::new(sorted),
             last_cp: Mutex::new(CpRecord::default()),
+            switched_over: false,
+            serving: watch::Sender::new(SlotState::Serving),
         });
         list.push(slot.clone());
         drop(list);
@@ -1018,7 +1216,9 @@ impl Node {
     ) -> Result<VolumeRef, DataError> {
         let _admin = self.admin.lock().await;
         self.check_serving()?;
-        if self.volume(name).is_ok() {
+        // In the tables, not through `volume()`: an NVFAILed, offline or deposed volume keeps its
+        // name.
+        if self.aggregates().iter().any(|a| a.table().volumes.iter().any(|v| v.name == name)) {
             return Err(DataError::Invalid(format!("a volume named {name:?} exists")));
         }
         let aggr = self
@@ -1042,6 +1242,15 @@ impl Node {
     /// Volumes offline, with why.
     pub fn offline_reasons(&self) -> HashMap<String, String> {
         self.offline.lock().expect("offline lock").clone()
+    }
+
+    /// This node's MetroCluster mode as ONTAP names it (DESIGN §11).
+    pub fn mode(&self) -> &'static str {
+        if self.aggregates().iter().any(|a| a.switched_over && !a.is_deposed()) {
+            "switchover"
+        } else {
+            "normal"
+        }
     }
 
     /// Aggregates found on the shelf and not served, with why.

@@ -198,6 +198,8 @@ pub struct MirrorWriter<M: Media> {
     handshakes: watch::Sender<u64>,
     state: Mutex<State>,
     stop: watch::Sender<bool>,
+    /// Our aggregates for which the partner holds a higher epoch (S2), with that epoch.
+    deposed: watch::Sender<Vec<(plex::Uuid, plex::Epoch)>>,
 }
 
 impl<M: Media> std::fmt::Debug for MirrorWriter<M> {
@@ -255,6 +257,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 drops: 0,
             }),
             stop: watch::Sender::new(false),
+            deposed: watch::Sender::new(Vec::new()),
         });
         let task = writer.clone();
         tokio::spawn(async move { task.run().await });
@@ -338,6 +341,67 @@ impl<M: Media + 'static> MirrorWriter<M> {
             Ok(result) => result,
             Err(_) => Err(MirrorError::Timeout { partner: self.identity.partner, lsn, waited: bound }),
         }
+    }
+
+    /// Our aggregates for which the partner holds a higher epoch (S2): the node stops serving
+    /// them at once.
+    pub fn subscribe_deposed(&self) -> watch::Receiver<Vec<(plex::Uuid, plex::Epoch)>> {
+        self.deposed.subscribe()
+    }
+
+    /// Compares the partner's epochs with ours (S2).
+    fn note_partner_epochs(&self, theirs: &[AggregateEpoch]) {
+        let ours: Vec<(plex::Uuid, plex::Epoch)> =
+            self.epochs().iter().filter_map(crate::wire::from_aggregate_epoch).collect();
+        let mut above: Vec<(plex::Uuid, plex::Epoch)> = theirs
+            .iter()
+            .filter_map(crate::wire::from_aggregate_epoch)
+            .filter(|(uuid, epoch)| ours.iter().any(|(u, e)| u == uuid && epoch > e))
+            .collect();
+        if above.is_empty() {
+            return;
+        }
+        above.sort();
+        self.deposed.send_if_modified(|known| {
+            let mut changed = false;
+            for (uuid, epoch) in &above {
+                match known.iter_mut().find(|(u, _)| u == uuid) {
+                    Some((_, e)) if *e >= *epoch => {}
+                    Some((_, e)) => {
+                        *e = *epoch;
+                        changed = true;
+                    }
+                    None => {
+                        known.push((*uuid, *epoch));
+                        changed = true;
+                    }
+                }
+            }
+            changed
+        });
+    }
+
+    /// Drops the partner from the ack set at once, on the operator's confirmation that its site
+    /// is down or isolated (a forced switchover or unfence without a mediator: that confirmation
+    /// is the S3 record). Persisted locally first.
+    pub async fn drop_confirmed(&self, why: &str) -> Result<(), String> {
+        let _one = self.dropping.lock().await;
+        let nvlog = self.nvlog.clone();
+        blocking(move || nvlog.set_mirror_state(LOCAL, MirrorState::OutOfSync)).await?;
+        if !self.ack_set.borrow().dropped {
+            {
+                let mut state = self.lock_state();
+                state.state = WriterState::OutOfSync;
+                state.drops += 1;
+            }
+            self.ack_set.send_modify(|set| set.dropped = true);
+            tracing::error!(
+                partner = self.identity.partner,
+                why,
+                "NVLog mirror dropped on the operator's confirmation: out_of_sync (S3)"
+            );
+        }
+        Ok(())
     }
 
     /// Whether the partner said, since the last handshake, that its receiver persisted this
@@ -598,6 +662,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
         };
         self.check_identity(hello.identity.as_ref())?;
         self.clock.heard();
+        self.note_partner_epochs(&hello.epochs);
+        if !self.deposed.borrow().is_empty() {
+            // S2: the partner took our aggregates over; it refuses us, and this is no handshake.
+            return Err("the partner holds higher epochs for this node's aggregates: deposed (S2)".into());
+        }
         // 1. Our records the partner holds above our recovered tail (S8).
         let mut adopted = 0u64;
         for _ in 0..hello.returned_records {
@@ -764,11 +833,13 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             return Err(format!("the partner marked the mirror out of sync: {}", change.reason));
                         }
                         In::Keepalive(keepalive) => {
+                            self.note_partner_epochs(&keepalive.epochs);
                             self.lock_state().partner_epochs = keepalive.epochs;
                             let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: self.epochs() };
                             self.send(&tx, Out::KeepaliveReply(reply)).await?;
                         }
                         In::KeepaliveReply(reply) => {
+                            self.note_partner_epochs(&reply.epochs);
                             self.lock_state().partner_epochs = reply.epochs;
                         }
                         In::Hello(_) | In::ReturnedRecord(_) => {

@@ -34,6 +34,11 @@ impl Node {
                 continue;
             }
             for aggr in self.aggregates() {
+                // Plex 0 of a switched-over aggregate is at the partner's site: it returns at
+                // heal, not here; a deposed or adopting aggregate is not ours to repair.
+                if aggr.switched_over || aggr.deposed().is_some() {
+                    continue;
+                }
                 if resyncs.get(&aggr.index).is_some_and(|task| !task.is_finished()) {
                     continue;
                 }

@@ -33,9 +33,17 @@ pub struct FoundAggregate {
     pub uuid: Uuid,
     /// Plex 0's and plex 1's disks, each sorted by file name.
     pub plexes: [Vec<ShelfDisk>; 2],
+    /// Served here after a switchover: this node's plex is plex 1 (its home is the partner).
+    pub switched_over: bool,
 }
 
 impl FoundAggregate {
+    /// The epoch recorded in the labels of this node's plex here (plex 1 after a switchover).
+    pub fn epoch(&self) -> Option<plex::Epoch> {
+        let plex = usize::from(self.switched_over);
+        self.plexes[plex].iter().filter_map(|d| d.label.as_ref()).map(|l| l.epoch_high_water).max()
+    }
+
     /// The newest CP recorded by any of its labels (what replay starts after, S8).
     pub fn last_cp(&self) -> plex::CpRecord {
         self.plexes
@@ -107,9 +115,11 @@ pub fn aggregates(disks: &[ShelfDisk], cluster: Uuid) -> Vec<FoundAggregate> {
         if label.cluster != cluster || label.plex_index > 1 {
             continue;
         }
-        let entry = found
-            .entry(label.aggregate.0)
-            .or_insert_with(|| FoundAggregate { uuid: label.aggregate, plexes: [Vec::new(), Vec::new()] });
+        let entry = found.entry(label.aggregate.0).or_insert_with(|| FoundAggregate {
+            uuid: label.aggregate,
+            plexes: [Vec::new(), Vec::new()],
+            switched_over: false,
+        });
         entry.plexes[usize::from(label.plex_index)].push(disk.clone());
     }
     found.into_values().collect()

@@ -8,7 +8,11 @@
 //! - decoding never panics on any bytes; a slot that fails any check is ignored, and a table
 //!   with no valid slot is an error (the aggregate is then not served), never an empty table;
 //! - volumes never overlap each other or the table, and start on a 1 MiB boundary;
-//! - volume ids are never reused within an aggregate (records name volumes by id, S8).
+//! - volume ids are never reused within an aggregate (records name volumes by id, S8): removing
+//!   a volume leaves `next_id` as it is;
+//! - an entry's flags hold only the bits below (`FLAGS_KNOWN`); 0, the value of every table
+//!   written before NVFAIL existed, means `nvfail on` (S9's default), no `dr_force_nvfail`, not
+//!   NVFAILed. A slot with an unknown flag bit is refused, never read as if the bit were clear.
 
 use std::ops::Range;
 
@@ -28,6 +32,15 @@ const HEADER_BYTES: usize = 128;
 const ENTRY_BYTES: usize = 128;
 /// The most volumes one aggregate holds.
 pub const MAX_VOLUMES: usize = (SLOT_LEN - HEADER_BYTES) / ENTRY_BYTES;
+
+/// Entry flag: `nvfail off` (the bit is set for the non-default value, so 0 means on, S9).
+pub const FLAG_NVFAIL_OFF: u32 = 1 << 0;
+/// Entry flag: `dr_force_nvfail` (DESIGN §9 rule (b)).
+pub const FLAG_DR_FORCE_NVFAIL: u32 = 1 << 1;
+/// Entry flag: the volume is in the NVFAILed state (DESIGN §9).
+pub const FLAG_IN_NVFAILED_STATE: u32 = 1 << 2;
+/// Every flag bit this version knows.
+pub const FLAGS_KNOWN: u32 = FLAG_NVFAIL_OFF | FLAG_DR_FORCE_NVFAIL | FLAG_IN_NVFAILED_STATE;
 
 mod field {
     use std::ops::Range;
@@ -58,12 +71,59 @@ pub struct VolumeEntry {
     pub base: u64,
     /// Bytes.
     pub size: u64,
+    /// `nvfail on` (the default, S9): the volume is NVFAILed when DESIGN §9's rules say so.
+    pub nvfail: bool,
+    /// `dr_force_nvfail`: NVFAILed by any forced switchover (DESIGN §9 rule (b)).
+    pub dr_force_nvfail: bool,
+    /// In the NVFAILed state: no I/O until an administrator clears it.
+    pub in_nvfailed_state: bool,
+}
+
+/// The NVFAIL options and state of a volume, as a change: `None` leaves a field as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlagChange {
+    /// `nvfail on|off`.
+    pub nvfail: Option<bool>,
+    /// `dr_force_nvfail`.
+    pub dr_force_nvfail: Option<bool>,
+    /// The NVFAILed state.
+    pub in_nvfailed_state: Option<bool>,
 }
 
 impl VolumeEntry {
     /// The aggregate bytes the volume occupies.
     pub fn extent(&self) -> Range<u64> {
         self.base..self.base + self.size
+    }
+
+    /// The entry's flags field.
+    pub fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if !self.nvfail {
+            flags |= FLAG_NVFAIL_OFF;
+        }
+        if self.dr_force_nvfail {
+            flags |= FLAG_DR_FORCE_NVFAIL;
+        }
+        if self.in_nvfailed_state {
+            flags |= FLAG_IN_NVFAILED_STATE;
+        }
+        flags
+    }
+
+    /// Sets the options and state from a flags field; an unknown bit is an error.
+    fn set_flags(&mut self, flags: u32) -> Result<(), String> {
+        let unknown = flags & !FLAGS_KNOWN;
+        if unknown != 0 {
+            return Err(format!(
+                "volume {} has unknown flag bits {unknown:#x} (flags {flags:#x}): written by a newer version?",
+                self.name
+            ));
+        }
+        self.nvfail = flags & FLAG_NVFAIL_OFF == 0;
+        self.dr_force_nvfail = flags & FLAG_DR_FORCE_NVFAIL != 0;
+        self.in_nvfailed_state = flags & FLAG_IN_NVFAILED_STATE != 0;
+        Ok(())
     }
 }
 
@@ -104,6 +164,9 @@ pub enum VolumeError {
     /// Size 0, not a multiple of 4 KiB, or too many volumes.
     #[error("{0}")]
     Invalid(String),
+    /// No volume of that name in the table.
+    #[error("no volume named {0:?} in the table")]
+    NotFound(String),
     /// Neither slot holds a valid table.
     #[error("no valid volume table: {0}")]
     NoValidTable(String),
@@ -165,7 +228,7 @@ impl VolumeTable {
         for (index, volume) in self.volumes.iter().enumerate().take(MAX_VOLUMES) {
             let entry = &mut out[HEADER_BYTES + index * ENTRY_BYTES..][..ENTRY_BYTES];
             entry[field::E_ID].copy_from_slice(&volume.id.to_le_bytes());
-            entry[field::E_FLAGS].copy_from_slice(&0u32.to_le_bytes());
+            entry[field::E_FLAGS].copy_from_slice(&volume.flags().to_le_bytes());
             entry[field::E_BASE].copy_from_slice(&volume.base.to_le_bytes());
             entry[field::E_SIZE].copy_from_slice(&volume.size.to_le_bytes());
             entry[field::E_NAME][..volume.name.len()].copy_from_slice(volume.name.as_bytes());
@@ -205,12 +268,16 @@ impl VolumeTable {
         let mut volumes = Vec::with_capacity(count);
         for index in 0..count {
             let entry = &slot[HEADER_BYTES + index * ENTRY_BYTES..][..ENTRY_BYTES];
-            let volume = VolumeEntry {
+            let mut volume = VolumeEntry {
                 id: u32_at(entry, field::E_ID),
                 name: name_at(&entry[field::E_NAME])?,
                 base: u64_at(entry, field::E_BASE),
                 size: u64_at(entry, field::E_SIZE),
+                nvfail: true,
+                dr_force_nvfail: false,
+                in_nvfailed_state: false,
             };
+            volume.set_flags(u32_at(entry, field::E_FLAGS))?;
             volumes.push(volume);
         }
         let table =
@@ -300,12 +367,87 @@ impl VolumeTable {
         };
         let mut table = self.clone();
         table.sequence += 1;
-        table.volumes.push(VolumeEntry { id: self.next_id, name: name.to_string(), base, size });
+        table.volumes.push(VolumeEntry {
+            id: self.next_id,
+            name: name.to_string(),
+            base,
+            size,
+            nvfail: true,
+            dr_force_nvfail: false,
+            in_nvfailed_state: false,
+        });
         table.next_id = self
             .next_id
             .checked_add(1)
             .ok_or_else(|| VolumeError::Invalid("volume ids are exhausted".into()))?;
         Ok(table)
+    }
+
+    /// The table with `change` applied to volume `name`'s options and state.
+    pub fn with_flags(&self, name: &str, change: FlagChange) -> Result<VolumeTable, VolumeError> {
+        self.with_entries(
+            |v| v.name == name,
+            name,
+            |entry| {
+                if let Some(nvfail) = change.nvfail {
+                    entry.nvfail = nvfail;
+                }
+                if let Some(force) = change.dr_force_nvfail {
+                    entry.dr_force_nvfail = force;
+                }
+                if let Some(state) = change.in_nvfailed_state {
+                    entry.in_nvfailed_state = state;
+                }
+            },
+        )
+    }
+
+    /// The table with every volume `select` picks put in the NVFAILed state (at least one must
+    /// be picked; `what` names them in the error).
+    pub fn with_nvfailed(
+        &self,
+        select: impl Fn(&VolumeEntry) -> bool,
+        what: &str,
+    ) -> Result<VolumeTable, VolumeError> {
+        self.with_entries(select, what, |entry| entry.in_nvfailed_state = true)
+    }
+
+    fn with_entries(
+        &self,
+        select: impl Fn(&VolumeEntry) -> bool,
+        what: &str,
+        change: impl Fn(&mut VolumeEntry),
+    ) -> Result<VolumeTable, VolumeError> {
+        let mut table = self.clone();
+        let mut found = false;
+        for entry in table.volumes.iter_mut().filter(|v| select(v)) {
+            change(entry);
+            found = true;
+        }
+        if !found {
+            return Err(VolumeError::NotFound(what.to_string()));
+        }
+        table.sequence += 1;
+        Ok(table)
+    }
+
+    /// The table without volume `name`. `next_id` stays: ids are never reused, so NVLog records
+    /// of the removed volume can never be taken for another's (S8).
+    pub fn without_volume(&self, name: &str) -> Result<VolumeTable, VolumeError> {
+        let mut table = self.clone();
+        let before = table.volumes.len();
+        table.volumes.retain(|v| v.name != name);
+        if table.volumes.len() == before {
+            return Err(VolumeError::NotFound(name.to_string()));
+        }
+        table.sequence += 1;
+        Ok(table)
+    }
+
+    /// Whether records naming volume `id` may be left unapplied: the volume was removed from
+    /// this table (its id was handed out, `id < next_id`, and no entry holds it now).
+    pub fn was_removed(&self, id: u32) -> bool {
+        id != 0 && id < self.next_id && self.volumes.iter().all(|v| v.id != id)
     }
 }
 
@@ -359,5 +501,88 @@ mod tests {
             let _ = VolumeTable::decode(&slot, SIZE);
             let _ = VolumeTable::decode(&slot[..(round % 300)], SIZE);
         }
+    }
+
+    /// A flag lost or misread in the encoding would silently turn NVFAIL off or clear the
+    /// NVFAILed state of a volume after a restart (S9).
+    #[test]
+    fn flags_round_trip() {
+        let table = VolumeTable::new([5; 16], "a").unwrap().with_volume("v", 1 << 20, SIZE).unwrap();
+        let table = table.with_volume("w", 1 << 20, SIZE).unwrap();
+        let fresh = &table.volumes[0];
+        assert!(fresh.nvfail && !fresh.dr_force_nvfail && !fresh.in_nvfailed_state, "{fresh:?}");
+        for bits in 0..=FLAGS_KNOWN {
+            let change = FlagChange {
+                nvfail: Some(bits & FLAG_NVFAIL_OFF == 0),
+                dr_force_nvfail: Some(bits & FLAG_DR_FORCE_NVFAIL != 0),
+                in_nvfailed_state: Some(bits & FLAG_IN_NVFAILED_STATE != 0),
+            };
+            let changed = table.with_flags("v", change).unwrap();
+            assert_eq!(changed.sequence, table.sequence + 1);
+            assert_eq!(changed.volumes[0].flags(), bits);
+            assert_eq!(changed.volumes[1], table.volumes[1], "another volume changed");
+            let slot = changed.encode();
+            assert_eq!(u32_at(&slot[HEADER_BYTES..], field::E_FLAGS), bits);
+            assert_eq!(VolumeTable::decode(&slot, SIZE).unwrap(), changed);
+        }
+        // `None` leaves a field as it is.
+        let forced =
+            table.with_flags("v", FlagChange { dr_force_nvfail: Some(true), ..FlagChange::default() });
+        let forced = forced.unwrap();
+        assert!(forced.volumes[0].nvfail && forced.volumes[0].dr_force_nvfail);
+        assert!(matches!(table.with_flags("nope", FlagChange::default()), Err(VolumeError::NotFound(_))));
+        let failed = table.with_nvfailed(|v| v.id == 2, "id 2").unwrap();
+        assert!(!failed.volumes[0].in_nvfailed_state && failed.volumes[1].in_nvfailed_state);
+        assert!(matches!(table.with_nvfailed(|_| false, "none"), Err(VolumeError::NotFound(_))));
+    }
+
+    /// Every table written before NVFAIL existed has flags 0: it must read as `nvfail on`, the
+    /// default S9 requires, not as off.
+    #[test]
+    fn old_zero_flags_decode_as_nvfail_on() {
+        let table = VolumeTable::new([6; 16], "a").unwrap().with_volume("v", 1 << 20, SIZE).unwrap();
+        let slot = table.encode();
+        assert_eq!(u32_at(&slot[HEADER_BYTES..], field::E_FLAGS), 0);
+        let volume = &VolumeTable::decode(&slot, SIZE).unwrap().volumes[0];
+        assert!(volume.nvfail && !volume.dr_force_nvfail && !volume.in_nvfailed_state, "{volume:?}");
+    }
+
+    /// A bit this version does not know (a newer version's option) must refuse the slot rather
+    /// than be dropped by the next rewrite of the table.
+    #[test]
+    fn unknown_flag_bits_are_refused() {
+        let table = VolumeTable::new([8; 16], "a").unwrap().with_volume("v", 1 << 20, SIZE).unwrap();
+        for bit in 3..32 {
+            let mut slot = table.encode();
+            slot[HEADER_BYTES + field::E_FLAGS.start..][..4].copy_from_slice(&(1u32 << bit).to_le_bytes());
+            // Re-seal, so only the flag check can refuse it.
+            slot[field::CRC].fill(0);
+            let crc = crc32fast::hash(&slot[..HEADER_BYTES + ENTRY_BYTES]);
+            slot[field::CRC].copy_from_slice(&crc.to_le_bytes());
+            let error = VolumeTable::decode(&slot, SIZE).unwrap_err();
+            assert!(error.contains("unknown flag bits"), "bit {bit}: {error}");
+            assert!(VolumeTable::pick([&slot, &slot], SIZE).is_err());
+        }
+    }
+
+    /// Reusing a removed volume's id would let its NVLog records be replayed into another
+    /// volume (S8).
+    #[test]
+    fn removal_keeps_next_id() {
+        let table = VolumeTable::new([9; 16], "a").unwrap().with_volume("v", 1 << 20, SIZE).unwrap();
+        let table = table.with_volume("w", 1 << 20, SIZE).unwrap();
+        let removed = table.without_volume("v").unwrap();
+        assert_eq!(removed.sequence, table.sequence + 1);
+        assert_eq!(removed.next_id, 3);
+        assert_eq!(removed.volumes.len(), 1);
+        assert_eq!(removed.volumes[0].name, "w");
+        assert!(removed.was_removed(1) && !removed.was_removed(2) && !removed.was_removed(3));
+        assert!(!removed.was_removed(0));
+        assert_eq!(VolumeTable::decode(&removed.encode(), SIZE).unwrap(), removed);
+        assert!(matches!(removed.without_volume("v"), Err(VolumeError::NotFound(_))));
+        // The freed extent is reused, the id is not.
+        let again = removed.with_volume("v", 1 << 20, SIZE).unwrap();
+        assert_eq!(again.volumes[1].id, 3);
+        assert_eq!(again.volumes[1].base, VOLUME_ALIGN);
     }
 }

@@ -17,6 +17,11 @@ pub fn mirror_state(state: MirrorState) -> WireMirrorState {
     }
 }
 
+/// An epoch as the wire carries it.
+pub fn epoch(epoch: plex::Epoch) -> mc_proto::v1::Epoch {
+    mc_proto::v1::Epoch { number: epoch.number, owner_node: epoch.owner.0 }
+}
+
 /// One aggregate's epoch as the wire carries it.
 pub fn aggregate_epoch(aggregate: plex::Uuid, epoch: plex::Epoch) -> mc_proto::v1::AggregateEpoch {
     mc_proto::v1::AggregateEpoch {

@@ -225,17 +225,31 @@ impl Node {
                 Err(e) => Err(format!("persist task: {e}")),
             }
         };
+        let mut serving = volume.aggr.serving.subscribe();
         let partner = async {
             // DESIGN §4.1: wait up to the mirror timeout, then drop the partner as S3 requires
             // (which stalls until the drop is recorded) and go on without it.
-            loop {
-                match self.mirror.wait_mirrored(last, self.config.timers.mirror_timeout).await {
-                    Err(crate::nvlog_mirror::MirrorError::Timeout { partner, lsn, waited }) => {
-                        let why =
-                            format!("node {partner} did not acknowledge lsn {} within {waited:?}", lsn.0);
-                        self.mirror.drop_partner(why).await?;
+            let mirrored = async {
+                loop {
+                    match self.mirror.wait_mirrored(last, self.config.timers.mirror_timeout).await {
+                        Err(crate::nvlog_mirror::MirrorError::Timeout { partner, lsn, waited }) => {
+                            let why =
+                                format!("node {partner} did not acknowledge lsn {} within {waited:?}", lsn.0);
+                            self.mirror.drop_partner(why).await?;
+                        }
+                        other => return other.map_err(DataError::Mirror),
                     }
-                    other => return other,
+                }
+            };
+            // S2: a higher epoch seen while waiting ends the wait; the write is not acknowledged.
+            tokio::select! {
+                result = mirrored => result,
+                deposed = serving.wait_for(|state| matches!(state, crate::node::SlotState::Deposed(_))) => {
+                    let why = match deposed.as_deref() {
+                        Ok(crate::node::SlotState::Deposed(why)) => why.clone(),
+                        _ => "the node is stopping".to_string(),
+                    };
+                    Err(DataError::Offline { volume: volume.entry.name.clone(), reason: why })
                 }
             }
         };
@@ -247,7 +261,12 @@ impl Node {
         if let Err(e) = partner {
             self.settle(&pending);
             tracing::warn!(node = self.config.node_id, lsn = last.0, "write not acknowledged: {e}");
-            return Err(DataError::Mirror(e));
+            return Err(e);
+        }
+        // S2: checked again right before the acknowledgement.
+        if let Some(why) = volume.aggr.deposed().filter(|_| volume.aggr.is_deposed()) {
+            self.settle(&pending);
+            return Err(DataError::Offline { volume: volume.entry.name.clone(), reason: why });
         }
         // S1, checked in release builds too.
         assert!(

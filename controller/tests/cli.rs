@@ -1,6 +1,8 @@
-//! `mcctl`'s admin commands against a real lab: `node show`, `aggregate show`, `plex show`,
-//! `volume create` and `volume show` through `--lab`, a wrong cluster id through `--endpoint`
-//! refused with exit code 1, and `--lab` with `--endpoint` refused as bad usage (exit code 2).
+//! `mcctl`'s admin commands against a real lab: `node show`, `cluster show`, `operation show`,
+//! `aggregate show`, `plex show`, `volume create` and `volume show` through `--lab`, a wrong
+//! cluster id through `--endpoint` refused with exit code 1, and `--lab` with `--endpoint`, a
+//! delete without `--confirm` or a forced switchover with both sites up refused as bad usage
+//! (exit code 2).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod lab_support;
@@ -39,6 +41,21 @@ fn show_create_and_refusals() {
     let table = mcctl_ok(&["node", "show", "--lab", d]);
     assert!(table.starts_with("NODE  SITE  STATE"), "{table}");
     assert_eq!(table.lines().count(), 3, "{table}");
+
+    // A fresh lab is in normal mode, every node too, and has run no operation.
+    let cluster = mcctl_json(&["cluster", "show", "--lab", d, "-o", "json"]);
+    assert_eq!(cluster["cluster"]["mode"], "normal", "{cluster:#}");
+    let cluster_nodes = cluster["nodes"].as_array().unwrap();
+    assert_eq!(cluster_nodes.len(), 2, "{cluster:#}");
+    for node in cluster_nodes {
+        assert_eq!(node["mode"], "normal", "{node:#}");
+        assert_eq!(node["state"], "serving", "{node:#}");
+    }
+    let table = mcctl_ok(&["cluster", "show", "--lab", d]);
+    assert!(table.starts_with("NODE  SITE  MODE") && table.ends_with("cluster mode: normal\n"), "{table}");
+    let operations = mcctl_json(&["operation", "show", "--all", "--lab", d, "-o", "json"]);
+    assert_eq!(operations, serde_json::json!({"operations": [], "unreachable": []}));
+    assert_eq!(mcctl_ok(&["operation", "show", "--lab", d]), "no operations\n");
 
     let aggregates = mcctl_json(&["aggregate", "show", "--lab", d, "-o", "json"]);
     let aggregates = aggregates["aggregates"].as_array().unwrap();
@@ -95,7 +112,22 @@ fn show_create_and_refusals() {
         mcctl_json(&["node", "show", "--endpoint", &admin_a, "--cluster-id", &cluster_id, "-o", "json"]);
     assert_eq!(nodes["nodes"][0]["state"], "serving", "{nodes:#}");
 
+    // Refusals after asking the nodes: bad usage, saying why, and nothing done.
+    let out = mcctl(&["volume", "delete", "vol_x", "--lab", d]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("would delete volume \"vol_x\"") && stderr.contains("--confirm"), "{stderr}");
+    let out = mcctl(&["switchover", "--forced-on-disaster", "--confirm", "--lab", d]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--site"), "{stderr}");
+    let shown = mcctl_json(&["volume", "show", "vol_x", "--lab", d, "-o", "json"]);
+    assert_eq!(shown["volumes"].as_array().unwrap().len(), 1, "{shown:#}");
+
     for bad in [
+        vec!["switchover", "--lab", d],
+        vec!["node", "unfence", "2", "--force", "--lab", d],
+        vec!["volume", "modify", "vol_x", "--lab", d],
         vec!["node", "show", "--lab", d, "--endpoint", &admin_a, "--cluster-id", &cluster_id],
         vec!["node", "show"],
         vec!["node", "show", "--endpoint", &admin_a],
@@ -112,4 +144,12 @@ fn show_create_and_refusals() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes["nodes"][1]["state"], "unreachable", "{nodes:#}");
+    let out = mcctl(&["cluster", "show", "--lab", d, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let cluster: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cluster["cluster"]["mode"], "unknown", "{cluster:#}");
+    let out = mcctl(&["operation", "show", "--lab", d, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let operations: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(operations["unreachable"].as_array().unwrap().len(), 2, "{operations:#}");
 }

@@ -547,9 +547,10 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
 
 /// A writer whose NVLog was lost while its partner's copy was incomplete (the partner had lost
 /// its own NVLog and was still resyncing): the copy cannot be trusted to hold every
-/// acknowledged write, so the volumes stay offline with the reason (S8; NVFAIL comes later).
+/// acknowledged write, so the volumes are NVFAILed with the reason (S8, DESIGN §9 rule (d)) and
+/// refuse I/O until an operator clears them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_leaves_volumes_offline() {
+async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes() {
     let mut cluster =
         Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
@@ -566,13 +567,18 @@ async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_leaves_volumes_offl
     cluster.start(0);
     let a = cluster.wait_state(0, "serving").await;
     let volume = &a.aggregates[0].volumes[0];
-    assert_eq!(volume.state, "offline", "{a:#?}");
-    assert!(volume.reason.contains("S8") && volume.reason.contains("incomplete"), "{}", volume.reason);
+    assert_eq!(volume.state, "nvfailed", "{a:#?}");
+    assert!(volume.in_nvfailed_state, "{a:#?}");
     let mut data = cluster.data(0).await;
     let refused = common::write_at(&mut data, 0, block_data(0, 22)).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(refused.message().contains("offline"), "{refused:?}");
-    assert_eq!(common::read_at(&mut data, 0, BLOCK).await.unwrap_err().code(), tonic::Code::Unavailable);
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("NVFAIL"), "{refused:?}");
+    assert_eq!(
+        common::read_at(&mut data, 0, BLOCK).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let log = cluster.log(0);
+    assert!(log.contains("S8") && log.contains("incomplete"), "the reason is not logged:\n{log}");
 }
 
 /// `kill -9` of the partner (B) under a workload, back within a second, five times: writes

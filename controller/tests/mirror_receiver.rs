@@ -45,6 +45,7 @@ impl Stream for Outbound {
 struct Rig {
     _dir: tempfile::TempDir,
     nvlog: Arc<Nvlog<MemMedia>>,
+    receiver: Arc<MirrorReceiver<MemMedia>>,
     address: String,
     _server: tokio::task::JoinHandle<()>,
 }
@@ -76,14 +77,15 @@ async fn rig(silence_limit: Duration) -> Rig {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
+    let served = receiver.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(NvlogMirrorServer::new(MirrorService(receiver)))
+            .add_service(NvlogMirrorServer::new(MirrorService(served)))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
             .await
             .unwrap();
     });
-    Rig { _dir: dir, nvlog, address, _server: server }
+    Rig { _dir: dir, nvlog, receiver, address, _server: server }
 }
 
 /// One writer stream.
@@ -323,11 +325,50 @@ async fn stale_epochs_are_refused_and_the_mark_is_reported() {
         aggregate_uuid: vec![3; 16],
         epoch: Some(mc_proto::v1::Epoch { number: 1, owner_node: WRITER }),
     };
-    let refused = Writer::connect_with(&rig, identity(), 1, vec![stale]).await;
-    let error = match refused {
-        Err(status) => status,
-        Ok(mut writer) => writer.next().await.unwrap_err(),
-    };
+    // A stale hello is answered with the receiver's epochs (so a deposed writer learns why,
+    // S2), then refused.
+    let mut refused = Writer::connect_with(&rig, identity(), 1, vec![stale]).await.unwrap();
+    let Out::Hello(hello) = refused.next().await.unwrap() else { panic!("no hello before the refusal") };
+    let mark = hello.epochs.iter().find(|e| e.aggregate_uuid == [3; 16]).and_then(|e| e.epoch).unwrap();
+    assert_eq!((mark.number, mark.owner_node), (2, WRITER));
+    assert_eq!(hello.returned_records, 0);
+    let error = refused.next().await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::FailedPrecondition, "a stale hello: {error:?}");
     assert_eq!(rig.nvlog.status(PartitionKind::DrPartner).unwrap().durable_lsn, Lsn(1));
+}
+
+/// A forced switchover freezes the writer's partition (DESIGN §11 step 2): the open stream
+/// ends, a release or announcement sent after it is not applied, and a new hello is answered
+/// with the receiver's epochs and refused. Prevents a deposed writer (paused, then resumed)
+/// from releasing or re-announcing records the survivor is about to replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_partition_takes_nothing_more_from_its_writer() {
+    let rig = rig(Duration::from_secs(60)).await;
+    let mut writer = Writer::connect(&rig, identity(), 0).await.unwrap();
+    writer.next().await.unwrap();
+    for lsn in 1..=3 {
+        writer.send(In::Record(record(lsn))).await;
+        assert!(matches!(writer.next().await.unwrap(), Out::Ack(ack) if ack.lsn == lsn));
+    }
+    rig.receiver.freeze().await;
+    assert!(rig.receiver.is_frozen());
+    writer.send(In::Release(Release { lsn: 3 })).await;
+    writer.send(In::Announcement(MirrorAnnouncement { state: WireState::OutOfSync as i32, lsn: 0 })).await;
+    writer.send(In::Record(record(4))).await;
+    let error = loop {
+        match writer.next().await {
+            Ok(Out::Ack(ack)) => panic!("lsn {} acknowledged after the freeze", ack.lsn),
+            Ok(_) => continue,
+            Err(error) => break error,
+        }
+    };
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = rig.nvlog.status(PartitionKind::DrPartner).unwrap();
+    assert_eq!(status.released_lsn, Lsn(0), "a release after the freeze was applied");
+    assert_eq!(status.durable_lsn, Lsn(3));
+    assert_eq!(status.mirror_state, MirrorState::Resyncing, "an announcement after the freeze was applied");
+    let mut again = Writer::connect(&rig, identity(), 3).await.unwrap();
+    assert!(matches!(again.next().await.unwrap(), Out::Hello(_)));
+    assert_eq!(again.next().await.unwrap_err().code(), tonic::Code::FailedPrecondition);
 }

@@ -1379,6 +1379,38 @@ impl Aggregate {
         Ok(labels[0].plex_generation)
     }
 
+    /// Records a new owner and epoch (a switchover or forced unfence, DESIGN §7, S2) in the labels
+    /// of every `normal` plex, durably. Fails unless at least one plex took it; a plex that
+    /// fails here is dropped like on any failed label write.
+    pub async fn record_owner(&self, owner: NodeId, epoch: Epoch) -> Result<(), AggregateError> {
+        let states = self.inner().states;
+        let mut recorded = 0;
+        let mut last_error = None;
+        for (index, state) in states.iter().enumerate() {
+            if *state != PlexState::Normal {
+                continue;
+            }
+            match self
+                .update_labels(index, |label| {
+                    label.owner = owner;
+                    label.epoch_high_water = label.epoch_high_water.max(epoch);
+                })
+                .await
+            {
+                Ok(_) => recorded += 1,
+                Err(e) => {
+                    tracing::warn!(aggregate = ?self.uuid, plex = index, "owner label write failed: {e}");
+                    last_error = Some(e);
+                }
+            }
+        }
+        match (recorded, last_error) {
+            (0, Some(e)) => Err(e),
+            (0, None) => Err(AggregateError::NoUsablePlex("no normal plex to record the owner in".into())),
+            _ => Ok(()),
+        }
+    }
+
     /// Records a consistency point in the labels of every `normal` plex (S12: call after the
     /// CP's data is flushed; the label is durable on return).
     pub async fn record_cp(&self, cp: CpRecord) -> Result<(), AggregateError> {

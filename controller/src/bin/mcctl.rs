@@ -1,46 +1,62 @@
 //! `mcctl`: the administrator's command line (DESIGN §11, §12).
 //!
 //! So far the lab (`mcctl lab up|status|down|kill|start`, logic in `controller::lab`) and the
-//! first admin commands (`node show`, `aggregate show`, `plex show`, `volume show|create`, whose
+//! admin commands (`cluster show`, `node show|unfence`, `aggregate show`, `plex show`,
+//! `volume show|create|modify|delete`, `switchover --forced-on-disaster`, `operation show`, whose
 //! output `controller::cli` renders). Every command prints a human table by default and one JSON
 //! object with `-o json`. Exit codes (`controller::cli::EXIT_*`): 0 done, 1 failed, 2 bad usage
-//! (clap's), 3 vetoed (kept for switchover).
+//! (clap's, and `Usage` errors found after parsing), 3 vetoed (switchover).
 //!
 //! Invariants: with `-o json`, stdout carries exactly one JSON document per command and
 //! everything else goes to stderr; a failure is one `error:` line (with its causes) on stderr and
 //! exit code 1, never a panic;
 //! - the show commands ask every node (`Admin.Status`, each within `RPC_TIMEOUT`) and print what
 //!   the nodes that answered report, listing the others as unreachable; any unreachable node
-//!   makes the exit code 1, after the output.
+//!   makes the exit code 1, after the output;
+//! - nothing destructive happens without the operator's confirmation: `volume delete`,
+//!   `node unfence` and clearing an NVFAILed state need `--confirm`; a forced switchover needs
+//!   `--confirm` or "yes" typed at the prompt of a terminal.
 
-use std::io::Write;
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use controller::cli::{self, NodeAnswer, Table, Target};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use controller::cli::{self, NodeAnswer, OperationsAnswer, SwitchoverOutcome, Table, Target};
 use controller::config::Durability;
 use controller::lab::{self, LabSite};
 use mc_proto::v1::admin_client::AdminClient;
-use mc_proto::v1::{CreateVolumeRequest, StatusReply, StatusRequest};
+use mc_proto::v1::{
+    CreateVolumeRequest, DeleteVolumeRequest, ModifyVolumeRequest, Operation, OperationsRequest, StatusReply,
+    StatusRequest, SwitchoverReply, SwitchoverRequest, UnfenceRequest, VolumeInfo,
+};
+use prost::Message;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 /// The deadline of each node's `Admin.Status` call, connecting included.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
-/// The deadline of `Admin.CreateVolume` (its volume table is written to both plexes).
+/// The deadline of `Admin.CreateVolume`, `ModifyVolume` and `DeleteVolume` (the volume table is
+/// written to both plexes).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The deadline of `Admin.Switchover` and `Admin.Unfence`: replay, CP and exports take a while.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// What a forced switchover asks the operator at a terminal without `--confirm`.
+const SWITCHOVER_PROMPT: &str = "The partner site must be down or isolated; a forced switchover while it \
+                                 still writes loses data. Type 'yes' to continue: ";
 
 /// What `mcctl --help` says after the commands.
 const AFTER_HELP: &str = "\
 Exit codes:
   0  done
   1  failed: an RPC error, a node that did not answer (after printing what the others report),
-     nothing matching a given name
-  2  bad usage
-  3  vetoed: the operation was refused by its checks (switchover; not used yet)
+     nothing matching a given name, a switchover or unfence whose operation ended failed or
+     partially_successful
+  2  bad usage (also: a destructive command without --confirm, a forced switchover that cannot
+     tell which node survives)
+  3  vetoed: the operation was refused by its checks (switchover; with --simulate: it would be)
 
 The admin commands find the cluster with --lab DIR (a lab made by `mcctl lab up`) or with
 --endpoint HOST:PORT (once per node) and --cluster-id HEX.";
@@ -74,6 +90,136 @@ enum Command {
     /// The volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The MetroCluster configuration: its mode and each node's.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Switches the DR partner's aggregates over to the surviving node (only
+    /// --forced-on-disaster so far).
+    Switchover(SwitchoverArgs),
+    /// The operations (switchover, unfence) the nodes ran.
+    #[command(subcommand)]
+    Operation(OperationCommand),
+}
+
+/// `mcctl cluster …`.
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Shows the cluster's mode (normal, switchover, …) and each node's mode and state.
+    Show(ClusterArgs),
+}
+
+/// `mcctl operation …`.
+#[derive(Debug, Subcommand)]
+enum OperationCommand {
+    /// Shows the last operation of every node (all of them with --all).
+    Show(OperationShowArgs),
+}
+
+#[derive(Debug, Args)]
+struct OperationShowArgs {
+    /// Every operation the nodes' journals hold, not only the last one.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+struct SwitchoverArgs {
+    /// The partner site is lost: take its aggregates over without its cooperation (replaying its
+    /// NVLog records from this node's copy). Required: negotiated switchover is not built yet.
+    #[arg(long)]
+    forced_on_disaster: bool,
+    /// Only evaluate the vetoes; change nothing.
+    #[arg(long)]
+    simulate: bool,
+    /// Go on despite soft vetoes (aggregates out of sync or of unknown state): their volumes are
+    /// NVFAILed.
+    #[arg(long)]
+    override_vetoes: bool,
+    /// NVFAIL every volume taken over.
+    #[arg(long)]
+    force_nvfail_all: bool,
+    /// The partner site is down or isolated: skip the prompt.
+    #[arg(long)]
+    confirm: bool,
+    /// The surviving site, whose node takes over [default: the only node that answers].
+    #[arg(long, value_parser = parse_site)]
+    site: Option<LabSite>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+struct UnfenceArgs {
+    /// The fenced node's id.
+    node: u32,
+    /// Required: raise the epochs although nobody confirmed them (S2); every volume is NVFAILed.
+    #[arg(long, required = true)]
+    force: bool,
+    /// Required: the operator has checked that no other node serves these aggregates.
+    #[arg(long, required = true)]
+    confirm: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// An NVFAIL option's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    /// Set.
+    On,
+    /// Cleared.
+    Off,
+}
+
+impl OnOff {
+    fn value(self) -> bool {
+        self == OnOff::On
+    }
+}
+
+/// `--in-nvfailed-state` takes only `false`: an operator clears the state, never sets it.
+fn parse_false(text: &str) -> Result<bool, String> {
+    match text {
+        "false" => Ok(false),
+        _ => Err("only `false` is accepted: the NVFAILed state is cleared, never set by hand".into()),
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("change").required(true).multiple(true).args(["nvfail", "dr_force_nvfail", "in_nvfailed_state"])
+))]
+struct VolumeModifyArgs {
+    /// The volume.
+    name: String,
+    /// Fence the volume when NVLog records may have been lost.
+    #[arg(long, value_enum)]
+    nvfail: Option<OnOff>,
+    /// Fence the volume on every forced switchover.
+    #[arg(long, value_enum)]
+    dr_force_nvfail: Option<OnOff>,
+    /// `false` clears the NVFAILed state (needs --confirm): hosts then see data that may lack
+    /// acknowledged writes.
+    #[arg(long, value_name = "false", value_parser = parse_false, requires = "confirm")]
+    in_nvfailed_state: Option<bool>,
+    /// Confirms clearing the NVFAILed state.
+    #[arg(long)]
+    confirm: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+struct VolumeDeleteArgs {
+    /// The volume.
+    name: String,
+    /// Required: the volume and its data are gone for good.
+    #[arg(long)]
+    confirm: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// `mcctl node …`.
@@ -81,6 +227,8 @@ enum Command {
 enum NodeCommand {
     /// Shows every node's state, DR mirror and consistency points.
     Show(ClusterArgs),
+    /// Forces a fenced node to serve (its epochs raised, every volume NVFAILed).
+    Unfence(UnfenceArgs),
 }
 
 /// `mcctl aggregate …`.
@@ -104,6 +252,10 @@ enum VolumeCommand {
     Show(VolumeShowArgs),
     /// Creates a volume in an aggregate (on the node that owns it).
     Create(VolumeCreateArgs),
+    /// Changes a volume's NVFAIL options, or clears its NVFAILed state.
+    Modify(VolumeModifyArgs),
+    /// Deletes a volume and its data.
+    Delete(VolumeDeleteArgs),
 }
 
 /// How the admin commands find the cluster: a lab directory, or addresses and the cluster id.
@@ -668,6 +820,338 @@ async fn volume_create(args: &VolumeCreateArgs, format: OutputFormat) -> anyhow:
     Ok(cli::EXIT_OK)
 }
 
+/// Bad usage found after parsing (a missing confirmation, a survivor that cannot be told): exit
+/// code 2, like clap's own errors.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(text: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(text.into()))
+}
+
+/// The node id an answer reports, else the one known beforehand.
+fn answer_node(answer: &NodeAnswer) -> Option<u32> {
+    let reported = answer.result.as_ref().ok().and_then(|r| r.identity.as_ref()).map(|i| i.sender_node);
+    reported.or(answer.target.node)
+}
+
+/// The unreachable nodes as one line, for errors.
+fn unreachable_list(answers: &[NodeAnswer]) -> String {
+    let list: Vec<String> =
+        cli::unreachable(answers).iter().map(|u| format!("{} ({})", u.endpoint, u.error)).collect();
+    list.join(", ")
+}
+
+/// Where volume `name` is served: the answer, its aggregate's name and the volume.
+struct FoundVolume<'a> {
+    answer: &'a NodeAnswer,
+    aggregate: String,
+    volume: VolumeInfo,
+}
+
+/// The node serving volume `name`: among the nodes that report it, the serving ones are preferred
+/// (a node waiting for switchback may still list its old volumes); two serving it is an error.
+fn find_volume<'a>(answers: &'a [NodeAnswer], name: &str) -> anyhow::Result<FoundVolume<'a>> {
+    let mut found: Vec<(FoundVolume<'a>, bool)> = Vec::new();
+    for answer in answers {
+        let Ok(reply) = &answer.result else { continue };
+        for aggr in &reply.aggregates {
+            if let Some(volume) = aggr.volumes.iter().find(|v| v.name == name) {
+                let serving = reply.node_state == "serving";
+                found.push((
+                    FoundVolume { answer, aggregate: aggr.name.clone(), volume: volume.clone() },
+                    serving,
+                ));
+            }
+        }
+    }
+    if found.iter().any(|(_, serving)| *serving) {
+        found.retain(|(_, serving)| *serving);
+    }
+    let mut nodes: Vec<&str> = found.iter().map(|(f, _)| f.answer.target.address.as_str()).collect();
+    nodes.dedup();
+    if nodes.len() > 1 {
+        anyhow::bail!(
+            "volume {name:?} is reported by more than one node ({}): resolve that first",
+            nodes.join(", ")
+        );
+    }
+    match found.into_iter().next() {
+        Some((found, _)) => Ok(found),
+        None if cli::any_unreachable(answers) => {
+            anyhow::bail!(
+                "no node that answered has volume {name:?}; did not answer: {}",
+                unreachable_list(answers)
+            )
+        }
+        None => anyhow::bail!("no node has volume {name:?}"),
+    }
+}
+
+/// Prints one volume row (table, or `{"volumes": [row]}`).
+fn print_volume(format: OutputFormat, row: &cli::VolumeRow) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Table => print(&cli::volume_rows_table(std::slice::from_ref(row))),
+        OutputFormat::Json => print_json(&serde_json::json!({ "volumes": [row] })),
+    }
+}
+
+async fn volume_modify(args: &VolumeModifyArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let found = find_volume(&answers, &args.name)?;
+    let address = &found.answer.target.address;
+    let mut admin = admin_client(address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the node at {address}"))?;
+    let mut request = tonic::Request::new(ModifyVolumeRequest {
+        cluster_id: cluster.id.to_vec(),
+        name: args.name.clone(),
+        nvfail: args.nvfail.map(OnOff::value),
+        dr_force_nvfail: args.dr_force_nvfail.map(OnOff::value),
+        in_nvfailed_state: args.in_nvfailed_state,
+        confirmed: args.confirm,
+    });
+    request.set_timeout(CREATE_TIMEOUT);
+    let volume = admin
+        .modify_volume(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("modify volume {:?} at {address}", args.name))?
+        .into_inner();
+    print_volume(format, &cli::volume_row(&volume, &found.aggregate, answer_node(found.answer)))?;
+    Ok(cli::EXIT_OK)
+}
+
+async fn volume_delete(args: &VolumeDeleteArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let found = find_volume(&answers, &args.name)?;
+    let row = cli::volume_row(&found.volume, &found.aggregate, answer_node(found.answer));
+    let what = format!(
+        "volume {:?} ({}, id {}, aggregate {:?}, node {})",
+        row.name,
+        cli::human_size(row.size_bytes),
+        row.id,
+        row.aggregate,
+        row.node.map_or_else(|| "?".to_string(), |n| n.to_string())
+    );
+    if !args.confirm {
+        return Err(usage(format!("this would delete {what} and all its data: add --confirm to delete it")));
+    }
+    let address = &found.answer.target.address;
+    let mut admin = admin_client(address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the node at {address}"))?;
+    let mut request = tonic::Request::new(DeleteVolumeRequest {
+        cluster_id: cluster.id.to_vec(),
+        name: args.name.clone(),
+        confirmed: true,
+    });
+    request.set_timeout(CREATE_TIMEOUT);
+    admin
+        .delete_volume(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("delete volume {:?} at {address}", args.name))?;
+    match format {
+        OutputFormat::Table => print(&format!("deleted {what}\n"))?,
+        OutputFormat::Json => print_json(&serde_json::json!({ "deleted": row }))?,
+    }
+    Ok(cli::EXIT_OK)
+}
+
+/// The surviving node a forced switchover goes to: the node of `site` when given, else the only
+/// node that answers. Both answering without `--site` is bad usage (a forced switchover is for a
+/// lost partner: the operator must say which site survived).
+fn pick_survivor(answers: &[NodeAnswer], site: Option<LabSite>) -> anyhow::Result<&NodeAnswer> {
+    if let Some(site) = site {
+        let name = site.name();
+        let at_site = |a: &&NodeAnswer| {
+            a.result.as_ref().map(|r| r.site == name).unwrap_or(false)
+                || a.target.site.as_deref() == Some(name)
+        };
+        let answer = answers.iter().find(at_site).context(format!(
+            "no node of site {name} is known: with --endpoint, the node must answer to tell its site"
+        ))?;
+        if let Err(error) = &answer.result {
+            anyhow::bail!("the node of site {name} at {} did not answer: {error}", answer.target.address);
+        }
+        return Ok(answer);
+    }
+    let alive: Vec<&NodeAnswer> = answers.iter().filter(|a| a.result.is_ok()).collect();
+    match alive.as_slice() {
+        [only] => Ok(only),
+        [] => anyhow::bail!("no node answered: {}", unreachable_list(answers)),
+        _ => Err(usage(
+            "every node answers: a forced switchover is for a site that is down or isolated. Name the surviving \
+             site with --site A|B if the other one is isolated but still reachable from here",
+        )),
+    }
+}
+
+/// Asks the operator at a terminal; elsewhere `--confirm` is required.
+fn confirm_switchover() -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Err(usage(
+            "a forced switchover needs --confirm when stdin is not a terminal: the partner site must be down or \
+             isolated, or the writes it still takes are lost",
+        ));
+    }
+    let mut stderr = std::io::stderr().lock();
+    stderr.write_all(SWITCHOVER_PROMPT.as_bytes()).context("write the prompt")?;
+    stderr.flush().context("flush the prompt")?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("read the answer")?;
+    Ok(line.trim() == "yes")
+}
+
+async fn switchover(args: &SwitchoverArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    if !args.forced_on_disaster {
+        return Err(usage(
+            "a negotiated switchover is not built yet: with the partner site down, use --forced-on-disaster",
+        ));
+    }
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let survivor = pick_survivor(&answers, args.site)?;
+    let node = answer_node(survivor);
+    let confirmed = args.confirm || (!args.simulate && confirm_switchover()?);
+    if !args.simulate && !confirmed {
+        anyhow::bail!("not confirmed: nothing was done");
+    }
+    let address = &survivor.target.address;
+    let mut admin = admin_client(address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the surviving node at {address}"))?;
+    let mut request = tonic::Request::new(SwitchoverRequest {
+        cluster_id: cluster.id.to_vec(),
+        forced_on_disaster: true,
+        simulate: args.simulate,
+        override_vetoes: args.override_vetoes,
+        force_nvfail_all: args.force_nvfail_all,
+        confirmed,
+    });
+    request.set_timeout(OPERATION_TIMEOUT);
+    let outcome = match admin.switchover(request).await {
+        Ok(reply) if args.simulate => SwitchoverOutcome::Simulated(reply.into_inner()),
+        Ok(reply) => SwitchoverOutcome::Ran(reply.into_inner()),
+        Err(status) => match vetoes_of(&status) {
+            Some(reply) if args.simulate => SwitchoverOutcome::Simulated(reply),
+            Some(reply) => SwitchoverOutcome::Vetoed(reply),
+            None => {
+                return Err(anyhow::anyhow!(rpc_text(&status))
+                    .context(format!("switch over to the node at {address}")));
+            }
+        },
+    };
+    match format {
+        OutputFormat::Table => print(&cli::switchover_text(node, &outcome, args.override_vetoes))?,
+        OutputFormat::Json => print_json(&cli::switchover_json(node, &outcome, args.override_vetoes))?,
+    }
+    Ok(cli::switchover_exit(&outcome, args.override_vetoes))
+}
+
+/// The vetoes a refusal carries: `FAILED_PRECONDITION` whose details decode as a
+/// `SwitchoverReply` with at least one veto.
+fn vetoes_of(status: &tonic::Status) -> Option<SwitchoverReply> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    SwitchoverReply::decode(status.details()).ok().filter(|reply| !reply.vetoes.is_empty())
+}
+
+async fn node_unfence(args: &UnfenceArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    // The lab knows every node's address; with --endpoint, the nodes tell their ids.
+    let address = match cluster.targets.iter().find(|t| t.node == Some(args.node)) {
+        Some(target) => target.address.clone(),
+        None => {
+            let answers = ask_all(&cluster).await;
+            let answer = answers.iter().find(|a| a.result.is_ok() && answer_node(a) == Some(args.node));
+            match answer {
+                Some(answer) => answer.target.address.clone(),
+                None if cli::any_unreachable(&answers) => anyhow::bail!(
+                    "no node that answered is node {}; did not answer: {}",
+                    args.node,
+                    unreachable_list(&answers)
+                ),
+                None => anyhow::bail!("no node {} in this cluster", args.node),
+            }
+        }
+    };
+    let mut admin = admin_client(&address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach node {} at {address}", args.node))?;
+    let mut request = tonic::Request::new(UnfenceRequest {
+        cluster_id: cluster.id.to_vec(),
+        force: args.force,
+        confirmed: args.confirm,
+    });
+    request.set_timeout(OPERATION_TIMEOUT);
+    let reply = admin
+        .unfence(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("unfence node {} at {address}", args.node))?
+        .into_inner();
+    let operation = reply.operation.as_ref();
+    match format {
+        OutputFormat::Table => print(&cli::unfence_text(args.node, operation, &reply.nvfailed_volumes))?,
+        OutputFormat::Json => print_json(&cli::unfence_json(args.node, operation, &reply.nvfailed_volumes))?,
+    }
+    Ok(match operation {
+        Some(operation) if operation.state != "successful" => cli::EXIT_FAILED,
+        _ => cli::EXIT_OK,
+    })
+}
+
+/// `Admin.Operations` of the node at `address`, connecting included, within `RPC_TIMEOUT`.
+async fn operations_of(address: String, cluster: [u8; 16]) -> Result<Vec<Operation>, String> {
+    let call = async {
+        let mut admin = admin_client(&address).await?;
+        let mut request = tonic::Request::new(OperationsRequest { cluster_id: cluster.to_vec() });
+        request.set_timeout(RPC_TIMEOUT);
+        admin.operations(request).await.map(|r| r.into_inner().operations).map_err(|s| rpc_text(&s))
+    };
+    tokio::time::timeout(RPC_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", RPC_TIMEOUT.as_secs())))
+}
+
+async fn operation_show(args: &OperationShowArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let calls: Vec<_> =
+        cluster.targets.iter().map(|t| tokio::spawn(operations_of(t.address.clone(), cluster.id))).collect();
+    let mut answers = Vec::with_capacity(calls.len());
+    for (target, call) in cluster.targets.iter().zip(calls) {
+        let result = call.await.unwrap_or_else(|e| Err(format!("operations task: {e}")));
+        answers.push(OperationsAnswer { target: target.clone(), result });
+    }
+    match format {
+        OutputFormat::Table => print(&cli::operations_table(&answers, args.all))?,
+        OutputFormat::Json => print_json(&cli::operations_json(&answers, args.all))?,
+    }
+    if cli::any_operations_unreachable(&answers) {
+        let missing = answers.iter().filter(|a| a.result.is_err()).count();
+        eprintln!("error: {missing} of {} nodes did not answer", answers.len());
+        return Ok(cli::EXIT_FAILED);
+    }
+    Ok(cli::EXIT_OK)
+}
+
 async fn run(args: Cli) -> anyhow::Result<u8> {
     let format = args.output;
     match args.command {
@@ -708,6 +1192,19 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
             .await
         }
         Command::Volume(VolumeCommand::Create(args)) => volume_create(&args, format).await,
+        Command::Volume(VolumeCommand::Modify(args)) => volume_modify(&args, format).await,
+        Command::Volume(VolumeCommand::Delete(args)) => volume_delete(&args, format).await,
+        Command::Cluster(ClusterCommand::Show(args)) => {
+            show(&args, format, |answers| Shown {
+                table: cli::cluster_table(answers),
+                json: cli::cluster_json(answers),
+                not_found: None,
+            })
+            .await
+        }
+        Command::Node(NodeCommand::Unfence(args)) => node_unfence(&args, format).await,
+        Command::Switchover(args) => switchover(&args, format).await,
+        Command::Operation(OperationCommand::Show(args)) => operation_show(&args, format).await,
     }
 }
 
@@ -752,9 +1249,141 @@ fn main() -> ExitCode {
         .and_then(|runtime| runtime.block_on(run(args)));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(error) if error.downcast_ref::<Usage>().is_some() => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(cli::EXIT_USAGE)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(cli::EXIT_FAILED)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::error::ErrorKind;
+    use mc_proto::v1::{Identity, Veto};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mcctl").chain(args.iter().copied()))
+    }
+
+    /// Prevents a destructive or meaningless command line from being accepted: each is bad usage
+    /// (exit code 2) before any node is asked.
+    #[test]
+    fn usage_errors_exit_2() {
+        let lab = ["--lab", "/tmp/lab"];
+        let bad: &[&[&str]] = &[
+            // Nothing to change.
+            &["volume", "modify", "vol_a"],
+            // Only `false` clears the NVFAILed state, and only with --confirm.
+            &["volume", "modify", "vol_a", "--in-nvfailed-state", "true", "--confirm"],
+            &["volume", "modify", "vol_a", "--in-nvfailed-state", "false"],
+            &["volume", "modify", "vol_a", "--nvfail", "maybe"],
+            // Unfence needs both --force and --confirm.
+            &["node", "unfence", "2"],
+            &["node", "unfence", "2", "--force"],
+            &["node", "unfence", "2", "--confirm"],
+            &["node", "unfence", "--force", "--confirm"],
+            &["switchover", "--forced-on-disaster", "--site", "C"],
+            &["operation", "show", "--bogus"],
+            &["cluster", "show", "extra"],
+        ];
+        for args in bad {
+            let mut full = args.to_vec();
+            full.extend_from_slice(&lab);
+            let error = parse(&full).map(|_| ()).unwrap_err();
+            assert_eq!(error.exit_code(), i32::from(cli::EXIT_USAGE), "{full:?}: {error}");
+            assert_ne!(error.kind(), ErrorKind::DisplayHelp, "{full:?}");
+        }
+        for good in [
+            &["volume", "modify", "vol_a", "--nvfail", "on"][..],
+            &["volume", "modify", "vol_a", "--dr-force-nvfail", "off", "--nvfail", "off"],
+            &["volume", "modify", "vol_a", "--in-nvfailed-state", "false", "--confirm"],
+            &["volume", "delete", "vol_a"],
+            &["node", "unfence", "2", "--force", "--confirm"],
+            &["switchover", "--forced-on-disaster", "--simulate", "--site", "B"],
+            &["switchover"],
+            &["operation", "show", "--all"],
+            &["cluster", "show"],
+        ] {
+            let mut full = good.to_vec();
+            full.extend_from_slice(&lab);
+            if let Err(error) = parse(&full) {
+                panic!("{full:?}: {error}");
+            }
+        }
+    }
+
+    fn answer(node: u32, site: &str, up: bool) -> NodeAnswer {
+        NodeAnswer {
+            target: Target {
+                address: format!("127.0.0.1:700{node}"),
+                node: Some(node),
+                site: Some(site.into()),
+            },
+            result: if up {
+                Ok(StatusReply {
+                    identity: Some(Identity { cluster_id: vec![7; 16], sender_node: node, receiver_node: 0 }),
+                    site: site.into(),
+                    node_state: "serving".into(),
+                    ..StatusReply::default()
+                })
+            } else {
+                Err("connect: connection refused".into())
+            },
+        }
+    }
+
+    fn is_usage(error: &anyhow::Error) -> bool {
+        error.downcast_ref::<Usage>().is_some()
+    }
+
+    /// Prevents a forced switchover sent to the wrong node: with both nodes answering and no
+    /// --site it is bad usage; with --site it goes to that site's node, which must answer.
+    #[test]
+    fn survivor_choice() {
+        let both = [answer(1, "A", true), answer(2, "B", true)];
+        let error = pick_survivor(&both, None).map(|_| ()).unwrap_err();
+        assert!(is_usage(&error), "{error}");
+        assert_eq!(answer_node(pick_survivor(&both, Some(LabSite::B)).unwrap()), Some(2));
+        let b_down = [answer(1, "A", true), answer(2, "B", false)];
+        assert_eq!(answer_node(pick_survivor(&b_down, None).unwrap()), Some(1));
+        let error = pick_survivor(&b_down, Some(LabSite::B)).map(|_| ()).unwrap_err();
+        assert!(!is_usage(&error) && error.to_string().contains("did not answer"), "{error}");
+        let none = [answer(1, "A", false), answer(2, "B", false)];
+        let error = pick_survivor(&none, None).map(|_| ()).unwrap_err();
+        assert!(!is_usage(&error), "{error}");
+    }
+
+    /// Prevents a veto refusal shown as a bare RPC error (exit 1) instead of its vetoes (exit 3).
+    #[test]
+    fn vetoes_from_status_details() {
+        let reply = SwitchoverReply {
+            vetoes: vec![Veto {
+                kind: "hard".into(),
+                code: "partner_reachable".into(),
+                aggregate: String::new(),
+                reason: "the partner answers".into(),
+            }],
+            ..SwitchoverReply::default()
+        };
+        let status = tonic::Status::with_details(
+            tonic::Code::FailedPrecondition,
+            "vetoed",
+            reply.encode_to_vec().into(),
+        );
+        assert_eq!(vetoes_of(&status), Some(reply.clone()));
+        let other = tonic::Status::with_details(tonic::Code::Internal, "x", reply.encode_to_vec().into());
+        assert_eq!(vetoes_of(&other), None);
+        let garbage =
+            tonic::Status::with_details(tonic::Code::FailedPrecondition, "x", vec![0xff, 0xff].into());
+        assert_eq!(vetoes_of(&garbage), None);
+        assert_eq!(vetoes_of(&tonic::Status::failed_precondition("no details")), None);
     }
 }

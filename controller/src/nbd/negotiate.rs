@@ -8,6 +8,9 @@
 //!   the connection, as the protocol requires;
 //! - an option we do not implement (extended headers, meta contexts, TLS) is answered
 //!   `NBD_REP_ERR_UNSUP`, so a client that asks for it first (qemu 10) goes on without it;
+//! - an export that exists but must not be served (an NVFAILed volume, DESIGN §9) is refused
+//!   before it is looked up: `NBD_REP_ERR_POLICY` with the reason for `NBD_OPT_GO`/`INFO`, a
+//!   close for `NBD_OPT_EXPORT_NAME`; it never enters transmission;
 //! - transmission starts only after a successful `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`, with
 //!   structured replies exactly when the client asked for them before.
 
@@ -15,7 +18,7 @@ use bytes::BytesMut;
 
 use super::codec::{
     self, ClientFlags, ClientOption, ExportInfo, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
-    REP_ACK, REP_ERR_INVALID, REP_ERR_SHUTDOWN, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
+    REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_SHUTDOWN, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
 };
 
 /// Why an export (or the list) is not available.
@@ -34,6 +37,13 @@ pub trait Exports {
     fn list(&self) -> Result<Vec<String>, Unavailable>;
     /// One export.
     fn lookup(&self, name: &str) -> Result<ExportInfo, Unavailable>;
+    /// Why export `name` exists but is refused by policy (an NVFAILed volume, DESIGN §9), if
+    /// it is: answered `NBD_REP_ERR_POLICY` rather than "unknown", so the client's message
+    /// says what to do. Asked before `lookup`.
+    fn refused(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
 }
 
 /// What the connection does after an option.
@@ -74,6 +84,8 @@ impl Negotiation {
         out: &mut BytesMut,
     ) -> Next {
         match option {
+            // This option cannot carry an error; the protocol says to close.
+            ClientOption::ExportName(name) if exports.refused(&name).is_some() => Next::Close,
             ClientOption::ExportName(name) => match exports.lookup(&name) {
                 Ok(export) => {
                     codec::encode_export_name_reply(out, &export, self.client.no_zeroes);
@@ -107,16 +119,26 @@ impl Negotiation {
                 );
                 Next::Continue
             }
-            ClientOption::Info { go, name, requests } => match exports.lookup(&name) {
-                Ok(export) => {
-                    codec::encode_info_replies(out, code, &export, &requests);
-                    if go { Next::Transmit { export, structured: self.structured } } else { Next::Continue }
+            ClientOption::Info { go, name, requests } => {
+                if let Some(why) = exports.refused(&name) {
+                    codec::encode_option_error(out, code, REP_ERR_POLICY, &why);
+                    return Next::Continue;
                 }
-                Err(why) => {
-                    codec::encode_option_error(out, code, error_code(&why), &why.message);
-                    Next::Continue
+                match exports.lookup(&name) {
+                    Ok(export) => {
+                        codec::encode_info_replies(out, code, &export, &requests);
+                        if go {
+                            Next::Transmit { export, structured: self.structured }
+                        } else {
+                            Next::Continue
+                        }
+                    }
+                    Err(why) => {
+                        codec::encode_option_error(out, code, error_code(&why), &why.message);
+                        Next::Continue
+                    }
                 }
-            },
+            }
             ClientOption::StructuredReply => {
                 self.structured = true;
                 codec::encode_option_reply(out, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
@@ -152,6 +174,22 @@ mod tests {
 
     struct Fixed {
         serving: bool,
+    }
+
+    /// `vol_a` exists and is served; `vol_f` exists and is NVFAILed.
+    struct WithNvfailed;
+
+    impl Exports for WithNvfailed {
+        fn list(&self) -> Result<Vec<String>, Unavailable> {
+            Ok(vec!["vol_a".into(), "vol_f".into()])
+        }
+        fn lookup(&self, name: &str) -> Result<ExportInfo, Unavailable> {
+            // As the node's: the NVFAILed volume exists, so a lookup alone would not refuse it.
+            Ok(ExportInfo { name: name.into(), size: 1 << 20, flags: 1, description: "test".into() })
+        }
+        fn refused(&self, name: &str) -> Option<String> {
+            (name == "vol_f").then(|| "volume vol_f is NVFAILed: mcctl volume modify ...".to_string())
+        }
     }
 
     impl Exports for Fixed {
@@ -223,6 +261,36 @@ mod tests {
             assert_eq!(got, next, "{option:?}");
             assert_eq!(reply_types(&out), replies, "{option:?}");
         }
+    }
+
+    /// An NVFAILed volume must never enter transmission (DESIGN §9): `GO` and `INFO` get
+    /// `NBD_REP_ERR_POLICY` with the reason (the negotiation goes on, so the client can pick
+    /// another export), `EXPORT_NAME` closes; other exports are unaffected.
+    #[test]
+    fn an_nvfailed_export_is_refused_by_policy() {
+        let exports = WithNvfailed;
+        for (code, option) in [(OPT_GO, info(true, "vol_f")), (OPT_INFO, info(false, "vol_f"))] {
+            let mut negotiation = Negotiation::new(ClientFlags { no_zeroes: true });
+            let mut out = BytesMut::new();
+            assert_eq!(negotiation.handle(code, option.clone(), &exports, &mut out), Next::Continue);
+            assert_eq!(reply_types(&out), vec![REP_ERR_POLICY], "{option:?}");
+            let message = String::from_utf8_lossy(&out[20..]);
+            assert!(message.contains("NVFAILed") && message.contains("mcctl volume modify"), "{message}");
+            // The same connection may still go on to a served export.
+            let mut out = BytesMut::new();
+            let next = negotiation.handle(OPT_GO, info(true, "vol_a"), &exports, &mut out);
+            assert!(matches!(next, Next::Transmit { .. }), "{next:?}");
+        }
+        let mut negotiation = Negotiation::new(ClientFlags { no_zeroes: true });
+        let mut out = BytesMut::new();
+        let next =
+            negotiation.handle(OPT_EXPORT_NAME, ClientOption::ExportName("vol_f".into()), &exports, &mut out);
+        assert_eq!(next, Next::Close);
+        assert!(out.is_empty(), "EXPORT_NAME cannot carry an error");
+        // Listing still names it: it exists, and the refusal says why it is not served.
+        let mut out = BytesMut::new();
+        negotiation.handle(OPT_LIST, ClientOption::List, &exports, &mut out);
+        assert_eq!(reply_types(&out), vec![REP_SERVER, REP_SERVER, REP_ACK]);
     }
 
     #[test]

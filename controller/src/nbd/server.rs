@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! - a volume is exported only while this node serves it (`Node::volume` at its current
-//!   epoch, not fenced, not offline); each request is checked again by the write path;
+//!   epoch, not fenced, not offline, not NVFAILed); each request is checked again by the write
+//!   path, so a volume NVFAILed while a connection is open fails its I/O with `EIO` from then on
+//!   (DESIGN §9), and a new connection is refused with `NBD_REP_ERR_POLICY` and the reason;
 //! - a write is submitted only once its whole payload has arrived: a connection cut mid-payload
 //!   applies nothing; a write is answered only when the write path acknowledged it (S1), so
 //!   FLUSH and FUA need no I/O;
@@ -151,6 +153,13 @@ impl Exports for NodeExports<'_> {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    fn refused(&self, name: &str) -> Option<String> {
+        match self.0.volume(name) {
+            Err(e @ DataError::NvFailed { .. }) => Some(format!("node {}: {e}", self.0.node_id())),
+            _ => None,
+        }
     }
 
     fn lookup(&self, name: &str) -> Result<ExportInfo, Unavailable> {
@@ -309,6 +318,7 @@ fn errno(e: &DataError) -> Errno {
         DataError::NotServing { .. }
         | DataError::NotFound(_)
         | DataError::Offline { .. }
+        | DataError::NvFailed { .. }
         | DataError::Mirror(_)
         | DataError::Nvlog(_)
         | DataError::Plex(_) => Errno::Io,
@@ -502,4 +512,19 @@ async fn transmission(
     drop(replies);
     let _ = writer.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DESIGN §9: I/O on an NVFAILed volume fails with `EIO` (a host's file system then stops
+    /// using it), not `EINVAL` or a shutdown that makes the client reconnect and retry.
+    #[test]
+    fn an_nvfailed_volume_fails_io_with_eio() {
+        let e = DataError::NvFailed { volume: "v".into(), reason: "why".into() };
+        assert_eq!(errno(&e), Errno::Io);
+        let message = e.to_string();
+        assert!(message.contains("mcctl volume modify v --in-nvfailed-state false --confirm"), "{message}");
+    }
 }

@@ -1,0 +1,1013 @@
+//! Forced switchover, forced unfence and deposition (DESIGN §7, §9, §11; S2, S3, S8, S9, S13).
+//!
+//! A forced switchover runs on the survivor Y for its DR partner X, in the order of DESIGN §11:
+//! 1. the vetoes are checked and the new epochs chosen: above every epoch this shelf saw for
+//!    X's aggregates (its marks and the labels of the plexes here);
+//! 2. the plan (the epoch X held, the new epoch and the NVFAIL decision of §9 (a), per
+//!    aggregate) is journalled, then the new epochs are persisted in this shelf's marks (the
+//!    NVLog receiver's and DiskService's high-water marks) and the receiver is frozen, so
+//!    nothing more from X is stored, released or announced;
+//! 3. each aggregate is opened from its plex here (plex 0, at X's site, stays out until heal)
+//!    and the new owner and epoch are written in the labels;
+//! 4. X's records are replayed from the `dr_partner` partition into the write cache (S8:
+//!    above the label's CP, stamped with the frozen epoch, contiguous);
+//! 5. NVFAIL (§9 rules (a) to (d));
+//! 6. a CP puts it all on the plex here; the journal marks the aggregate done;
+//! 7. the volumes are exported.
+//!
+//! Re-running after a crash resumes from the journal: an aggregate marked done is not
+//! replayed again (its records are covered by our CP), the others are redone from step 3 with
+//! the journalled epochs and decision; a crash before the plan was journalled loses the round
+//! trip evidence, so the re-run NVFAILs (S9).
+//!
+//! Invariants:
+//! - nothing of X is accepted here once step 2 is durable; X's records are applied only with
+//!   the epoch X held at the freeze (S8), and never twice (the journal's `done`);
+//! - a volume is exported only after its records are replayed, its NVFAIL decision applied and
+//!   a CP made both durable;
+//! - a node that sees a higher epoch for one of its aggregates (the partner's hello or
+//!   keepalives) persists it as its shelf's mark (so its own disk writes at the old epoch are
+//!   refused, S2) and stops serving the aggregate at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mc_proto::v1::{SwitchoverReply, SwitchoverRequest, UnfenceReply, UnfenceRequest, Veto};
+use nvlog::{Lsn, PartitionKind};
+use plex::{Aggregate, Epoch, NodeId, PlexState, Uuid};
+use prost::Message;
+use tonic::Status;
+
+use crate::node::{AggrSlot, Node, Phase, SlotState, VolumeRef, hex};
+use crate::nvfail::{NvfailCause, NvfailRule};
+use crate::operations::{OperationKind, OperationRecord, OperationState};
+use crate::shelf::FoundAggregate;
+
+/// The journal's steps, in words.
+const STEP_PLANNED: &str = "planned: epochs persisted, the partner's partition frozen";
+const STEP_DONE: &str = "volumes exported";
+
+/// What a forced switchover decided for one aggregate (journalled before anything changes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// The aggregate.
+    pub uuid: Uuid,
+    /// The epoch the partner held when its partition was frozen (S8 replays only those).
+    pub frozen: Epoch,
+    /// The epoch this node takes.
+    pub new: Epoch,
+    /// The lsn of the partner's last CP the plex here recorded (S8: its records at or below it
+    /// are on the plex), 0 if that CP was not the partner's.
+    pub floor: u64,
+    /// Why the survivor cannot show the aggregate was in sync (§9 (a)), if it cannot.
+    pub not_in_sync: Option<String>,
+    /// Replayed, NVFAIL applied and covered by a CP.
+    pub done: bool,
+}
+
+/// The durable plan of a forced switchover (the operation's payload).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// `--force-nvfail-all` (§9 (c)).
+    pub force_nvfail_all: bool,
+    /// The partner's aggregates.
+    pub aggregates: Vec<Planned>,
+}
+
+const PLAN_MAGIC: &[u8; 4] = b"SWO1";
+const MAX_REASON_BYTES: usize = 1024;
+const MAX_PLANNED: usize = 256;
+
+impl Plan {
+    /// The payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(PLAN_MAGIC);
+        out.push(u8::from(self.force_nvfail_all));
+        let count = u16::try_from(self.aggregates.len().min(MAX_PLANNED)).unwrap_or(0);
+        out.extend_from_slice(&count.to_le_bytes());
+        for planned in self.aggregates.iter().take(MAX_PLANNED) {
+            out.extend_from_slice(&planned.uuid.0);
+            for epoch in [planned.frozen, planned.new] {
+                out.extend_from_slice(&epoch.number.to_le_bytes());
+                out.extend_from_slice(&epoch.owner.0.to_le_bytes());
+            }
+            out.extend_from_slice(&planned.floor.to_le_bytes());
+            out.push(u8::from(planned.done));
+            let reason = planned.not_in_sync.as_deref().map(|r| truncate(r, MAX_REASON_BYTES));
+            out.push(u8::from(reason.is_some()));
+            let reason = reason.unwrap_or_default();
+            out.extend_from_slice(&u16::try_from(reason.len()).unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(reason.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes a payload; any defect is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Plan, String> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            let end = at.checked_add(n).filter(|end| *end <= bytes.len()).ok_or("the plan is truncated")?;
+            let out = &bytes[at..end];
+            at = end;
+            Ok(out)
+        };
+        if take(4)? != PLAN_MAGIC {
+            return Err("the plan has a bad magic".into());
+        }
+        let flag = |b: u8| match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(format!("a flag of the plan is {other}")),
+        };
+        let force_nvfail_all = flag(take(1)?[0])?;
+        let count = usize::from(u16::from_le_bytes([take(1)?[0], take(1)?[0]]));
+        if count > MAX_PLANNED {
+            return Err(format!("the plan lists {count} aggregates"));
+        }
+        let mut aggregates = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut uuid = [0u8; 16];
+            uuid.copy_from_slice(take(16)?);
+            let mut epochs = [Epoch::default(); 2];
+            for epoch in &mut epochs {
+                let mut number = [0u8; 8];
+                number.copy_from_slice(take(8)?);
+                let mut owner = [0u8; 4];
+                owner.copy_from_slice(take(4)?);
+                *epoch =
+                    Epoch { number: u64::from_le_bytes(number), owner: NodeId(u32::from_le_bytes(owner)) };
+            }
+            let mut floor = [0u8; 8];
+            floor.copy_from_slice(take(8)?);
+            let done = flag(take(1)?[0])?;
+            let has_reason = flag(take(1)?[0])?;
+            let len = usize::from(u16::from_le_bytes([take(1)?[0], take(1)?[0]]));
+            if len > MAX_REASON_BYTES {
+                return Err(format!("a reason of {len} bytes"));
+            }
+            let reason = std::str::from_utf8(take(len)?).map_err(|_| "a reason is not UTF-8")?.to_string();
+            if !has_reason && !reason.is_empty() {
+                return Err("a reason without its flag".into());
+            }
+            aggregates.push(Planned {
+                uuid: Uuid(uuid),
+                frozen: epochs[0],
+                new: epochs[1],
+                floor: u64::from_le_bytes(floor),
+                not_in_sync: has_reason.then_some(reason),
+                done,
+            });
+        }
+        if at != bytes.len() {
+            return Err("bytes after the plan".into());
+        }
+        Ok(Plan { force_nvfail_all, aggregates })
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The last forced switchover of the journal that got as far as its plan, with the plan.
+pub fn last_switchover(records: &[OperationRecord]) -> Option<(OperationRecord, Plan)> {
+    records.iter().rev().filter(|op| op.kind == OperationKind::Switchover).find_map(|op| {
+        Plan::decode(&op.payload)
+            .ok()
+            .filter(|plan| !plan.aggregates.is_empty())
+            .map(|plan| (op.clone(), plan))
+    })
+}
+
+fn veto(kind: &str, code: &str, aggregate: Option<Uuid>, reason: impl Into<String>) -> Veto {
+    Veto {
+        kind: kind.into(),
+        code: code.into(),
+        aggregate: aggregate.map(|u| hex(&u.0)).unwrap_or_default(),
+        reason: reason.into(),
+    }
+}
+
+/// Whether the DR partner answers an `Admin.Status` within `bound` (a completed round trip).
+async fn partner_answers(node: &Node, bound: Duration) -> Option<String> {
+    let address = format!("http://{}", node.config().dr_partner.address);
+    let probe = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(address).ok()?.connect_timeout(bound);
+        let channel = endpoint.connect().await.ok()?;
+        let mut client = mc_proto::v1::admin_client::AdminClient::new(channel);
+        let request = mc_proto::v1::StatusRequest { cluster_id: node.config().cluster_id.to_vec() };
+        match client.status(request).await {
+            Ok(reply) => Some(format!(
+                "node {} answered: it is {}",
+                node.config().dr_partner.node_id,
+                reply.into_inner().node_state
+            )),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) =>
+            {
+                None
+            }
+            Err(status) => {
+                Some(format!("node {} answered: {}", node.config().dr_partner.node_id, status.message()))
+            }
+        }
+    };
+    tokio::time::timeout(bound, probe).await.ok().flatten()
+}
+
+/// The partner's aggregates with a plex on this shelf.
+async fn candidates(node: &Node) -> Result<Vec<FoundAggregate>, Status> {
+    let disks = crate::shelf::scan(&node.config().shelf_dir)
+        .await
+        .map_err(|e| Status::internal(format!("scan the shelf: {e}")))?;
+    let partner = node.config().dr_partner.node_id;
+    Ok(crate::shelf::aggregates(&disks, Uuid(node.config().cluster_id))
+        .into_iter()
+        .filter(|f| f.plexes[1].iter().filter_map(|d| d.label.as_ref()).any(|l| l.home_owner.0 == partner))
+        .collect())
+}
+
+/// The vetoes and the plan a forced switchover would run now (step 1).
+async fn evaluate(
+    node: &Node,
+    request: &SwitchoverRequest,
+    resume: Option<&Plan>,
+) -> Result<(Vec<Veto>, Plan), Status> {
+    let config = node.config();
+    let me = config.node_id;
+    let partner = config.dr_partner.node_id;
+    let mut vetoes = Vec::new();
+    if !request.confirmed && !request.simulate {
+        vetoes.push(veto(
+            "hard",
+            "not_confirmed",
+            None,
+            format!(
+                "without a mediator, a forced switchover needs the operator's confirmation that node {partner}'s \
+                 site is down or isolated (--confirm): if it still writes, its writes are lost"
+            ),
+        ));
+    }
+    if let Some(op) = node.operations().list().iter().rev().find(|op| op.state == OperationState::InProgress)
+        && op.kind != OperationKind::Switchover
+    {
+        vetoes.push(veto(
+            "hard",
+            "operation_in_progress",
+            None,
+            format!("operation {} ({:?}) is in progress on node {me}", op.id, op.kind),
+        ));
+    }
+    let state = node.state();
+    if state.phase != Phase::Serving {
+        vetoes.push(veto(
+            "hard",
+            "node_fenced",
+            None,
+            format!(
+                "node {me} is {} ({}); if its DR partner's site is down, run `mcctl node unfence {me} --force \
+                 --confirm` first",
+                state.phase.name(),
+                state.reason
+            ),
+        ));
+    }
+    if let Some(answer) = partner_answers(node, config.timers.keepalive_timeout).await {
+        vetoes.push(veto(
+            "hard",
+            "partner_reachable",
+            None,
+            format!(
+                "the DR partner is reachable ({answer}): a forced switchover is only for a site that is down"
+            ),
+        ));
+    }
+    let found = candidates(node).await?;
+    if found.is_empty() {
+        vetoes.push(veto(
+            "hard",
+            "nothing_to_switch_over",
+            None,
+            format!("this shelf holds no plex of node {partner}'s aggregates"),
+        ));
+    }
+    let nvlog = node.nvlog().clone();
+    let receiver_state = nvlog.status(PartitionKind::DrPartner).map(|s| s.mirror_state).ok();
+    let round_trip = node.receiver.get().and_then(|r| r.last_round_trip_age());
+    let limit = config.timers.mirror_timeout.saturating_sub(config.timers.margin);
+    let mut plan = Plan { force_nvfail_all: request.force_nvfail_all, aggregates: Vec::new() };
+    for f in &found {
+        let uuid = f.uuid;
+        let labels: Vec<_> = f.plexes[1].iter().map(|d| d.label.as_ref()).collect();
+        let Some(first) = labels.iter().flatten().next().copied() else { continue };
+        if let Some(done) = resume.and_then(|p| p.aggregates.iter().find(|a| a.uuid == uuid)) {
+            plan.aggregates.push(done.clone());
+            continue;
+        }
+        if first.owner.0 == me {
+            // Labels already ours, but no plan says so: a plan lost with its journal entry.
+            vetoes.push(veto(
+                "hard",
+                "no_plan",
+                Some(uuid),
+                "the labels here name this node the owner but the journal holds no plan for it",
+            ));
+            continue;
+        }
+        if labels.iter().any(Option::is_none) {
+            vetoes.push(veto(
+                "hard",
+                "no_usable_plex",
+                Some(uuid),
+                "a disk of plex 1 on this shelf has no valid label",
+            ));
+            continue;
+        }
+        match first.plex_state {
+            PlexState::Normal => {}
+            PlexState::Resyncing { .. } => {
+                vetoes.push(veto(
+                    "hard",
+                    "no_usable_plex",
+                    Some(uuid),
+                    "plex 1 here is an unfinished resync target (S5): it holds a mix of old and new blocks",
+                ));
+                continue;
+            }
+            other => {
+                vetoes.push(veto("hard", "no_usable_plex", Some(uuid), format!("plex 1 here is {other:?}")));
+                continue;
+            }
+        }
+        let marks = node.shelf_state.marks(uuid);
+        let label_epoch = labels.iter().flatten().map(|l| l.epoch_high_water).max().unwrap_or_default();
+        let seen = marks.epoch.max(label_epoch);
+        let frozen = if seen.owner.0 == partner { seen } else { label_epoch };
+        let new = Epoch { number: seen.number + 1, owner: NodeId(me) };
+        // DESIGN §9 (a), without a mediator: the receiver holds the mirror in sync, the plexes
+        // are normal and the last round trip is younger than mirror_timeout − margin.
+        let mut not_in_sync = Vec::new();
+        let mut unknown = Vec::new();
+        match receiver_state {
+            Some(nvlog::MirrorState::InSync) => {}
+            Some(other) => not_in_sync.push(format!(
+                "this node's receiver holds node {partner}'s NVLog mirror {other:?} (S13): node {partner} may have \
+                 acknowledged writes this node lacks"
+            )),
+            None => unknown.push("the receiver's partition cannot be read".to_string()),
+        }
+        if let Some(drop) = marks.drop.filter(|d| d.plex == 1) {
+            not_in_sync.push(format!(
+                "node {partner} recorded plex 1 dropped here (generation {}): the plex here is out of date",
+                drop.survivor_generation
+            ));
+        }
+        match round_trip {
+            None => unknown.push(format!(
+                "no round trip with node {partner} completed since this node started: it may have gone on writing \
+                 alone"
+            )),
+            Some(age) if age >= limit => unknown.push(format!(
+                "the last round trip with node {partner} was {:.1} s ago, more than mirror_timeout − margin ({:.1} s): \
+                 it may have gone on writing alone",
+                age.as_secs_f64(),
+                limit.as_secs_f64()
+            )),
+            Some(_) => {}
+        }
+        for reason in &not_in_sync {
+            vetoes.push(veto("soft", "out_of_sync", Some(uuid), reason.clone()));
+        }
+        for reason in &unknown {
+            vetoes.push(veto("soft", "sync_unknown", Some(uuid), reason.clone()));
+        }
+        let reasons: Vec<String> = not_in_sync.into_iter().chain(unknown).collect();
+        let cp = f.last_cp();
+        plan.aggregates.push(Planned {
+            uuid,
+            frozen,
+            new,
+            floor: if cp.writer.0 == partner { cp.last_lsn.0 } else { 0 },
+            not_in_sync: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            done: false,
+        });
+    }
+    Ok((vetoes, plan))
+}
+
+fn vetoed(vetoes: &[Veto], override_soft: bool) -> bool {
+    vetoes.iter().any(|v| v.kind == "hard" || !override_soft)
+}
+
+fn vetoed_status(reply: &SwitchoverReply) -> Status {
+    let list: Vec<String> =
+        reply.vetoes.iter().map(|v| format!("{} veto {}: {}", v.kind, v.code, v.reason)).collect();
+    Status::with_details(
+        tonic::Code::FailedPrecondition,
+        format!("vetoed: {}", list.join("; ")),
+        reply.encode_to_vec().into(),
+    )
+}
+
+/// `Admin.Switchover`.
+pub async fn admin_switchover(
+    node: &Arc<Node>,
+    request: &SwitchoverRequest,
+) -> Result<SwitchoverReply, Status> {
+    if !request.forced_on_disaster {
+        return Err(Status::invalid_argument(
+            "a negotiated switchover is not built yet: only --forced-on-disaster (for a site that is down)",
+        ));
+    }
+    let started = Instant::now();
+    let _admin = node.admin.lock().await;
+    let journal = node.operations().list();
+    let resume = last_switchover(&journal).filter(|(op, _)| op.state == OperationState::InProgress);
+    if let Some((op, plan)) = last_switchover(&journal)
+        && op.state != OperationState::InProgress
+        && plan.aggregates.iter().all(|a| a.done)
+        && node.aggregates().iter().any(|a| a.switched_over)
+    {
+        // Done already: say so (idempotent).
+        let volumes = switched_volumes(node);
+        return Ok(SwitchoverReply {
+            vetoes: Vec::new(),
+            operation: Some(crate::operations::to_wire(&op)),
+            nvfailed_volumes: nvfailed(node),
+            volumes,
+        });
+    }
+    let (vetoes, plan) = evaluate(node, request, resume.as_ref().map(|(_, plan)| plan)).await?;
+    let mut reply = SwitchoverReply { vetoes, ..Default::default() };
+    if request.simulate {
+        return Ok(reply);
+    }
+    if vetoed(&reply.vetoes, request.override_vetoes) {
+        return Err(vetoed_status(&reply));
+    }
+    for v in &reply.vetoes {
+        tracing::warn!(node = node.node_id(), code = %v.code, aggregate = %v.aggregate, "soft veto overridden: {}", v.reason);
+    }
+    // Step 2: the plan, then the epochs and the freeze.
+    let op = match &resume {
+        Some((op, _)) => {
+            node.operations()
+                .update(op.id, STEP_PLANNED, plan.encode())
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            op.clone()
+        }
+        None => node
+            .operations()
+            .begin(OperationKind::Switchover, STEP_PLANNED, plan.encode())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?,
+    };
+    tracing::warn!(
+        node = node.node_id(),
+        operation = op.id,
+        aggregates = plan.aggregates.len(),
+        "forced switchover: taking over the DR partner's aggregates"
+    );
+    let plan_bytes = plan.encode();
+    crate::faults::crash_at("planned");
+    let result = run(node, op.id, plan).await;
+    let (state, errors) = match &result {
+        Ok(outcome) if outcome.errors.is_empty() => (OperationState::Successful, Vec::new()),
+        Ok(outcome) if outcome.adopted > 0 => (OperationState::PartiallySuccessful, outcome.errors.clone()),
+        Ok(outcome) => (OperationState::Failed, outcome.errors.clone()),
+        Err(e) => (OperationState::Failed, vec![e.clone()]),
+    };
+    // A failed step leaves the operation in progress: a re-run resumes it from the journal.
+    if state != OperationState::Failed {
+        node.operations()
+            .finish(op.id, state, errors.clone())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+    } else {
+        let step = format!("stopped, re-run to resume: {}", errors.join("; "));
+        let _ = node.operations().update(op.id, truncate(&step, 200), plan_bytes).await;
+    }
+    tracing::warn!(node = node.node_id(), operation = op.id, ?state, took = ?started.elapsed(), "forced switchover ended");
+    let record = node.operations().list().into_iter().find(|r| r.id == op.id);
+    reply.operation = record.as_ref().map(crate::operations::to_wire);
+    reply.nvfailed_volumes = nvfailed(node);
+    reply.volumes = switched_volumes(node);
+    match state {
+        OperationState::Failed => Err(Status::internal(format!(
+            "the forced switchover failed (operation {}; re-run it to resume): {}",
+            op.id,
+            errors.join("; ")
+        ))),
+        _ => Ok(reply),
+    }
+}
+
+fn switched_volumes(node: &Node) -> Vec<String> {
+    node.aggregates()
+        .iter()
+        .filter(|a| a.switched_over && a.deposed().is_none())
+        .flat_map(|a| a.table().volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
+        .collect()
+}
+
+fn nvfailed(node: &Node) -> Vec<String> {
+    node.aggregates()
+        .iter()
+        .filter(|a| a.switched_over)
+        .flat_map(|a| {
+            a.table()
+                .volumes
+                .iter()
+                .filter(|v| v.in_nvfailed_state)
+                .map(|v| v.name.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What `run` did.
+struct Outcome {
+    adopted: usize,
+    errors: Vec<String>,
+}
+
+/// Steps 2 (epochs, freeze) to 7 for every aggregate of the plan not done yet.
+async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, String> {
+    for planned in &plan.aggregates {
+        node.shelf_state
+            .admit(planned.uuid, planned.new)
+            .await
+            .map_err(|e| format!("persist epoch {}@node{}: {e}", planned.new.number, planned.new.owner.0))?;
+    }
+    if let Some(receiver) = node.receiver.get() {
+        receiver.freeze().await;
+    }
+    node.partner_down_confirmed.store(true, Ordering::Release);
+    crate::faults::crash_at("frozen");
+    node.mirror()
+        .drop_confirmed("forced switchover: the operator confirmed the partner's site down or isolated")
+        .await
+        .map_err(|e| format!("drop the NVLog mirror to the partner: {e}"))?;
+    let mut outcome = Outcome { adopted: 0, errors: Vec::new() };
+    let found = candidates(node).await.map_err(|s| s.message().to_string())?;
+    let mut adopting: Vec<(Arc<AggrSlot>, Planned)> = Vec::new();
+    for planned in plan.aggregates.iter().filter(|p| !p.done) {
+        let Some(f) = found.iter().find(|f| f.uuid == planned.uuid) else {
+            outcome
+                .errors
+                .push(format!("aggregate {}: its plex is gone from this shelf", hex(&planned.uuid.0)));
+            continue;
+        };
+        // An earlier attempt of this run may have opened it already.
+        let slot = match node.aggregates().into_iter().find(|a| a.uuid == planned.uuid) {
+            Some(slot) => slot,
+            None => match node.adopt(f, planned.new, "forced switchover in progress").await {
+                Ok(slot) => slot,
+                Err(e) => {
+                    outcome.errors.push(format!("aggregate {}: {e}", hex(&planned.uuid.0)));
+                    continue;
+                }
+            },
+        };
+        adopting.push((slot, planned.clone()));
+    }
+    crate::faults::crash_at("adopted");
+    // Step 4: the partner's records (S8).
+    let problems = node.replay_partner(&adopting).await;
+    crate::faults::crash_at("replayed");
+    // Step 5: NVFAIL.
+    for (slot, planned) in &adopting {
+        let mut causes = Vec::new();
+        if let Some(why) = &planned.not_in_sync {
+            causes.push(NvfailCause { rule: NvfailRule::NotInSync, why: why.clone() });
+        }
+        if let Some(why) = problems.get(&slot.uuid) {
+            causes.push(NvfailCause { rule: NvfailRule::Unrecoverable, why: why.clone() });
+        }
+        if plan.force_nvfail_all {
+            causes.push(NvfailCause { rule: NvfailRule::ForceAll, why: "--force-nvfail-all".into() });
+        }
+        causes.push(NvfailCause {
+            rule: NvfailRule::DrForce,
+            why: "dr_force_nvfail is set and a forced switchover happened".into(),
+        });
+        for cause in &causes {
+            if let Err(e) = node.enter_nvfail(slot, None, cause).await {
+                // Not served rather than served without its NVFAIL (S9).
+                let why = format!("its NVFAIL state could not be recorded: {e}");
+                slot.serving.send_replace(SlotState::Deposed(why.clone()));
+                outcome.errors.push(format!("aggregate {}: {why}", slot.table().name));
+                break;
+            }
+        }
+    }
+    // Step 6: a CP puts the replayed records on the plex here.
+    node.cp("switchover").await.map_err(|e| format!("the CP after replay failed: {e}"))?;
+    crate::faults::crash_at("cp");
+    for (slot, _) in &adopting {
+        // Not one whose NVFAIL could not be recorded: a restart must not serve it.
+        let ready = matches!(*slot.serving.borrow(), SlotState::Adopting(_));
+        if let Some(planned) = plan.aggregates.iter_mut().find(|p| p.uuid == slot.uuid) {
+            planned.done = ready;
+        }
+    }
+    node.operations()
+        .update(id, "replayed, NVFAIL applied, CP done", plan.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Step 7: export.
+    for (slot, _) in &adopting {
+        if slot.send_serving() {
+            outcome.adopted += 1;
+        }
+    }
+    node.operations().update(id, STEP_DONE, plan.encode()).await.map_err(|e| e.to_string())?;
+    Ok(outcome)
+}
+
+impl AggrSlot {
+    /// Exports an adopted aggregate; false if it was deposed meanwhile.
+    fn send_serving(&self) -> bool {
+        self.serving.send_if_modified(|state| match state {
+            SlotState::Adopting(_) => {
+                *state = SlotState::Serving;
+                true
+            }
+            _ => false,
+        });
+        matches!(*self.serving.borrow(), SlotState::Serving)
+    }
+}
+
+impl Node {
+    /// Opens a partner's aggregate from its plex on this shelf at `epoch` (plex 0, at the
+    /// partner's site, stays out until heal), records this node as its owner in the labels and
+    /// adds it to the node's list, not served (`Adopting`).
+    pub(crate) async fn adopt(
+        &self,
+        found: &FoundAggregate,
+        epoch: Epoch,
+        why: &str,
+    ) -> Result<Arc<AggrSlot>, String> {
+        let index = u32::try_from(self.aggregates().len()).map_err(|_| "too many aggregates")?;
+        let slot = self.open_switched_over(found, index, epoch, SlotState::Adopting(why.to_string())).await?;
+        let slot = Arc::new(slot);
+        let mut list = self.aggregates.write().expect("the aggregate list lock holder panicked");
+        if list.iter().any(|a| a.uuid == slot.uuid) {
+            return Err("already open".into());
+        }
+        list.push(slot.clone());
+        drop(list);
+        self.publish_epochs();
+        Ok(slot)
+    }
+
+    /// Opens a switched-over aggregate (module doc, step 3).
+    pub(crate) async fn open_switched_over(
+        &self,
+        found: &FoundAggregate,
+        index: u32,
+        epoch: Epoch,
+        state: SlotState,
+    ) -> Result<AggrSlot, String> {
+        let partner = self.config.dr_partner.node_id;
+        let paths: Vec<std::path::PathBuf> = found.plexes[1].iter().map(|d| d.path.clone()).collect();
+        if paths.is_empty() {
+            return Err("no disk of plex 1 on this shelf".into());
+        }
+        let local = self.local_devices(&paths, found.uuid, epoch)?;
+        let away: Arc<dyn plex::BlockDevice> = Arc::new(crate::remote_disk::UnreachableDisk {
+            why: format!("plex 0 is at node {partner}'s site, switched over: it returns at heal"),
+        });
+        let aggregate = Aggregate::open([vec![away], local], self.aggregate_options(), self.drop_hook(epoch))
+            .await
+            .map_err(|e| format!("open from plex 1: {e}"))?;
+        aggregate
+            .record_owner(NodeId(self.config.node_id), epoch)
+            .await
+            .map_err(|e| format!("record the new owner in the labels: {e}"))?;
+        let table = Node::read_table(&aggregate).await?;
+        for volume in &table.volumes {
+            if self.aggregates().iter().any(|a| a.table().volumes.iter().any(|v| v.name == volume.name)) {
+                return Err(format!("volume {} has the name of a volume of this node", volume.name));
+            }
+        }
+        tracing::warn!(
+            node = self.config.node_id,
+            aggregate = %table.name,
+            epoch = epoch.number,
+            "aggregate opened from its plex at this site (switched over)"
+        );
+        Ok(AggrSlot {
+            index,
+            uuid: found.uuid,
+            aggregate: Arc::new(aggregate),
+            epoch: nvlog::Epoch { number: epoch.number, owner: nvlog::NodeId(epoch.owner.0) },
+            table: std::sync::Mutex::new(table),
+            disks: std::sync::Mutex::new([
+                Vec::new(),
+                found.plexes[1].iter().map(|d| d.name.clone()).collect(),
+            ]),
+            last_cp: std::sync::Mutex::new(found.last_cp()),
+            switched_over: true,
+            serving: tokio::sync::watch::Sender::new(state),
+        })
+    }
+
+    /// Step 4: replays the partner's records held in the `dr_partner` partition into the write
+    /// cache (S8). Returns, per aggregate, why its records could not all be recovered.
+    async fn replay_partner(&self, adopting: &[(Arc<AggrSlot>, Planned)]) -> HashMap<Uuid, String> {
+        let mut problems: HashMap<Uuid, String> = HashMap::new();
+        if adopting.is_empty() {
+            return problems;
+        }
+        let partner = self.config.dr_partner.node_id;
+        let mut floors: HashMap<Uuid, Lsn> = HashMap::new();
+        let mut frozen = HashMap::new();
+        for (slot, planned) in adopting {
+            // S8: the label's CP covers the partner's records at or below its lsn (as planned:
+            // a CP of ours since, before a crash, must not lower it).
+            floors.insert(slot.uuid, Lsn(planned.floor));
+            frozen.insert(
+                nvlog::AggregateId(slot.uuid.0),
+                nvlog::Epoch { number: planned.frozen.number, owner: nvlog::NodeId(planned.frozen.owner.0) },
+            );
+        }
+        let nvlog = self.nvlog.clone();
+        let start = floors.values().min().copied().unwrap_or(Lsn::ZERO);
+        let status = nvlog.status(PartitionKind::DrPartner);
+        let replay = tokio::task::spawn_blocking(move || {
+            nvlog.replay(
+                PartitionKind::DrPartner,
+                &nvlog::ReplayFilter { after_lsn: start, frozen_epochs: Some(frozen) },
+            )
+        })
+        .await
+        .map_err(|e| format!("replay task: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        fn all(problems: &mut HashMap<Uuid, String>, adopting: &[(Arc<AggrSlot>, Planned)], why: &str) {
+            for (slot, _) in adopting {
+                problems.entry(slot.uuid).or_insert_with(|| why.to_string());
+            }
+        }
+        let replay = match (status, replay) {
+            (Ok(status), Ok(replay)) => {
+                if status.mirror_state == nvlog::MirrorState::Resyncing {
+                    all(
+                        &mut problems,
+                        adopting,
+                        &format!(
+                            "this node's copy of node {partner}'s records lost records (resyncing, S13)"
+                        ),
+                    );
+                }
+                // Released by the partner above what the plex here holds: those records are gone.
+                for (slot, _) in adopting {
+                    let floor = floors.get(&slot.uuid).copied().unwrap_or_default();
+                    if status.released_lsn > floor {
+                        problems.entry(slot.uuid).or_insert_with(|| {
+                            format!(
+                                "node {partner} released its records up to lsn {} but the plex here holds its CPs \
+                                 only up to lsn {} (S8)",
+                                status.released_lsn.0, floor.0
+                            )
+                        });
+                    }
+                }
+                replay
+            }
+            (Err(e), _) => {
+                all(&mut problems, adopting, &format!("the dr_partner partition: {e}"));
+                return problems;
+            }
+            (_, Err(e)) => {
+                all(&mut problems, adopting, &format!("replay: {e}"));
+                return problems;
+            }
+        };
+        if let Some(gap) = replay.gaps.first() {
+            let why = format!(
+                "lsns {}..{} of node {partner} are missing from this node's copy (S8)",
+                gap.after.0 + 1,
+                gap.next.0
+            );
+            all(&mut problems, adopting, &why);
+        }
+        let mut applied = 0u64;
+        for record in &replay.records {
+            let header = &record.header;
+            let uuid = Uuid(header.aggregate.0);
+            let Some((slot, _)) = adopting.iter().find(|(s, _)| s.uuid == uuid) else { continue };
+            if floors.get(&uuid).is_some_and(|floor| header.lsn <= *floor) {
+                continue;
+            }
+            let table = slot.table().clone();
+            let Some(entry) = table.volumes.iter().find(|v| v.id == header.volume.0).cloned() else {
+                if header.volume.0 >= table.next_id {
+                    problems
+                        .entry(uuid)
+                        .or_insert_with(|| format!("lsn {} names an unknown volume", header.lsn.0));
+                }
+                continue;
+            };
+            let end = header.offset.checked_add(header.range_len);
+            if end.is_none_or(|end| end > entry.size) {
+                problems
+                    .entry(uuid)
+                    .or_insert_with(|| format!("lsn {} is outside volume {}", header.lsn.0, entry.name));
+                continue;
+            }
+            let volume = VolumeRef { aggr: slot.clone(), entry };
+            match self.apply(&volume, header.op, header.offset, header.range_len, &record.payload).await {
+                Ok(()) => applied += 1,
+                Err(e) => {
+                    problems.entry(uuid).or_insert_with(|| format!("lsn {}: {e}", header.lsn.0));
+                }
+            }
+        }
+        tracing::warn!(
+            node = self.config.node_id,
+            partner,
+            applied,
+            skipped_for_epoch = replay.skipped_for_epoch,
+            "the partner's NVLog records replayed (S8)"
+        );
+        problems
+    }
+
+    /// S2: the partner holds `epoch`, above ours, for `uuid`: persisted as this shelf's mark
+    /// (our own disk writes at the old epoch are refused from now on) and the aggregate is no
+    /// longer served.
+    pub(crate) async fn depose(&self, uuid: Uuid, epoch: Epoch) {
+        if let Err(e) = self.shelf_state.admit(uuid, epoch).await {
+            tracing::error!(node = self.config.node_id, aggregate = %hex(&uuid.0), "persisting the higher epoch failed: {e}");
+        }
+        let Some(slot) = self.aggregates().into_iter().find(|a| a.uuid == uuid) else { return };
+        if epoch <= slot.plex_epoch() || slot.is_deposed() {
+            return;
+        }
+        let why = format!(
+            "deposed: node {} holds epoch {} of aggregate {} (S2); this node serves and writes it no more",
+            epoch.owner.0,
+            epoch.number,
+            slot.table().name
+        );
+        tracing::error!(node = self.config.node_id, aggregate = %hex(&uuid.0), "{why}");
+        slot.serving.send_replace(SlotState::Deposed(why));
+        let mut cache = self.lock_cache();
+        cache.active.retain(|(index, _), _| *index != slot.index);
+    }
+
+    /// Stops serving every aggregate the DR partner reports a higher epoch for (S2), for as
+    /// long as the node runs.
+    pub async fn watch_deposed(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut deposed = self.mirror.subscribe_deposed();
+        loop {
+            let list = deposed.borrow_and_update().clone();
+            for (uuid, epoch) in list {
+                self.depose(uuid, epoch).await;
+            }
+            tokio::select! {
+                changed = deposed.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}
+
+/// `Admin.Unfence`: the operator's way out of a fence nobody can confirm (S2).
+pub async fn admin_unfence(node: &Arc<Node>, request: &UnfenceRequest) -> Result<UnfenceReply, Status> {
+    if !request.force || !request.confirmed {
+        return Err(Status::invalid_argument(
+            "a forced unfence needs --force and --confirm: it raises the epochs and NVFAILs every volume, since the \
+             DR partner may have taken over meanwhile (S2, S9)",
+        ));
+    }
+    let state = node.state();
+    if state.phase != Phase::Fenced {
+        return Err(Status::failed_precondition(format!(
+            "node {} is {}, not fenced: nothing to unfence",
+            node.node_id(),
+            state.phase.name()
+        )));
+    }
+    let op = node
+        .operations()
+        .begin(OperationKind::Unfence, "unfencing", Vec::new())
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    node.partner_down_confirmed.store(true, Ordering::Release);
+    node.unfence.send_replace(true);
+    let mut phase = node.subscribe();
+    let _ = tokio::time::timeout(node.config().timers.mirror_timeout * 2, async {
+        phase.wait_for(|s| s.phase == Phase::Serving || s.phase == Phase::Stopping).await.is_ok()
+    })
+    .await;
+    let serving = node.state().phase == Phase::Serving;
+    let errors = if serving {
+        Vec::new()
+    } else {
+        vec![format!("the node is {}: {}", node.state().phase.name(), node.state().reason)]
+    };
+    let final_state = if serving { OperationState::Successful } else { OperationState::Failed };
+    node.operations()
+        .finish(op.id, final_state, errors.clone())
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let record = node.operations().list().into_iter().find(|r| r.id == op.id);
+    let nvfailed_volumes = node
+        .aggregates()
+        .iter()
+        .flat_map(|a| {
+            a.table()
+                .volumes
+                .iter()
+                .filter(|v| v.in_nvfailed_state)
+                .map(|v| v.name.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !serving {
+        return Err(Status::internal(format!("the forced unfence did not complete: {}", errors.join("; "))));
+    }
+    Ok(UnfenceReply { nvfailed_volumes, operation: record.as_ref().map(crate::operations::to_wire) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            force_nvfail_all: true,
+            aggregates: vec![
+                Planned {
+                    uuid: Uuid([1; 16]),
+                    frozen: Epoch { number: 1, owner: NodeId(1) },
+                    new: Epoch { number: 2, owner: NodeId(2) },
+                    floor: 17,
+                    not_in_sync: Some("out of sync".into()),
+                    done: false,
+                },
+                Planned {
+                    uuid: Uuid([2; 16]),
+                    frozen: Epoch { number: 4, owner: NodeId(1) },
+                    new: Epoch { number: 5, owner: NodeId(2) },
+                    floor: 0,
+                    not_in_sync: None,
+                    done: true,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_plan_round_trips_and_damage_is_an_error() {
+        let plan = plan();
+        let bytes = plan.encode();
+        assert_eq!(Plan::decode(&bytes).unwrap(), plan);
+        for len in 0..bytes.len() {
+            assert!(Plan::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Plan::decode(&longer).is_err());
+        let mut seed = 7u64;
+        for _ in 0..2000 {
+            let mut damaged = bytes.clone();
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let at = (seed >> 33) as usize % damaged.len();
+            damaged[at] = (seed >> 13) as u8;
+            let _ = Plan::decode(&damaged);
+        }
+    }
+
+    #[test]
+    fn soft_vetoes_stop_unless_overridden_and_hard_ones_always() {
+        let soft = veto("soft", "out_of_sync", None, "x");
+        let hard = veto("hard", "partner_reachable", None, "y");
+        assert!(!vetoed(&[], false));
+        assert!(vetoed(std::slice::from_ref(&soft), false));
+        assert!(!vetoed(std::slice::from_ref(&soft), true));
+        assert!(vetoed(&[soft, hard], true));
+    }
+}

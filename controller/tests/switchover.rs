@@ -1,0 +1,443 @@
+//! Forced switchover after a disaster, NVFAIL, deposition and forced unfence (DESIGN §9, §11;
+//! S2, S3, S8, S9, S13), with real daemons, the fault proxy on the inter-site links and a real
+//! NBD host that records which writes were acknowledged.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+mod host;
+
+use std::time::{Duration, Instant};
+
+use common::{CLUSTER, Cluster, Settings};
+use host::{Host, HostError, Workload};
+use mc_proto::v1::{
+    ModifyVolumeRequest, StatusReply, SwitchoverReply, SwitchoverRequest, UnfenceRequest, VolumeInfo,
+};
+use mc_tests::proxy::{Mode, Side};
+use prost::Message;
+
+const VOLUME_BYTES: u64 = 16 << 20;
+/// Blocks the workload cycles over.
+const BLOCKS: u64 = 256;
+
+fn request(confirmed: bool, override_vetoes: bool) -> SwitchoverRequest {
+    SwitchoverRequest {
+        cluster_id: CLUSTER.to_vec(),
+        forced_on_disaster: true,
+        simulate: false,
+        override_vetoes,
+        force_nvfail_all: false,
+        confirmed,
+    }
+}
+
+/// `Admin.Switchover` at node `i`: the reply, or the status with the vetoes it carries.
+async fn switchover(
+    cluster: &Cluster,
+    i: usize,
+    request: SwitchoverRequest,
+) -> Result<SwitchoverReply, (tonic::Status, Vec<String>)> {
+    let mut admin = cluster.admin(i).await;
+    match admin.switchover(request).await {
+        Ok(reply) => Ok(reply.into_inner()),
+        Err(status) => {
+            let vetoes = SwitchoverReply::decode(status.details())
+                .map(|r| r.vetoes.iter().map(|v| format!("{} {}: {}", v.kind, v.code, v.reason)).collect())
+                .unwrap_or_default();
+            Err((status, vetoes))
+        }
+    }
+}
+
+fn volume<'a>(status: &'a StatusReply, name: &str) -> &'a VolumeInfo {
+    status
+        .aggregates
+        .iter()
+        .flat_map(|a| a.volumes.iter())
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}: {status:#?}"))
+}
+
+/// Reads every acknowledged write of `ledger` at node `i` through NBD; fails on any missing.
+fn check_acknowledged(address: &str, ledger: &host::Ledger) {
+    let mut host = Host::connect(address, "vol_a").unwrap();
+    let wrong = host::missing(&mut host, ledger);
+    assert!(
+        wrong.is_empty(),
+        "{} acknowledged writes lost of {}: {:?}",
+        wrong.len(),
+        ledger.count,
+        &wrong[..wrong.len().min(8)]
+    );
+    host.close();
+}
+
+/// Disaster in sync: a host writes to A; site A is lost (`kill -9`); the forced switchover at
+/// B serves vol_a with every acknowledged write, not NVFAILed (B can show it was in sync: its
+/// receiver in sync and its last round trip with A younger than mirror_timeout − margin).
+/// Prevents a switchover that loses acknowledged records (replay of the dr_partner partition,
+/// S8) or NVFAILs without cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaster_in_sync_loses_nothing_and_does_not_nvfail() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(500);
+    cluster.kill(0);
+    let ledger = load.stop();
+    assert!(ledger.ended.is_some(), "the host's connection to A should have failed");
+    let started = Instant::now();
+    let reply = switchover(&cluster, 1, request(true, false)).await.unwrap();
+    eprintln!("forced switchover took {:?}: {reply:?}", started.elapsed());
+    assert_eq!(reply.volumes, ["vol_a"], "{reply:?}");
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    let status = cluster.status(1).await;
+    assert_eq!(status.mode, "switchover", "{status:#?}");
+    assert!(!volume(&status, "vol_a").in_nvfailed_state, "{status:#?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // Idempotent: a second run reports the switchover done.
+    let again = switchover(&cluster, 1, request(true, false)).await.unwrap();
+    assert_eq!(again.volumes, ["vol_a"], "{again:?}");
+    // B serves and takes new writes.
+    let mut host = Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
+    host.write(0, &host::pattern(0, 999)).unwrap();
+    assert_eq!(host.read(0, 4096).unwrap(), host::pattern(0, 999));
+}
+
+/// The vetoes: with the partner reachable, a forced switchover is refused (hard veto), and
+/// without the operator's confirmation too; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reachable_partner_or_no_confirmation_vetoes() {
+    let cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let (status, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(vetoes.iter().any(|v| v.starts_with("hard partner_reachable")), "{vetoes:?}");
+    let (_, vetoes) = switchover(&cluster, 1, request(false, false)).await.unwrap_err();
+    assert!(vetoes.iter().any(|v| v.starts_with("hard not_confirmed")), "{vetoes:?}");
+    let simulated =
+        switchover(&cluster, 1, SwitchoverRequest { simulate: true, ..request(true, false) }).await.unwrap();
+    assert!(simulated.vetoes.iter().any(|v| v.code == "partner_reachable"), "{simulated:?}");
+    assert!(simulated.operation.is_none());
+    // A still serves; B took nothing.
+    assert_eq!(cluster.status(1).await.mode, "normal");
+    let mut host = Host::connect(&cluster.nbd_address(0), "vol_a").unwrap();
+    host.write(0, &host::pattern(0, 1)).unwrap();
+}
+
+/// Rolling disaster: the link is cut, A goes on writing alone past mirror_timeout (it drops B,
+/// S3), then A is lost. B cannot show it was in sync: the switchover is vetoed (soft veto, the
+/// out-of-sync reason); overridden, vol_a comes up NVFAILed (refused until an operator
+/// clears it), never silently old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_disaster_is_vetoed_and_overriding_nvfails() {
+    let mut cluster =
+        Cluster::up_with_links(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES)
+            .await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    // A stalls for mirror_timeout, drops B, then acknowledges alone.
+    let before = load.count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.count() < before + 50 {
+        assert!(Instant::now() < deadline, "A never went on alone: {:?}", load.ledger.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.kill(0);
+    let _ledger = load.stop();
+    let (status, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        vetoes.iter().any(|v| v.starts_with("soft out_of_sync") || v.starts_with("soft sync_unknown")),
+        "{vetoes:?}"
+    );
+    assert!(!vetoes.iter().any(|v| v.starts_with("hard")), "{vetoes:?}");
+    let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+    assert!(volume(&cluster.status(1).await, "vol_a").in_nvfailed_state);
+    match Host::connect(&cluster.nbd_address(1), "vol_a") {
+        Err(HostError::Refused(_, message)) => assert!(message.contains("NVFAIL"), "{message}"),
+        other => panic!("an NVFAILed volume was served: {:?}", other.map(|_| ())),
+    }
+    // Cleared by the operator (who accepts the possible loss), it is served again.
+    let mut admin = cluster.admin(1).await;
+    let refused = admin
+        .modify_volume(ModifyVolumeRequest {
+            cluster_id: CLUSTER.to_vec(),
+            name: "vol_a".into(),
+            in_nvfailed_state: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    admin
+        .modify_volume(ModifyVolumeRequest {
+            cluster_id: CLUSTER.to_vec(),
+            name: "vol_a".into(),
+            in_nvfailed_state: Some(false),
+            confirmed: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut host = Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
+    host.read(0, 4096).unwrap();
+}
+
+/// Link cut, then A lost before any timeout: B's last round trip with A is recent, its
+/// receiver in sync, so a switchover at once is not NVFAILed (A could not have acknowledged
+/// alone before mirror_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_survivor_knows_within_the_limit() {
+    let mut cluster =
+        Cluster::up_with_links(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES)
+            .await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    cluster.kill(0);
+    let ledger = load.stop();
+    let reply = switchover(&cluster, 1, request(true, false)).await.unwrap();
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+}
+
+/// The survivor cannot know: link cut and A lost before any timeout, but the switchover comes
+/// later than mirror_timeout − margin after B's last round trip with A: A may have gone on
+/// alone, so vol_a is NVFAILed (with --override-vetoes; vetoed without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_survivor_cannot_know_after_the_limit() {
+    let mut cluster = Cluster::up_with_links(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    cluster.link(0).set(Side::Forward, Mode::Blackhole);
+    cluster.link(0).set(Side::Backward, Mode::Blackhole);
+    cluster.link(1).set_both(Mode::Blackhole);
+    cluster.kill(0);
+    // mirror_timeout 5 s, margin 1 s: 4 s after the last round trip.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (_, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert!(vetoes.iter().any(|v| v.starts_with("soft")), "{vetoes:?}");
+    let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+}
+
+/// B restarted between the loss of A and the switchover: it has no round trip with A in this
+/// life, so it cannot know; it is fenced (S2) until the operator unfences it, and the
+/// switchover NVFAILs vol_a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_survivor_cannot_know() {
+    let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    cluster.kill(0);
+    cluster.kill(1);
+    cluster.start(1);
+    cluster.wait_state(1, "fenced").await;
+    let (_, vetoes) = switchover(&cluster, 1, request(true, true)).await.unwrap_err();
+    assert!(vetoes.iter().any(|v| v.starts_with("hard node_fenced")), "{vetoes:?}");
+    let mut admin = cluster.admin(1).await;
+    admin
+        .unfence(UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: true })
+        .await
+        .unwrap();
+    let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+}
+
+/// A restarted controller whose partner site is down stays fenced (S2); the forced unfence
+/// raises its epoch and brings its volumes up NVFAILed (DESIGN §9 (e)).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_unfence_nvfails() {
+    let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    cluster.kill(1);
+    cluster.kill(0);
+    cluster.start(0);
+    let fenced = cluster.wait_state(0, "fenced").await;
+    assert!(fenced.aggregates.is_empty(), "{fenced:#?}");
+    let mut admin = cluster.admin(0).await;
+    let refused = admin
+        .unfence(UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: false })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let reply = admin
+        .unfence(UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+    let status = cluster.status(0).await;
+    assert_eq!(status.node_state, "serving");
+    let epoch = status.aggregates[0].epoch.unwrap();
+    assert_eq!((epoch.number, epoch.owner_node), (2, 1), "{status:#?}");
+    assert!(matches!(Host::connect(&cluster.nbd_address(0), "vol_a"), Err(HostError::Refused(..))));
+}
+
+/// Deposed owner: A is paused (SIGSTOP) under a workload across the forced switchover at B,
+/// for longer than mirror_timeout, then resumed. It must not take the pause for B's silence and
+/// acknowledge alone (S3): it learns the higher epoch from B and stops serving vol_a (S2). Every
+/// write its host saw acknowledged, before or after the pause, is at B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_deposed_when_it_resumes() {
+    let cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    let pid = cluster.procs[0].as_ref().unwrap().child.id() as i32;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let at_pause = load.count();
+    let reply = switchover(&cluster, 1, request(true, false)).await.unwrap();
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    // Paused past mirror_timeout (5 s): on resume, A's writes have waited "too long".
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let deposed = cluster
+        .wait_status(0, "vol_a deposed at A", |s| {
+            s.aggregates.iter().flat_map(|a| a.volumes.iter()).any(|v| v.reason.contains("deposed"))
+        })
+        .await;
+    assert_eq!(volume(&deposed, "vol_a").state, "offline", "{deposed:#?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ledger = load.stop();
+    // At most the write in flight at the pause completed after it (its record reached B).
+    assert!(
+        ledger.count <= at_pause + 1,
+        "A acknowledged {} writes after the pause",
+        ledger.count - at_pause
+    );
+    if let Ok(mut old) = Host::connect(&cluster.nbd_address(0), "vol_a") {
+        assert!(old.write(0, &host::pattern(0, 777)).is_err(), "the deposed owner acknowledged a write");
+    }
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+}
+
+/// A restarted after the switchover: B's hello tells it the higher epoch; it stays fenced and
+/// does not serve vol_a, and B goes on serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_old_owner_does_not_serve() {
+    let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    cluster.kill(0);
+    switchover(&cluster, 1, request(true, false)).await.unwrap();
+    cluster.start(0);
+    let a = cluster
+        .wait_status(0, "A deposed", |s| {
+            s.state_reason.contains("deposed") || s.unavailable.iter().any(|u| u.reason.contains("deposed"))
+        })
+        .await;
+    assert_ne!(a.node_state, "serving", "{a:#?}");
+    assert!(Host::connect(&cluster.nbd_address(0), "vol_a").is_err());
+    let mut b = Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
+    b.write(0, &host::pattern(0, 5)).unwrap();
+}
+
+/// `kill -9` of B in the middle of the switchover (after the freeze, and after the replay
+/// before the CP), restart, forced unfence, re-run: the operation completes from the journal
+/// and every write A acknowledged is at B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_interrupted_by_a_crash_completes_when_rerun() {
+    for step in ["frozen", "replayed"] {
+        let mut cluster =
+            Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+        cluster.wait_in_sync().await;
+        let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+        load.wait_count(300);
+        cluster.kill(0);
+        let ledger = load.stop();
+        cluster.kill(1);
+        cluster.env[1] = vec![("MC_FAULT_SWITCHOVER_CRASH_AT".into(), step.into())];
+        cluster.start(1);
+        // Fenced: A is gone, nobody confirms B's epoch; B has no aggregate of its own.
+        cluster.wait_state(1, "fenced").await;
+        let mut admin = cluster.admin(1).await;
+        admin
+            .unfence(UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: true })
+            .await
+            .unwrap();
+        let crashed = switchover(&cluster, 1, request(true, true)).await;
+        assert!(crashed.is_err(), "{step}: the switchover should have crashed the daemon");
+        let daemon = cluster.procs[1].as_mut().unwrap();
+        let exit = daemon.child.wait().unwrap();
+        assert!(!exit.success(), "{step}: {exit:?}");
+        cluster.procs[1] = None;
+        cluster.env[1].clear();
+        cluster.start(1);
+        cluster.wait_state(1, "fenced").await;
+        let mut admin = cluster.admin(1).await;
+        admin
+            .unfence(UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: true })
+            .await
+            .unwrap();
+        let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+        assert_eq!(reply.volumes, ["vol_a"], "{step}: {reply:?}");
+        let operation = reply.operation.clone().unwrap();
+        assert_eq!(operation.state, "successful", "{step}: {operation:?}");
+        // B restarted before the switchover: it cannot know whether A wrote alone (S9).
+        assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{step}: {reply:?}");
+        let mut admin = cluster.admin(1).await;
+        admin
+            .modify_volume(ModifyVolumeRequest {
+                cluster_id: CLUSTER.to_vec(),
+                name: "vol_a".into(),
+                in_nvfailed_state: Some(false),
+                confirmed: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        check_acknowledged(&cluster.nbd_address(1), &ledger);
+    }
+}
+
+/// A flapping link: cut, A drops B after the silence and writes alone, the link returns for a
+/// moment and is cut again before the mirror is re-established, then A is lost. B's receiver
+/// keeps its own account (S13): it holds the mirror out of sync (or resyncing), never in sync,
+/// so the switchover is vetoed and, overridden, NVFAILs vol_a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_link_leaves_the_receiver_out_of_sync() {
+    let mut cluster =
+        Cluster::up_with_links(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES)
+            .await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    let before = load.count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.count() < before + 50 {
+        assert!(Instant::now() < deadline, "A never went on alone: {:?}", load.ledger.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A moment of link: held bytes flow (keepalives, perhaps a hello), then cut again.
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Pass);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill(0);
+    let _ = load.stop();
+    let b = cluster.status(1).await;
+    let receiver = b.partitions.iter().find(|p| p.kind == "dr_partner").unwrap();
+    assert_ne!(receiver.mirror_state, mc_proto::v1::MirrorState::InSync as i32, "{b:#?}");
+    let (_, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert!(vetoes.iter().any(|v| v.starts_with("soft out_of_sync")), "{vetoes:?}");
+    let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+}
