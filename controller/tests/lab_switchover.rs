@@ -1,0 +1,93 @@
+//! The disaster drill of issue 8 through the operator's tool, on the lab: a host writes to
+//! vol_a at site A; `mcctl lab kill --site A`; `mcctl switchover --forced-on-disaster` at B.
+//! Checks the exit codes (vetoed while A is up, success after), the JSON of `switchover`,
+//! `cluster show`, `operation show` and `volume show`, and that every acknowledged write is
+//! served by B over NBD.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod host;
+mod lab_support;
+
+use host::{Host, Workload};
+use lab_support::{LabGuard, SMALL, mcctl, mcctl_json, mcctl_ok};
+use serde_json::Value;
+
+fn json_of(out: &std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Prevents a switchover command that reports success without serving the volume, loses
+/// acknowledged writes, or exits with a code scripts cannot tell from a veto.
+#[test]
+fn forced_switchover_drill_through_mcctl() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = temp.path().join("lab");
+    let _guard = LabGuard { dir: dir.clone() };
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["lab", "up", "--dir", d, "--detach", "-o", "json"];
+    args.extend_from_slice(SMALL);
+    let up = mcctl_json(&args);
+    let nbd = |site: &str| {
+        up["controllers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["site"] == site)
+            .and_then(|c| c["nbd"].as_str())
+            .unwrap_or_else(|| panic!("no nbd address for site {site}: {up:#}"))
+            .to_string()
+    };
+    let (nbd_a, nbd_b) = (nbd("A"), nbd("B"));
+
+    // A is up: vetoed (exit 3), with the reason.
+    let vetoed =
+        mcctl(&["switchover", "--forced-on-disaster", "--confirm", "--site", "B", "--lab", d, "-o", "json"]);
+    assert_eq!(vetoed.status.code(), Some(3), "{vetoed:?}");
+    let vetoed = json_of(&vetoed);
+    assert_eq!(vetoed["vetoed"], true, "{vetoed:#}");
+    assert!(
+        vetoed["vetoes"].as_array().unwrap().iter().any(|v| v["code"] == "partner_reachable"),
+        "{vetoed:#}"
+    );
+
+    let load = Workload::start(&nbd_a, "vol_a", 256);
+    load.wait_count(300);
+    mcctl_ok(&["lab", "kill", "--site", "A", "--dir", d]);
+    let ledger = load.stop();
+
+    let started = std::time::Instant::now();
+    let done = mcctl_json(&[
+        "switchover",
+        "--forced-on-disaster",
+        "--confirm",
+        "--site",
+        "B",
+        "--lab",
+        d,
+        "-o",
+        "json",
+    ]);
+    eprintln!("mcctl switchover took {:?}", started.elapsed());
+    assert_eq!(done["vetoed"], false, "{done:#}");
+    assert_eq!(done["operation"]["state"], "successful", "{done:#}");
+    assert!(done["volumes"].as_array().unwrap().iter().any(|v| v == "vol_a"), "{done:#}");
+    assert!(done["nvfailed_volumes"].as_array().unwrap().is_empty(), "{done:#}");
+
+    let mut host = Host::connect(&nbd_b, "vol_a").unwrap();
+    let wrong = host::missing(&mut host, &ledger);
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    host.close();
+
+    // A does not answer: cluster show exits 1 but says switchover.
+    let cluster = mcctl(&["cluster", "show", "--lab", d, "-o", "json"]);
+    let cluster = json_of(&cluster);
+    assert_eq!(cluster["cluster"]["mode"], "switchover", "{cluster:#}");
+    let operations = json_of(&mcctl(&["operation", "show", "--lab", d, "-o", "json"]));
+    let ops = operations["operations"].as_array().unwrap();
+    assert!(ops.iter().any(|o| o["kind"] == "switchover" && o["state"] == "successful"), "{operations:#}");
+    let volumes = json_of(&mcctl(&["volume", "show", "vol_a", "--lab", d, "-o", "json"]));
+    let vol_a = &volumes["volumes"][0];
+    assert_eq!(vol_a["in_nvfailed_state"], false, "{volumes:#}");
+}
