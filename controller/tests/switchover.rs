@@ -441,3 +441,38 @@ async fn a_flapping_link_leaves_the_receiver_out_of_sync() {
     let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
     assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
 }
+
+/// DESIGN §9 rules (b) and (c): a volume with `dr_force_nvfail` set is NVFAILed by any forced
+/// switchover, even one that can show it was in sync; `--force-nvfail-all` NVFAILs every volume
+/// taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_force_nvfail_and_force_nvfail_all_nvfail_in_sync_volumes() {
+    for force_all in [false, true] {
+        let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+        cluster.wait_in_sync().await;
+        if !force_all {
+            let mut admin = cluster.admin(0).await;
+            let set = admin
+                .modify_volume(ModifyVolumeRequest {
+                    cluster_id: CLUSTER.to_vec(),
+                    name: "vol_a".into(),
+                    dr_force_nvfail: Some(true),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(set.dr_force_nvfail);
+        }
+        cluster.kill(0);
+        let reply = switchover(
+            &cluster,
+            1,
+            SwitchoverRequest { force_nvfail_all: force_all, ..request(true, false) },
+        )
+        .await
+        .unwrap();
+        assert!(reply.vetoes.is_empty(), "in sync: {reply:?}");
+        assert_eq!(reply.nvfailed_volumes, ["vol_a"], "force_all {force_all}: {reply:?}");
+    }
+}
