@@ -375,7 +375,7 @@ async fn run_in_span(
     })?;
     // The DR partner's aggregates a completed forced switchover gave this node (their plex
     // here is plex 1, its labels name this node the owner).
-    let switchover = crate::switchover::last_switchover(&operations.list());
+    let switchover = crate::switchover::settle_at_start(&operations, &shelf_state).await;
     let mut found = found;
     if let Some((_, plan)) = &switchover {
         let partner_aggregates = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
@@ -570,7 +570,8 @@ async fn run_in_span(
     };
 
     if switchover.is_some() {
-        // A switchover planned before this start froze the partner's partition (DESIGN §11).
+        // A switchover that raised its epochs before this start froze the partner's partition
+        // (DESIGN §11).
         receiver_handle.freeze().await;
         node.partner_down_confirmed.store(true, std::sync::atomic::Ordering::Release);
     }

@@ -317,6 +317,8 @@ impl DiskService for DiskServer {
 
     async fn write(&self, request: Request<DiskWriteRequest>) -> Result<Response<DiskWriteReply>, Status> {
         let request = request.into_inner();
+        // From the epoch check to the answer: a switchover's raise waits for it (S2).
+        let _gate = self.state.io_guard().await;
         let (aggregate, plex, _) = self.admit(request.call.as_ref()).await?;
         let extents: Vec<(u64, bytes::Bytes)> = if request.extents.is_empty() {
             vec![(request.offset, request.data)]
@@ -366,6 +368,7 @@ impl DiskService for DiskServer {
 
     async fn flush(&self, request: Request<DiskFlushRequest>) -> Result<Response<DiskFlushReply>, Status> {
         let request = request.into_inner();
+        let _gate = self.state.io_guard().await;
         let (aggregate, plex, _) = self.admit(request.call.as_ref()).await?;
         let disk = self.served(request.call.as_ref(), aggregate, plex)?;
         let through = disk.written.load(Ordering::Acquire);

@@ -311,6 +311,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 identity: Some(self.our_identity()),
                 epochs: self.shelf_state.wire_epochs(),
                 mirror_state: WireMirrorState::OutOfSync as i32,
+                refusal: refusal.clone(),
                 ..Default::default()
             };
             let _ = send(Out::Hello(reply)).await;
@@ -339,6 +340,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             lost_records: status.mirror_state == MirrorState::Resyncing,
             epochs: self.shelf_state.wire_epochs(),
             returned_records: returned.len() as u64,
+            refusal: String::new(),
         };
         if !send(Out::Hello(reply)).await {
             return Ok(());

@@ -248,6 +248,15 @@ impl DropHook for PartnerDrops {
     }
 }
 
+/// Clears `Node::awaiting_partner` when `recover` stops waiting, however it stops.
+struct AwaitingPartner<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for AwaitingPartner<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -468,6 +477,9 @@ pub struct Node {
     pub(crate) partner_down_confirmed: Arc<std::sync::atomic::AtomicBool>,
     /// Raised by a forced unfence: `recover` stops waiting for the partner (S2).
     pub(crate) unfence: watch::Sender<bool>,
+    /// True while `recover` waits for the partner to confirm the epoch (a forced unfence can
+    /// only end that wait).
+    pub(crate) awaiting_partner: std::sync::atomic::AtomicBool,
 }
 
 /// What a node is built from besides its configuration and NVLog.
@@ -522,6 +534,7 @@ impl Node {
             receiver: std::sync::OnceLock::new(),
             partner_down_confirmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             unfence: watch::Sender::new(false),
+            awaiting_partner: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -778,6 +791,8 @@ impl Node {
         );
         let started = Instant::now();
         let mut unfence = self.unfence.subscribe();
+        self.awaiting_partner.store(true, std::sync::atomic::Ordering::Release);
+        let _waiting = AwaitingPartner(&self.awaiting_partner);
         let mut deposed = self.mirror.subscribe_deposed();
         let forced = loop {
             tokio::select! {
@@ -826,6 +841,12 @@ impl Node {
                 );
             }
         };
+        drop(_waiting);
+        if forced {
+            // The operator's confirmation that the partner's site is down is S3's record for
+            // dropping it (its NVLog mirror and the plexes at its site).
+            self.partner_down_confirmed.store(true, std::sync::atomic::Ordering::Release);
+        }
         if forced
             && let Err(e) = self
                 .mirror
@@ -838,7 +859,18 @@ impl Node {
         // S2: the partner's epochs for our aggregates must not be above ours (none known after a
         // forced unfence: the partner did not answer).
         let mirror = self.mirror.status();
-        let partner_epochs = if forced { Vec::new() } else { mirror.partner_epochs };
+        // After a forced unfence the partner did not answer; what it told us before it went
+        // away (a refused hello) still counts.
+        let partner_epochs = if forced {
+            self.mirror
+                .subscribe_deposed()
+                .borrow()
+                .iter()
+                .map(|(uuid, epoch)| crate::wire::aggregate_epoch(*uuid, *epoch))
+                .collect()
+        } else {
+            mirror.partner_epochs
+        };
         // S8: a lost or corrupt local partition was refilled from the partner's copy, which
         // counts only if the partner's receiver held the mirror in sync and lost nothing.
         let unrecoverable =
@@ -854,9 +886,14 @@ impl Node {
             let uuid = found.uuid;
             let last_cp = found.last_cp();
             let ours = found.epoch().unwrap_or_default();
-            let higher = partner_epochs
-                .iter()
-                .filter_map(crate::wire::from_aggregate_epoch)
+            // S2: this shelf's own mark above our labels' epoch (persisted when we learned of a
+            // takeover) deposes us too, whoever answers now.
+            self.shelf_state.observe(uuid, ours);
+            let mark = self.shelf_state.marks(uuid).epoch;
+            let higher = (mark > ours && mark.owner.0 != self.config.node_id)
+                .then_some((uuid, mark))
+                .into_iter()
+                .chain(partner_epochs.iter().filter_map(crate::wire::from_aggregate_epoch))
                 .find(|(u, e)| *u == uuid && *e > ours);
             if let Some((_, epoch)) = higher {
                 // Deposed: persisted, and its records in our partition are discarded (S8).
@@ -959,7 +996,9 @@ impl Node {
         // A forced unfence raises the epoch (S2): whatever the partner did meanwhile, our
         // writes from now on are above it.
         let epoch = if forced {
-            plex::Epoch { number: mark.max(label_epoch).number + 1, owner: plex::NodeId(self.config.node_id) }
+            let number =
+                mark.max(label_epoch).number.checked_add(1).ok_or("the epoch number cannot be raised")?;
+            plex::Epoch { number, owner: plex::NodeId(self.config.node_id) }
         } else {
             label_epoch
         };

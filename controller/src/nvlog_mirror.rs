@@ -663,6 +663,9 @@ impl<M: Media + 'static> MirrorWriter<M> {
         self.check_identity(hello.identity.as_ref())?;
         self.clock.heard();
         self.note_partner_epochs(&hello.epochs);
+        if !hello.refusal.is_empty() {
+            return Err(format!("the partner refuses this node: {}", hello.refusal));
+        }
         if !self.deposed.borrow().is_empty() {
             // S2: the partner took our aggregates over; it refuses us, and this is no handshake.
             return Err("the partner holds higher epochs for this node's aggregates: deposed (S2)".into());

@@ -406,8 +406,11 @@ fn decode(owner: ShelfOwner, bytes: &[u8]) -> Result<Journal, String> {
 /// one, so more than `MAX_RECORDS` may remain when too many are in progress.
 fn prune(records: &mut Vec<OperationRecord>) {
     let mut excess = records.len().saturating_sub(MAX_RECORDS);
+    // The latest switchover is kept: its plan says which of the partner's aggregates this node
+    // serves and that the partner's partition is frozen (until heal replaces it).
+    let latest_switchover = records.iter().rev().find(|r| r.kind == OperationKind::Switchover).map(|r| r.id);
     records.retain(|r| {
-        if excess > 0 && r.state != OperationState::InProgress {
+        if excess > 0 && r.state != OperationState::InProgress && Some(r.id) != latest_switchover {
             excess -= 1;
             false
         } else {
@@ -783,6 +786,27 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), b"not a journal").unwrap();
         let damaged = OperationLog::open(dir.path(), OWNER);
         assert!(matches!(damaged, Err(OperationLogError::Corrupt { .. })), "{damaged:?}");
+    }
+
+    /// The latest switchover outlives any number of later operations: its plan says which of
+    /// the partner's aggregates the node serves after a restart (found by a review: a survivor
+    /// unfenced at 64 restarts lost them).
+    #[tokio::test]
+    async fn the_latest_switchover_is_never_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OperationLog::open_with_clock(dir.path(), OWNER, clock).unwrap();
+        let old = log.begin(OperationKind::Switchover, "s", Vec::new()).await.unwrap();
+        log.finish(old.id, OperationState::Successful, Vec::new()).await.unwrap();
+        let latest = log.begin(OperationKind::Switchover, "s", vec![7]).await.unwrap();
+        log.finish(latest.id, OperationState::Successful, Vec::new()).await.unwrap();
+        for _ in 0..MAX_RECORDS + 10 {
+            let op = log.begin(OperationKind::Unfence, "s", Vec::new()).await.unwrap();
+            log.finish(op.id, OperationState::Successful, Vec::new()).await.unwrap();
+        }
+        let list = OperationLog::open(dir.path(), OWNER).unwrap().list();
+        assert_eq!(list.len(), MAX_RECORDS);
+        assert!(list.iter().any(|r| r.id == latest.id && r.payload == [7]), "{list:?}");
+        assert!(!list.iter().any(|r| r.id == old.id));
     }
 
     /// Prevents the record bound from dropping an operation still in progress (its resume after a

@@ -109,6 +109,10 @@ pub struct ShelfState {
     observed: Mutex<BTreeMap<Uuid, Epoch>>,
     /// Serializes file replacements.
     writer: tokio::sync::Mutex<()>,
+    /// Held shared by every DiskService write and flush from its epoch check to its answer, and
+    /// exclusively by `admit_exclusive`: a partner's write that passed the check before a
+    /// switchover raised the mark cannot land after it (S2).
+    io_gate: tokio::sync::RwLock<()>,
 }
 
 fn encode(owner: ShelfOwner, marks: &BTreeMap<Uuid, AggregateMarks>) -> Vec<u8> {
@@ -223,6 +227,7 @@ impl ShelfState {
             marks: Mutex::new(marks),
             observed: Mutex::new(BTreeMap::new()),
             writer: tokio::sync::Mutex::new(()),
+            io_gate: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -301,6 +306,19 @@ impl ShelfState {
             Ok(())
         })
         .await
+    }
+
+    /// Held shared from a DiskService call's epoch check to its answer (see `io_gate`).
+    pub async fn io_guard(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.io_gate.read().await
+    }
+
+    /// `admit` once no DiskService write or flush is in progress: when it returns, every
+    /// partner write at a lower epoch has either completed or will be refused (a switchover's
+    /// raise, DESIGN §11 step 2).
+    pub async fn admit_exclusive(&self, aggregate: Uuid, epoch: Epoch) -> Result<(), ShelfStateError> {
+        let _gate = self.io_gate.write().await;
+        self.admit(aggregate, epoch).await
     }
 
     /// Records a plex drop of `aggregate`, durably, after `admit`ting `epoch`.

@@ -189,6 +189,46 @@ pub fn last_switchover(records: &[OperationRecord]) -> Option<(OperationRecord, 
     })
 }
 
+/// At start, before anything is served: settles what a crash left in the journal (DESIGN §11:
+/// resumed or rolled back). An unfence in progress is over (it ended with the process); a
+/// switchover in progress that never raised an epoch is rolled back (nothing was taken over:
+/// the partner's partition is not frozen, its plan is cleared); one that did stays in progress
+/// for a re-run to resume. Returns the latest switchover whose epochs were raised, with its
+/// plan: its partner's partition is frozen and its `done` aggregates are served here.
+pub async fn settle_at_start(
+    journal: &crate::operations::OperationLog,
+    shelf: &crate::shelf_state::ShelfState,
+) -> Option<(OperationRecord, Plan)> {
+    for op in journal.list().into_iter().filter(|op| op.state == OperationState::InProgress) {
+        if op.kind == OperationKind::Unfence {
+            let _ = journal
+                .finish(op.id, OperationState::Failed, vec!["interrupted: the node restarted".into()])
+                .await;
+        }
+    }
+    let (op, plan) = last_switchover(&journal.list())?;
+    let raised = plan.aggregates.iter().any(|a| shelf.marks(a.uuid).epoch >= a.new);
+    if raised {
+        return Some((op, plan));
+    }
+    if op.state == OperationState::InProgress {
+        tracing::warn!(
+            operation = op.id,
+            "a forced switchover interrupted before it raised an epoch: rolled back"
+        );
+        let _ =
+            journal.update(op.id, "rolled back: interrupted before any epoch was raised", Vec::new()).await;
+        let _ = journal
+            .finish(
+                op.id,
+                OperationState::Failed,
+                vec!["rolled back: the node restarted before any epoch was raised".into()],
+            )
+            .await;
+    }
+    None
+}
+
 fn veto(kind: &str, code: &str, aggregate: Option<Uuid>, reason: impl Into<String>) -> Veto {
     Veto {
         kind: kind.into(),
@@ -299,6 +339,17 @@ async fn evaluate(
         ));
     }
     let found = candidates(node).await?;
+    if found.len() > MAX_PLANNED {
+        vetoes.push(veto(
+            "hard",
+            "too_many_aggregates",
+            None,
+            format!(
+                "{} aggregates of node {partner}: one switchover takes at most {MAX_PLANNED}",
+                found.len()
+            ),
+        ));
+    }
     if found.is_empty() {
         vetoes.push(veto(
             "hard",
@@ -359,7 +410,16 @@ async fn evaluate(
         let label_epoch = labels.iter().flatten().map(|l| l.epoch_high_water).max().unwrap_or_default();
         let seen = marks.epoch.max(label_epoch);
         let frozen = if seen.owner.0 == partner { seen } else { label_epoch };
-        let new = Epoch { number: seen.number + 1, owner: NodeId(me) };
+        let Some(number) = seen.number.checked_add(1) else {
+            vetoes.push(veto(
+                "hard",
+                "epoch_exhausted",
+                Some(uuid),
+                "the aggregate's epoch number cannot be raised",
+            ));
+            continue;
+        };
+        let new = Epoch { number, owner: NodeId(me) };
         // DESIGN §9 (a), without a mediator: the receiver holds the mirror in sync, the plexes
         // are normal and the last round trip is younger than mirror_timeout − margin.
         let mut not_in_sync = Vec::new();
@@ -552,7 +612,7 @@ struct Outcome {
 async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, String> {
     for planned in &plan.aggregates {
         node.shelf_state
-            .admit(planned.uuid, planned.new)
+            .admit_exclusive(planned.uuid, planned.new)
             .await
             .map_err(|e| format!("persist epoch {}@node{}: {e}", planned.new.number, planned.new.owner.0))?;
     }
@@ -699,16 +759,21 @@ impl Node {
         let aggregate = Aggregate::open([vec![away], local], self.aggregate_options(), self.drop_hook(epoch))
             .await
             .map_err(|e| format!("open from plex 1: {e}"))?;
+        let table = Node::read_table(&aggregate).await?;
+        // Before the labels name this node the owner: a refused aggregate stays the partner's.
+        for volume in &table.volumes {
+            if self
+                .aggregates()
+                .iter()
+                .any(|a| a.uuid != found.uuid && a.table().volumes.iter().any(|v| v.name == volume.name))
+            {
+                return Err(format!("volume {} has the name of a volume of this node", volume.name));
+            }
+        }
         aggregate
             .record_owner(NodeId(self.config.node_id), epoch)
             .await
             .map_err(|e| format!("record the new owner in the labels: {e}"))?;
-        let table = Node::read_table(&aggregate).await?;
-        for volume in &table.volumes {
-            if self.aggregates().iter().any(|a| a.table().volumes.iter().any(|v| v.name == volume.name)) {
-                return Err(format!("volume {} has the name of a volume of this node", volume.name));
-            }
-        }
         tracing::warn!(
             node = self.config.node_id,
             aggregate = %table.name,
@@ -802,6 +867,15 @@ impl Node {
                 return problems;
             }
         };
+        if replay.skipped_for_epoch > 0 {
+            // Records of the partner stamped with another epoch than the one frozen (S8): not
+            // applied, so the copy here may lack acknowledged writes.
+            let why = format!(
+                "{} records of node {partner} carry another epoch than the one frozen (S8)",
+                replay.skipped_for_epoch
+            );
+            all(&mut problems, adopting, &why);
+        }
         if let Some(gap) = replay.gaps.first() {
             let why = format!(
                 "lsns {}..{} of node {partner} are missing from this node's copy (S8)",
@@ -908,12 +982,18 @@ pub async fn admin_unfence(node: &Arc<Node>, request: &UnfenceRequest) -> Result
             state.phase.name()
         )));
     }
+    if !node.awaiting_partner.load(Ordering::Acquire) {
+        return Err(Status::failed_precondition(format!(
+            "node {} is fenced, but not waiting for its DR partner ({}): a forced unfence does not help",
+            node.node_id(),
+            state.reason
+        )));
+    }
     let op = node
         .operations()
         .begin(OperationKind::Unfence, "unfencing", Vec::new())
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    node.partner_down_confirmed.store(true, Ordering::Release);
     node.unfence.send_replace(true);
     let mut phase = node.subscribe();
     let _ = tokio::time::timeout(node.config().timers.mirror_timeout * 2, async {

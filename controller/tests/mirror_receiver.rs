@@ -332,6 +332,7 @@ async fn stale_epochs_are_refused_and_the_mark_is_reported() {
     let mark = hello.epochs.iter().find(|e| e.aggregate_uuid == [3; 16]).and_then(|e| e.epoch).unwrap();
     assert_eq!((mark.number, mark.owner_node), (2, WRITER));
     assert_eq!(hello.returned_records, 0);
+    assert!(hello.refusal.contains("stale epoch"), "{hello:?}");
     let error = refused.next().await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::FailedPrecondition, "a stale hello: {error:?}");
     assert_eq!(rig.nvlog.status(PartitionKind::DrPartner).unwrap().durable_lsn, Lsn(1));
@@ -369,6 +370,7 @@ async fn a_frozen_partition_takes_nothing_more_from_its_writer() {
     assert_eq!(status.durable_lsn, Lsn(3));
     assert_eq!(status.mirror_state, MirrorState::Resyncing, "an announcement after the freeze was applied");
     let mut again = Writer::connect(&rig, identity(), 3).await.unwrap();
-    assert!(matches!(again.next().await.unwrap(), Out::Hello(_)));
+    let Out::Hello(hello) = again.next().await.unwrap() else { panic!("no hello before the refusal") };
+    assert!(hello.refusal.contains("forced switchover"), "{hello:?}");
     assert_eq!(again.next().await.unwrap_err().code(), tonic::Code::FailedPrecondition);
 }
