@@ -13,8 +13,9 @@ use mc_proto::v1::{
     AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, DeleteVolumeReply,
     DeleteVolumeRequest, Identity, MirrorState as WireMirrorState, ModifyVolumeRequest, NvlogPartition,
     OperationsReply, OperationsRequest, PartitionRecord, PartitionRecordsReply, PartitionRecordsRequest,
-    PlexInfo, StatusReply, StatusRequest, SwitchoverReply, SwitchoverRequest, UnavailableAggregate,
-    UnfenceReply, UnfenceRequest, VolumeInfo, WriterMirror,
+    PlexInfo, ReleaseAggregatesReply, ReleaseAggregatesRequest, ResyncInfo, StatusReply, StatusRequest,
+    SwitchoverReply, SwitchoverRequest, UnavailableAggregate, UnfenceReply, UnfenceRequest, VolumeInfo,
+    WriterMirror,
 };
 use nvlog::{OpKind, PartitionKind};
 use tonic::{Request, Response, Status};
@@ -57,6 +58,8 @@ impl AdminService {
 /// What status shows of one aggregate.
 pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
     let status = aggr.aggregate.status().await;
+    // The counts behind `status.bitmap`'s line (the same plex's bitmap), for `mirror status`.
+    let bitmap = aggr.aggregate.bitmap_summary().await;
     let table = aggr.table().clone();
     let last_cp = *aggr.last_cp.lock().expect("last CP lock");
     let offline = node.offline_reasons();
@@ -85,6 +88,27 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
         epoch: Some(crate::wire::epoch(aggr.plex_epoch())),
         switched_over: aggr.switched_over,
         home_node: if aggr.switched_over { node.config().dr_partner.node_id } else { node.node_id() },
+        bitmap_regions: bitmap.map_or(0, |b| b.regions),
+        dirty_regions: bitmap.map_or(0, |b| b.dirty_regions),
+        region_bytes: bitmap.map_or(0, |b| b.region_bytes),
+        resync: status.resync.as_ref().map(resync_info),
+    }
+}
+
+/// A running (or the last) resync as status reports it.
+fn resync_info(progress: &plex::ResyncProgress) -> ResyncInfo {
+    ResyncInfo {
+        level: match progress.level {
+            plex::ResyncLevel::Full => "full",
+            plex::ResyncLevel::Incremental => "incremental",
+        }
+        .to_string(),
+        source_plex: u32::from(progress.source == 1),
+        target_plex: u32::from(progress.target == 1),
+        total_bytes: progress.total_bytes,
+        copied_bytes: progress.copied_bytes,
+        bytes_per_second: progress.rate(),
+        complete: progress.complete,
     }
 }
 
@@ -304,6 +328,14 @@ impl Admin for AdminService {
         let request = request.into_inner();
         self.check_cluster(&request.cluster_id)?;
         crate::switchover::admin_unfence(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn release_aggregates(
+        &self,
+        request: Request<ReleaseAggregatesRequest>,
+    ) -> Result<Response<ReleaseAggregatesReply>, Status> {
+        let request = request.into_inner();
+        crate::switchover::admin_release(&self.node, &request).await.map(Response::new)
     }
 
     async fn operations(

@@ -1,7 +1,9 @@
 //! What `mcctl`'s admin commands print (DESIGN §11): tables for people and JSON values for
 //! scripts, built from the answers of every node (`Admin.Status`, `Admin.Operations`) and from
-//! the replies of `Switchover` and `Unfence`, so the shapes are tested without processes. The
-//! binary (`src/bin/mcctl.rs`) does the calls and picks the format.
+//! the replies of `Switchover` and `Unfence`, so the shapes are tested without processes;
+//! `mirror status` (one row per mirrored aggregate) and `check run`'s ok/warning report (stored
+//! as JSON for `check show`) too. The binary (`src/bin/mcctl.rs`) does the calls and picks the
+//! format.
 //!
 //! Invariants:
 //! - every function here is pure: the same answers give the same text, with nodes in the order
@@ -14,7 +16,7 @@
 //!   tables, and both that text and the raw unix milliseconds in JSON.
 
 use mc_proto::v1::{AggregateInfo, MirrorState, Operation, StatusReply, SwitchoverReply, Veto, VolumeInfo};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Exit code: the command did what it was asked.
@@ -1005,9 +1007,432 @@ pub fn unfence_json(node: u32, operation: Option<&Operation>, nvfailed: &[String
     json!({ "node": node, "operation": operation.map(operation_row), "nvfailed_volumes": nvfailed })
 }
 
+/// The kind of replication every mirror here is: a write is acknowledged once both plexes (and
+/// both NVLog copies) hold it.
+pub const MIRROR_TYPE: &str = "synchronous";
+
+/// A resync in progress as `mirror status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResyncRow {
+    /// "incremental" or "full".
+    pub level: String,
+    /// Bytes to copy (grows when writes dirty more regions meanwhile).
+    pub total_bytes: u64,
+    /// Bytes copied and durable on the target.
+    pub copied_bytes: u64,
+    /// Percent done (100 only once complete, as the controller counts it).
+    pub percent: u64,
+    /// Bytes per second so far.
+    pub bytes_per_second: u64,
+    /// Seconds left at the rate so far; none before anything was copied.
+    pub eta_seconds: Option<u64>,
+}
+
+/// One row of `mirror status`: one mirrored aggregate. The aggregate, not the volume, is the
+/// unit of mirroring here (its two plexes, its one dirty bitmap, its resync), as a DataKeeper
+/// mirror is; its volumes are listed in the row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MirrorStatusRow {
+    /// The aggregate's name.
+    pub aggregate: String,
+    /// The aggregate's uuid in hex.
+    pub aggregate_uuid: String,
+    /// The node that serves it.
+    pub node: Option<u32>,
+    /// Its volumes.
+    pub volumes: Vec<String>,
+    /// "normal" (both plexes in sync), "degraded" (one plex out of date or failed: writes go to
+    /// the other only) or "resyncing".
+    pub state: String,
+    /// The aggregate's state as the controller reports it ("mirrored,normal", …).
+    pub aggregate_state: String,
+    /// Always "synchronous".
+    pub mirror_type: String,
+    /// The plex that holds every write (`plex0`), and its site.
+    pub source_plex: String,
+    /// Its site.
+    pub source_site: String,
+    /// The plex it mirrors to, or that lacks writes when degraded or resyncing.
+    pub target_plex: String,
+    /// Its site.
+    pub target_site: String,
+    /// Regions (bits) of the source's dirty bitmap.
+    pub bitmap_regions: u64,
+    /// Regions marked dirty: written while the target was not `normal`, not yet copied to it.
+    pub dirty_regions: u64,
+    /// Dirty regions in percent of all, one decimal (rounded down, as DataKeeper shows it).
+    pub dirty_percent: f64,
+    /// Bytes per region.
+    pub region_bytes: u64,
+    /// The resync in progress, when resyncing.
+    pub resync: Option<ResyncRow>,
+}
+
+/// The mirror state of an aggregate from its state and its plexes'.
+fn mirror_state_of(aggr: &AggregateInfo) -> &'static str {
+    let resyncing = aggr.state == "resyncing" || aggr.plexes.iter().any(|p| p.state.starts_with("resyncing"));
+    if resyncing {
+        "resyncing"
+    } else if aggr.state == "mirrored,normal" && aggr.plexes.iter().all(|p| p.state == "normal") {
+        "normal"
+    } else {
+        "degraded"
+    }
+}
+
+/// Tenths of a percent of `part` in `whole`, rounded down (0 for an empty whole).
+fn percent_tenths(part: u64, whole: u64) -> u64 {
+    u64::try_from(u128::from(part) * 1000 / u128::from(whole.max(1))).unwrap_or(u64::MAX)
+}
+
+fn resync_row(aggr: &AggregateInfo) -> Option<ResyncRow> {
+    let resync = aggr.resync.as_ref().filter(|r| !r.complete)?;
+    let remaining = resync.total_bytes.saturating_sub(resync.copied_bytes);
+    Some(ResyncRow {
+        level: resync.level.clone(),
+        total_bytes: resync.total_bytes,
+        copied_bytes: resync.copied_bytes,
+        percent: (percent_tenths(resync.copied_bytes, resync.total_bytes) / 10).min(99),
+        bytes_per_second: resync.bytes_per_second,
+        eta_seconds: (resync.bytes_per_second > 0).then(|| remaining / resync.bytes_per_second),
+    })
+}
+
+/// The source and target plex indexes: the resync's while resyncing, else the `normal` plex
+/// (plex 0 when both are) and the other.
+fn source_and_target(aggr: &AggregateInfo, state: &str) -> (u32, u32) {
+    if state == "resyncing"
+        && let Some(resync) = aggr.resync.as_ref()
+    {
+        return (resync.source_plex, resync.target_plex);
+    }
+    let source = aggr.plexes.iter().find(|p| p.state == "normal").map_or(0, |p| p.index);
+    (source, 1 - source.min(1))
+}
+
+/// The rows of `mirror status`: every aggregate, or only the one named `name` or holding volume
+/// `name`.
+pub fn mirror_rows(answers: &[NodeAnswer], name: Option<&str>) -> Vec<MirrorStatusRow> {
+    aggregates(answers, None)
+        .filter(|(_, _, aggr)| {
+            name.is_none_or(|n| aggr.name == n || aggr.volumes.iter().any(|v| v.name == n))
+        })
+        .map(|(a, _, aggr)| {
+            let state = mirror_state_of(aggr);
+            let (source, target) = source_and_target(aggr, state);
+            let site = |index: u32| {
+                aggr.plexes.iter().find(|p| p.index == index).map_or_else(String::new, |p| p.site.clone())
+            };
+            MirrorStatusRow {
+                aggregate: aggr.name.clone(),
+                aggregate_uuid: hex(&aggr.uuid),
+                node: a.node(),
+                volumes: aggr.volumes.iter().map(|v| v.name.clone()).collect(),
+                state: state.into(),
+                aggregate_state: aggr.state.clone(),
+                mirror_type: MIRROR_TYPE.into(),
+                source_plex: format!("plex{source}"),
+                source_site: site(source),
+                target_plex: format!("plex{target}"),
+                target_site: site(target),
+                bitmap_regions: aggr.bitmap_regions,
+                dirty_regions: aggr.dirty_regions,
+                // Tenths are exact in f64 (far below 2^53).
+                #[allow(clippy::cast_precision_loss)]
+                dirty_percent: percent_tenths(aggr.dirty_regions, aggr.bitmap_regions) as f64 / 10.0,
+                region_bytes: aggr.region_bytes,
+                resync: if state == "resyncing" { resync_row(aggr) } else { None },
+            }
+        })
+        .collect()
+}
+
+/// A resync's progress in a table cell: `incremental 42%, 1.5 MiB of 3.6 MiB, 12 MiB/s, ETA 1s`.
+fn resync_text(resync: &ResyncRow) -> String {
+    let eta = resync.eta_seconds.map_or_else(|| "ETA -".to_string(), |s| format!("ETA {s}s"));
+    format!(
+        "{} {}%, {} of {}, {}/s, {eta}",
+        resync.level,
+        resync.percent,
+        human_size(resync.copied_bytes),
+        human_size(resync.total_bytes),
+        human_size(resync.bytes_per_second)
+    )
+}
+
+/// `mirror status` as a table, followed by a line per node that did not answer.
+pub fn mirror_table(answers: &[NodeAnswer], name: Option<&str>) -> String {
+    let mut table = Table::new(&[
+        "AGGREGATE",
+        "NODE",
+        "VOLUMES",
+        "STATE",
+        "TYPE",
+        "SOURCE",
+        "TARGET",
+        "BITMAP",
+        "DIRTY",
+        "RESYNC",
+    ]);
+    for row in mirror_rows(answers, name) {
+        table.row(vec![
+            row.aggregate.clone(),
+            opt_text(row.node),
+            or_dash(&row.volumes.join(",")),
+            row.state.clone(),
+            row.mirror_type.clone(),
+            format!("{} ({})", row.source_plex, row.source_site),
+            format!("{} ({})", row.target_plex, row.target_site),
+            format!("{} x {}", row.bitmap_regions, human_size(row.region_bytes)),
+            format!("{} ({:.1}%)", row.dirty_regions, row.dirty_percent),
+            row.resync.as_ref().map_or_else(|| "-".to_string(), resync_text),
+        ]);
+    }
+    table.render() + &unreachable_text(answers)
+}
+
+/// `mirror status` as one JSON object: `{"mirrors": [...], "unreachable": [...]}`.
+pub fn mirror_json(answers: &[NodeAnswer], name: Option<&str>) -> Value {
+    json!({ "mirrors": mirror_rows(answers, name), "unreachable": unreachable(answers) })
+}
+
+/// The outcome of one check of `check run`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRow {
+    /// "node", "dr_mirror", "aggregate" or "volume".
+    pub component: String,
+    /// What was checked: `node 1`, `node 1 -> node 2`, an aggregate's or a volume's name.
+    pub subject: String,
+    /// "ok" or "warning".
+    pub status: String,
+    /// What was found and, for a warning, what to do.
+    pub reason: String,
+}
+
+/// What `check run` found, as stored for `check show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// When it ran, UTC RFC 3339.
+    pub ran: String,
+    /// When it ran, unix milliseconds.
+    pub ran_unix_ms: u64,
+    /// "ok" when every check is, else "warning".
+    pub status: String,
+    /// How many checks warn.
+    pub warnings: usize,
+    /// Every check, nodes first, then DR mirrors, aggregates and volumes.
+    pub checks: Vec<CheckRow>,
+}
+
+impl CheckReport {
+    /// `EXIT_OK` when every check is ok, else `EXIT_FAILED`.
+    pub fn exit_code(&self) -> u8 {
+        if self.warnings == 0 { EXIT_OK } else { EXIT_FAILED }
+    }
+}
+
+fn check(component: &str, subject: String, warnings: Vec<String>, ok: String) -> CheckRow {
+    let (status, reason) = if warnings.is_empty() { ("ok", ok) } else { ("warning", warnings.join("; ")) };
+    CheckRow { component: component.into(), subject, status: status.into(), reason }
+}
+
+fn node_subject(node: Option<u32>, address: &str) -> String {
+    node.map_or_else(|| format!("node at {address}"), |n| format!("node {n}"))
+}
+
+/// The checks of `check run`: each node (reachable, serving, mode), its DR mirror (connected, in
+/// sync), each aggregate it serves (mirrored and normal) or cannot serve, each volume (online).
+pub fn check_rows(answers: &[NodeAnswer]) -> Vec<CheckRow> {
+    let mut nodes = Vec::new();
+    let mut mirrors = Vec::new();
+    let mut aggrs = Vec::new();
+    let mut volumes = Vec::new();
+    for a in answers {
+        let subject = node_subject(a.node(), &a.target.address);
+        let reply = match &a.result {
+            Ok(reply) => reply,
+            Err(error) => {
+                nodes.push(check(
+                    "node",
+                    subject,
+                    vec![format!(
+                        "did not answer at {}: {error}; check that its controller runs and that this host \
+                         reaches it",
+                        a.target.address
+                    )],
+                    String::new(),
+                ));
+                continue;
+            }
+        };
+        let mut warnings = Vec::new();
+        if reply.node_state != "serving" {
+            let why = if reply.state_reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", reply.state_reason)
+            };
+            warnings.push(format!("{}{why}", reply.node_state));
+        }
+        match reply.mode.as_str() {
+            "normal" => {}
+            "switchover" | "partial-switchover" | "partial-switchback" => warnings.push(format!(
+                "in {} mode: it serves its DR partner's aggregates; heal and switch back once the partner site \
+                 is repaired",
+                reply.mode
+            )),
+            "waiting-for-switchback" => warnings.push(
+                "waiting for switchback: its DR partner serves its aggregates; switch back once they are in sync"
+                    .into(),
+            ),
+            other => warnings.push(format!("mode {:?} unknown to this tool", other)),
+        }
+        nodes.push(check("node", subject.clone(), warnings, format!("serving, mode {}", reply.mode)));
+
+        let mut warnings = Vec::new();
+        let (mirror_subject, ok) = match &reply.dr_mirror {
+            Some(m) => {
+                let partner = format!("DR partner node {}", m.partner_node);
+                if !m.connected {
+                    warnings.push(format!(
+                        "NVLog mirror to {partner} is disconnected: once the mirror timeout passes, new writes are held at this \
+                         site only; check {partner} and the inter-site link"
+                    ));
+                }
+                let state = mirror_state_name(m.state);
+                match MirrorState::try_from(m.state) {
+                    Ok(MirrorState::InSync) => {}
+                    Ok(MirrorState::Resyncing) => warnings.push(format!(
+                        "NVLog mirror to {partner} is resyncing: in sync once a CP covers lsn {}",
+                        m.resync_from_lsn
+                    )),
+                    _ => warnings.push(format!(
+                        "NVLog mirror to {partner} is {state}: a switchover now would NVFAIL volumes; bring \
+                         {partner} back so the mirror re-establishes"
+                    )),
+                }
+                (
+                    format!("{subject} -> node {}", m.partner_node),
+                    format!("connected to {partner}, in sync (acked lsn {})", m.acked_lsn),
+                )
+            }
+            None => {
+                warnings.push("reports no DR mirror".into());
+                (subject.clone(), String::new())
+            }
+        };
+        mirrors.push(check("dr_mirror", mirror_subject, warnings, ok));
+
+        for aggr in &reply.aggregates {
+            let state = mirror_state_of(aggr);
+            let (source, target) = source_and_target(aggr, state);
+            let plex_text = |index: u32| {
+                let plex = aggr.plexes.iter().find(|p| p.index == index);
+                let state = plex.map_or("missing", |p| p.state.as_str());
+                let site = plex.map_or("?", |p| p.site.as_str());
+                format!("plex{index} (site {site}) is {state}")
+            };
+            let mut warnings = Vec::new();
+            match state {
+                "normal" => {}
+                "resyncing" => {
+                    let progress = resync_row(aggr).map_or_else(String::new, |r| format!(": {}", resync_text(&r)));
+                    warnings.push(format!(
+                        "resyncing plex{target} from plex{source}{progress}; not redundant until it completes"
+                    ));
+                }
+                _ => warnings.push(format!(
+                    "mirror degraded: {}; writes go to plex{source} only ({} dirty regions); bring plex{target}'s \
+                     site back and its resync starts on its own",
+                    plex_text(target),
+                    aggr.dirty_regions
+                )),
+            }
+            if aggr.switched_over {
+                warnings.push(format!(
+                    "served after a switchover by {subject}; its home is node {}",
+                    aggr.home_node
+                ));
+            }
+            aggrs.push(check(
+                "aggregate",
+                aggr.name.clone(),
+                warnings,
+                format!("mirrored, normal, on {subject}"),
+            ));
+            for volume in &aggr.volumes {
+                let warnings = match volume.state.as_str() {
+                    "online" => Vec::new(),
+                    "nvfailed" => vec![format!(
+                        "NVFAILed{}: check its data, then `mcctl volume modify {} --in-nvfailed-state false \
+                         --confirm`",
+                        if volume.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", volume.reason)
+                        },
+                        volume.name
+                    )],
+                    other => vec![format!(
+                        "{other}{}",
+                        if volume.reason.is_empty() { String::new() } else { format!(": {}", volume.reason) }
+                    )],
+                };
+                volumes.push(check(
+                    "volume",
+                    volume.name.clone(),
+                    warnings,
+                    format!("online in {}", aggr.name),
+                ));
+            }
+        }
+        for unavailable in &reply.unavailable {
+            aggrs.push(check(
+                "aggregate",
+                hex(&unavailable.uuid),
+                vec![format!("offline: {subject} does not serve it: {}", unavailable.reason)],
+                String::new(),
+            ));
+        }
+    }
+    nodes.into_iter().chain(mirrors).chain(aggrs).chain(volumes).collect()
+}
+
+/// `check run`'s report of `answers`, run at `now_unix_ms`.
+pub fn check_report(answers: &[NodeAnswer], now_unix_ms: u64) -> CheckReport {
+    let checks = check_rows(answers);
+    let warnings = checks.iter().filter(|c| c.status != "ok").count();
+    CheckReport {
+        ran: utc_text(now_unix_ms),
+        ran_unix_ms: now_unix_ms,
+        status: if warnings == 0 { "ok" } else { "warning" }.into(),
+        warnings,
+        checks,
+    }
+}
+
+/// A check report as a table, then a summary line (`check show` puts when it ran first).
+pub fn check_table(report: &CheckReport) -> String {
+    let mut table = Table::new(&["COMPONENT", "SUBJECT", "STATUS", "REASON"]);
+    for row in &report.checks {
+        table.row(vec![row.component.clone(), row.subject.clone(), row.status.clone(), or_dash(&row.reason)]);
+    }
+    let summary = match report.warnings {
+        0 => format!("all {} checks ok", report.checks.len()),
+        1 => format!("1 warning in {} checks", report.checks.len()),
+        n => format!("{n} warnings in {} checks", report.checks.len()),
+    };
+    format!("{}\n{summary}\n", table.render())
+}
+
+/// `check show`: when the stored check ran, then its table.
+pub fn check_show_table(report: &CheckReport) -> String {
+    format!("last check: {}\n\n{}", report.ran, check_table(report))
+}
+
 #[cfg(test)]
 mod tests {
-    use mc_proto::v1::{CpStats, Identity, PlexInfo, WriterMirror};
+    use mc_proto::v1::{CpStats, Identity, PlexInfo, ResyncInfo, WriterMirror};
 
     use super::*;
 
@@ -1062,6 +1487,10 @@ mod tests {
                 epoch: None,
                 switched_over: false,
                 home_node: node,
+                bitmap_regions: 18_022,
+                dirty_regions: 0,
+                region_bytes: 65_536,
+                resync: None,
             }],
             cp: Some(CpStats {
                 completed: 12,
@@ -1096,6 +1525,168 @@ mod tests {
         let mut answers = both();
         answers[1].result = Err("connect: connection refused".into());
         answers
+    }
+
+    /// `both()` with A's plex 1 dropped (A's mirror to B down) and B resyncing its plex 1.
+    fn mirrors_in_trouble() -> Vec<NodeAnswer> {
+        let mut answers = both();
+        if let Ok(reply) = &mut answers[0].result {
+            let aggr = &mut reply.aggregates[0];
+            aggr.state = "mirror degraded".into();
+            aggr.plexes[1].state = "out_of_date".into();
+            aggr.dirty_regions = 901;
+            if let Some(mirror) = &mut reply.dr_mirror {
+                mirror.connected = false;
+                mirror.state = MirrorState::OutOfSync as i32;
+            }
+        }
+        if let Ok(reply) = &mut answers[1].result {
+            let aggr = &mut reply.aggregates[0];
+            aggr.state = "resyncing".into();
+            aggr.plexes[1].state = "resyncing (incremental, 42%)".into();
+            aggr.dirty_regions = 90;
+            aggr.resync = Some(ResyncInfo {
+                level: "incremental".into(),
+                source_plex: 0,
+                target_plex: 1,
+                total_bytes: 10 << 20,
+                copied_bytes: 4 << 20,
+                bytes_per_second: 2 << 20,
+                complete: false,
+            });
+            aggr.volumes[0].state = "nvfailed".into();
+            aggr.volumes[0].reason = "forced switchover: the mirror was out of sync".into();
+        }
+        answers
+    }
+
+    /// Prevents a silent change of `mirror status`'s columns, of its states (normal, degraded,
+    /// resyncing) or of the dirty percent, which is rounded down like DataKeeper's.
+    #[test]
+    fn mirror_status_table() {
+        assert_eq!(
+            mirror_table(&both(), None),
+            "\
+AGGREGATE  NODE  VOLUMES  STATE   TYPE         SOURCE     TARGET     BITMAP          DIRTY     RESYNC
+aggr_a     1     vol_a    normal  synchronous  plex0 (A)  plex1 (B)  18022 x 64 KiB  0 (0.0%)  -
+aggr_b     2     vol_b    normal  synchronous  plex0 (B)  plex1 (A)  18022 x 64 KiB  0 (0.0%)  -
+"
+        );
+        assert_eq!(
+            mirror_table(&mirrors_in_trouble(), None),
+            "\
+AGGREGATE  NODE  VOLUMES  STATE      TYPE         SOURCE     TARGET     BITMAP          DIRTY       RESYNC
+aggr_a     1     vol_a    degraded   synchronous  plex0 (A)  plex1 (B)  18022 x 64 KiB  901 (4.9%)  -
+aggr_b     2     vol_b    resyncing  synchronous  plex0 (B)  plex1 (A)  18022 x 64 KiB  90 (0.4%)   incremental 40%, 4 MiB of 10 MiB, 2 MiB/s, ETA 3s
+"
+        );
+        // By volume or by aggregate name; B silent.
+        assert_eq!(
+            mirror_table(&b_down(), Some("vol_a")),
+            "\
+AGGREGATE  NODE  VOLUMES  STATE   TYPE         SOURCE     TARGET     BITMAP          DIRTY     RESYNC
+aggr_a     1     vol_a    normal  synchronous  plex0 (A)  plex1 (B)  18022 x 64 KiB  0 (0.0%)  -
+unreachable: node 2 at 127.0.0.1:7002: connect: connection refused
+"
+        );
+        assert_eq!(mirror_rows(&both(), Some("aggr_b")).len(), 1);
+        assert!(mirror_rows(&both(), Some("nothing")).is_empty());
+    }
+
+    /// Prevents a change of `mirror status -o json`.
+    #[test]
+    fn mirror_status_json() {
+        let expected = json!({
+            "mirrors": [{
+                "aggregate": "aggr_b", "aggregate_uuid": "202122232425262728292a2b2c2d2e2f", "node": 2,
+                "volumes": ["vol_b"], "state": "resyncing", "aggregate_state": "resyncing",
+                "mirror_type": "synchronous",
+                "source_plex": "plex0", "source_site": "B", "target_plex": "plex1", "target_site": "A",
+                "bitmap_regions": 18022, "dirty_regions": 90, "dirty_percent": 0.4, "region_bytes": 65536,
+                "resync": {
+                    "level": "incremental", "total_bytes": 10u64 << 20, "copied_bytes": 4u64 << 20,
+                    "percent": 40, "bytes_per_second": 2u64 << 20, "eta_seconds": 3
+                }
+            }],
+            "unreachable": []
+        });
+        assert_eq!(mirror_json(&mirrors_in_trouble(), Some("vol_b")), expected);
+    }
+
+    /// Prevents a healthy cluster reported with warnings (or exit code 1), or a check table that
+    /// changes silently.
+    #[test]
+    fn check_all_ok() {
+        let report = check_report(&both(), 1_796_136_036_123);
+        assert_eq!(report.exit_code(), EXIT_OK);
+        assert_eq!(
+            check_show_table(&report),
+            "\
+last check: 2026-12-01T14:40:36.123Z
+
+COMPONENT  SUBJECT           STATUS  REASON
+node       node 1            ok      serving, mode normal
+node       node 2            ok      serving, mode normal
+dr_mirror  node 1 -> node 2  ok      connected to DR partner node 2, in sync (acked lsn 41)
+dr_mirror  node 2 -> node 1  ok      connected to DR partner node 1, in sync (acked lsn 42)
+aggregate  aggr_a            ok      mirrored, normal, on node 1
+aggregate  aggr_b            ok      mirrored, normal, on node 2
+volume     vol_a             ok      online in aggr_a
+volume     vol_b             ok      online in aggr_b
+
+all 8 checks ok
+"
+        );
+    }
+
+    /// Prevents a broken link, a silent node, a degraded or resyncing mirror or an NVFAILed
+    /// volume passing the check: each is a warning naming what to do, and the exit code is 1.
+    #[test]
+    fn check_warnings() {
+        let mut answers = mirrors_in_trouble();
+        answers.push(NodeAnswer {
+            target: target("127.0.0.1:7003", 3, "A"),
+            result: Err("connect: connection refused".into()),
+        });
+        if let Ok(reply) = &mut answers[1].result {
+            reply.unavailable.push(mc_proto::v1::UnavailableAggregate {
+                uuid: uuid(0x30),
+                reason: "deposed: a newer epoch".into(),
+            });
+        }
+        let report = check_report(&answers, 1_796_136_036_123);
+        assert_eq!(report.exit_code(), EXIT_FAILED);
+        assert_eq!((report.status.as_str(), report.warnings), ("warning", 6));
+        assert_eq!(
+            check_table(&report),
+            "\
+COMPONENT  SUBJECT                           STATUS   REASON
+node       node 1                            ok       serving, mode normal
+node       node 2                            ok       serving, mode normal
+node       node 3                            warning  did not answer at 127.0.0.1:7003: connect: connection refused; check that its controller runs and that this host reaches it
+dr_mirror  node 1 -> node 2                  warning  NVLog mirror to DR partner node 2 is disconnected: once the mirror timeout passes, new writes are held at this site only; check DR partner node 2 and the inter-site link; NVLog mirror to DR partner node 2 is out_of_sync: a switchover now would NVFAIL volumes; bring DR partner node 2 back so the mirror re-establishes
+dr_mirror  node 2 -> node 1                  ok       connected to DR partner node 1, in sync (acked lsn 42)
+aggregate  aggr_a                            warning  mirror degraded: plex1 (site B) is out_of_date; writes go to plex0 only (901 dirty regions); bring plex1's site back and its resync starts on its own
+aggregate  aggr_b                            warning  resyncing plex1 from plex0: incremental 40%, 4 MiB of 10 MiB, 2 MiB/s, ETA 3s; not redundant until it completes
+aggregate  303132333435363738393a3b3c3d3e3f  warning  offline: node 2 does not serve it: deposed: a newer epoch
+volume     vol_a                             ok       online in aggr_a
+volume     vol_b                             warning  NVFAILed (forced switchover: the mirror was out of sync): check its data, then `mcctl volume modify vol_b --in-nvfailed-state false --confirm`
+
+6 warnings in 10 checks
+"
+        );
+    }
+
+    /// Prevents `check show` losing what `check run` stored: the report survives its JSON form.
+    #[test]
+    fn check_report_round_trip() {
+        let report = check_report(&b_down(), 1_796_136_036_123);
+        let text = serde_json::to_string(&report).unwrap();
+        let back: CheckReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, report);
+        assert_eq!(back.checks[1].subject, "node 2");
+        assert_eq!(back.checks[1].status, "warning");
+        assert_eq!(serde_json::to_value(&report).unwrap()["ran"], "2026-12-01T14:40:36.123Z");
     }
 
     /// Prevents a silent change of `node show`'s columns or alignment.

@@ -35,7 +35,8 @@ pub async fn wait_while_stalled(point: &'static str) {
 }
 
 /// The forced switchover crashes the daemon (abort, as `kill -9` would leave it) at the step
-/// this variable names: `planned`, `frozen`, `adopted`, `replayed` or `cp`.
+/// this variable names: `planned`, `released` (negotiated only), `frozen`, `adopted`, `replayed`
+/// or `cp`.
 pub const SWITCHOVER_CRASH: &str = "MC_FAULT_SWITCHOVER_CRASH_AT";
 
 /// Aborts the process if `SWITCHOVER_CRASH` names `step`.

@@ -72,11 +72,13 @@ pub struct Planned {
 pub struct Plan {
     /// `--force-nvfail-all` (§9 (c)).
     pub force_nvfail_all: bool,
+    /// A negotiated switchover: the partner released its aggregates after a final CP.
+    pub negotiated: bool,
     /// The partner's aggregates.
     pub aggregates: Vec<Planned>,
 }
 
-const PLAN_MAGIC: &[u8; 4] = b"SWO1";
+const PLAN_MAGIC: &[u8; 4] = b"SWO2";
 const MAX_REASON_BYTES: usize = 1024;
 const MAX_PLANNED: usize = 256;
 
@@ -86,6 +88,7 @@ impl Plan {
         let mut out = Vec::new();
         out.extend_from_slice(PLAN_MAGIC);
         out.push(u8::from(self.force_nvfail_all));
+        out.push(u8::from(self.negotiated));
         let count = u16::try_from(self.aggregates.len().min(MAX_PLANNED)).unwrap_or(0);
         out.extend_from_slice(&count.to_le_bytes());
         for planned in self.aggregates.iter().take(MAX_PLANNED) {
@@ -123,6 +126,7 @@ impl Plan {
             other => Err(format!("a flag of the plan is {other}")),
         };
         let force_nvfail_all = flag(take(1)?[0])?;
+        let negotiated = flag(take(1)?[0])?;
         let count = usize::from(u16::from_le_bytes([take(1)?[0], take(1)?[0]]));
         if count > MAX_PLANNED {
             return Err(format!("the plan lists {count} aggregates"));
@@ -164,7 +168,7 @@ impl Plan {
         if at != bytes.len() {
             return Err("bytes after the plan".into());
         }
-        Ok(Plan { force_nvfail_all, aggregates })
+        Ok(Plan { force_nvfail_all, negotiated, aggregates })
     }
 }
 
@@ -293,7 +297,8 @@ async fn evaluate(
     let me = config.node_id;
     let partner = config.dr_partner.node_id;
     let mut vetoes = Vec::new();
-    if !request.confirmed && !request.simulate {
+    let negotiated = !request.forced_on_disaster;
+    if !negotiated && !request.confirmed && !request.simulate {
         vetoes.push(veto(
             "hard",
             "not_confirmed",
@@ -328,15 +333,26 @@ async fn evaluate(
             ),
         ));
     }
-    if let Some(answer) = partner_answers(node, config.timers.keepalive_timeout).await {
-        vetoes.push(veto(
+    match partner_answers(node, config.timers.keepalive_timeout).await {
+        Some(answer) if !negotiated => vetoes.push(veto(
             "hard",
             "partner_reachable",
             None,
             format!(
-                "the DR partner is reachable ({answer}): a forced switchover is only for a site that is down"
+                "the DR partner is reachable ({answer}): a forced switchover is only for a site that is down; \
+                 run a negotiated switchover (without --forced-on-disaster)"
             ),
-        ));
+        )),
+        None if negotiated => vetoes.push(veto(
+            "hard",
+            "partner_unreachable",
+            None,
+            format!(
+                "node {partner} does not answer: a negotiated switchover needs it to release its aggregates; if \
+                 its site is down, use --forced-on-disaster"
+            ),
+        )),
+        _ => {}
     }
     let found = candidates(node).await?;
     if found.len() > MAX_PLANNED {
@@ -362,7 +378,11 @@ async fn evaluate(
     let receiver_state = nvlog.status(PartitionKind::DrPartner).map(|s| s.mirror_state).ok();
     let round_trip = node.receiver.get().and_then(|r| r.last_round_trip_age());
     let limit = config.timers.mirror_timeout.saturating_sub(config.timers.margin);
-    let mut plan = Plan { force_nvfail_all: request.force_nvfail_all, aggregates: Vec::new() };
+    let mut plan = Plan {
+        force_nvfail_all: request.force_nvfail_all && !negotiated,
+        negotiated,
+        aggregates: Vec::new(),
+    };
     for f in &found {
         let uuid = f.uuid;
         let labels: Vec<_> = f.plexes[1].iter().map(|d| d.label.as_ref()).collect();
@@ -432,7 +452,10 @@ async fn evaluate(
             )),
             None => unknown.push("the receiver's partition cannot be read".to_string()),
         }
-        if let Some(drop) = marks.drop.filter(|d| d.plex == 1) {
+        // A drop the plex here has since been resynced from is healed: resync completion gives
+        // the target the source's generation, which is at least the survivor's at the drop.
+        let generation_here = labels.iter().flatten().map(|l| l.plex_generation.0).min().unwrap_or(0);
+        if let Some(drop) = marks.drop.filter(|d| d.plex == 1 && generation_here < d.survivor_generation) {
             not_in_sync.push(format!(
                 "node {partner} recorded plex 1 dropped here (generation {}): the plex here is out of date",
                 drop.survivor_generation
@@ -451,11 +474,15 @@ async fn evaluate(
             )),
             Some(_) => {}
         }
+        // A negotiated switchover loses nothing or does not run: out of sync is a hard veto.
+        let kind = if negotiated { "hard" } else { "soft" };
         for reason in &not_in_sync {
-            vetoes.push(veto("soft", "out_of_sync", Some(uuid), reason.clone()));
+            vetoes.push(veto(kind, "out_of_sync", Some(uuid), reason.clone()));
         }
-        for reason in &unknown {
-            vetoes.push(veto("soft", "sync_unknown", Some(uuid), reason.clone()));
+        if !negotiated {
+            for reason in &unknown {
+                vetoes.push(veto("soft", "sync_unknown", Some(uuid), reason.clone()));
+            }
         }
         let reasons: Vec<String> = not_in_sync.into_iter().chain(unknown).collect();
         let cp = f.last_cp();
@@ -464,7 +491,7 @@ async fn evaluate(
             frozen,
             new,
             floor: if cp.writer.0 == partner { cp.last_lsn.0 } else { 0 },
-            not_in_sync: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            not_in_sync: (!reasons.is_empty() && !negotiated).then(|| reasons.join("; ")),
             done: false,
         });
     }
@@ -490,11 +517,6 @@ pub async fn admin_switchover(
     node: &Arc<Node>,
     request: &SwitchoverRequest,
 ) -> Result<SwitchoverReply, Status> {
-    if !request.forced_on_disaster {
-        return Err(Status::invalid_argument(
-            "a negotiated switchover is not built yet: only --forced-on-disaster (for a site that is down)",
-        ));
-    }
     let started = Instant::now();
     let _admin = node.admin.lock().await;
     let journal = node.operations().list();
@@ -610,6 +632,22 @@ struct Outcome {
 
 /// Steps 2 (epochs, freeze) to 7 for every aggregate of the plan not done yet.
 async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, String> {
+    if plan.negotiated {
+        // The owner stops, drains, completes a CP and persists our epochs (DESIGN §11); the
+        // plex here then holds every write it acknowledged, up to the CP now in its labels.
+        let released = release(node, &plan).await?;
+        crate::faults::crash_at("released");
+        // The partner's final CP covers every write it acknowledged, on both plexes (it
+        // releases only mirrored, normal aggregates): its records at or below it are on the
+        // plex here (S8).
+        for planned in plan.aggregates.iter_mut().filter(|p| !p.done) {
+            planned.floor = planned.floor.max(released);
+        }
+        node.operations()
+            .update(id, "the partner released its aggregates", plan.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     for planned in &plan.aggregates {
         node.shelf_state
             .admit_exclusive(planned.uuid, planned.new)
@@ -619,12 +657,14 @@ async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, Strin
     if let Some(receiver) = node.receiver.get() {
         receiver.freeze().await;
     }
-    node.partner_down_confirmed.store(true, Ordering::Release);
     crate::faults::crash_at("frozen");
-    node.mirror()
-        .drop_confirmed("forced switchover: the operator confirmed the partner's site down or isolated")
-        .await
-        .map_err(|e| format!("drop the NVLog mirror to the partner: {e}"))?;
+    if !plan.negotiated {
+        node.partner_down_confirmed.store(true, Ordering::Release);
+        node.mirror()
+            .drop_confirmed("forced switchover: the operator confirmed the partner's site down or isolated")
+            .await
+            .map_err(|e| format!("drop the NVLog mirror to the partner: {e}"))?;
+    }
     let mut outcome = Outcome { adopted: 0, errors: Vec::new() };
     let found = candidates(node).await.map_err(|s| s.message().to_string())?;
     let mut adopting: Vec<(Arc<AggrSlot>, Planned)> = Vec::new();
@@ -664,10 +704,13 @@ async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, Strin
         if plan.force_nvfail_all {
             causes.push(NvfailCause { rule: NvfailRule::ForceAll, why: "--force-nvfail-all".into() });
         }
-        causes.push(NvfailCause {
-            rule: NvfailRule::DrForce,
-            why: "dr_force_nvfail is set and a forced switchover happened".into(),
-        });
+        // Rule (b) is for forced switchovers only.
+        if !plan.negotiated {
+            causes.push(NvfailCause {
+                rule: NvfailRule::DrForce,
+                why: "dr_force_nvfail is set and a forced switchover happened".into(),
+            });
+        }
         for cause in &causes {
             if let Err(e) = node.enter_nvfail(slot, None, cause).await {
                 // Not served rather than served without its NVFAIL (S9).
@@ -966,6 +1009,185 @@ impl Node {
     }
 }
 
+/// Asks the DR partner to release the aggregates of `plan` at its epochs (negotiated
+/// switchover); returns the lsn of its final CP.
+async fn release(node: &Node, plan: &Plan) -> Result<u64, String> {
+    let config = node.config();
+    let address = format!("http://{}", config.dr_partner.address);
+    let call = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(address)
+            .map_err(|e| format!("partner address: {e}"))?
+            .connect_timeout(config.timers.keepalive_timeout);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect to the partner: {e}"))?;
+        let mut client = mc_proto::v1::admin_client::AdminClient::new(channel);
+        let request = mc_proto::v1::ReleaseAggregatesRequest {
+            identity: Some(mc_proto::v1::Identity {
+                cluster_id: config.cluster_id.to_vec(),
+                sender_node: config.node_id,
+                receiver_node: config.dr_partner.node_id,
+            }),
+            epochs: plan
+                .aggregates
+                .iter()
+                .filter(|a| !a.done)
+                .map(|a| crate::wire::aggregate_epoch(a.uuid, a.new))
+                .collect(),
+        };
+        client
+            .release_aggregates(request)
+            .await
+            .map(|reply| reply.into_inner())
+            .map_err(|status| format!("the partner did not release its aggregates: {}", status.message()))
+    };
+    // Draining and a CP at the partner: bounded by the mirror timeout and a CP's time.
+    let reply = tokio::time::timeout(config.timers.mirror_timeout * 4, call)
+        .await
+        .map_err(|_| "the partner did not answer the release in time".to_string())??;
+    tracing::warn!(
+        node = config.node_id,
+        partner = config.dr_partner.node_id,
+        last_cp_lsn = reply.last_cp_lsn,
+        "the partner released its aggregates (negotiated switchover)"
+    );
+    Ok(reply.last_cp_lsn)
+}
+
+/// `Admin.ReleaseAggregates`: the owner's side of a negotiated switchover (DESIGN §11): stops
+/// accepting writes to the aggregates, drains those in flight, completes a CP that covers every
+/// write it acknowledged, persists the caller's epochs in this shelf's marks (its own plex
+/// writes at the old epoch are refused from then on, S2) and stops serving them. Idempotent: a
+/// release already done answers the same.
+pub async fn admin_release(
+    node: &Arc<Node>,
+    request: &mc_proto::v1::ReleaseAggregatesRequest,
+) -> Result<mc_proto::v1::ReleaseAggregatesReply, Status> {
+    let config = node.config();
+    let identity = request.identity.as_ref().ok_or_else(|| Status::invalid_argument("no identity"))?;
+    crate::admin::check_cluster(&config.cluster_id, &identity.cluster_id)?;
+    if identity.sender_node != config.dr_partner.node_id || identity.receiver_node != config.node_id {
+        return Err(Status::failed_precondition(format!(
+            "a release is asked by node {} of node {}: only the DR partner (node {}) may take this node's \
+             aggregates over",
+            identity.sender_node, identity.receiver_node, config.dr_partner.node_id
+        )));
+    }
+    let mut wanted = Vec::new();
+    for wire in &request.epochs {
+        let (uuid, epoch) = crate::wire::from_aggregate_epoch(wire)
+            .ok_or_else(|| Status::invalid_argument("a malformed aggregate epoch"))?;
+        if epoch.owner.0 != identity.sender_node {
+            return Err(Status::invalid_argument("an epoch not held by the caller"));
+        }
+        let Some(slot) = node.aggregates().into_iter().find(|a| a.uuid == uuid && !a.switched_over) else {
+            // Released already (this node restarted since and did not open it again).
+            if node.shelf_state.marks(uuid).epoch >= epoch {
+                continue;
+            }
+            return Err(Status::not_found(format!("aggregate {} is not served here", hex(&uuid.0))));
+        };
+        if epoch <= slot.plex_epoch() {
+            return Err(Status::failed_precondition(format!(
+                "epoch {}@node{} is not above this node's {}@node{} (S2)",
+                epoch.number, epoch.owner.0, slot.epoch.number, slot.epoch.owner.0
+            )));
+        }
+        // Its final CP must reach both plexes: the taker opens the one at its site.
+        let states = slot.aggregate.plex_states();
+        if states != [plex::PlexState::Normal; 2] {
+            return Err(Status::failed_precondition(format!(
+                "aggregate {} is not mirrored and normal (plexes {:?}): wait for the resync",
+                slot.table().name,
+                states
+            )));
+        }
+        wanted.push((slot, epoch));
+    }
+    let _admin = node.admin.lock().await;
+    node.check_serving().map_err(|e| crate::data::status(&e))?;
+    // 1. No new I/O: the volumes answer "released" from now on.
+    for (slot, epoch) in &wanted {
+        let why = format!(
+            "released to node {} (negotiated switchover, epoch {}): served there",
+            epoch.owner.0, epoch.number
+        );
+        slot.serving.send_if_modified(|state| match state {
+            SlotState::Serving => {
+                *state = SlotState::Adopting(why.clone());
+                true
+            }
+            _ => false,
+        });
+    }
+    // 2. Drain what was admitted before.
+    let deadline = Instant::now() + config.timers.mirror_timeout * 2;
+    while node.busy.load(Ordering::Acquire) > 0 {
+        if Instant::now() >= deadline {
+            for (slot, _) in &wanted {
+                slot.serving.send_if_modified(|state| match state {
+                    SlotState::Adopting(_) => {
+                        *state = SlotState::Serving;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+            return Err(Status::unavailable("writes still in flight: the release is called off, retry"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // 3. A CP covers every acknowledged write; the partner's plex holds it.
+    if let Err(e) = node.cp("release").await {
+        for (slot, _) in &wanted {
+            slot.serving.send_if_modified(|state| match state {
+                SlotState::Adopting(_) => {
+                    *state = SlotState::Serving;
+                    true
+                }
+                _ => false,
+            });
+        }
+        return Err(Status::unavailable(format!("the CP before the release failed: {e}")));
+    }
+    // The CP must have reached both plexes: a plex that failed under it (its partner restarted
+    // and this node had not noticed yet) lacks what the CP released, and the taker opens that
+    // plex. Then the release is called off until the resync completes.
+    for (slot, _) in &wanted {
+        let states = slot.aggregate.plex_states();
+        if states != [plex::PlexState::Normal; 2] {
+            for (slot, _) in &wanted {
+                slot.serving.send_if_modified(|state| match state {
+                    SlotState::Adopting(_) => {
+                        *state = SlotState::Serving;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+            return Err(Status::unavailable(format!(
+                "aggregate {} lost a plex during the release's CP (plexes {:?}): the release is called off; \
+                 retry once the resync completes",
+                slot.table().name,
+                states
+            )));
+        }
+    }
+    // 4. The new epochs, durably; from now on this node writes none of it (S2).
+    for (slot, epoch) in &wanted {
+        node.shelf_state
+            .admit(slot.uuid, *epoch)
+            .await
+            .map_err(|e| Status::unavailable(format!("persist the new epoch: {e}")))?;
+        let why = format!(
+            "deposed: released to node {} (negotiated switchover, epoch {}), served there",
+            epoch.owner.0, epoch.number
+        );
+        tracing::warn!(node = config.node_id, aggregate = %slot.table().name, "{why}");
+        slot.serving.send_replace(SlotState::Deposed(why));
+    }
+    let stats = node.cp_stats();
+    Ok(mc_proto::v1::ReleaseAggregatesReply { last_cp_lsn: stats.last_lsn.0, last_cp_id: stats.last_id })
+}
+
 /// `Admin.Unfence`: the operator's way out of a fence nobody can confirm (S2).
 pub async fn admin_unfence(node: &Arc<Node>, request: &UnfenceRequest) -> Result<UnfenceReply, Status> {
     if !request.force || !request.confirmed {
@@ -1039,6 +1261,7 @@ mod tests {
     fn plan() -> Plan {
         Plan {
             force_nvfail_all: true,
+            negotiated: false,
             aggregates: vec![
                 Planned {
                     uuid: Uuid([1; 16]),

@@ -1,5 +1,6 @@
 //! `mcctl`'s admin commands against a real lab: `node show`, `cluster show`, `operation show`,
-//! `aggregate show`, `plex show`, `volume create` and `volume show` through `--lab`, a wrong
+//! `aggregate show`, `plex show`, `volume create`, `volume show`, `mirror status` and
+//! `check run|show` (a killed site reported as warnings) through `--lab`, a wrong
 //! cluster id through `--endpoint` refused with exit code 1, and `--lab` with `--endpoint`, a
 //! delete without `--confirm` or a forced switchover with both sites up refused as bad usage
 //! (exit code 2).
@@ -7,7 +8,9 @@
 
 mod lab_support;
 
-use lab_support::{LabGuard, SMALL, mcctl, mcctl_json, mcctl_ok};
+use std::time::{Duration, Instant};
+
+use lab_support::{LabGuard, SMALL, mcctl, mcctl_env, mcctl_json, mcctl_ok};
 use serde_json::Value;
 
 /// The admin commands on a fresh lab: both nodes serving with their DR mirror, both aggregates
@@ -136,6 +139,87 @@ fn show_create_and_refusals() {
         let out = mcctl(&bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+
+    // Both aggregates' mirrors are normal and synchronous, with the bitmap the controller keeps.
+    let mirrors = mcctl_json(&["mirror", "status", "--lab", d, "-o", "json"]);
+    let mirrors = mirrors["mirrors"].as_array().unwrap();
+    assert_eq!(mirrors.len(), 2, "{mirrors:#?}");
+    for mirror in mirrors {
+        assert_eq!(mirror["state"], "normal", "{mirror:#}");
+        assert_eq!(mirror["mirror_type"], "synchronous", "{mirror:#}");
+        assert_eq!(
+            (mirror["source_plex"].as_str(), mirror["target_plex"].as_str()),
+            (Some("plex0"), Some("plex1"))
+        );
+        let regions = mirror["bitmap_regions"].as_u64().unwrap();
+        let region_bytes = mirror["region_bytes"].as_u64().unwrap();
+        assert!(regions > 0 && region_bytes > 0, "{mirror:#}");
+        assert!(regions * region_bytes >= 64 << 20, "the bitmap covers the aggregate: {mirror:#}");
+        assert_eq!(mirror["resync"], Value::Null, "{mirror:#}");
+    }
+    let mirror = mcctl_json(&["mirror", "status", "vol_x", "--lab", d, "-o", "json"]);
+    assert_eq!(mirror["mirrors"][0]["aggregate"], "aggr_a", "{mirror:#}");
+    let table = mcctl_ok(&["mirror", "status", "--lab", d]);
+    assert!(
+        table.starts_with("AGGREGATE  NODE  VOLUMES") && table.contains("  normal  synchronous  "),
+        "{table}"
+    );
+    assert_eq!(mcctl(&["mirror", "status", "vol_nope", "--lab", d]).status.code(), Some(1));
+
+    // A healthy lab checks ok (once the DR mirrors are in sync); the result is stored for `check show`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = mcctl(&["check", "run", "--lab", d]);
+        if out.status.code() == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a fresh lab never checked ok:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(dir.join("check.json").exists());
+    let shown = mcctl_ok(&["check", "show", "--lab", d]);
+    assert!(shown.starts_with("last check: ") && shown.contains("checks ok"), "{shown}");
+
+    // Site B killed: the check at A (through --endpoint, stored under XDG_STATE_HOME) warns about
+    // the broken DR mirror to node 2, naming it, and exits 1.
+    mcctl_ok(&["lab", "kill", "--dir", d, "--site", "B"]);
+    let state = temp.path().join("state");
+    let env = [("XDG_STATE_HOME", state.as_path())];
+    let at_a = ["check", "run", "--endpoint", &admin_a, "--cluster-id", &cluster_id, "-o", "json"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let out = mcctl_env(&at_a, &env);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mirror =
+            report["checks"].as_array().unwrap().iter().find(|c| c["component"] == "dr_mirror").cloned();
+        if let Some(mirror) = mirror.filter(|m| m["status"] == "warning") {
+            assert_eq!(out.status.code(), Some(1), "{report:#}");
+            assert_eq!(report["status"], "warning", "{report:#}");
+            let reason = mirror["reason"].as_str().unwrap();
+            assert!(reason.contains("DR partner node 2") && reason.contains("disconnected"), "{mirror:#}");
+            break report;
+        }
+        assert!(Instant::now() < deadline, "A never reported its broken DR mirror: {report:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let stored = state.join("mcctl").join(format!("check-{cluster_id}.json"));
+    let stored: Value = serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    assert_eq!(stored, report);
+    let out = mcctl_env(&["check", "show", "--endpoint", &admin_a, "--cluster-id", &cluster_id], &env);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("DR partner node 2") && shown.contains("warning"), "{shown}");
+    // Through the lab, node 2 itself is reported as not answering.
+    let out = mcctl(&["check", "run", "--lab", d, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let node2 = report["checks"].as_array().unwrap().iter().find(|c| c["subject"] == "node 2").unwrap();
+    assert_eq!(node2["status"], "warning", "{report:#}");
+    assert!(node2["reason"].as_str().unwrap().contains("did not answer"), "{node2:#}");
 
     let down = mcctl_json(&["lab", "down", "--dir", d, "-o", "json"]);
     assert_eq!(down["controllers"].as_array().unwrap().len(), 2, "{down:#}");

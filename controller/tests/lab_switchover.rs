@@ -91,3 +91,41 @@ fn forced_switchover_drill_through_mcctl() {
     let vol_a = &volumes["volumes"][0];
     assert_eq!(vol_a["in_nvfailed_state"], false, "{volumes:#}");
 }
+
+/// Planned maintenance through `mcctl` on the lab: a negotiated switchover (no
+/// `--forced-on-disaster`) moves vol_a to B while both sites run; without `--site` it is bad
+/// usage; every write acknowledged at A is served by B, and nothing is NVFAILed.
+#[test]
+fn negotiated_switchover_through_mcctl() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = temp.path().join("lab");
+    let _guard = LabGuard { dir: dir.clone() };
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["lab", "up", "--dir", d, "--detach", "-o", "json"];
+    args.extend_from_slice(SMALL);
+    let up = mcctl_json(&args);
+    let nbd = |site: &str| {
+        up["controllers"].as_array().unwrap().iter().find(|c| c["site"] == site).unwrap()["nbd"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(mcctl(&["switchover", "--lab", d]).status.code(), Some(2));
+    let load = Workload::start(&nbd("A"), "vol_a", 256);
+    load.wait_count(300);
+    let done = mcctl_json(&["switchover", "--site", "B", "--lab", d, "-o", "json"]);
+    assert_eq!(done["operation"]["state"], "successful", "{done:#}");
+    assert!(done["volumes"].as_array().unwrap().iter().any(|v| v == "vol_a"), "{done:#}");
+    assert!(done["nvfailed_volumes"].as_array().unwrap().is_empty(), "{done:#}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while load.ledger.lock().unwrap().ended.is_none() {
+        assert!(std::time::Instant::now() < deadline, "A went on acknowledging after the release");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ledger = load.stop();
+    let mut host = Host::connect(&nbd("B"), "vol_a").unwrap();
+    let wrong = host::missing(&mut host, &ledger);
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    let cluster = json_of(&mcctl(&["cluster", "show", "--lab", d, "-o", "json"]));
+    assert_eq!(cluster["cluster"]["mode"], "switchover", "{cluster:#}");
+}

@@ -476,3 +476,111 @@ async fn dr_force_nvfail_and_force_nvfail_all_nvfail_in_sync_volumes() {
         assert_eq!(reply.nvfailed_volumes, ["vol_a"], "force_all {force_all}: {reply:?}");
     }
 }
+
+/// Negotiated switchover under a workload (DESIGN §11): A stops accepting writes, drains, makes
+/// a CP and releases vol_a's aggregate at B's epoch; B serves it without NVFAIL. Every write
+/// the host saw acknowledged is at B, A refuses vol_a from then on (its writes fail rather than
+/// being acknowledged), and B's new writes are still mirrored to A (the ack set keeps A).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negotiated_switchover_under_a_workload_loses_nothing() {
+    let cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    // Vetoed as forced (A answers); a negotiated one needs no confirmation.
+    let (_, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert!(vetoes.iter().any(|v| v.starts_with("hard partner_reachable")), "{vetoes:?}");
+    let started = Instant::now();
+    let reply =
+        switchover(&cluster, 1, SwitchoverRequest { forced_on_disaster: false, ..request(false, false) })
+            .await
+            .unwrap();
+    eprintln!("negotiated switchover took {:?}: {reply:?}", started.elapsed());
+    assert_eq!(reply.volumes, ["vol_a"], "{reply:?}");
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    // The host's connection to A fails its next write.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.ledger.lock().unwrap().ended.is_none() {
+        assert!(Instant::now() < deadline, "A went on acknowledging writes after the release");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ledger = load.stop();
+    let a = cluster.status(0).await;
+    assert!(volume(&a, "vol_a").reason.contains("released"), "{a:#?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // B writes vol_a, and the write is mirrored to A's NVLog (A stays in the ack set).
+    let mut b = Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
+    b.write(0, &host::pattern(0, 4242)).unwrap();
+    let b_status = cluster.status(1).await;
+    assert_eq!(b_status.mode, "switchover");
+    assert_eq!(
+        b_status.dr_mirror.as_ref().map(|m| m.state),
+        Some(mc_proto::v1::MirrorState::InSync as i32),
+        "{b_status:#?}"
+    );
+}
+
+/// A negotiated switchover whose survivor B is killed (abort, as `kill -9`) before and after A
+/// released its aggregates: B restarts (A confirms its epoch), the interrupted operation is
+/// rolled back, and a re-run completes; every acknowledged write is at B and A never serves
+/// vol_a again once released (never two writers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negotiated_switchover_interrupted_by_a_crash_completes_when_rerun() {
+    for step in ["planned", "released"] {
+        let mut cluster = Cluster::new(&Settings { cp_interval_ms: 60_000, ..Settings::default() });
+        cluster.env[1] = vec![("MC_FAULT_SWITCHOVER_CRASH_AT".into(), step.into())];
+        cluster.start(0);
+        cluster.start(1);
+        cluster.wait_state(0, "serving").await;
+        cluster.create_volume(0, VOLUME_BYTES).await;
+        cluster.wait_in_sync().await;
+        let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+        load.wait_count(200);
+        let negotiated = SwitchoverRequest { forced_on_disaster: false, ..request(false, false) };
+        assert!(switchover(&cluster, 1, negotiated.clone()).await.is_err(), "{step}: no crash");
+        let exit = cluster.procs[1].as_mut().unwrap().child.wait().unwrap();
+        assert!(!exit.success(), "{step}: {exit:?}");
+        cluster.procs[1] = None;
+        cluster.env[1].clear();
+        if step == "released" {
+            // A released vol_a: its host's writes fail from then on.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while load.ledger.lock().unwrap().ended.is_none() {
+                assert!(Instant::now() < deadline, "A acknowledged writes after releasing");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        cluster.start(1);
+        cluster.wait_state(1, "serving").await;
+        // As an operator would: wait for the mirror, then re-run (a release is called off while
+        // a plex is being resynced).
+        cluster
+            .wait_status(0, "A's aggregate mirrored and normal", |s| {
+                s.aggregates.first().is_none_or(|a| a.state == "mirrored,normal")
+            })
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let reply = loop {
+            match switchover(&cluster, 1, negotiated.clone()).await {
+                Ok(reply) => break reply,
+                Err((status, vetoes)) => {
+                    assert!(Instant::now() < deadline, "{step}: {status:?} {vetoes:?}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        assert_eq!(reply.volumes, ["vol_a"], "{step}: {reply:?}");
+        let why: Vec<String> =
+            cluster.log(1).lines().filter(|l| l.contains("NVFAIL")).map(str::to_string).collect();
+        assert!(reply.nvfailed_volumes.is_empty(), "{step}: {reply:?}\n{why:#?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while load.ledger.lock().unwrap().ended.is_none() {
+            assert!(Instant::now() < deadline, "{step}: A acknowledged writes after the switchover");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ledger = load.stop();
+        check_acknowledged(&cluster.nbd_address(1), &ledger);
+    }
+}

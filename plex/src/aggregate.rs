@@ -401,6 +401,19 @@ impl fmt::Display for AggregateStatus {
     }
 }
 
+/// The dirty bitmap's counts, DataKeeper style (`Bitmap: 819189 bits (chunks), 40302 dirty`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapSummary {
+    /// The plex whose bitmap it is: the `normal` one, which marks what the other misses.
+    pub plex: usize,
+    /// Regions (bits) the bitmap covers.
+    pub regions: u64,
+    /// Regions marked dirty: to be copied to the other plex by a resync.
+    pub dirty_regions: u64,
+    /// Bytes per region.
+    pub region_bytes: u64,
+}
+
 /// Counters for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AggregateCounters {
@@ -961,6 +974,21 @@ impl Aggregate {
             },
         });
         AggregateStatus { state, plexes, bitmap, resync }
+    }
+
+    /// The dirty bitmap of the plex that tracks the other's missing writes (the same plex, and so
+    /// the same counts, as `status().bitmap` shows), as numbers for tools: `None` while that plex
+    /// has no bitmap (no valid labels). Only reads.
+    pub async fn bitmap_summary(&self) -> Option<BitmapSummary> {
+        let states = self.inner().states;
+        let tracker = states.iter().position(|s| *s == PlexState::Normal).unwrap_or(0);
+        let bitmap = self.sides[tracker].bitmap.lock().await;
+        bitmap.as_ref().map(|bitmap| BitmapSummary {
+            plex: tracker,
+            regions: bitmap.region_count(),
+            dirty_regions: bitmap.dirty_count(),
+            region_bytes: bitmap.region_bytes(),
+        })
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<Range<u64>, AggregateError> {
@@ -2022,6 +2050,11 @@ impl Aggregate {
             return Err(AggregateError::TargetDropped(target));
         }
         let generation = self.inner().generations[source];
+        // The target now holds everything the source held, so the source's last CP is the
+        // target's too (S8: a switchover to it replays only above that CP; a stale one there made
+        // the writer's released records look missing).
+        let source_cp =
+            self.sides[source].labels.lock().await.as_ref().and_then(|l| l.first().map(|l| l.last_cp));
         // Target first: with equal generations the pair is in sync whatever the source's label
         // says about its peer (opening settles that label).
         let relabelled = self
@@ -2030,6 +2063,11 @@ impl Aggregate {
                 label.peer_state = PeerState::Normal;
                 label.plex_generation = generation;
                 label.peer_sync_generation = generation;
+                if let Some(cp) = source_cp
+                    && (cp.last_lsn, cp.id) > (label.last_cp.last_lsn, label.last_cp.id)
+                {
+                    label.last_cp = cp;
+                }
             })
             .await;
         if let Err(e) = relabelled {
@@ -2169,4 +2207,46 @@ async fn format_plex(
         })?;
     }
     Ok((plex, bitmap, labels))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::{MirrorRig, RecordingHook, pattern, test_options, test_spec};
+
+    const REGION: u64 = 65536;
+
+    /// Prevents `mirror status` showing other counts than the aggregate's status line, or the
+    /// bitmap of the dropped plex instead of the survivor's: the summary follows the drop.
+    #[tokio::test]
+    async fn bitmap_summary_counts_the_survivors_dirty_regions() {
+        let rig = MirrorRig::new();
+        let options = test_options(Duration::from_millis(200), 4 * REGION);
+        let aggregate = Aggregate::create(
+            &test_spec(u32::try_from(REGION).unwrap()),
+            rig.plexes(),
+            options,
+            Arc::new(RecordingHook::default()),
+        )
+        .await
+        .unwrap();
+        let clean = aggregate.bitmap_summary().await.unwrap();
+        assert_eq!((clean.plex, clean.dirty_regions, clean.region_bytes), (0, 0, REGION));
+        assert_eq!(clean.regions, aggregate.size_bytes().div_ceil(REGION), "{clean:?}");
+
+        rig.hang(0);
+        aggregate.write(3 * REGION, &pattern(1, 2)).await.unwrap();
+        aggregate.write(7 * REGION, &pattern(2, 2)).await.unwrap();
+        let dirty = aggregate.bitmap_summary().await.unwrap();
+        assert_eq!(dirty.plex, 1, "plex 0 was dropped: plex 1 tracks what it misses");
+        assert_eq!(dirty.dirty_regions, 2, "{dirty:?}");
+        assert_eq!(dirty.regions, clean.regions);
+        let line = aggregate.status().await.bitmap;
+        assert!(line.contains(&format!("{} bits", dirty.regions)) && line.contains(" 2 dirty "), "{line}");
+    }
 }

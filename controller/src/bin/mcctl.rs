@@ -1,13 +1,15 @@
 //! `mcctl`: the administrator's command line (DESIGN §11, §12).
 //!
-//! So far the lab (`mcctl lab up|status|down|kill|start`, logic in `controller::lab`) and the
+//! So far the lab (`mcctl lab up|status|down|kill|start`, logic in `controller::lab`), the
 //! admin commands (`cluster show`, `node show|unfence`, `aggregate show`, `plex show`,
-//! `volume show|create|modify|delete`, `switchover --forced-on-disaster`, `operation show`, whose
-//! output `controller::cli` renders). Every command prints a human table by default and one JSON
+//! `volume show|create|modify|delete`, `switchover --forced-on-disaster`, `operation show`,
+//! `mirror status`, `check run|show`, whose output `controller::cli` renders; `--watch` on the
+//! show commands), and `completions` and `man`, generated from the clap definition. Every command prints a human table by default and one JSON
 //! object with `-o json`. Exit codes (`controller::cli::EXIT_*`): 0 done, 1 failed, 2 bad usage
 //! (clap's, and `Usage` errors found after parsing), 3 vetoed (switchover).
 //!
-//! Invariants: with `-o json`, stdout carries exactly one JSON document per command and
+//! Invariants: with `-o json`, stdout carries exactly one JSON document per command (with
+//! `--watch`: one per round, separated by a blank line) and
 //! everything else goes to stderr; a failure is one `error:` line (with its causes) on stderr and
 //! exit code 1, never a panic;
 //! - the show commands ask every node (`Admin.Status`, each within `RPC_TIMEOUT`) and print what
@@ -23,7 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use controller::cli::{self, NodeAnswer, OperationsAnswer, SwitchoverOutcome, Table, Target};
 use controller::config::Durability;
 use controller::lab::{self, LabSite};
@@ -99,6 +101,74 @@ enum Command {
     /// The operations (switchover, unfence) the nodes ran.
     #[command(subcommand)]
     Operation(OperationCommand),
+    /// The plex mirrors of the aggregates, DataKeeper style.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+    /// Health checks of nodes, DR mirrors, aggregates and volumes (exit code 1 on a warning).
+    #[command(subcommand)]
+    Check(CheckCommand),
+    /// Prints a shell completion script (e.g. `mcctl completions bash > /etc/bash_completion.d/mcctl`).
+    Completions(CompletionsArgs),
+    /// Prints mcctl's man page (roff: `mcctl man | man -l -`).
+    Man,
+}
+
+/// `mcctl mirror …`.
+#[derive(Debug, Subcommand)]
+enum MirrorCommand {
+    /// Shows each aggregate's mirror: state, type, source and target plex, bitmap, dirty regions,
+    /// resync progress (only the mirror of NAME, an aggregate or a volume, when given).
+    Status(MirrorStatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct MirrorStatusArgs {
+    /// Only the mirror of this volume (or aggregate).
+    name: Option<String>,
+    #[command(flatten)]
+    watch: WatchArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// `mcctl check …`.
+#[derive(Debug, Subcommand)]
+enum CheckCommand {
+    /// Checks every node, DR mirror, aggregate and volume, prints ok or warning with a reason for
+    /// each, and stores the result (--lab DIR: DIR/check.json; else under $XDG_STATE_HOME/mcctl
+    /// or ~/.local/state/mcctl).
+    Run(ClusterArgs),
+    /// Prints the result `check run` stored last, and when it ran.
+    Show(ClusterArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell.
+    shell: clap_complete::Shell,
+}
+
+/// `--watch [SECONDS]` of the show commands.
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Redraw every SECONDS (default 2) until Ctrl-C; not on a terminal, print successive snapshots
+    /// separated by a blank line. Give it after a positional name, or as --watch=N.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        num_args = 0..=1,
+        default_missing_value = "2",
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    watch: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct NodeShowArgs {
+    #[command(flatten)]
+    watch: WatchArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// `mcctl cluster …`.
@@ -127,7 +197,8 @@ struct OperationShowArgs {
 #[derive(Debug, Args)]
 struct SwitchoverArgs {
     /// The partner site is lost: take its aggregates over without its cooperation (replaying its
-    /// NVLog records from this node's copy). Required: negotiated switchover is not built yet.
+    /// NVLog records from this node's copy). Without it, a negotiated switchover: both sites are
+    /// up, the partner drains, makes a CP and releases its aggregates to the node of --site.
     #[arg(long)]
     forced_on_disaster: bool,
     /// Only evaluate the vetoes; change nothing.
@@ -226,7 +297,7 @@ struct VolumeDeleteArgs {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Shows every node's state, DR mirror and consistency points.
-    Show(ClusterArgs),
+    Show(NodeShowArgs),
     /// Forces a fenced node to serve (its epochs raised, every volume NVFAILed).
     Unfence(UnfenceArgs),
 }
@@ -282,6 +353,8 @@ struct AggregateShowArgs {
     /// Only this aggregate.
     name: Option<String>,
     #[command(flatten)]
+    watch: WatchArgs,
+    #[command(flatten)]
     cluster: ClusterArgs,
 }
 
@@ -290,6 +363,8 @@ struct PlexShowArgs {
     /// Only this aggregate's plexes.
     aggregate: Option<String>,
     #[command(flatten)]
+    watch: WatchArgs,
+    #[command(flatten)]
     cluster: ClusterArgs,
 }
 
@@ -297,6 +372,8 @@ struct PlexShowArgs {
 struct VolumeShowArgs {
     /// Only this volume.
     name: Option<String>,
+    #[command(flatten)]
+    watch: WatchArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -742,30 +819,156 @@ struct Shown {
 }
 
 /// Asks every node, prints what `render` makes of their answers, and gives the exit code: 1
-/// when a node did not answer or a name matched nothing, else 0.
+/// when a node did not answer or a name matched nothing, else 0. With `watch`, does so every
+/// `watch` seconds until SIGINT or SIGTERM, and gives the last round's code.
 async fn show(
     args: &ClusterArgs,
+    watch: &WatchArgs,
     format: OutputFormat,
-    render: impl FnOnce(&[NodeAnswer]) -> Shown,
+    render: impl Fn(&[NodeAnswer]) -> Shown,
 ) -> anyhow::Result<u8> {
     let cluster = Cluster::resolve(args)?;
-    let answers = ask_all(&cluster).await;
-    let shown = render(&answers);
-    match format {
-        OutputFormat::Table => print(&shown.table)?,
-        OutputFormat::Json => print_json(&shown.json)?,
-    }
+    let Some(seconds) = watch.watch else {
+        let answers = ask_all(&cluster).await;
+        let shown = render(&answers);
+        print(&shown_text(format, &shown)?)?;
+        return Ok(show_code(&answers, &shown, true));
+    };
+    // Installed before the first round: Ctrl-C ends the watch with the last round's exit code.
+    let mut signals = Signals::new()?;
+    let terminal = std::io::stdout().is_terminal();
     let mut code = cli::EXIT_OK;
-    let missing = cli::unreachable(&answers);
-    if !missing.is_empty() {
-        eprintln!("error: {} of {} nodes did not answer", missing.len(), answers.len());
-        code = cli::EXIT_FAILED;
-    }
-    if let Some(what) = shown.not_found {
-        eprintln!("error: no {what}");
-        code = cli::EXIT_FAILED;
+    for round in 0u64.. {
+        let answers = tokio::select! {
+            answers = ask_all(&cluster) => answers,
+            _ = signals.recv() => break,
+        };
+        let shown = render(&answers);
+        let text = shown_text(format, &shown)?;
+        let framed = if terminal {
+            // Home the cursor and clear the screen, then a header like watch(1)'s.
+            format!("\x1b[H\x1b[2JEvery {seconds} s: {}\n\n{text}", cli::utc_text(now_unix_ms()))
+        } else if round == 0 {
+            text
+        } else {
+            format!("\n{text}")
+        };
+        print(&framed)?;
+        code = show_code(&answers, &shown, false);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(seconds)) => {}
+            _ = signals.recv() => break,
+        }
     }
     Ok(code)
+}
+
+/// What a show command prints of `shown` in `format`.
+fn shown_text(format: OutputFormat, shown: &Shown) -> anyhow::Result<String> {
+    Ok(match format {
+        OutputFormat::Table => shown.table.clone(),
+        OutputFormat::Json => {
+            let mut text = serde_json::to_string_pretty(&shown.json).context("encode the result as JSON")?;
+            text.push('\n');
+            text
+        }
+    })
+}
+
+/// A show command's exit code, saying why on stderr when `explain`.
+fn show_code(answers: &[NodeAnswer], shown: &Shown, explain: bool) -> u8 {
+    let mut code = cli::EXIT_OK;
+    let missing = cli::unreachable(answers);
+    if !missing.is_empty() {
+        if explain {
+            eprintln!("error: {} of {} nodes did not answer", missing.len(), answers.len());
+        }
+        code = cli::EXIT_FAILED;
+    }
+    if let Some(what) = &shown.not_found {
+        if explain {
+            eprintln!("error: no {what}");
+        }
+        code = cli::EXIT_FAILED;
+    }
+    code
+}
+
+/// The wall clock in unix milliseconds (0 before 1970).
+fn now_unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Where `check run` stores its result: `DIR/check.json` for `--lab DIR`; else
+/// `$XDG_STATE_HOME/mcctl/check-<cluster id>.json` (`~/.local/state` without it), one file per
+/// cluster so that two clusters' results never overwrite each other.
+fn check_path(args: &ClusterArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.lab {
+        return Ok(dir.join("check.json"));
+    }
+    let id = args.cluster_id.context("--endpoint needs --cluster-id")?;
+    let state = match std::env::var_os("XDG_STATE_HOME").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        _ => {
+            let home = std::env::var_os("HOME").context("neither XDG_STATE_HOME nor HOME is set")?;
+            PathBuf::from(home).join(".local").join("state")
+        }
+    };
+    Ok(state.join("mcctl").join(format!("check-{}.json", cli::hex(&id))))
+}
+
+/// Replaces `path` with `bytes` atomically: a `.tmp` file, fsync, rename, fsync of the directory.
+fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("the path has no directory")?;
+    std::fs::create_dir_all(dir).context(format!("create {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp).context(format!("create {}", tmp.display()))?;
+    file.write_all(bytes).context(format!("write {}", tmp.display()))?;
+    file.sync_all().context(format!("fsync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).context(format!("rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).context(format!("fsync directory {}", dir.display()))
+}
+
+async fn check_run(args: &ClusterArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(args)?;
+    let path = check_path(args)?;
+    let answers = ask_all(&cluster).await;
+    let report = cli::check_report(&answers, now_unix_ms());
+    emit(format, &report, cli::check_table)?;
+    let mut text = serde_json::to_vec_pretty(&report).context("encode the check result")?;
+    text.push(b'\n');
+    replace_file(&path, &text).context(format!("store the check result in {}", path.display()))?;
+    Ok(report.exit_code())
+}
+
+async fn check_show(args: &ClusterArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let path = check_path(args)?;
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("no check result in {}: run `mcctl check run` first", path.display())
+        }
+        Err(e) => return Err(e).context(format!("read {}", path.display())),
+    };
+    let report: cli::CheckReport =
+        serde_json::from_slice(&text).context(format!("decode the check result in {}", path.display()))?;
+    emit(format, &report, cli::check_show_table)?;
+    Ok(report.exit_code())
+}
+
+/// The completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "mcctl", &mut out);
+    out
+}
+
+/// The man page, roff.
+fn man_page() -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out).context("render the man page")?;
+    Ok(out)
 }
 
 /// `what` when a filter `name` was given and matched no row.
@@ -1017,16 +1220,25 @@ fn confirm_switchover() -> anyhow::Result<bool> {
 }
 
 async fn switchover(args: &SwitchoverArgs, format: OutputFormat) -> anyhow::Result<u8> {
-    if !args.forced_on_disaster {
+    let negotiated = !args.forced_on_disaster;
+    if negotiated && args.site.is_none() {
         return Err(usage(
-            "a negotiated switchover is not built yet: with the partner site down, use --forced-on-disaster",
+            "a negotiated switchover needs --site A|B: the site that takes the other's aggregates over (with the \
+             partner site down, use --forced-on-disaster)",
+        ));
+    }
+    if negotiated && (args.override_vetoes || args.force_nvfail_all) {
+        return Err(usage(
+            "--override-vetoes and --force-nvfail-all are for a forced switchover (--forced-on-disaster): a \
+             negotiated one loses nothing or does not run",
         ));
     }
     let cluster = Cluster::resolve(&args.cluster)?;
     let answers = ask_all(&cluster).await;
     let survivor = pick_survivor(&answers, args.site)?;
     let node = answer_node(survivor);
-    let confirmed = args.confirm || (!args.simulate && confirm_switchover()?);
+    // Only a forced switchover needs the operator's word that the partner site is down.
+    let confirmed = negotiated || args.confirm || (!args.simulate && confirm_switchover()?);
     if !args.simulate && !confirmed {
         anyhow::bail!("not confirmed: nothing was done");
     }
@@ -1037,7 +1249,7 @@ async fn switchover(args: &SwitchoverArgs, format: OutputFormat) -> anyhow::Resu
         .context(format!("reach the surviving node at {address}"))?;
     let mut request = tonic::Request::new(SwitchoverRequest {
         cluster_id: cluster.id.to_vec(),
-        forced_on_disaster: true,
+        forced_on_disaster: args.forced_on_disaster,
         simulate: args.simulate,
         override_vetoes: args.override_vetoes,
         force_nvfail_all: args.force_nvfail_all,
@@ -1157,7 +1369,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
     match args.command {
         Command::Lab(command) => run_lab(command, format).await.map(|()| cli::EXIT_OK),
         Command::Node(NodeCommand::Show(args)) => {
-            show(&args, format, |answers| Shown {
+            show(&args.cluster, &args.watch, format, |answers| Shown {
                 table: cli::nodes_table(answers),
                 json: cli::nodes_json(answers),
                 not_found: None,
@@ -1166,7 +1378,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         }
         Command::Aggregate(AggregateCommand::Show(args)) => {
             let name = args.name.as_deref();
-            show(&args.cluster, format, |answers| Shown {
+            show(&args.cluster, &args.watch, format, |answers| Shown {
                 table: cli::aggregates_table(answers, name),
                 json: cli::aggregates_json(answers, name),
                 not_found: not_found(name, cli::aggregate_rows(answers, name).len(), "aggregate"),
@@ -1175,7 +1387,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         }
         Command::Plex(PlexCommand::Show(args)) => {
             let aggregate = args.aggregate.as_deref();
-            show(&args.cluster, format, |answers| Shown {
+            show(&args.cluster, &args.watch, format, |answers| Shown {
                 table: cli::plexes_table(answers, aggregate),
                 json: cli::plexes_json(answers, aggregate),
                 not_found: not_found(aggregate, cli::aggregate_rows(answers, aggregate).len(), "aggregate"),
@@ -1184,7 +1396,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         }
         Command::Volume(VolumeCommand::Show(args)) => {
             let name = args.name.as_deref();
-            show(&args.cluster, format, |answers| Shown {
+            show(&args.cluster, &args.watch, format, |answers| Shown {
                 table: cli::volumes_table(answers, name),
                 json: cli::volumes_json(answers, name),
                 not_found: not_found(name, cli::volume_rows(answers, name).len(), "volume"),
@@ -1195,7 +1407,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         Command::Volume(VolumeCommand::Modify(args)) => volume_modify(&args, format).await,
         Command::Volume(VolumeCommand::Delete(args)) => volume_delete(&args, format).await,
         Command::Cluster(ClusterCommand::Show(args)) => {
-            show(&args, format, |answers| Shown {
+            show(&args, &WatchArgs { watch: None }, format, |answers| Shown {
                 table: cli::cluster_table(answers),
                 json: cli::cluster_json(answers),
                 not_found: None,
@@ -1205,7 +1417,27 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         Command::Node(NodeCommand::Unfence(args)) => node_unfence(&args, format).await,
         Command::Switchover(args) => switchover(&args, format).await,
         Command::Operation(OperationCommand::Show(args)) => operation_show(&args, format).await,
+        Command::Mirror(MirrorCommand::Status(args)) => {
+            let name = args.name.as_deref();
+            show(&args.cluster, &args.watch, format, |answers| Shown {
+                table: cli::mirror_table(answers, name),
+                json: cli::mirror_json(answers, name),
+                not_found: not_found(name, cli::mirror_rows(answers, name).len(), "aggregate or volume"),
+            })
+            .await
+        }
+        Command::Check(CheckCommand::Run(args)) => check_run(&args, format).await,
+        Command::Check(CheckCommand::Show(args)) => check_show(&args, format).await,
+        Command::Completions(args) => print_bytes(&completions(args.shell)).map(|()| cli::EXIT_OK),
+        Command::Man => print_bytes(&man_page()?).map(|()| cli::EXIT_OK),
     }
+}
+
+/// Writes `bytes` to stdout.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes).context("write to stdout")?;
+    stdout.flush().context("flush stdout")
 }
 
 async fn run_lab(command: LabCommand, format: OutputFormat) -> anyhow::Result<()> {
@@ -1342,6 +1574,78 @@ mod tests {
 
     fn is_usage(error: &anyhow::Error) -> bool {
         error.downcast_ref::<Usage>().is_some()
+    }
+
+    /// Prevents `--watch` taking a name as its interval, or an interval of 0 (a busy loop): it
+    /// defaults to 2 s, takes a number of seconds, and is absent unless given.
+    #[test]
+    fn watch_parsing() {
+        let watch_of = |args: &[&str]| -> Option<u64> {
+            let mut full = args.to_vec();
+            full.extend_from_slice(&["--lab", "/tmp/lab"]);
+            match parse(&full).unwrap().command {
+                Command::Node(NodeCommand::Show(a)) => a.watch.watch,
+                Command::Aggregate(AggregateCommand::Show(a)) => a.watch.watch,
+                Command::Plex(PlexCommand::Show(a)) => a.watch.watch,
+                Command::Volume(VolumeCommand::Show(a)) => a.watch.watch,
+                Command::Mirror(MirrorCommand::Status(a)) => a.watch.watch,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(watch_of(&["node", "show"]), None);
+        assert_eq!(watch_of(&["node", "show", "--watch"]), Some(2));
+        assert_eq!(watch_of(&["node", "show", "--watch", "5"]), Some(5));
+        assert_eq!(watch_of(&["aggregate", "show", "aggr_a", "--watch"]), Some(2));
+        assert_eq!(watch_of(&["plex", "show", "--watch=3", "aggr_a"]), Some(3));
+        assert_eq!(watch_of(&["volume", "show", "--watch", "1"]), Some(1));
+        assert_eq!(watch_of(&["mirror", "status", "vol_a", "--watch"]), Some(2));
+        for bad in [&["node", "show", "--watch", "0"][..], &["mirror", "status", "--watch", "x", "y"]] {
+            let mut full = bad.to_vec();
+            full.extend_from_slice(&["--lab", "/tmp/lab"]);
+            let error = parse(&full).map(|_| ()).unwrap_err();
+            assert_eq!(error.exit_code(), i32::from(cli::EXIT_USAGE), "{full:?}");
+        }
+    }
+
+    /// Prevents completions or a man page that miss commands (or are empty): generated from the
+    /// same clap definition, they name every command group.
+    #[test]
+    fn completions_and_man_name_the_commands() {
+        let groups =
+            ["lab", "node", "aggregate", "plex", "volume", "mirror", "check", "switchover", "completions"];
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let text = String::from_utf8(completions(shell)).unwrap();
+            assert!(text.contains("mcctl"), "{shell}: {text}");
+            for group in groups {
+                assert!(text.contains(group), "{shell} completions lack {group}");
+            }
+        }
+        let fish = String::from_utf8(completions(clap_complete::Shell::Fish)).unwrap();
+        assert!(fish.contains("status") && fish.contains("run"), "subcommands of mirror and check");
+        let man = String::from_utf8(man_page().unwrap()).unwrap();
+        assert!(man.contains(".TH mcctl 1"), "{man}");
+        for group in groups {
+            assert!(man.contains(group), "the man page lacks {group}");
+        }
+        assert!(parse(&["completions", "bash"]).is_ok());
+        assert!(parse(&["completions", "tcsh"]).is_err());
+        assert!(parse(&["man"]).is_ok());
+        assert!(parse(&["check", "run", "--lab", "/tmp/lab"]).is_ok());
+        assert!(
+            parse(&["check", "show", "--endpoint", "127.0.0.1:1", "--cluster-id", &"0a".repeat(16)]).is_ok()
+        );
+    }
+
+    /// Prevents `check run` storing its result where `check show` does not look, or two clusters
+    /// sharing one file: the lab's directory, else one file per cluster under the state directory.
+    #[test]
+    fn check_paths() {
+        let lab = ClusterArgs { lab: Some("/tmp/lab".into()), endpoint: Vec::new(), cluster_id: None };
+        assert_eq!(check_path(&lab).unwrap(), PathBuf::from("/tmp/lab/check.json"));
+        let endpoint =
+            ClusterArgs { lab: None, endpoint: vec!["127.0.0.1:1".into()], cluster_id: Some([10; 16]) };
+        let path = check_path(&endpoint).unwrap();
+        assert!(path.ends_with(format!("mcctl/check-{}.json", "0a".repeat(16))), "{}", path.display());
     }
 
     /// Prevents a forced switchover sent to the wrong node: with both nodes answering and no

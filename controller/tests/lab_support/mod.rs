@@ -28,6 +28,16 @@ pub fn mcctl(args: &[&str]) -> Output {
     Command::new(MCCTL).args(args).output().unwrap()
 }
 
+/// Runs `mcctl` with extra environment variables (`XDG_STATE_HOME` for `check run`).
+pub fn mcctl_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Output {
+    let mut command = Command::new(MCCTL);
+    command.args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
 /// Runs `mcctl` and fails the test with its output unless it succeeded.
 pub fn mcctl_ok(args: &[&str]) -> String {
     let out = mcctl(args);
