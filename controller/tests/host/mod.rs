@@ -224,6 +224,20 @@ impl Workload {
         }
     }
 
+    /// Waits until the workload ended on its own (its connection failed), up to `limit`; after a
+    /// `kill -9` the kernel closes the connection, but the write thread notices only at its next
+    /// reply, so a test that expects the failure waits for it rather than racing it.
+    pub fn wait_ended(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.ledger.lock().unwrap().ended.is_none() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Stops the workload (a write in flight may stay unanswered: the thread is left to end
     /// when its connection does) and returns the ledger.
     pub fn stop(mut self) -> Ledger {
