@@ -11,11 +11,12 @@ use std::sync::Arc;
 use mc_proto::v1::admin_server::Admin;
 use mc_proto::v1::{
     AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, DeleteVolumeReply,
-    DeleteVolumeRequest, Identity, MirrorState as WireMirrorState, ModifyVolumeRequest, NvlogPartition,
-    OperationsReply, OperationsRequest, PartitionRecord, PartitionRecordsReply, PartitionRecordsRequest,
-    PlexInfo, ReleaseAggregatesReply, ReleaseAggregatesRequest, ResyncInfo, StatusReply, StatusRequest,
-    SwitchoverReply, SwitchoverRequest, UnavailableAggregate, UnfenceReply, UnfenceRequest, VolumeInfo,
-    WriterMirror,
+    DeleteVolumeRequest, HealPartnerReply, HealPartnerRequest, HealReply, HealRequest, Identity,
+    MirrorState as WireMirrorState, ModifyVolumeRequest, NvlogPartition, OperationsReply, OperationsRequest,
+    PartitionRecord, PartitionRecordsReply, PartitionRecordsRequest, PlexInfo, ReleaseAggregatesReply,
+    ReleaseAggregatesRequest, ResyncInfo, StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest,
+    SwitchoverReply, SwitchoverRequest, TakeBackReply, TakeBackRequest, UnavailableAggregate, UnfenceReply,
+    UnfenceRequest, VolumeInfo, WriterMirror,
 };
 use nvlog::{OpKind, PartitionKind};
 use tonic::{Request, Response, Status};
@@ -328,6 +329,32 @@ impl Admin for AdminService {
         let request = request.into_inner();
         self.check_cluster(&request.cluster_id)?;
         crate::switchover::admin_unfence(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn heal(&self, request: Request<HealRequest>) -> Result<Response<HealReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::heal::admin_heal(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn switchback(
+        &self,
+        request: Request<SwitchbackRequest>,
+    ) -> Result<Response<SwitchbackReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::heal::admin_switchback(&self.node, &request).await.map(Response::new)
+    }
+
+    async fn heal_partner(
+        &self,
+        request: Request<HealPartnerRequest>,
+    ) -> Result<Response<HealPartnerReply>, Status> {
+        crate::heal::admin_heal_partner(&self.node, &request.into_inner()).await.map(Response::new)
+    }
+
+    async fn take_back(&self, request: Request<TakeBackRequest>) -> Result<Response<TakeBackReply>, Status> {
+        crate::heal::admin_take_back(&self.node, &request.into_inner()).await.map(Response::new)
     }
 
     async fn release_aggregates(

@@ -15,7 +15,10 @@
 //! - times are UTC RFC 3339 text with milliseconds (`2026-11-26T15:00:36.123Z`, "-" for none) in
 //!   tables, and both that text and the raw unix milliseconds in JSON.
 
-use mc_proto::v1::{AggregateInfo, MirrorState, Operation, StatusReply, SwitchoverReply, Veto, VolumeInfo};
+use mc_proto::v1::{
+    AggregateInfo, HealReply, MirrorState, Operation, StatusReply, SwitchbackReply, SwitchoverReply, Veto,
+    VolumeInfo,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -949,6 +952,173 @@ pub fn switchover_text(node: Option<u32>, outcome: &SwitchoverOutcome, override_
             }
             out
         }
+    }
+}
+
+/// What `mcctl switchback` got.
+#[derive(Clone, Debug)]
+pub enum SwitchbackOutcome {
+    /// A simulation: the vetoes found.
+    Simulated(SwitchbackReply),
+    /// Refused by its vetoes.
+    Vetoed(SwitchbackReply),
+    /// Done (or stopped: the operation says).
+    Ran(SwitchbackReply),
+}
+
+/// `switchback` for people; `node` is the node that ran it (the one serving the partner's
+/// aggregates).
+pub fn switchback_text(node: Option<u32>, outcome: &SwitchbackOutcome) -> String {
+    let on = node.map_or_else(String::new, |n| format!(" on node {n}"));
+    match outcome {
+        SwitchbackOutcome::Simulated(reply) => {
+            let verdict = if reply.vetoes.is_empty() { "would proceed" } else { "would be vetoed" };
+            format!("Simulated switchback{on}: {verdict}\n{}", vetoes_table(&reply.vetoes))
+        }
+        SwitchbackOutcome::Vetoed(reply) => {
+            format!("Switchback{on} vetoed:\n{}", vetoes_table(&reply.vetoes))
+        }
+        SwitchbackOutcome::Ran(reply) => {
+            let mut out = format!("Switchback{on}:\n");
+            match &reply.operation {
+                Some(operation) => out.push_str(&operation_rows_table(&[operation_row(operation)])),
+                None => out.push_str("no operation reported\n"),
+            }
+            out.push_str(&format!(
+                "volumes handed back to their home node: {}\n",
+                list_or_none(&reply.volumes)
+            ));
+            out
+        }
+    }
+}
+
+/// `switchback -o json`: `{"node", "simulate", "vetoed", "vetoes", "operation", "volumes"}`.
+pub fn switchback_json(node: Option<u32>, outcome: &SwitchbackOutcome) -> Value {
+    let (reply, simulate, vetoed) = match outcome {
+        SwitchbackOutcome::Simulated(reply) => (reply, true, !reply.vetoes.is_empty()),
+        SwitchbackOutcome::Vetoed(reply) => (reply, false, true),
+        SwitchbackOutcome::Ran(reply) => (reply, false, false),
+    };
+    json!({
+        "node": node,
+        "simulate": simulate,
+        "vetoed": vetoed,
+        "vetoes": veto_rows(&reply.vetoes),
+        "operation": reply.operation.as_ref().map(operation_row),
+        "volumes": reply.volumes,
+    })
+}
+
+/// `switchback`'s exit code: vetoed (or would be), failed, or ok.
+pub fn switchback_exit(outcome: &SwitchbackOutcome) -> u8 {
+    match outcome {
+        SwitchbackOutcome::Simulated(reply) if !reply.vetoes.is_empty() => EXIT_VETOED,
+        SwitchbackOutcome::Simulated(_) => EXIT_OK,
+        SwitchbackOutcome::Vetoed(_) => EXIT_VETOED,
+        SwitchbackOutcome::Ran(reply) => match &reply.operation {
+            Some(operation) if operation.state == "successful" => EXIT_OK,
+            _ => EXIT_FAILED,
+        },
+    }
+}
+
+/// One aggregate of a heal, as printed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealRow {
+    /// The aggregate.
+    pub aggregate: String,
+    /// Its home plex was reattached (its resync runs in the background).
+    pub reattached: bool,
+    /// Regions the home node's unreleased records added to the resync set (S8).
+    pub regions_marked: u64,
+    /// What happened.
+    pub result: String,
+}
+
+fn heal_rows(reply: &HealReply) -> Vec<HealRow> {
+    reply
+        .aggregates
+        .iter()
+        .map(|a| HealRow {
+            aggregate: a.name.clone(),
+            reattached: a.reattached,
+            regions_marked: a.regions_marked,
+            result: a.result.clone(),
+        })
+        .collect()
+}
+
+/// `heal` for people.
+pub fn heal_text(node: Option<u32>, reply: &HealReply) -> String {
+    let on = node.map_or_else(String::new, |n| format!(" on node {n}"));
+    let mut out = format!("Heal{on}:\n");
+    if let Some(operation) = &reply.operation {
+        out.push_str(&operation_rows_table(&[operation_row(operation)]));
+    }
+    let mut table = Table::new(&["AGGREGATE", "REATTACHED", "REGIONS MARKED", "RESULT"]);
+    for row in heal_rows(reply) {
+        table.row(vec![row.aggregate, yes_no(row.reattached), row.regions_marked.to_string(), row.result]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes".into() } else { "no".into() }
+}
+
+/// `heal -o json`: `{"node", "operation", "aggregates": [{"aggregate", "reattached",
+/// "regions_marked", "result"}]}`.
+pub fn heal_json(node: Option<u32>, reply: &HealReply) -> Value {
+    json!({
+        "node": node,
+        "operation": reply.operation.as_ref().map(operation_row),
+        "aggregates": heal_rows(reply),
+    })
+}
+
+/// The resync of aggregates `names` at one node, summed: (copied, total, bytes per second,
+/// every one done). An aggregate that is no longer resyncing and mirrored normal counts as done.
+pub fn resync_sum(status: &StatusReply, names: &[String]) -> (u64, u64, u64, bool) {
+    let (mut copied, mut total, mut rate, mut done) = (0u64, 0u64, 0u64, true);
+    for name in names {
+        let Some(aggregate) = status.aggregates.iter().find(|a| &a.name == name) else {
+            done = false;
+            continue;
+        };
+        if aggregate.state != "mirrored,normal" {
+            done = false;
+        }
+        if let Some(resync) = &aggregate.resync {
+            copied += resync.copied_bytes.min(resync.total_bytes);
+            total += resync.total_bytes;
+            rate += resync.bytes_per_second;
+        }
+    }
+    (copied, total, rate, done)
+}
+
+/// One progress line: a bar on a terminal (`width` cells), plain text otherwise.
+pub fn progress_line(what: &str, copied: u64, total: u64, rate: u64, bar: Option<usize>) -> String {
+    let percent = copied.saturating_mul(100).checked_div(total).unwrap_or(100);
+    let eta = if rate == 0 || copied >= total {
+        "-".to_string()
+    } else {
+        format!("{}s", (total - copied).div_ceil(rate))
+    };
+    let numbers = format!(
+        "{percent:>3}% {} / {} at {}/s, eta {eta}",
+        human_size(copied),
+        human_size(total),
+        human_size(rate)
+    );
+    match bar {
+        Some(width) => {
+            let filled = usize::try_from(percent).unwrap_or(100).min(100) * width / 100;
+            format!("{what} [{}{}] {numbers}", "#".repeat(filled), ".".repeat(width - filled))
+        }
+        None => format!("{what}: {numbers}"),
     }
 }
 
@@ -2128,6 +2298,104 @@ Only soft vetoes: --override-vetoes goes on and NVFAILs their volumes.
                 "operation": null, "volumes": [], "nvfailed_volumes": []
             })
         );
+    }
+
+    /// Prevents a switchback whose vetoes, operation or volumes are not shown, or that exits with
+    /// the wrong code.
+    #[test]
+    fn switchback_shapes() {
+        let vetoed = SwitchbackOutcome::Vetoed(SwitchbackReply {
+            vetoes: vec![veto("hard", "not_healed", "2021")],
+            ..SwitchbackReply::default()
+        });
+        assert_eq!(
+            switchback_text(Some(2), &vetoed),
+            "\
+Switchback on node 2 vetoed:
+KIND  CODE        AGGREGATE  REASON
+hard  not_healed  2021       not_healed here
+"
+        );
+        assert_eq!(switchback_exit(&vetoed), EXIT_VETOED);
+        let simulated = SwitchbackOutcome::Simulated(SwitchbackReply::default());
+        assert_eq!(switchback_text(None, &simulated), "Simulated switchback: would proceed\nno vetoes\n");
+        assert_eq!(switchback_exit(&simulated), EXIT_OK);
+        let ran = SwitchbackOutcome::Ran(SwitchbackReply {
+            vetoes: Vec::new(),
+            operation: Some(operation(5, 2, "successful")),
+            volumes: vec!["vol_a".into()],
+        });
+        let text = switchback_text(Some(2), &ran);
+        assert!(text.starts_with("Switchback on node 2:\nID  NODE  KIND"), "{text}");
+        assert!(text.ends_with("volumes handed back to their home node: vol_a\n"), "{text}");
+        assert_eq!(switchback_exit(&ran), EXIT_OK);
+        let json = switchback_json(Some(2), &ran);
+        assert_eq!(json["vetoed"], false);
+        assert_eq!(json["volumes"], json!(["vol_a"]));
+        assert_eq!(json["operation"]["state"], "successful");
+        assert_eq!(switchback_json(Some(2), &vetoed)["vetoes"][0]["code"], "not_healed");
+        let stopped = SwitchbackOutcome::Ran(SwitchbackReply {
+            operation: Some(operation(5, 2, "in_progress")),
+            ..SwitchbackReply::default()
+        });
+        assert_eq!(switchback_exit(&stopped), EXIT_FAILED);
+    }
+
+    /// Prevents a heal printed without what happened to each aggregate.
+    #[test]
+    fn heal_shapes() {
+        let reply = HealReply {
+            operation: None,
+            aggregates: vec![
+                mc_proto::v1::HealedAggregate {
+                    name: "aggr_a".into(),
+                    uuid: vec![1; 16],
+                    reattached: true,
+                    result: "plex 0 reattached".into(),
+                    regions_marked: 16,
+                },
+                mc_proto::v1::HealedAggregate {
+                    name: "aggr_c".into(),
+                    uuid: vec![2; 16],
+                    reattached: false,
+                    result: "refused: split brain".into(),
+                    regions_marked: 0,
+                },
+            ],
+        };
+        assert_eq!(
+            heal_text(Some(2), &reply),
+            "\
+Heal on node 2:
+AGGREGATE  REATTACHED  REGIONS MARKED  RESULT
+aggr_a     yes         16              plex 0 reattached
+aggr_c     no          0               refused: split brain
+"
+        );
+        assert_eq!(
+            heal_json(Some(2), &reply),
+            json!({
+                "node": 2, "operation": null,
+                "aggregates": [
+                    {"aggregate": "aggr_a", "reattached": true, "regions_marked": 16, "result": "plex 0 reattached"},
+                    {"aggregate": "aggr_c", "reattached": false, "regions_marked": 0, "result": "refused: split brain"}
+                ]
+            })
+        );
+    }
+
+    /// Prevents a progress line with a wrong percent, bar or ETA, or a division by zero.
+    #[test]
+    fn progress_lines() {
+        assert_eq!(
+            progress_line("resync", 1 << 20, 4 << 20, 1 << 20, None),
+            "resync:  25% 1 MiB / 4 MiB at 1 MiB/s, eta 3s"
+        );
+        assert_eq!(
+            progress_line("resync", 2 << 20, 4 << 20, 0, Some(10)),
+            "resync [#####.....]  50% 2 MiB / 4 MiB at 0 B/s, eta -"
+        );
+        assert_eq!(progress_line("resync", 0, 0, 0, Some(4)), "resync [####] 100% 0 B / 0 B at 0 B/s, eta -");
     }
 
     /// Prevents a done switchover printed without its operation, volumes or NVFAILed volumes.

@@ -376,6 +376,9 @@ async fn run_in_span(
     // The DR partner's aggregates a completed forced switchover gave this node (their plex
     // here is plex 1, its labels name this node the owner).
     let switchover = crate::switchover::settle_at_start(&operations, &shelf_state).await;
+    crate::heal::settle_at_start(&operations, &shelf_state).await;
+    // A switchback that raised its epochs ended the hold on the partner's partition.
+    let switched_back = crate::heal::switched_back(&operations.list(), &shelf_state);
     let mut found = found;
     if let Some((_, plan)) = &switchover {
         let partner_aggregates = crate::shelf::aggregates(&disks, plex::Uuid(config.cluster_id));
@@ -569,7 +572,7 @@ async fn run_in_span(
         })
     };
 
-    if switchover.is_some() {
+    if switchover.is_some() && !switched_back {
         // A switchover that raised its epochs before this start froze the partner's partition
         // (DESIGN §11).
         receiver_handle.freeze().await;

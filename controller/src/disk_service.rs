@@ -12,7 +12,8 @@
 //! - a write is answered only after it is durable: after a flush that began after the write
 //!   completed (one flush covers every write completed before it, group commit; S12);
 //! - a disk whose write or flush failed refuses everything until it is opened again (S10);
-//! - disks of this node's own aggregates are never served (their label names us as owner);
+//! - disks of this node's own aggregates (their label names us as owner) are served only to a
+//!   partner presenting a higher epoch than the label's (it took them over, S2);
 //! - bad input (a malformed call, a range outside the disk, an oversized request) is an error
 //!   status, never a panic.
 
@@ -275,7 +276,11 @@ impl DiskService for DiskServer {
                         label.plex_index
                     )));
                 }
-                if label.owner.0 == self.identity.node {
+                // Our own aggregate's disk is served only to a partner holding a higher epoch
+                // than its label records: it took the aggregate over (a switchover; heal
+                // reattaches this plex) or is handing it back (switchback). The mark check
+                // below persists that epoch, so our own writes at the old one are refused (S2).
+                if label.owner.0 == self.identity.node && epoch <= label.epoch_high_water {
                     return Err(Status::failed_precondition(format!(
                         "disk {name} belongs to an aggregate this node owns"
                     )));

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod data;
 pub mod disk_service;
 pub mod faults;
+pub mod heal;
 pub mod lab;
 pub mod mirror_receiver;
 pub mod nbd;

@@ -168,6 +168,14 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         self.frozen_watch.send_replace(true);
     }
 
+    /// Ends a freeze (a switchback, DESIGN §11): the writer's aggregates now carry epochs above
+    /// every one it held before, persisted here, so nothing it sent at the old ones is accepted;
+    /// its new sessions re-establish the mirror (§4.2).
+    pub async fn thaw(&self) {
+        *self.frozen.write().await = false;
+        self.frozen_watch.send_replace(false);
+    }
+
     /// Whether the writer's partition is frozen.
     pub fn is_frozen(&self) -> bool {
         *self.frozen_watch.borrow()

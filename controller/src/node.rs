@@ -282,6 +282,9 @@ pub struct AggrSlot {
     /// Served here after a switchover: its home is the DR partner, plex 0 is at the partner's
     /// site and stays out until heal (issue 9), plex 1 is on this shelf.
     pub switched_over: bool,
+    /// For a switched-over aggregate: its home plex at the partner's site was reattached by a
+    /// heal, so the plex monitor keeps it attached and resynced like any other plex.
+    pub healed: std::sync::atomic::AtomicBool,
     /// Whether its volumes are served, and why not.
     pub serving: watch::Sender<SlotState>,
 }
@@ -480,6 +483,22 @@ pub struct Node {
     /// True while `recover` waits for the partner to confirm the epoch (a forced unfence can
     /// only end that wait).
     pub(crate) awaiting_partner: std::sync::atomic::AtomicBool,
+    /// This node's aggregates the DR partner holds after a switchover (waiting for switchback):
+    /// their records here are kept (`heal_cap`) until a heal has taken what they touch (S8).
+    pub(crate) switched_away: Mutex<BTreeMap<Uuid, Away>>,
+    /// No CP releases records above it while a switched-away aggregate's records wait for heal.
+    pub(crate) heal_cap: std::sync::atomic::AtomicU64,
+}
+
+/// One of this node's aggregates held by the DR partner after a switchover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Away {
+    /// The epoch the partner holds for it.
+    pub holder: plex::Epoch,
+    /// This node's records of it at or below this lsn are on the plexes (its last CP).
+    pub floor: Lsn,
+    /// Its records here were discarded by a heal.
+    pub discarded: bool,
 }
 
 /// What a node is built from besides its configuration and NVLog.
@@ -535,7 +554,14 @@ impl Node {
             partner_down_confirmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             unfence: watch::Sender::new(false),
             awaiting_partner: std::sync::atomic::AtomicBool::new(false),
+            switched_away: Mutex::new(BTreeMap::new()),
+            heal_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Whether the local partition's records were lost at start.
+    pub fn local_partition_lost(&self) -> bool {
+        self.local_partition_lost
     }
 
     /// The operation journal.
@@ -728,22 +754,34 @@ impl Node {
         names: Option<&[String]>,
         create_size: u64,
     ) -> Result<(Vec<Arc<dyn plex::BlockDevice>>, Vec<String>), String> {
+        self.remote_plex_devices(aggregate, epoch, 1, names, create_size).await
+    }
+
+    /// `remote_devices` for plex `plex` (plex 0 of a switched-over aggregate is at the partner).
+    pub(crate) async fn remote_plex_devices(
+        &self,
+        aggregate: Uuid,
+        epoch: plex::Epoch,
+        plex: u8,
+        names: Option<&[String]>,
+        create_size: u64,
+    ) -> Result<(Vec<Arc<dyn plex::BlockDevice>>, Vec<String>), String> {
         let names = match names {
             Some(names) => names.to_vec(),
             None => self
                 .remote
-                .plex_disks(aggregate, 1)
+                .plex_disks(aggregate, plex)
                 .await
                 .map_err(|s| format!("list the partner's disks: {}", s.message()))?,
         };
         if names.is_empty() {
-            return Err("the DR partner holds no disk of plex 1".into());
+            return Err(format!("the DR partner holds no disk of plex {plex}"));
         }
         let mut devices: Vec<Arc<dyn plex::BlockDevice>> = Vec::new();
         for name in &names {
             let disk = self
                 .remote
-                .open(aggregate, epoch, 1, name, create_size)
+                .open(aggregate, epoch, plex, name, create_size)
                 .await
                 .map_err(|s| format!("open disk {name} at the DR partner: {}", s.message()))?;
             devices.push(Arc::new(disk));
@@ -794,6 +832,9 @@ impl Node {
         self.awaiting_partner.store(true, std::sync::atomic::Ordering::Release);
         let _waiting = AwaitingPartner(&self.awaiting_partner);
         let mut deposed = self.mirror.subscribe_deposed();
+        // Every aggregate of this node is held by the partner (a switchover): its refused hello
+        // is the confirmation (S2), and this node waits for switchback, serving its disks only.
+        let mut all_switched_away = false;
         let forced = loop {
             tokio::select! {
                 result = self.mirror.wait_handshakes(1) => {
@@ -830,15 +871,13 @@ impl Node {
                     tracing::error!(aggregate = %hex(&uuid.0), "persisting the higher epoch failed: {e}");
                 }
             }
-            if !found.is_empty() && found.iter().all(|f| list.iter().any(|(u, _)| *u == f.uuid)) {
-                self.set_state(
-                    Phase::Fenced,
-                    format!(
-                        "deposed: node {} took over every aggregate of this node (switchover); this node \
-                         serves none of them until heal and switchback",
-                        partner.node_id
-                    ),
-                );
+            if !found.is_empty()
+                && found
+                    .iter()
+                    .all(|f| list.iter().any(|(u, e)| *u == f.uuid && e.owner.0 == partner.node_id))
+            {
+                all_switched_away = true;
+                break false;
             }
         };
         drop(_waiting);
@@ -861,7 +900,7 @@ impl Node {
         let mirror = self.mirror.status();
         // After a forced unfence the partner did not answer; what it told us before it went
         // away (a refused hello) still counts.
-        let partner_epochs = if forced {
+        let partner_epochs = if forced || all_switched_away {
             self.mirror
                 .subscribe_deposed()
                 .borrow()
@@ -896,9 +935,14 @@ impl Node {
                 .chain(partner_epochs.iter().filter_map(crate::wire::from_aggregate_epoch))
                 .find(|(u, e)| *u == uuid && *e > ours);
             if let Some((_, epoch)) = higher {
-                // Deposed: persisted, and its records in our partition are discarded (S8).
+                // Deposed: persisted; its records in our partition are kept until a heal has
+                // put what they touch into the resync set, then discarded (S8).
                 if let Err(e) = self.shelf_state.admit(uuid, epoch).await {
                     tracing::error!(aggregate = %hex(&uuid.0), "persisting the higher epoch failed: {e}");
+                }
+                if epoch.owner.0 == partner.node_id && !found.switched_over {
+                    let floor = if last_cp.writer.0 == self.config.node_id { last_cp.last_lsn.0 } else { 0 };
+                    self.register_away(uuid, epoch, Lsn(floor));
                 }
                 self.unavailable_push(
                     uuid,
@@ -969,7 +1013,20 @@ impl Node {
             self.set_state(Phase::Fenced, format!("the CP after replay failed: {e}"));
             return;
         }
+        if all_switched_away {
+            self.set_state(Phase::Fenced, self.waiting_reason());
+            return;
+        }
         self.set_state(Phase::Serving, "serving");
+    }
+
+    /// The fence reason of a node waiting for switchback.
+    pub(crate) fn waiting_reason(&self) -> String {
+        format!(
+            "waiting for switchback: node {} took over every aggregate of this node (switchover); this node \
+             serves its disks to it, none of its volumes, until heal and switchback",
+            self.config.dr_partner.node_id
+        )
     }
 
     fn unavailable_push(&self, uuid: Uuid, reason: &str) {
@@ -1004,7 +1061,8 @@ impl Node {
         };
         let index = u32::try_from(index).map_err(|_| "too many aggregates")?;
         if found.switched_over {
-            return self.open_switched_over(found, index, epoch, SlotState::Serving).await;
+            let healed = crate::heal::healed_aggregates(&self.operations.list()).contains(&found.uuid);
+            return self.open_switched_over(found, index, epoch, SlotState::Serving, healed).await;
         }
         let paths: Vec<std::path::PathBuf> = found.plexes[0].iter().map(|d| d.path.clone()).collect();
         let local = self.local_devices(&paths, found.uuid, epoch)?;
@@ -1034,6 +1092,7 @@ impl Node {
             disks: Mutex::new([found.plexes[0].iter().map(|d| d.name.clone()).collect(), remote_names]),
             last_cp: Mutex::new(found.last_cp()),
             switched_over: false,
+            healed: std::sync::atomic::AtomicBool::new(false),
             serving: watch::Sender::new(SlotState::Serving),
         })
     }
@@ -1143,7 +1202,26 @@ impl Node {
 
     /// The highest lsn a CP may release.
     pub(crate) fn release_cap(&self) -> Lsn {
-        Lsn(self.release_cap.load(std::sync::atomic::Ordering::Acquire))
+        Lsn(self
+            .release_cap
+            .load(std::sync::atomic::Ordering::Acquire)
+            .min(self.heal_cap.load(std::sync::atomic::Ordering::Acquire)))
+    }
+
+    /// Registers `uuid` as held by the partner at `holder` (waiting for switchback) and keeps
+    /// this node's unreleased records from being released until a heal took what they touch
+    /// (S8: the regions go into the resync set before the records are discarded).
+    pub(crate) fn register_away(&self, uuid: Uuid, holder: plex::Epoch, floor: Lsn) {
+        let released = self.nvlog.status(PartitionKind::Local).map(|s| s.released_lsn).unwrap_or_default();
+        self.heal_cap.fetch_min(released.0, std::sync::atomic::Ordering::AcqRel);
+        let mut away = self.switched_away.lock().expect("switched-away lock");
+        let entry = away.entry(uuid).or_insert(Away { holder, floor, discarded: false });
+        entry.holder = entry.holder.max(holder);
+    }
+
+    /// This node's aggregates held by the partner (waiting for switchback).
+    pub fn switched_away(&self) -> BTreeMap<Uuid, Away> {
+        self.switched_away.lock().expect("switched-away lock").clone()
     }
 
     /// Stops serving, drains I/O in flight (at most `drain`), runs a final CP and stops the
@@ -1236,6 +1314,7 @@ impl Node {
             disks: Mutex::new(sorted),
             last_cp: Mutex::new(CpRecord::default()),
             switched_over: false,
+            healed: std::sync::atomic::AtomicBool::new(false),
             serving: watch::Sender::new(SlotState::Serving),
         });
         list.push(slot.clone());
@@ -1285,13 +1364,30 @@ impl Node {
 
     /// This node's MetroCluster mode as ONTAP names it (DESIGN §11).
     pub fn mode(&self) -> &'static str {
-        if self.aggregates().iter().any(|a| a.switched_over && !a.is_deposed()) {
-            "switchover"
-        } else {
-            "normal"
+        use crate::operations::{OperationKind, OperationState};
+        let serving_partner = self.aggregates().iter().any(|a| a.switched_over && !a.is_deposed());
+        let away = !self.switched_away.lock().expect("switched-away lock").is_empty();
+        let ops = self.operations.list();
+        let last = ops
+            .iter()
+            .rev()
+            .find(|op| matches!(op.kind, OperationKind::Switchover | OperationKind::Switchback));
+        // A switchback that failed before it changed anything leaves plain switchover.
+        let switchback_unfinished = last.is_some_and(|op| {
+            op.kind == OperationKind::Switchback
+                && matches!(op.state, OperationState::InProgress | OperationState::PartiallySuccessful)
+        });
+        if switchback_unfinished {
+            return "partial-switchback";
         }
+        if serving_partner {
+            let partial = last.is_some_and(|op| {
+                op.kind == OperationKind::Switchover && op.state == OperationState::PartiallySuccessful
+            });
+            return if partial { "partial-switchover" } else { "switchover" };
+        }
+        if away { "waiting-for-switchback" } else { "normal" }
     }
-
     /// Aggregates found on the shelf and not served, with why.
     pub fn unavailable_aggregates(&self) -> Vec<(Uuid, String)> {
         self.unavailable.lock().expect("unavailable lock").clone()

@@ -274,7 +274,26 @@ impl<M: Media + 'static> MirrorWriter<M> {
 
     /// Sets the epochs this node holds (its aggregates'), sent from the next message on.
     pub fn set_epochs(&self, epochs: Vec<AggregateEpoch>) {
+        // A deposition is over for an aggregate this node holds again at an epoch at least as
+        // high (a switchback handed it back): it no longer blocks the handshake.
+        let ours: Vec<(plex::Uuid, plex::Epoch)> =
+            epochs.iter().filter_map(crate::wire::from_aggregate_epoch).collect();
+        self.deposed.send_if_modified(|known| {
+            let before = known.len();
+            known.retain(|(uuid, epoch)| !ours.iter().any(|(u, e)| u == uuid && e >= epoch));
+            known.len() != before
+        });
         *self.epochs.lock().expect("the epochs lock holder panicked") = epochs;
+    }
+
+    /// Forgets the deposition of `uuid` at or below `epoch` (a switchback is handing the
+    /// aggregate back at a higher epoch; until then this node holds it nowhere).
+    pub fn forget_deposed(&self, uuid: plex::Uuid, epoch: plex::Epoch) {
+        self.deposed.send_if_modified(|known| {
+            let before = known.len();
+            known.retain(|(u, e)| !(*u == uuid && *e <= epoch));
+            known.len() != before
+        });
     }
 
     fn epochs(&self) -> Vec<AggregateEpoch> {

@@ -54,6 +54,10 @@ pub enum OperationKind {
     Switchover,
     /// A forced unfence.
     Unfence,
+    /// A heal: the switched-over aggregates' home plexes reattached and resynced.
+    Heal,
+    /// A switchback: the switched-over aggregates returned to their home node.
+    Switchback,
 }
 
 impl OperationKind {
@@ -61,6 +65,8 @@ impl OperationKind {
         match self {
             OperationKind::Switchover => 1,
             OperationKind::Unfence => 2,
+            OperationKind::Heal => 3,
+            OperationKind::Switchback => 4,
         }
     }
 
@@ -68,6 +74,8 @@ impl OperationKind {
         match code {
             1 => Some(OperationKind::Switchover),
             2 => Some(OperationKind::Unfence),
+            3 => Some(OperationKind::Heal),
+            4 => Some(OperationKind::Switchback),
             _ => None,
         }
     }
@@ -77,6 +85,8 @@ impl OperationKind {
         match self {
             OperationKind::Switchover => "switchover",
             OperationKind::Unfence => "unfence",
+            OperationKind::Heal => "heal",
+            OperationKind::Switchback => "switchback",
         }
     }
 }
@@ -406,11 +416,14 @@ fn decode(owner: ShelfOwner, bytes: &[u8]) -> Result<Journal, String> {
 /// one, so more than `MAX_RECORDS` may remain when too many are in progress.
 fn prune(records: &mut Vec<OperationRecord>) {
     let mut excess = records.len().saturating_sub(MAX_RECORDS);
-    // The latest switchover is kept: its plan says which of the partner's aggregates this node
-    // serves and that the partner's partition is frozen (until heal replaces it).
-    let latest_switchover = records.iter().rev().find(|r| r.kind == OperationKind::Switchover).map(|r| r.id);
+    // The latest switchover, heal and switchback are kept: their plans say which of the
+    // partner's aggregates this node serves, whether their home plexes were reattached, and
+    // whether the partner's partition is frozen.
+    let latest = |kind: OperationKind| records.iter().rev().find(|r| r.kind == kind).map(|r| r.id);
+    let kept =
+        [latest(OperationKind::Switchover), latest(OperationKind::Heal), latest(OperationKind::Switchback)];
     records.retain(|r| {
-        if excess > 0 && r.state != OperationState::InProgress && Some(r.id) != latest_switchover {
+        if excess > 0 && r.state != OperationState::InProgress && !kept.contains(&Some(r.id)) {
             excess -= 1;
             false
         } else {

@@ -35,8 +35,10 @@ impl Node {
             }
             for aggr in self.aggregates() {
                 // Plex 0 of a switched-over aggregate is at the partner's site: it returns at
-                // heal, not here; a deposed or adopting aggregate is not ours to repair.
-                if aggr.switched_over || aggr.deposed().is_some() {
+                // heal, not here (after heal it is kept like any plex); a deposed or adopting
+                // aggregate is not ours to repair.
+                let unhealed = aggr.switched_over && !aggr.healed.load(std::sync::atomic::Ordering::Acquire);
+                if unhealed || aggr.deposed().is_some() {
                     continue;
                 }
                 if resyncs.get(&aggr.index).is_some_and(|task| !task.is_finished()) {
@@ -92,12 +94,15 @@ impl Node {
     /// Reopens plex `index`'s disks and reattaches them (the generation rules decide, S5).
     async fn reattach(&self, aggr: &AggrSlot, index: usize) -> Result<(), String> {
         let epoch = plex::Epoch { number: aggr.epoch.number, owner: plex::NodeId(aggr.epoch.owner.0) };
-        let (devices, names) = if index == 1 {
-            let known = aggr.disks.lock().expect("disk list lock")[1].clone();
+        // The plex at the partner's site: plex 1, or plex 0 of a switched-over aggregate.
+        let remote = if aggr.switched_over { 0 } else { 1 };
+        let (devices, names) = if index == remote {
+            let known = aggr.disks.lock().expect("disk list lock")[index].clone();
             let names = if known.is_empty() { None } else { Some(known) };
-            self.remote_devices(aggr.uuid, epoch, names.as_deref(), 0).await?
+            let plex = if index == 0 { 0 } else { 1 };
+            self.remote_plex_devices(aggr.uuid, epoch, plex, names.as_deref(), 0).await?
         } else {
-            let names = aggr.disks.lock().expect("disk list lock")[0].clone();
+            let names = aggr.disks.lock().expect("disk list lock")[index].clone();
             let paths: Vec<_> = names.iter().map(|n| self.config.shelf_dir.join(n)).collect();
             (self.local_devices(&paths, aggr.uuid, epoch)?, names)
         };

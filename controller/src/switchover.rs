@@ -769,8 +769,9 @@ impl Node {
         epoch: Epoch,
         why: &str,
     ) -> Result<Arc<AggrSlot>, String> {
-        let index = u32::try_from(self.aggregates().len()).map_err(|_| "too many aggregates")?;
-        let slot = self.open_switched_over(found, index, epoch, SlotState::Adopting(why.to_string())).await?;
+        let index = self.aggregates().iter().map(|a| a.index + 1).max().unwrap_or(0);
+        let slot =
+            self.open_switched_over(found, index, epoch, SlotState::Adopting(why.to_string()), false).await?;
         let slot = Arc::new(slot);
         let mut list = self.aggregates.write().expect("the aggregate list lock holder panicked");
         if list.iter().any(|a| a.uuid == slot.uuid) {
@@ -789,6 +790,7 @@ impl Node {
         index: u32,
         epoch: Epoch,
         state: SlotState,
+        healed: bool,
     ) -> Result<AggrSlot, String> {
         let partner = self.config.dr_partner.node_id;
         let paths: Vec<std::path::PathBuf> = found.plexes[1].iter().map(|d| d.path.clone()).collect();
@@ -796,10 +798,23 @@ impl Node {
             return Err("no disk of plex 1 on this shelf".into());
         }
         let local = self.local_devices(&paths, found.uuid, epoch)?;
-        let away: Arc<dyn plex::BlockDevice> = Arc::new(crate::remote_disk::UnreachableDisk {
-            why: format!("plex 0 is at node {partner}'s site, switched over: it returns at heal"),
-        });
-        let aggregate = Aggregate::open([vec![away], local], self.aggregate_options(), self.drop_hook(epoch))
+        // Plex 0 is at the partner's site: out until heal; after heal, reopened there (the
+        // generation rules decide again, S5), or dropped and reattached by the plex monitor.
+        let mut home_names = Vec::new();
+        let home: Vec<Arc<dyn plex::BlockDevice>> = if healed {
+            match self.remote_plex_devices(found.uuid, epoch, 0, None, 0).await {
+                Ok((devices, names)) => {
+                    home_names = names;
+                    devices
+                }
+                Err(why) => vec![Arc::new(crate::remote_disk::UnreachableDisk { why })],
+            }
+        } else {
+            vec![Arc::new(crate::remote_disk::UnreachableDisk {
+                why: format!("plex 0 is at node {partner}'s site, switched over: it returns at heal"),
+            })]
+        };
+        let aggregate = Aggregate::open([home, local], self.aggregate_options(), self.drop_hook(epoch))
             .await
             .map_err(|e| format!("open from plex 1: {e}"))?;
         let table = Node::read_table(&aggregate).await?;
@@ -830,11 +845,12 @@ impl Node {
             epoch: nvlog::Epoch { number: epoch.number, owner: nvlog::NodeId(epoch.owner.0) },
             table: std::sync::Mutex::new(table),
             disks: std::sync::Mutex::new([
-                Vec::new(),
+                home_names,
                 found.plexes[1].iter().map(|d| d.name.clone()).collect(),
             ]),
             last_cp: std::sync::Mutex::new(found.last_cp()),
             switched_over: true,
+            healed: std::sync::atomic::AtomicBool::new(healed),
             serving: tokio::sync::watch::Sender::new(state),
         })
     }
@@ -988,6 +1004,9 @@ impl Node {
         );
         tracing::error!(node = self.config.node_id, aggregate = %hex(&uuid.0), "{why}");
         slot.serving.send_replace(SlotState::Deposed(why));
+        if !slot.switched_over && epoch.owner.0 == self.config.dr_partner.node_id {
+            self.register_away(uuid, epoch, slot_floor(self, &slot));
+        }
         let mut cache = self.lock_cache();
         cache.active.retain(|(index, _), _| *index != slot.index);
     }
@@ -1007,6 +1026,12 @@ impl Node {
             }
         }
     }
+}
+
+/// This node's records of `slot` at or below this lsn are on its plexes (its last CP there).
+fn slot_floor(node: &Node, slot: &AggrSlot) -> Lsn {
+    let cp = *slot.last_cp.lock().expect("last CP lock");
+    if cp.writer.0 == node.node_id() { Lsn(cp.last_lsn.0) } else { Lsn::ZERO }
 }
 
 /// Asks the DR partner to release the aggregates of `plan` at its epochs (negotiated
@@ -1183,6 +1208,7 @@ pub async fn admin_release(
         );
         tracing::warn!(node = config.node_id, aggregate = %slot.table().name, "{why}");
         slot.serving.send_replace(SlotState::Deposed(why));
+        node.register_away(slot.uuid, *epoch, slot_floor(node, slot));
     }
     let stats = node.cp_stats();
     Ok(mc_proto::v1::ReleaseAggregatesReply { last_cp_lsn: stats.last_lsn.0, last_cp_id: stats.last_id })

@@ -991,6 +991,59 @@ impl Aggregate {
         })
     }
 
+    /// Marks the regions of byte ranges `ranges` (every region with `all`) dirty in the bitmap
+    /// of each `normal` plex, durably: what a resync must copy besides what this aggregate's
+    /// own writes marked (DESIGN §6.4: the returning owner's unreleased records at heal, S8).
+    /// Returns how many regions the request covers (marked now or already).
+    pub async fn mark_dirty(&self, ranges: &[(u64, u64)], all: bool) -> Result<u64, AggregateError> {
+        let mut wanted = Vec::new();
+        if all {
+            wanted.push(0..self.size.div_ceil(self.region_bytes));
+        } else {
+            for &(offset, len) in ranges {
+                let end = offset.checked_add(len).filter(|end| *end <= self.size && len > 0);
+                let Some(end) = end else {
+                    return Err(AggregateError::Range { offset, len, size: self.size });
+                };
+                wanted.push(offset / self.region_bytes..end.div_ceil(self.region_bytes));
+            }
+        }
+        let covered = {
+            let mut regions: Vec<Range<u64>> = wanted.clone();
+            regions.sort_by_key(|r| r.start);
+            let mut count = 0u64;
+            let mut end = 0u64;
+            for r in regions {
+                let start = r.start.max(end);
+                if r.end > start {
+                    count += r.end - start;
+                    end = r.end;
+                }
+            }
+            count
+        };
+        let states = self.inner().states;
+        let mut marked_any = false;
+        for (index, state) in states.iter().enumerate() {
+            if *state != PlexState::Normal {
+                continue;
+            }
+            let mut bitmap = self.sides[index].bitmap.lock().await;
+            let bitmap = bitmap
+                .as_mut()
+                .ok_or_else(|| AggregateError::NoUsablePlex(format!("plex {index} has no bitmap")))?;
+            for regions in &wanted {
+                bitmap.set_regions(regions.clone());
+            }
+            bitmap.persist(self.device0(index).as_ref()).await.map_err(bitmap_error(index))?;
+            marked_any = true;
+        }
+        if !marked_any {
+            return Err(AggregateError::NoUsablePlex(format!("no normal plex to mark: {states:?}")));
+        }
+        Ok(covered)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<Range<u64>, AggregateError> {
         let aligned = offset.is_multiple_of(BLOCK_BYTES) && len.is_multiple_of(BLOCK_BYTES) && len > 0;
         if !aligned || offset.checked_add(len).is_none_or(|end| end > self.size) {

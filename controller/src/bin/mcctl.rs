@@ -26,13 +26,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use controller::cli::{self, NodeAnswer, OperationsAnswer, SwitchoverOutcome, Table, Target};
+use controller::cli::{
+    self, NodeAnswer, OperationsAnswer, SwitchbackOutcome, SwitchoverOutcome, Table, Target,
+};
 use controller::config::Durability;
 use controller::lab::{self, LabSite};
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::{
-    CreateVolumeRequest, DeleteVolumeRequest, ModifyVolumeRequest, Operation, OperationsRequest, StatusReply,
-    StatusRequest, SwitchoverReply, SwitchoverRequest, UnfenceRequest, VolumeInfo,
+    CreateVolumeRequest, DeleteVolumeRequest, HealRequest, ModifyVolumeRequest, Operation, OperationsRequest,
+    StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest, SwitchoverReply, SwitchoverRequest,
+    UnfenceRequest, VolumeInfo,
 };
 use prost::Message;
 use serde::Serialize;
@@ -98,7 +101,14 @@ enum Command {
     /// Switches the DR partner's aggregates over to the surviving node (only
     /// --forced-on-disaster so far).
     Switchover(SwitchoverArgs),
-    /// The operations (switchover, unfence) the nodes ran.
+    /// After a switchover, with the other site's controller back (waiting for switchback): takes
+    /// what its unreleased records touch into the resync set, has it discard them, reattaches the
+    /// home plexes at its site and waits for their resync (progress on a terminal).
+    Heal(HealArgs),
+    /// Hands the switched-over aggregates back to their home node: needs heal done and both plexes
+    /// normal; drains, CP, raises the epochs, and the home node serves again.
+    Switchback(SwitchbackArgs),
+    /// The operations (switchover, heal, switchback, unfence) the nodes ran.
     #[command(subcommand)]
     Operation(OperationCommand),
     /// The plex mirrors of the aggregates, DataKeeper style.
@@ -183,6 +193,35 @@ enum ClusterCommand {
 enum OperationCommand {
     /// Shows the last operation of every node (all of them with --all).
     Show(OperationShowArgs),
+    /// Shows every operation the nodes' journals hold, oldest first (`show --all`).
+    History(ClusterArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealArgs {
+    /// Return once the home plexes are reattached, without waiting for their resync.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting for the resync after SECONDS (it goes on in the background).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    timeout: u64,
+    /// The site of the node serving the switched-over aggregates [default: the node in switchover].
+    #[arg(long, value_parser = parse_site)]
+    site: Option<LabSite>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+struct SwitchbackArgs {
+    /// Only evaluate the vetoes; change nothing.
+    #[arg(long)]
+    simulate: bool,
+    /// The site of the node serving the switched-over aggregates [default: the node in switchover].
+    #[arg(long, value_parser = parse_site)]
+    site: Option<LabSite>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -1275,6 +1314,147 @@ async fn switchover(args: &SwitchoverArgs, format: OutputFormat) -> anyhow::Resu
     Ok(cli::switchover_exit(&outcome, args.override_vetoes))
 }
 
+/// The node serving the partner's aggregates: the one of `site`, else the one node whose mode says
+/// switchover.
+fn pick_holder(answers: &[NodeAnswer], site: Option<LabSite>) -> anyhow::Result<&NodeAnswer> {
+    if site.is_some() {
+        return pick_survivor(answers, site);
+    }
+    let holding: Vec<&NodeAnswer> = answers
+        .iter()
+        .filter(|a| {
+            a.result.as_ref().is_ok_and(|r| {
+                matches!(r.mode.as_str(), "switchover" | "partial-switchover" | "partial-switchback")
+            })
+        })
+        .collect();
+    match holding.as_slice() {
+        [only] => Ok(only),
+        [] if cli::any_unreachable(answers) => {
+            anyhow::bail!(
+                "no node that answered is in switchover mode; did not answer: {}",
+                unreachable_list(answers)
+            )
+        }
+        [] => anyhow::bail!("no node is in switchover mode: there is nothing to heal or switch back"),
+        _ => Err(usage("more than one node is in switchover mode: name the site with --site A|B")),
+    }
+}
+
+async fn heal(args: &HealArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let holder = pick_holder(&answers, args.site)?;
+    let node = answer_node(holder);
+    let address = holder.target.address.clone();
+    let mut admin = admin_client(&address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the node at {address}"))?;
+    let mut request = tonic::Request::new(HealRequest { cluster_id: cluster.id.to_vec() });
+    request.set_timeout(OPERATION_TIMEOUT);
+    let reply = admin
+        .heal(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("heal at the node at {address}"))?
+        .into_inner();
+    match format {
+        OutputFormat::Table => print(&cli::heal_text(node, &reply))?,
+        OutputFormat::Json => print_json(&cli::heal_json(node, &reply))?,
+    }
+    let succeeded = reply.operation.as_ref().is_some_and(|op| op.state == "successful");
+    let names: Vec<String> =
+        reply.aggregates.iter().filter(|a| a.reattached).map(|a| a.name.clone()).collect();
+    if args.no_wait || names.is_empty() {
+        return Ok(if succeeded { cli::EXIT_OK } else { cli::EXIT_FAILED });
+    }
+    let done = wait_resync(&address, cluster.id, &names, Duration::from_secs(args.timeout), format).await?;
+    Ok(if succeeded && done { cli::EXIT_OK } else { cli::EXIT_FAILED })
+}
+
+/// Waits until aggregates `names` at the node at `address` are mirrored and normal, showing the
+/// resync's progress on stderr: a bar redrawn in place on a terminal, a plain line every 2 s
+/// otherwise. False if `limit` passed first.
+async fn wait_resync(
+    address: &str,
+    cluster: [u8; 16],
+    names: &[String],
+    limit: Duration,
+    format: OutputFormat,
+) -> anyhow::Result<bool> {
+    let terminal = std::io::stderr().is_terminal() && format == OutputFormat::Table;
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let status = status_of(address.to_string(), cluster).await;
+        if let Ok(status) = &status {
+            let (copied, total, rate, done) = cli::resync_sum(status, names);
+            if terminal {
+                eprint!("\r{}", cli::progress_line("resync", copied, total, rate, Some(30)));
+            } else if done || last_line.elapsed() >= Duration::from_secs(2) {
+                eprintln!("{}", cli::progress_line("resync", copied, total, rate, None));
+                last_line = std::time::Instant::now();
+            }
+            if done {
+                if terminal {
+                    eprintln!();
+                }
+                eprintln!("resync complete: {} mirrored and normal", names.join(", "));
+                return Ok(true);
+            }
+        }
+        if started.elapsed() >= limit {
+            if terminal {
+                eprintln!();
+            }
+            eprintln!(
+                "error: the resync did not complete within {} s; it goes on in the background (mcctl mirror status)",
+                limit.as_secs()
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn switchback(args: &SwitchbackArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let holder = pick_holder(&answers, args.site)?;
+    let node = answer_node(holder);
+    let address = &holder.target.address;
+    let mut admin = admin_client(address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the node at {address}"))?;
+    let mut request =
+        tonic::Request::new(SwitchbackRequest { cluster_id: cluster.id.to_vec(), simulate: args.simulate });
+    request.set_timeout(OPERATION_TIMEOUT);
+    let outcome = match admin.switchback(request).await {
+        Ok(reply) if args.simulate => SwitchbackOutcome::Simulated(reply.into_inner()),
+        Ok(reply) => SwitchbackOutcome::Ran(reply.into_inner()),
+        Err(status) => {
+            let vetoes = (status.code() == tonic::Code::FailedPrecondition)
+                .then(|| SwitchbackReply::decode(status.details()).ok())
+                .flatten()
+                .filter(|reply| !reply.vetoes.is_empty());
+            match vetoes {
+                Some(reply) => SwitchbackOutcome::Vetoed(reply),
+                None => {
+                    return Err(anyhow::anyhow!(rpc_text(&status))
+                        .context(format!("switch back at the node at {address}")));
+                }
+            }
+        }
+    };
+    match format {
+        OutputFormat::Table => print(&cli::switchback_text(node, &outcome))?,
+        OutputFormat::Json => print_json(&cli::switchback_json(node, &outcome))?,
+    }
+    Ok(cli::switchback_exit(&outcome))
+}
+
 /// The vetoes a refusal carries: `FAILED_PRECONDITION` whose details decode as a
 /// `SwitchoverReply` with at least one veto.
 fn vetoes_of(status: &tonic::Status) -> Option<SwitchoverReply> {
@@ -1417,6 +1597,11 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         Command::Node(NodeCommand::Unfence(args)) => node_unfence(&args, format).await,
         Command::Switchover(args) => switchover(&args, format).await,
         Command::Operation(OperationCommand::Show(args)) => operation_show(&args, format).await,
+        Command::Operation(OperationCommand::History(cluster)) => {
+            operation_show(&OperationShowArgs { all: true, cluster }, format).await
+        }
+        Command::Heal(args) => heal(&args, format).await,
+        Command::Switchback(args) => switchback(&args, format).await,
         Command::Mirror(MirrorCommand::Status(args)) => {
             let name = args.name.as_deref();
             show(&args.cluster, &args.watch, format, |answers| Shown {

@@ -1,0 +1,239 @@
+//! Heal and switchback (DESIGN §6.4, §11; S2, S5, S8, S14) with real daemons and a real NBD host
+//! that records which writes were acknowledged: the planned cycle (negotiated switchover, heal,
+//! switchback) and the disaster cycle (forced switchover, the old owner back, heal, switchback).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+mod host;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{CLUSTER, Cluster, Settings};
+use host::{Host, Workload};
+use mc_proto::v1::{
+    HealReply, HealRequest, StatusReply, SwitchbackReply, SwitchbackRequest, SwitchoverRequest,
+};
+use prost::Message;
+
+const VOLUME_BYTES: u64 = 16 << 20;
+/// Blocks the workloads cycle over (1 MiB): the heal resync must stay near this, far below the
+/// 64 MiB plexes.
+const BLOCKS: u64 = 256;
+
+fn switchover_request(forced: bool) -> SwitchoverRequest {
+    SwitchoverRequest {
+        cluster_id: CLUSTER.to_vec(),
+        forced_on_disaster: forced,
+        simulate: false,
+        override_vetoes: false,
+        force_nvfail_all: false,
+        confirmed: forced,
+    }
+}
+
+async fn heal(cluster: &Cluster, i: usize) -> Result<HealReply, tonic::Status> {
+    let mut admin = cluster.admin(i).await;
+    admin.heal(HealRequest { cluster_id: CLUSTER.to_vec() }).await.map(|r| r.into_inner())
+}
+
+/// `Admin.Switchback` at node `i`: the reply, or the status with the veto codes it carries.
+async fn switchback(
+    cluster: &Cluster,
+    i: usize,
+    simulate: bool,
+) -> Result<SwitchbackReply, (tonic::Status, Vec<String>)> {
+    let mut admin = cluster.admin(i).await;
+    match admin.switchback(SwitchbackRequest { cluster_id: CLUSTER.to_vec(), simulate }).await {
+        Ok(reply) => Ok(reply.into_inner()),
+        Err(status) => {
+            let codes = SwitchbackReply::decode(status.details())
+                .map(|r| r.vetoes.iter().map(|v| v.code.clone()).collect())
+                .unwrap_or_default();
+            Err((status, codes))
+        }
+    }
+}
+
+fn check_acknowledged(address: &str, ledger: &host::Ledger) {
+    let mut host = Host::connect(address, "vol_a").unwrap();
+    let wrong = host::missing(&mut host, ledger);
+    assert!(
+        wrong.is_empty(),
+        "{} acknowledged writes lost of {}: {:?}",
+        wrong.len(),
+        ledger.count,
+        &wrong[..wrong.len().min(8)]
+    );
+    host.close();
+}
+
+fn aggr(status: &StatusReply) -> &mc_proto::v1::AggregateInfo {
+    status.aggregates.iter().find(|a| a.name == "aggr_a").unwrap_or_else(|| panic!("no aggr_a: {status:#?}"))
+}
+
+/// The data extent of a plex disk file (from its label).
+async fn data_of(path: &Path) -> Vec<u8> {
+    let device = plex::FileDevice::open(path).unwrap();
+    let (label, _) = plex::read_label(&device).await.unwrap();
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut all = Vec::new();
+    file.read_to_end(&mut all).unwrap();
+    let start = label.data.offset as usize;
+    all[start..start + label.data.len as usize].to_vec()
+}
+
+/// Both plexes of aggr_a (d0 on A's shelf, d1 on B's) hold the same data, block for block.
+async fn assert_plexes_identical(cluster: &Cluster) {
+    let d0 = data_of(&cluster.nodes[0].dir.join("shelf/d0")).await;
+    let d1 = data_of(&cluster.nodes[1].dir.join("shelf/d1")).await;
+    assert_eq!(d0.len(), d1.len(), "the plexes' data areas differ in size");
+    let differing: Vec<usize> = d0
+        .chunks(4096)
+        .zip(d1.chunks(4096))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} blocks differ between the plexes, first {:?}",
+        differing.len(),
+        &differing[..differing.len().min(8)]
+    );
+}
+
+/// Heal, then the wait for B's resync of plex 0; returns the resync's total bytes and the
+/// regions A's unreleased records added to the resync set.
+async fn heal_and_resync(cluster: &Cluster) -> (u64, u64) {
+    let reply = heal(cluster, 1).await.unwrap();
+    eprintln!("heal: {reply:?}");
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    assert_eq!(reply.aggregates.len(), 1, "{reply:?}");
+    assert!(reply.aggregates[0].reattached, "{reply:?}");
+    let b = cluster
+        .wait_status(1, "aggr_a mirrored and normal after heal", |s| {
+            s.aggregates.iter().any(|a| {
+                a.name == "aggr_a"
+                    && a.state == "mirrored,normal"
+                    && a.resync.as_ref().is_some_and(|r| r.complete)
+            })
+        })
+        .await;
+    let resync = aggr(&b).resync.clone().unwrap();
+    eprintln!("heal resync: {resync:?}");
+    assert_eq!(resync.level, "incremental", "{resync:?}");
+    assert_eq!((resync.source_plex, resync.target_plex), (1, 0), "{resync:?}");
+    (resync.total_bytes, reply.aggregates[0].regions_marked)
+}
+
+/// The planned cycle under a workload (issue 9): negotiated switchover to B, writes at B, heal
+/// (an incremental resync bounded by what B wrote, not by the plex size), switchback, writes at
+/// A; every acknowledged write is read back at each step, and the plexes end byte-identical.
+/// Also: switchback is vetoed before heal, A's mode is waiting-for-switchback meanwhile, and
+/// both nodes are back to normal at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planned_cycle_loses_nothing_and_resyncs_incrementally() {
+    let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    // 1. Negotiated switchover under a workload at A.
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    let started = Instant::now();
+    let mut admin = cluster.admin(1).await;
+    let reply = admin.switchover(switchover_request(false)).await.unwrap().into_inner();
+    eprintln!("negotiated switchover took {:?}", started.elapsed());
+    assert_eq!(reply.volumes, ["vol_a"], "{reply:?}");
+    assert!(load.wait_ended(Duration::from_secs(30)), "A went on acknowledging writes after the release");
+    let ledger = load.stop();
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    assert_eq!(cluster.status(0).await.mode, "waiting-for-switchback");
+    assert_eq!(cluster.status(1).await.mode, "switchover");
+    // Switchback needs heal first.
+    let (_, codes) = switchback(&cluster, 1, false).await.unwrap_err();
+    assert!(codes.iter().any(|c| c == "not_healed"), "{codes:?}");
+    // 2. Writes at B, then heal while they go on.
+    let load = Workload::start(&cluster.nbd_address(1), "vol_a", BLOCKS);
+    load.wait_count(300);
+    let (total, _) = heal_and_resync(&cluster).await;
+    assert!(total > 0 && total <= 2 << 20, "the heal resync copied {total} bytes for 1 MiB written");
+    load.wait_count(load.count() + 100);
+    // 3. Switchback: B stops serving vol_a, A serves it with everything B acknowledged.
+    let simulated = switchback(&cluster, 1, true).await.unwrap();
+    assert!(simulated.vetoes.is_empty(), "{simulated:?}");
+    let started = Instant::now();
+    let reply = switchback(&cluster, 1, false).await.unwrap();
+    eprintln!("switchback took {:?}: {reply:?}", started.elapsed());
+    assert_eq!(reply.volumes, ["vol_a"], "{reply:?}");
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    assert!(load.wait_ended(Duration::from_secs(30)), "B went on acknowledging writes after the switchback");
+    let ledger = load.stop();
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    assert!(Host::connect(&cluster.nbd_address(1), "vol_a").is_err(), "B still exports vol_a");
+    let (a, b) = (cluster.status(0).await, cluster.status(1).await);
+    assert_eq!((a.mode.as_str(), b.mode.as_str()), ("normal", "normal"), "{a:#?}\n{b:#?}");
+    assert_eq!(a.node_state, "serving");
+    // 4. A writes again, mirrored to B (its NVLog mirror re-established) and to both plexes.
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    let ledger = load.stop();
+    cluster.wait_in_sync().await;
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    // A clean stop of A: its final CP puts everything on both plexes.
+    assert!(cluster.terminate(0), "A did not stop cleanly");
+    assert_plexes_identical(&cluster).await;
+}
+
+/// The disaster cycle: A is lost with acknowledged writes not yet in a CP; forced switchover at
+/// B; A restarts and waits for switchback (fenced, serving nothing, mode waiting-for-switchback);
+/// heal takes what A's unreleased records touch into the resync set before A discards them (S8)
+/// and resyncs plex 0 incrementally; switchback returns vol_a to A with every write B
+/// acknowledged; the plexes end byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disaster_cycle_heals_incrementally_and_switches_back() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    cluster.kill(0);
+    assert!(load.wait_ended(Duration::from_secs(10)));
+    let ledger = load.stop();
+    let reply = cluster.admin(1).await.switchover(switchover_request(true)).await.unwrap().into_inner();
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // Heal needs A back.
+    assert!(heal(&cluster, 1).await.is_err());
+    cluster.start(0);
+    let a = cluster.wait_status(0, "A waiting for switchback", |s| s.mode == "waiting-for-switchback").await;
+    assert_eq!(a.node_state, "fenced", "{a:#?}");
+    assert!(a.state_reason.contains("waiting for switchback"), "{a:#?}");
+    assert!(Host::connect(&cluster.nbd_address(0), "vol_a").is_err(), "A serves vol_a before switchback");
+    // A's records of vol_a are kept until heal (S8).
+    let kept = cluster.records(0, "local").await.len();
+    assert!(kept > 0, "A discarded its records before heal");
+    let load = Workload::start(&cluster.nbd_address(1), "vol_a", BLOCKS);
+    load.wait_count(200);
+    let (total, marked) = heal_and_resync(&cluster).await;
+    assert!(total > 0 && total <= 2 << 20, "the heal resync copied {total} bytes for 1 MiB written");
+    // What A's unreleased records touch went into the resync set, then A discarded them.
+    assert!(marked > 0, "A reported no region of its unreleased records");
+    assert!(cluster.records(0, "local").await.is_empty(), "A kept its records after heal");
+    let reply = switchback(&cluster, 1, false).await.unwrap();
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    assert!(load.wait_ended(Duration::from_secs(30)));
+    let ledger = load.stop();
+    let a = cluster.wait_state(0, "serving").await;
+    assert_eq!(a.mode, "normal", "{a:#?}");
+    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    let ledger = load.stop();
+    cluster.wait_in_sync().await;
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    // A clean stop of A: its final CP puts everything on both plexes.
+    assert!(cluster.terminate(0), "A did not stop cleanly");
+    assert_plexes_identical(&cluster).await;
+}
