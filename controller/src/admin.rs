@@ -12,11 +12,12 @@ use mc_proto::v1::admin_server::Admin;
 use mc_proto::v1::{
     AggregateInfo, CpStats, CreateAggregateRequest, CreateVolumeRequest, DeleteVolumeReply,
     DeleteVolumeRequest, HealPartnerReply, HealPartnerRequest, HealReply, HealRequest, Identity,
-    MirrorState as WireMirrorState, ModifyVolumeRequest, NvlogPartition, OperationsReply, OperationsRequest,
-    PartitionRecord, PartitionRecordsReply, PartitionRecordsRequest, PlexInfo, ReleaseAggregatesReply,
-    ReleaseAggregatesRequest, ResyncInfo, StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest,
-    SwitchoverReply, SwitchoverRequest, TakeBackReply, TakeBackRequest, UnavailableAggregate, UnfenceReply,
-    UnfenceRequest, VolumeInfo, WriterMirror,
+    MirrorControlReply, MirrorControlRequest, MirrorState as WireMirrorState, ModifyVolumeRequest,
+    NvlogPartition, OperationsReply, OperationsRequest, PartitionRecord, PartitionRecordsReply,
+    PartitionRecordsRequest, PlexInfo, ReleaseAggregatesReply, ReleaseAggregatesRequest, ResyncInfo,
+    StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest, SwitchoverReply, SwitchoverRequest,
+    TakeBackReply, TakeBackRequest, UnavailableAggregate, UnfenceReply, UnfenceRequest, VolumeInfo,
+    WriterMirror,
 };
 use nvlog::{OpKind, PartitionKind};
 use tonic::{Request, Response, Status};
@@ -355,6 +356,15 @@ impl Admin for AdminService {
 
     async fn take_back(&self, request: Request<TakeBackRequest>) -> Result<Response<TakeBackReply>, Status> {
         crate::heal::admin_take_back(&self.node, &request.into_inner()).await.map(Response::new)
+    }
+
+    async fn mirror_control(
+        &self,
+        request: Request<MirrorControlRequest>,
+    ) -> Result<Response<MirrorControlReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(&request.cluster_id)?;
+        crate::mirror_admin::admin_mirror(&self.node, &request).await.map(Response::new)
     }
 
     async fn release_aggregates(

@@ -38,7 +38,9 @@ impl Node {
                 // heal, not here (after heal it is kept like any plex); a deposed or adopting
                 // aggregate is not ours to repair.
                 let unhealed = aggr.switched_over && !aggr.healed.load(std::sync::atomic::Ordering::Acquire);
-                if unhealed || aggr.deposed().is_some() {
+                // A mirror the operator paused stays detached until `mirror resume`.
+                let paused = self.shelf_state.marks(aggr.uuid).paused;
+                if unhealed || paused || aggr.deposed().is_some() {
                     continue;
                 }
                 if resyncs.get(&aggr.index).is_some_and(|task| !task.is_finished()) {

@@ -49,6 +49,9 @@ pub struct AggregateMarks {
     pub epoch: Epoch,
     /// The last drop recorded, if any.
     pub drop: Option<RecordedDrop>,
+    /// The operator paused the aggregate's mirror (`mcctl mirror pause`): the plex at the
+    /// other site stays detached until `mirror resume` (kept in a byte older files leave 0).
+    pub paused: bool,
 }
 
 /// Why the state could not be read, admitted or written.
@@ -131,7 +134,7 @@ fn encode(owner: ShelfOwner, marks: &BTreeMap<Uuid, AggregateMarks>) -> Vec<u8> 
             Some(d) => (1u8, d.plex, d.reason, d.survivor_generation),
             None => (0, 0, 0, 0),
         };
-        out.extend_from_slice(&[present, plex, reason, 0]);
+        out.extend_from_slice(&[present, plex, reason, u8::from(mark.paused)]);
         out.extend_from_slice(&generation.to_le_bytes());
         out.extend_from_slice(&[0u8; 8]);
     }
@@ -196,7 +199,12 @@ fn decode(owner: ShelfOwner, bytes: &[u8]) -> Result<BTreeMap<Uuid, AggregateMar
             }),
             other => return Err(format!("entry {i}: drop flag {other}")),
         };
-        if marks.insert(Uuid(uuid), AggregateMarks { epoch, drop }).is_some() {
+        let paused = match flags[3] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("entry {i}: pause flag {other}")),
+        };
+        if marks.insert(Uuid(uuid), AggregateMarks { epoch, drop, paused }).is_some() {
             return Err(format!("entry {i}: aggregate listed twice"));
         }
     }
@@ -336,6 +344,15 @@ impl ShelfState {
         .await
     }
 
+    /// Persists whether the operator paused the aggregate's mirror.
+    pub async fn set_paused(&self, aggregate: Uuid, paused: bool) -> Result<(), ShelfStateError> {
+        self.update(aggregate, |mark| {
+            mark.paused = paused;
+            Ok(())
+        })
+        .await
+    }
+
     async fn update(
         &self,
         aggregate: Uuid,
@@ -398,8 +415,14 @@ mod tests {
         let other = Uuid([4; 16]);
         state.observe(other, epoch(7, 2));
         assert!(state.admit(other, epoch(6, 2)).await.is_err());
+        state.set_paused(aggr, true).await.unwrap();
         let reopened = ShelfState::open(dir.path(), OWNER).unwrap();
-        assert_eq!(reopened.marks(aggr), AggregateMarks { epoch: epoch(2, 1), drop: Some(drop) });
+        assert_eq!(
+            reopened.marks(aggr),
+            AggregateMarks { epoch: epoch(2, 1), drop: Some(drop), paused: true }
+        );
+        reopened.set_paused(aggr, false).await.unwrap();
+        assert!(!ShelfState::open(dir.path(), OWNER).unwrap().marks(aggr).paused);
         assert!(reopened.admit(aggr, epoch(1, 9)).await.is_err());
         assert_eq!(reopened.marks(other), AggregateMarks::default());
     }
@@ -407,7 +430,7 @@ mod tests {
     #[test]
     fn damage_is_detected_and_garbage_never_panics() {
         let mut marks = BTreeMap::new();
-        marks.insert(Uuid([1; 16]), AggregateMarks { epoch: epoch(3, 2), drop: None });
+        marks.insert(Uuid([1; 16]), AggregateMarks { epoch: epoch(3, 2), drop: None, paused: true });
         let bytes = encode(OWNER, &marks);
         assert_eq!(decode(OWNER, &bytes).unwrap(), marks);
         // Another node's or another cluster's file is refused.

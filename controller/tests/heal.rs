@@ -237,3 +237,165 @@ async fn the_disaster_cycle_heals_incrementally_and_switches_back() {
     assert!(cluster.terminate(0), "A did not stop cleanly");
     assert_plexes_identical(&cluster).await;
 }
+
+/// Kill -9 of B (the node running the operation) at each step of heal and switchback, under a
+/// workload at B: B restarts, the interrupted operation is rolled back (before the epochs are
+/// raised) or stays in progress, and a re-run completes it; every write B acknowledged is at A
+/// at the end, and B never serves vol_a once the epochs were raised (never two writers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heal_and_switchback_interrupted_by_a_crash_complete_when_rerun() {
+    for step in
+        ["heal-discarded", "switchback-planned", "switchback-cp", "switchback-raised", "switchback-handed"]
+    {
+        let mut cluster = Cluster::new(&Settings::default());
+        cluster.env[1] = vec![("MC_FAULT_SWITCHOVER_CRASH_AT".into(), step.into())];
+        cluster.start(0);
+        cluster.start(1);
+        cluster.wait_state(0, "serving").await;
+        cluster.create_volume(0, VOLUME_BYTES).await;
+        cluster.wait_in_sync().await;
+        cluster.admin(1).await.switchover(switchover_request(false)).await.unwrap();
+        let load = Workload::start(&cluster.nbd_address(1), "vol_a", BLOCKS);
+        load.wait_count(200);
+        let crash_b = |cluster: &mut Cluster| {
+            let exit = cluster.procs[1].as_mut().unwrap().child.wait().unwrap();
+            assert!(!exit.success(), "{step}: {exit:?}");
+            cluster.procs[1] = None;
+            cluster.env[1].clear();
+        };
+        if step == "heal-discarded" {
+            assert!(heal(&cluster, 1).await.is_err(), "{step}: no crash");
+            crash_b(&mut cluster);
+            assert!(load.wait_ended(Duration::from_secs(10)), "{step}");
+            let ledger = load.stop();
+            cluster.start(1);
+            cluster.wait_state(1, "serving").await;
+            check_acknowledged(&cluster.nbd_address(1), &ledger);
+            let (total, _) = heal_and_resync(&cluster).await;
+            assert!(total <= 2 << 20, "{step}: {total}");
+            let reply = switchback(&cluster, 1, false).await.unwrap();
+            assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{step}: {reply:?}");
+            check_acknowledged(&cluster.nbd_address(0), &ledger);
+            continue;
+        }
+        heal_and_resync(&cluster).await;
+        load.wait_count(load.count() + 50);
+        assert!(switchback(&cluster, 1, false).await.is_err(), "{step}: no crash");
+        crash_b(&mut cluster);
+        assert!(load.wait_ended(Duration::from_secs(10)), "{step}");
+        let ledger = load.stop();
+        cluster.start(1);
+        let raised = matches!(step, "switchback-raised" | "switchback-handed");
+        let b = cluster.wait_state(1, "serving").await;
+        if raised {
+            // The epochs moved to A: B serves vol_a no more, whatever its journal says.
+            assert!(
+                Host::connect(&cluster.nbd_address(1), "vol_a").is_err(),
+                "{step}: B serves vol_a: {b:#?}"
+            );
+            assert_eq!(b.mode, "partial-switchback", "{step}: {b:#?}");
+        } else {
+            // Rolled back: B serves vol_a with everything it acknowledged.
+            let ops = cluster
+                .admin(1)
+                .await
+                .operations(mc_proto::v1::OperationsRequest { cluster_id: CLUSTER.to_vec() })
+                .await
+                .unwrap()
+                .into_inner()
+                .operations;
+            let last = ops.last().unwrap();
+            assert_eq!(
+                (last.kind.as_str(), last.state.as_str()),
+                ("switchback", "failed"),
+                "{step}: {last:?}"
+            );
+            check_acknowledged(&cluster.nbd_address(1), &ledger);
+            cluster
+                .wait_status(1, "aggr_a mirrored and normal", |s| {
+                    s.aggregates.iter().any(|a| a.name == "aggr_a" && a.state == "mirrored,normal")
+                })
+                .await;
+        }
+        let reply = switchback(&cluster, 1, false).await.unwrap();
+        assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{step}: {reply:?}");
+        let a = cluster.wait_state(0, "serving").await;
+        assert_eq!(a.mode, "normal", "{step}: {a:#?}");
+        assert_eq!(cluster.status(1).await.mode, "normal", "{step}");
+        check_acknowledged(&cluster.nbd_address(0), &ledger);
+        let mut host = Host::connect(&cluster.nbd_address(0), "vol_a").unwrap();
+        host.write(0, &host::pattern(0, 31_337)).unwrap();
+        assert!(Host::connect(&cluster.nbd_address(1), "vol_a").is_err(), "{step}: two nodes export vol_a");
+    }
+}
+
+async fn mirror(cluster: &Cluster, action: &str) -> mc_proto::v1::MirrorControlReply {
+    let mut admin = cluster.admin(0).await;
+    let request = mc_proto::v1::MirrorControlRequest {
+        cluster_id: CLUSTER.to_vec(),
+        name: "vol_a".into(),
+        action: action.into(),
+    };
+    admin.mirror_control(request).await.unwrap().into_inner()
+}
+
+/// Waits until aggr_a at A is mirrored and normal after a resync; returns the resync.
+async fn wait_resynced(cluster: &Cluster) -> mc_proto::v1::ResyncInfo {
+    let a = cluster
+        .wait_status(0, "aggr_a resynced", |s| {
+            s.aggregates.iter().any(|a| {
+                a.name == "aggr_a"
+                    && a.state == "mirrored,normal"
+                    && a.resync.as_ref().is_some_and(|r| r.complete)
+            })
+        })
+        .await;
+    aggr(&a).resync.clone().unwrap()
+}
+
+/// `mirror pause` under a workload detaches plex 1 (the drop recorded at B, S3: a forced
+/// switchover there is vetoed as out of sync) and keeps it detached, across a restart too;
+/// `resume` resyncs only what was written meanwhile; `fullresync` copies every region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_pause_resume_and_fullresync() {
+    let mut cluster = Cluster::up(&Settings::default(), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    let reply = mirror(&cluster, "pause").await;
+    assert_eq!((reply.aggregate.as_str(), reply.plex), ("aggr_a", 1), "{reply:?}");
+    load.wait_count(load.count() + 300);
+    // B knows: its copy is out of date (S3).
+    let mut admin = cluster.admin(1).await;
+    let simulated = admin
+        .switchover(SwitchoverRequest { simulate: true, ..switchover_request(true) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(simulated.vetoes.iter().any(|v| v.code == "out_of_sync"), "{simulated:?}");
+    // Paused stays paused: past several plex monitor rounds, and across a restart.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(aggr(&cluster.status(0).await).plexes[1].state, "out_of_date");
+    let ledger = load.stop();
+    assert!(cluster.terminate(0), "A did not stop cleanly");
+    cluster.start(0);
+    cluster.wait_state(0, "serving").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let a = cluster.status(0).await;
+    assert_ne!(aggr(&a).state, "mirrored,normal", "a paused mirror was reattached: {a:#?}");
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    // Resume: incremental, bounded by what was written (1 MiB of blocks).
+    mirror(&cluster, "resume").await;
+    let resync = wait_resynced(&cluster).await;
+    assert_eq!(resync.level, "incremental", "{resync:?}");
+    assert!(resync.total_bytes > 0 && resync.total_bytes <= 2 << 20, "{resync:?}");
+    // Fullresync: everything.
+    mirror(&cluster, "fullresync").await;
+    let resync = wait_resynced(&cluster).await;
+    let size = aggr(&cluster.status(0).await).size_bytes;
+    assert!(resync.total_bytes >= size, "a full resync copied {} of {size} bytes", resync.total_bytes);
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    cluster.wait_in_sync().await;
+    assert!(cluster.terminate(0), "A did not stop cleanly");
+    assert_plexes_identical(&cluster).await;
+}

@@ -1638,6 +1638,31 @@ impl Aggregate {
         Ok(data)
     }
 
+    /// Drops plex `index` on purpose (an operator's `mirror pause`, or the first step of a full
+    /// resync): exactly as a drop for a timeout (S3, S4: in-flight regions marked, the drop
+    /// recorded in the other plex's label with a new generation and through the hook), leaving
+    /// it `out_of_date` until it is reattached. Refused unless the other plex is `normal`.
+    pub async fn detach(&self, index: usize) -> Result<(), AggregateError> {
+        if index > 1 {
+            return Err(AggregateError::Invalid(format!("there is no plex {index}")));
+        }
+        let states = self.inner().states;
+        if !matches!(states[index], PlexState::Normal | PlexState::Resyncing { .. }) {
+            return Err(AggregateError::Invalid(format!(
+                "plex {index} is not attached ({:?})",
+                states[index]
+            )));
+        }
+        if states[1 - index] != PlexState::Normal {
+            return Err(AggregateError::NoUsablePlex(format!(
+                "plex {} is not normal ({:?}): detaching plex {index} would leave no copy",
+                1 - index,
+                states[1 - index]
+            )));
+        }
+        self.drop_plex(index, DropReason::OutOfDate, Vec::new()).await
+    }
+
     /// Lets a dropped plex come back on the same devices (they answer again): re-reads its
     /// labels and applies the generation rules. It becomes `out_of_date`, ready for `resync`; a
     /// split brain is refused and the plex stays out.

@@ -33,9 +33,9 @@ use controller::config::Durability;
 use controller::lab::{self, LabSite};
 use mc_proto::v1::admin_client::AdminClient;
 use mc_proto::v1::{
-    CreateVolumeRequest, DeleteVolumeRequest, HealRequest, ModifyVolumeRequest, Operation, OperationsRequest,
-    StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest, SwitchoverReply, SwitchoverRequest,
-    UnfenceRequest, VolumeInfo,
+    CreateVolumeRequest, DeleteVolumeRequest, HealRequest, MirrorControlRequest, ModifyVolumeRequest,
+    Operation, OperationsRequest, StatusReply, StatusRequest, SwitchbackReply, SwitchbackRequest,
+    SwitchoverReply, SwitchoverRequest, UnfenceRequest, VolumeInfo,
 };
 use prost::Message;
 use serde::Serialize;
@@ -129,6 +129,30 @@ enum MirrorCommand {
     /// Shows each aggregate's mirror: state, type, source and target plex, bitmap, dirty regions,
     /// resync progress (only the mirror of NAME, an aggregate or a volume, when given).
     Status(MirrorStatusArgs),
+    /// Pauses the mirror of NAME's aggregate: its plex at the other site is detached (a drop,
+    /// recorded at the DR partner, S3) and stays detached, even across restarts, until `resume`.
+    /// Writes go on, tracked in the dirty bitmap; meanwhile the other site's copy is out of date.
+    Pause(MirrorControlArgs),
+    /// Resumes a paused mirror: the plex is reattached and the regions written meanwhile are
+    /// resynced (waits for the resync, with progress, unless --no-wait).
+    Resume(MirrorControlArgs),
+    /// Copies every region of NAME's aggregate to its plex at the other site again (waits, with
+    /// progress, unless --no-wait).
+    Fullresync(MirrorControlArgs),
+}
+
+#[derive(Debug, Args)]
+struct MirrorControlArgs {
+    /// The aggregate, or a volume of it.
+    name: String,
+    /// Return without waiting for the resync (resume, fullresync).
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting for the resync after SECONDS (it goes on in the background).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    timeout: u64,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -1418,6 +1442,73 @@ async fn wait_resync(
     }
 }
 
+/// The node serving the aggregate named `name` or holding a volume named `name` (a node that
+/// lists it with its volumes offline, e.g. deposed, is not).
+fn pick_server<'a>(answers: &'a [NodeAnswer], name: &str) -> anyhow::Result<&'a NodeAnswer> {
+    let serves = |a: &&NodeAnswer| {
+        a.result.as_ref().is_ok_and(|r| {
+            r.aggregates.iter().any(|g| {
+                (g.name == name || g.volumes.iter().any(|v| v.name == name))
+                    && g.volumes
+                        .iter()
+                        .all(|v| !v.reason.contains("deposed") && !v.reason.contains("released"))
+            })
+        })
+    };
+    match answers.iter().find(serves) {
+        Some(answer) => Ok(answer),
+        None if cli::any_unreachable(answers) => {
+            anyhow::bail!(
+                "no node that answered serves {name:?}; did not answer: {}",
+                unreachable_list(answers)
+            )
+        }
+        None => anyhow::bail!("no node serves an aggregate or volume named {name:?}"),
+    }
+}
+
+async fn mirror_control(args: &MirrorControlArgs, action: &str, format: OutputFormat) -> anyhow::Result<u8> {
+    let cluster = Cluster::resolve(&args.cluster)?;
+    let answers = ask_all(&cluster).await;
+    let server = pick_server(&answers, &args.name)?;
+    let node = answer_node(server);
+    let address = server.target.address.clone();
+    let mut admin = admin_client(&address)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context(format!("reach the node at {address}"))?;
+    let mut request = tonic::Request::new(MirrorControlRequest {
+        cluster_id: cluster.id.to_vec(),
+        name: args.name.clone(),
+        action: action.to_string(),
+    });
+    request.set_timeout(OPERATION_TIMEOUT);
+    let reply = admin
+        .mirror_control(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("mirror {action} {} at the node at {address}", args.name))?
+        .into_inner();
+    match format {
+        OutputFormat::Table => print(&format!(
+            "mirror {action} of aggregate {} on node {}: {}\n",
+            reply.aggregate,
+            node.map_or_else(|| "?".to_string(), |n| n.to_string()),
+            reply.result
+        ))?,
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "node": node, "action": action, "aggregate": reply.aggregate, "plex": reply.plex, "result": reply.result,
+        }))?,
+    }
+    if action == "pause" || args.no_wait {
+        return Ok(cli::EXIT_OK);
+    }
+    // Done once mirrored and normal again: the plex stays degraded until reattached and resynced.
+    let names = [reply.aggregate.clone()];
+    let done = wait_resync(&address, cluster.id, &names, Duration::from_secs(args.timeout), format).await?;
+    Ok(if done { cli::EXIT_OK } else { cli::EXIT_FAILED })
+}
+
 async fn switchback(args: &SwitchbackArgs, format: OutputFormat) -> anyhow::Result<u8> {
     let cluster = Cluster::resolve(&args.cluster)?;
     let answers = ask_all(&cluster).await;
@@ -1601,6 +1692,9 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
             operation_show(&OperationShowArgs { all: true, cluster }, format).await
         }
         Command::Heal(args) => heal(&args, format).await,
+        Command::Mirror(MirrorCommand::Pause(args)) => mirror_control(&args, "pause", format).await,
+        Command::Mirror(MirrorCommand::Resume(args)) => mirror_control(&args, "resume", format).await,
+        Command::Mirror(MirrorCommand::Fullresync(args)) => mirror_control(&args, "fullresync", format).await,
         Command::Switchback(args) => switchback(&args, format).await,
         Command::Mirror(MirrorCommand::Status(args)) => {
             let name = args.name.as_deref();
