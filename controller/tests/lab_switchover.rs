@@ -94,7 +94,11 @@ fn forced_switchover_drill_through_mcctl() {
 
 /// Planned maintenance through `mcctl` on the lab: a negotiated switchover (no
 /// `--forced-on-disaster`) moves vol_a to B while both sites run; without `--site` it is bad
-/// usage; every write acknowledged at A is served by B, and nothing is NVFAILed.
+/// usage; every write acknowledged at A is served by B, and nothing is NVFAILed. Then the way
+/// home: switchback vetoed before heal, `heal` (waiting for the resync), `switchback --simulate`,
+/// `switchback` with every write B acknowledged at A, the cluster normal again and the three
+/// operations in `operation history`; last, `mirror pause` makes `check run` warn and
+/// `mirror resume` clears it.
 #[test]
 fn negotiated_switchover_through_mcctl() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -128,4 +132,58 @@ fn negotiated_switchover_through_mcctl() {
     assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
     let cluster = json_of(&mcctl(&["cluster", "show", "--lab", d, "-o", "json"]));
     assert_eq!(cluster["cluster"]["mode"], "switchover", "{cluster:#}");
+
+    // Switchback before heal: vetoed (exit 3), nothing changes.
+    let early = mcctl(&["switchback", "--lab", d, "-o", "json"]);
+    assert_eq!(early.status.code(), Some(3), "{}", String::from_utf8_lossy(&early.stderr));
+    let early = json_of(&early);
+    assert!(early["vetoes"].as_array().unwrap().iter().any(|v| v["code"] == "not_healed"), "{early:#}");
+    // Heal waits for the resync and says so.
+    let healed = mcctl(&["heal", "--lab", d, "-o", "json"]);
+    let stderr = String::from_utf8_lossy(&healed.stderr).to_string();
+    assert_eq!(healed.status.code(), Some(0), "{stderr}");
+    let healed = json_of(&healed);
+    assert_eq!(healed["operation"]["kind"], "heal", "{healed:#}");
+    assert_eq!(healed["aggregates"][0]["reattached"], true, "{healed:#}");
+    assert!(stderr.contains("resync complete"), "{stderr}");
+    let simulated = mcctl_json(&["switchback", "--simulate", "--lab", d, "-o", "json"]);
+    assert_eq!(simulated["vetoed"], false, "{simulated:#}");
+    // Switchback: vol_a home at A with every write B acknowledged.
+    let load = Workload::start(&nbd("B"), "vol_a", 256);
+    load.wait_count(200);
+    let back = mcctl_json(&["switchback", "--lab", d, "-o", "json"]);
+    assert_eq!(back["operation"]["state"], "successful", "{back:#}");
+    assert!(back["volumes"].as_array().unwrap().iter().any(|v| v == "vol_a"), "{back:#}");
+    assert!(
+        load.wait_ended(std::time::Duration::from_secs(30)),
+        "B went on acknowledging after the switchback"
+    );
+    let ledger = load.stop();
+    let mut host = Host::connect(&nbd("A"), "vol_a").unwrap();
+    let wrong = host::missing(&mut host, &ledger);
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    host.close();
+    let cluster = json_of(&mcctl(&["cluster", "show", "--lab", d, "-o", "json"]));
+    assert_eq!(cluster["cluster"]["mode"], "normal", "{cluster:#}");
+    let history = mcctl_json(&["operation", "history", "--lab", d, "-o", "json"]);
+    let kinds: Vec<&str> =
+        history["operations"].as_array().unwrap().iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in ["switchover", "heal", "switchback"] {
+        assert!(kinds.contains(&kind), "{kind} missing from the history: {history:#}");
+    }
+
+    // Mirror pause: `check run` warns about the degraded aggregate; resume clears it.
+    let paused = mcctl_json(&["mirror", "pause", "vol_a", "--lab", d, "-o", "json"]);
+    assert_eq!(paused["aggregate"], "aggr_a", "{paused:#}");
+    let check = mcctl(&["check", "run", "--lab", d, "-o", "json"]);
+    assert_eq!(check.status.code(), Some(1), "{}", String::from_utf8_lossy(&check.stdout));
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("aggr_a"),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let resumed = mcctl(&["mirror", "resume", "vol_a", "--lab", d]);
+    assert_eq!(resumed.status.code(), Some(0), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let check = mcctl(&["check", "run", "--lab", d]);
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stdout));
 }
