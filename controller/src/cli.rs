@@ -918,7 +918,22 @@ pub enum SwitchoverOutcome {
 
 /// `switchover` as a table-and-lines text for people; `node` is the survivor it ran on.
 pub fn switchover_text(node: Option<u32>, outcome: &SwitchoverOutcome, override_vetoes: bool) -> String {
+    switchover_text_of(node, outcome, override_vetoes, true)
+}
+
+/// `switchover_text` of a forced (`forced`) or negotiated switchover.
+pub fn switchover_text_of(
+    node: Option<u32>,
+    outcome: &SwitchoverOutcome,
+    override_vetoes: bool,
+    forced: bool,
+) -> String {
     let on = node.map_or_else(String::new, |n| format!(" on node {n}"));
+    let (kind, kind_lower) = if forced {
+        ("Forced switchover", "forced switchover")
+    } else {
+        ("Negotiated switchover", "negotiated switchover")
+    };
     match outcome {
         SwitchoverOutcome::Simulated(reply) => {
             let verdict = if vetoes_stop(&reply.vetoes, override_vetoes) {
@@ -928,7 +943,7 @@ pub fn switchover_text(node: Option<u32>, outcome: &SwitchoverOutcome, override_
             } else {
                 "would proceed, overriding the soft vetoes (their volumes are NVFAILed)"
             };
-            format!("Simulated forced switchover{on}: {verdict}\n{}", vetoes_table(&reply.vetoes))
+            format!("Simulated {kind_lower}{on}: {verdict}\n{}", vetoes_table(&reply.vetoes))
         }
         SwitchoverOutcome::Vetoed(reply) => {
             let hint = if reply.vetoes.iter().all(|v| v.kind == "soft") {
@@ -936,10 +951,10 @@ pub fn switchover_text(node: Option<u32>, outcome: &SwitchoverOutcome, override_
             } else {
                 ""
             };
-            format!("Forced switchover{on} vetoed:\n{}{hint}", vetoes_table(&reply.vetoes))
+            format!("{kind}{on} vetoed:\n{}{hint}", vetoes_table(&reply.vetoes))
         }
         SwitchoverOutcome::Ran(reply) => {
-            let mut out = format!("Forced switchover{on}:\n");
+            let mut out = format!("{kind}{on}:\n");
             match &reply.operation {
                 Some(operation) => out.push_str(&operation_rows_table(&[operation_row(operation)])),
                 None => out.push_str("no operation reported\n"),
@@ -2289,6 +2304,10 @@ Only soft vetoes: --override-vetoes goes on and NVFAILs their volumes.
         assert_eq!(
             switchover_text(None, &clean, false),
             "Simulated forced switchover: would proceed\nno vetoes\n"
+        );
+        assert_eq!(
+            switchover_text_of(None, &clean, false, false),
+            "Simulated negotiated switchover: would proceed\nno vetoes\n"
         );
         assert_eq!(
             switchover_json(Some(1), &simulated, false),

@@ -1332,7 +1332,9 @@ async fn switchover(args: &SwitchoverArgs, format: OutputFormat) -> anyhow::Resu
         },
     };
     match format {
-        OutputFormat::Table => print(&cli::switchover_text(node, &outcome, args.override_vetoes))?,
+        OutputFormat::Table => {
+            print(&cli::switchover_text_of(node, &outcome, args.override_vetoes, args.forced_on_disaster))?
+        }
         OutputFormat::Json => print_json(&cli::switchover_json(node, &outcome, args.override_vetoes))?,
     }
     Ok(cli::switchover_exit(&outcome, args.override_vetoes))
