@@ -894,6 +894,10 @@ pub async fn admin_take_back(node: &Arc<Node>, request: &TakeBackRequest) -> Res
     let _admin = node.admin.lock().await;
     let mut volumes = Vec::new();
     let mut opened = Vec::new();
+    // Sessions with the partner fail while it holds our aggregates (deposed): the handshake to
+    // wait for is the next one from here.
+    let handshakes = node.mirror().status().handshakes;
+    let connected = node.mirror().status().connected;
     for (uuid, epoch) in &wanted {
         if let Some(slot) = node.aggregates().into_iter().find(|a| a.uuid == *uuid && !a.switched_over)
             && slot.plex_epoch() >= *epoch
@@ -946,12 +950,10 @@ pub async fn admin_take_back(node: &Arc<Node>, request: &TakeBackRequest) -> Res
             .map_err(|e| Status::unavailable(format!("the switchback CP failed: {e}")))?;
         // The partner holds our records again before a write is acknowledged (S1): wait for a
         // handshake (bounded; without one, writes wait for it like after any restart).
-        let handshakes = node.mirror().status().handshakes;
-        let _ = tokio::time::timeout(
-            node.config().timers.mirror_timeout,
-            node.mirror().wait_handshakes(handshakes + 1),
-        )
-        .await;
+        let next = if connected { handshakes } else { handshakes + 1 };
+        let _ =
+            tokio::time::timeout(node.config().timers.mirror_timeout, node.mirror().wait_handshakes(next))
+                .await;
         for slot in &opened {
             slot.serving.send_replace(SlotState::Serving);
             node.switched_away.lock().expect("switched-away lock").remove(&slot.uuid);

@@ -1,6 +1,9 @@
 //! The `mc-mediator` daemon on the third site (DESIGN §10).
 //!
-//! This crate is filled by the mediator issue: a gRPC `Mediator` service with durable state,
-//! the leases that make a controller fence itself (S6), the authoritative epochs, and the
-//! sans-IO state machine that grants an automatic switchover only when it is provably safe
-//! (S7). It depends on `mc-proto` only, never on `controller`.
+//! So far: `decide`, the sans-IO state machine that holds the authoritative epochs and the
+//! in-sync record, and grants an automatic switchover only when it is provably safe (S7).
+//! Still to come (issue 10): the gRPC `Mediator` service with durable state, and the
+//! controllers' heartbeat and self-fence (S6). It depends on `mc-proto` only, never on
+//! `controller`.
+
+pub mod decide;

@@ -1,0 +1,339 @@
+//! Table tests of the mediator's decisions (DESIGN §10): one row per rule, with the scaled timer
+//! profile (lease 2 s, margin 0.5 s, AUSO window 5 s). Each row is a timeline of events at
+//! the mediator's clock and what must (or must not) come out.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use mediator::decide::{
+    Action, AggregateId, Config, Controller, Diagnosis, Epoch, Event, Grant, Mediator, MirrorState, Mode,
+    NodeId, OwnedReport, PartnerView, ReceivedReport, Report, Site, State, Timers,
+};
+
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+/// Owned by A.
+const AGG: AggregateId = AggregateId([7; 16]);
+
+fn config(observer: bool) -> Config {
+    Config {
+        controllers: vec![Controller { node: A, site: Site(0) }, Controller { node: B, site: Site(1) }],
+        timers: Timers::SCALED,
+        observer,
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A report of `node` (sequence `seq`), hearing its partner `heard` ms ago (`None`: never).
+fn report(node: NodeId, seq: u64, heard: Option<u64>) -> Report {
+    let partner = if node == A { B } else { A };
+    Report {
+        node,
+        log_generation: 1,
+        sequence: seq,
+        state_version: 0,
+        uptime: Duration::from_secs(100),
+        mode: Mode::Normal,
+        fenced: false,
+        partners: vec![PartnerView {
+            node: partner,
+            heard_age: heard.map(ms),
+            round_trip_age: heard.map(ms),
+        }],
+        owned: if node == A {
+            vec![OwnedReport {
+                aggregate: AGG,
+                epoch: Epoch { number: 1, owner: A },
+                mirror: MirrorState::InSync,
+                receiver_generation: 5,
+                plexes_normal: true,
+            }]
+        } else {
+            Vec::new()
+        },
+        received: if node == B {
+            vec![ReceivedReport { writer: A, partition_generation: 5, state: MirrorState::InSync }]
+        } else {
+            Vec::new()
+        },
+        epochs_seen: Vec::new(),
+    }
+}
+
+fn grants(actions: &[Action]) -> Vec<Grant> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply(r) => r.grant.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusal(actions: &[Action]) -> Option<String> {
+    actions.iter().find_map(|a| match a {
+        Action::Refuse { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+/// Both sites report at 0 ms (in sync), then A goes silent; B reports every 200 ms from
+/// `from` until `until`, its last sign of A at 0 ms. Returns when the first grant came.
+fn silent_a(mediator: &mut Mediator, from: u64, until: u64) -> Option<u64> {
+    mediator.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    mediator.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    let mut seq = 2;
+    let mut at = from;
+    while at <= until {
+        let actions = mediator.handle(ms(at), Event::Report(report(B, seq, Some(at))));
+        if !grants(&actions).is_empty() {
+            return Some(at);
+        }
+        seq += 1;
+        at += 200;
+    }
+    None
+}
+
+fn mediator(observer: bool) -> Mediator {
+    Mediator::new(config(observer), Some(State::default())).unwrap()
+}
+
+/// Rule 2, the site-lost case: AUSO only once lease + margin (2.5 s) passed since the later of
+/// the mediator's and B's last sign of A, and then with an epoch above A's, to B.
+#[test]
+fn auso_waits_for_lease_plus_margin_and_raises_the_epoch() {
+    let mut m = mediator(false);
+    let at = silent_a(&mut m, 200, 5000).expect("no AUSO for a lost site");
+    assert_eq!(at, 2600, "granted at {at} ms, lease + margin is 2500 ms");
+    let grant = m.state().grants[0].clone();
+    assert_eq!((grant.to, grant.from, grant.automatic, grant.nvfail), (B, Site(0), true, false));
+    assert_eq!(grant.epochs, vec![(AGG, Epoch { number: 2, owner: B })]);
+    assert_eq!(m.diagnose(ms(2600)), Diagnosis::SiteLost(Site(0)));
+    // Final: re-delivered until confirmed, then not.
+    let again = m.handle(ms(2800), Event::Report(report(B, 100, Some(2800))));
+    assert_eq!(grants(&again), vec![grant]);
+    m.handle(ms(2900), Event::ConfirmGrant { node: B });
+    assert!(grants(&m.handle(ms(3000), Event::Report(report(B, 101, Some(3000))))).is_empty());
+}
+
+/// Rule 2, "the later of": B heard A more recently than the mediator did; the lease counts from
+/// B's sign of A.
+#[test]
+fn auso_counts_from_the_later_sign_of_life() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    // B still heard A at 1000 ms (the mediator link of A died first).
+    let mut granted = None;
+    for (seq, at) in (2..).zip((1200..=6000).step_by(200)) {
+        let age = at - 1000;
+        if !grants(&m.handle(ms(at), Event::Report(report(B, seq, Some(age))))).is_empty() {
+            granted = Some(at);
+            break;
+        }
+    }
+    assert_eq!(granted, Some(3600), "1000 ms + lease + margin");
+}
+
+/// Rule 2, the window: a survivor that reports only after the AUSO window gets nothing; a
+/// manual forced switchover (no window) still can.
+#[test]
+fn auso_outside_the_window_is_refused_but_manual_is_not() {
+    let mut m = mediator(false);
+    assert_eq!(silent_a(&mut m, 5200, 6000), None);
+    let actions = m.handle(ms(6000), Event::ManualSwitchover { node: B, override_in_sync: false });
+    let grant = grants(&actions);
+    assert_eq!(grant.len(), 1, "{actions:?}");
+    assert!(!grant[0].automatic && !grant[0].nvfail);
+}
+
+/// Rule 3: the inter-site link is lost while both sites reach the mediator: never a switchover.
+#[test]
+fn link_lost_with_both_sites_reporting_never_switches() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    for (seq, at) in (2..).zip((200..=8000).step_by(200)) {
+        let a = m.handle(ms(at), Event::Report(report(A, seq, Some(at))));
+        let b = m.handle(ms(at), Event::Report(report(B, seq, Some(at))));
+        assert!(grants(&a).is_empty() && grants(&b).is_empty(), "switched at {at} ms");
+    }
+    assert_eq!(m.diagnose(ms(8000)), Diagnosis::InterSiteLinkLost);
+    let manual = m.handle(ms(8000), Event::ManualSwitchover { node: B, override_in_sync: true });
+    assert!(refusal(&manual).unwrap().contains("lease may still run"), "{manual:?}");
+}
+
+/// Rule 2's in-sync condition and rule 3: an owner that reported out of sync, a receiver that
+/// does, a partition generation mismatch, a plex down or a recorded drop: no AUSO; a manual
+/// switchover needs the override and then NVFAILs.
+#[test]
+fn not_in_sync_blocks_auso_and_manual_needs_the_override() {
+    type Lower = fn(&mut Report);
+    let keep: Lower = |_| {};
+    let cases: [(&str, Lower, Lower, bool); 5] = [
+        ("owner out of sync", |r| r.owned[0].mirror = MirrorState::OutOfSync, keep, false),
+        ("receiver resyncing", keep, |r| r.received[0].state = MirrorState::Resyncing, false),
+        ("generation mismatch", keep, |r| r.received[0].partition_generation = 6, false),
+        ("plex not normal", |r| r.owned[0].plexes_normal = false, keep, false),
+        ("drop recorded", keep, keep, true),
+    ];
+    for (name, lower_a, lower_b, drop) in cases {
+        let mut m = mediator(false);
+        let mut a = report(A, 1, Some(0));
+        lower_a(&mut a);
+        m.handle(ms(0), Event::Report(a));
+        if drop {
+            m.handle(ms(0), Event::RecordDrop { node: A, aggregate: AGG });
+        }
+        for (seq, at) in (1..).zip((0..=5000).step_by(200)) {
+            let mut b = report(B, seq, Some(at));
+            lower_b(&mut b);
+            let actions = m.handle(ms(at), Event::Report(b));
+            assert!(grants(&actions).is_empty(), "{name}: AUSO at {at} ms");
+        }
+        let refused = m.handle(ms(5000), Event::ManualSwitchover { node: B, override_in_sync: false });
+        assert!(refusal(&refused).unwrap().contains("not recorded in sync"), "{name}: {refused:?}");
+        let forced = m.handle(ms(5000), Event::ManualSwitchover { node: B, override_in_sync: true });
+        let grant = grants(&forced);
+        assert!(grant.len() == 1 && grant[0].nvfail, "{name}: {forced:?}");
+    }
+}
+
+/// Rule 2: no controller of the survivor's site may be fenced or in takeover.
+#[test]
+fn a_fenced_or_switched_over_survivor_gets_nothing() {
+    for (name, change) in [
+        ("fenced", (true, Mode::Normal)),
+        ("switchover", (false, Mode::Switchover)),
+        ("waiting", (false, Mode::WaitingForSwitchback)),
+    ] {
+        let mut m = mediator(false);
+        m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+        for (seq, at) in (1..).zip((0..=5000).step_by(200)) {
+            let mut r = report(B, seq, Some(at));
+            (r.fenced, r.mode) = change;
+            assert!(grants(&m.handle(ms(at), Event::Report(r))).is_empty(), "{name}: AUSO at {at} ms");
+        }
+    }
+}
+
+/// Rule 6: observer mode detects and alerts, never grants automatically; manual works.
+#[test]
+fn observer_mode_never_grants_automatically() {
+    let mut m = mediator(true);
+    assert_eq!(silent_a(&mut m, 200, 5000), None);
+    assert_eq!(m.diagnose(ms(5000)), Diagnosis::SiteLost(Site(0)));
+    let manual = m.handle(ms(5000), Event::ManualSwitchover { node: B, override_in_sync: false });
+    assert_eq!(grants(&manual).len(), 1, "{manual:?}");
+}
+
+/// Rule 5: a mediator without its state grants nothing until every controller has reported (or
+/// is confirmed down), holds nothing in sync until the owner reports, and issues epochs above
+/// every one reported.
+#[test]
+fn a_mediator_that_lost_its_state_rebuilds_it_first() {
+    let mut m = Mediator::new(config(false), None).unwrap();
+    assert!(m.is_lost());
+    let mut b = report(B, 1, Some(0));
+    b.epochs_seen = vec![(AGG, Epoch { number: 41, owner: A })];
+    m.handle(ms(0), Event::Report(b));
+    for (seq, at) in (2..).zip((200..=4000).step_by(200)) {
+        let actions = m.handle(ms(at), Event::Report(report(B, seq, Some(at + 3000))));
+        assert!(grants(&actions).is_empty(), "granted at {at} ms with the state lost");
+    }
+    let refused = m.handle(ms(4000), Event::ManualSwitchover { node: B, override_in_sync: true });
+    assert!(refusal(&refused).unwrap().contains("state was lost"), "{refused:?}");
+    // The operator confirms A down: still not in sync (A never reported): manual with override.
+    m.handle(ms(4000), Event::ConfirmDown { nodes: vec![A] });
+    assert!(!m.is_lost());
+    let plain = m.handle(ms(4200), Event::ManualSwitchover { node: B, override_in_sync: false });
+    assert!(refusal(&plain).unwrap().contains("not recorded in sync"), "{plain:?}");
+    let forced = m.handle(ms(4200), Event::ManualSwitchover { node: B, override_in_sync: true });
+    let grant = grants(&forced);
+    assert_eq!(grant[0].epochs, vec![(AGG, Epoch { number: 42, owner: B })], "{forced:?}");
+    assert!(grant[0].nvfail);
+}
+
+/// Rule 5, a restored snapshot: a controller reports a state version above the mediator's.
+#[test]
+fn a_state_older_than_a_controller_saw_counts_as_lost() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    let mut b = report(B, 1, Some(0));
+    b.state_version = 1_000;
+    let actions = m.handle(ms(0), Event::Report(b));
+    assert!(m.is_lost());
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Alert(t) if t.contains("treated as lost"))),
+        "{actions:?}"
+    );
+    assert_eq!(silent_a(&mut m, 200, 5000), None, "granted with an old state");
+}
+
+/// Reports older than one applied are ignored and not answered (no late lease renewal); every
+/// applied one is persisted before its reply.
+#[test]
+fn old_reports_are_ignored_and_changes_persist_before_replies() {
+    let mut m = mediator(false);
+    let first = m.handle(ms(0), Event::Report(report(A, 5, Some(0))));
+    assert_eq!(first.first(), Some(&Action::Persist), "{first:?}");
+    let reply = first.iter().position(|a| matches!(a, Action::Reply(_))).unwrap();
+    assert!(reply > 0);
+    assert!(m.handle(ms(100), Event::Report(report(A, 5, Some(0)))).is_empty());
+    assert!(m.handle(ms(100), Event::Report(report(A, 4, Some(0)))).is_empty());
+    let mut newer_generation = report(A, 1, Some(0));
+    newer_generation.log_generation = 2;
+    assert!(!m.handle(ms(100), Event::Report(newer_generation)).is_empty());
+    let unknown = m.handle(ms(100), Event::Report(report(NodeId(9), 1, None)));
+    assert!(refusal(&unknown).is_some());
+}
+
+/// Rule 7 and the "switching sides" case: A loses the mediator (B still hears A), then B loses
+/// it while A gets it back: the mediator names the mediator link, and never grants.
+#[test]
+fn mediator_link_loss_is_told_apart_and_never_grants() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    // A's mediator link is down; B hears A all along.
+    for (seq, at) in (2..).zip((200..=4000).step_by(200)) {
+        assert!(grants(&m.handle(ms(at), Event::Report(report(B, seq, Some(100))))).is_empty(), "at {at} ms");
+    }
+    assert_eq!(m.diagnose(ms(4000)), Diagnosis::MediatorLinkLost(Site(0)));
+    // Sides switch: A is back, B is gone from the mediator; A hears B.
+    for (seq, at) in (2..).zip((4200..=9000).step_by(200)) {
+        assert!(grants(&m.handle(ms(at), Event::Report(report(A, seq, Some(100))))).is_empty(), "at {at} ms");
+    }
+    assert_eq!(m.diagnose(ms(9000)), Diagnosis::MediatorLinkLost(Site(1)));
+}
+
+/// S11: the timer order of DESIGN §10.1, each rule refused with its name.
+#[test]
+fn timer_order_is_validated() {
+    assert_eq!(Timers::DEFAULT.validate(), Ok(()));
+    assert_eq!(Timers::SCALED.validate(), Ok(()));
+    let s = Timers::SCALED;
+    let rows = [
+        (Timers { margin: Duration::ZERO, ..s }, "margin"),
+        (Timers { keepalive_timeout: ms(2000), ..s }, "keepalive timeout"),
+        (Timers { heartbeat: ms(700), ..s }, "heartbeat"),
+        (Timers { auso_window: ms(2500), ..s }, "lease + margin"),
+        (Timers { auso_window: ms(6000), ..s }, "auso_window"),
+        (Timers { mirror_timeout: ms(500), auso_window: ms(500), ..s }, "mirror_timeout"),
+        (
+            Timers { keepalive_timeout: ms(1900), mirror_timeout: ms(2900), auso_window: ms(2900), ..s },
+            "mirror_timeout − margin",
+        ),
+    ];
+    for (timers, rule) in rows {
+        let error = timers.validate().unwrap_err();
+        assert!(error.contains(rule), "{timers:?}: {error}");
+    }
+    assert!(
+        Mediator::new(Config { timers: Timers { margin: Duration::ZERO, ..s }, ..config(false) }, None)
+            .is_err()
+    );
+}
