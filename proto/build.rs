@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["common.proto", "nvlog_mirror.proto", "admin.proto", "data.proto", "disk.proto"];
+const PROTOS: &[&str] =
+    &["common.proto", "nvlog_mirror.proto", "admin.proto", "data.proto", "disk.proto", "mediator.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");

@@ -405,6 +405,21 @@ pub struct Mediator {
     latest: BTreeMap<NodeId, (Now, Report)>,
     /// The last diagnosis alerted.
     last_diagnosis: Option<Diagnosis>,
+    /// The last grant or refusal of a switchover, in words.
+    last_decision: Option<String>,
+}
+
+/// What the mediator knows of one controller (for `mcctl mediator show`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// The controller.
+    pub node: NodeId,
+    /// Its site.
+    pub site: Site,
+    /// How long ago it was last heard; `None`: not since the mediator started.
+    pub heard_ago: Option<Duration>,
+    /// Its latest report's mode and fencing.
+    pub mode: Option<(Mode, bool)>,
 }
 
 impl Mediator {
@@ -424,12 +439,51 @@ impl Mediator {
             heard: BTreeMap::new(),
             latest: BTreeMap::new(),
             last_diagnosis: None,
+            last_decision: None,
         })
     }
 
     /// The durable state, to persist.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Every configured controller as the mediator sees it at `now`.
+    pub fn node_views(&self, now: Now) -> Vec<NodeView> {
+        self.config
+            .controllers
+            .iter()
+            .map(|c| NodeView {
+                node: c.node,
+                site: c.site,
+                heard_ago: self.heard.get(&c.node).map(|at| now.saturating_sub(*at)),
+                mode: self.latest.get(&c.node).map(|(_, r)| (r.mode, r.fenced)),
+            })
+            .collect()
+    }
+
+    /// Per site: whether an automatic switchover towards it could be granted now, or why not.
+    pub fn auso_status(&self, now: Now) -> Vec<(Site, Result<(), String>)> {
+        [Site(0), Site(1)]
+            .into_iter()
+            .map(|site| {
+                let status = match self.nodes_at(site).first() {
+                    Some(node) => self.check_switchover(now, *node, true, false).map(|_| ()),
+                    None => Err("no controller configured there".into()),
+                };
+                (site, status)
+            })
+            .collect()
+    }
+
+    /// The last grant or refusal of a switchover, in words.
+    pub fn last_decision(&self) -> Option<&str> {
+        self.last_decision.as_deref()
     }
 
     /// Whether the state is lost and not yet rebuilt (rule 5).
@@ -494,7 +548,11 @@ impl Mediator {
                         self.grant(node, false, not_in_sync, &mut actions);
                         actions.push(self.reply(node));
                     }
-                    Err(reason) => actions.push(Action::Refuse { to: node, reason }),
+                    Err(reason) => {
+                        self.last_decision =
+                            Some(format!("manual switchover to node {} refused: {reason}", node.0));
+                        actions.push(Action::Refuse { to: node, reason });
+                    }
                 }
             }
             Event::ConfirmGrant { node } => {
@@ -699,12 +757,15 @@ impl Mediator {
         }
         self.state.grants.push(Grant { to, from, epochs, automatic, nvfail });
         self.changed(actions);
-        actions.push(Action::Alert(format!(
-            "{} switchover of site {} to node {} granted",
+        let text = format!(
+            "{} switchover of site {} to node {} granted{}",
             if automatic { "automatic" } else { "manual" },
             site_name(from),
-            to.0
-        )));
+            to.0,
+            if nvfail { " (in-sync overridden: NVFAIL)" } else { "" }
+        );
+        self.last_decision = Some(text.clone());
+        actions.push(Action::Alert(text));
     }
 
     /// The highest epoch recorded or reported for `id` (S2: new epochs go above it).
