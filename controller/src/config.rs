@@ -91,6 +91,57 @@ pub struct FileConfig {
     /// Plex resync (DESIGN §6.4).
     #[serde(default)]
     pub resync: ResyncFile,
+    /// The mediator on the third site (DESIGN §10); absent: no mediator (no automatic
+    /// switchover, S2's fallbacks).
+    #[serde(default)]
+    pub mediator: Option<MediatorFile>,
+}
+
+/// Heartbeat interval to the mediator (DESIGN §10.1).
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
+/// The self-fence lease (DESIGN §10.1, S6).
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
+/// The AUSO window (DESIGN §10.1).
+pub const DEFAULT_AUSO_WINDOW_MS: u64 = 30_000;
+
+/// `[mediator]` as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediatorFile {
+    /// The mediator's gRPC address (`host:port`).
+    pub address: String,
+    /// Heartbeat interval.
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// The self-fence lease (S6).
+    #[serde(default = "d_lease")]
+    pub lease_ms: u64,
+    /// The AUSO window.
+    #[serde(default = "d_auso_window")]
+    pub auso_window_ms: u64,
+}
+
+fn d_heartbeat() -> u64 {
+    DEFAULT_HEARTBEAT_MS
+}
+fn d_lease() -> u64 {
+    DEFAULT_LEASE_MS
+}
+fn d_auso_window() -> u64 {
+    DEFAULT_AUSO_WINDOW_MS
+}
+
+/// The mediator, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediatorConfig {
+    /// Its gRPC address.
+    pub address: String,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// The self-fence lease (S6).
+    pub lease: Duration,
+    /// The AUSO window.
+    pub auso_window: Duration,
 }
 
 /// `[resync]` as written.
@@ -289,6 +340,8 @@ pub struct Config {
     pub timers: Timers,
     /// The resync bandwidth limit in bytes per second (`None`: unlimited).
     pub resync_bytes_per_second: Option<u64>,
+    /// The mediator, if one is configured.
+    pub mediator: Option<MediatorConfig>,
 }
 
 fn parse_hex_id(key: &'static str, text: &str) -> Result<[u8; 16], ConfigError> {
@@ -396,6 +449,7 @@ impl Config {
             return Err(invalid("listen.nbd", "the same address as listen.grpc or listen.metrics"));
         }
         let timers = validate_timers(&file.timers)?;
+        let mediator = file.mediator.as_ref().map(|m| validate_mediator(m, &file.timers)).transpose()?;
         Ok(Config {
             cluster_id,
             node_id: file.node_id,
@@ -419,8 +473,60 @@ impl Config {
                 }
                 n => Some(n),
             },
+            mediator,
         })
     }
+}
+
+/// The rules of DESIGN §10.1 that involve the mediator (S11).
+fn validate_mediator(m: &MediatorFile, t: &TimersFile) -> Result<MediatorConfig, ConfigError> {
+    if m.address.trim().is_empty() || !m.address.contains(':') {
+        return Err(invalid("mediator.address", format!("{:?} is not a host:port address", m.address)));
+    }
+    if m.heartbeat_ms == 0 || m.heartbeat_ms.saturating_mul(3) > m.lease_ms {
+        return Err(invalid(
+            "mediator.heartbeat_ms",
+            format!(
+                "{} must be above 0 and at most lease_ms / 3 ({}) (DESIGN §10.1)",
+                m.heartbeat_ms,
+                m.lease_ms / 3
+            ),
+        ));
+    }
+    if t.keepalive_timeout_ms >= m.lease_ms {
+        return Err(invalid(
+            "mediator.lease_ms",
+            format!(
+                "{} must be above timers.keepalive_timeout_ms ({}) (DESIGN §10.1)",
+                m.lease_ms, t.keepalive_timeout_ms
+            ),
+        ));
+    }
+    if m.lease_ms.saturating_add(t.margin_ms) >= m.auso_window_ms {
+        return Err(invalid(
+            "mediator.auso_window_ms",
+            format!(
+                "{} must be above lease_ms + margin_ms ({}) (DESIGN §10.1)",
+                m.auso_window_ms,
+                m.lease_ms.saturating_add(t.margin_ms)
+            ),
+        ));
+    }
+    if m.auso_window_ms > t.mirror_timeout_ms {
+        return Err(invalid(
+            "mediator.auso_window_ms",
+            format!(
+                "{} must be at most timers.mirror_timeout_ms ({}) (DESIGN §10.1)",
+                m.auso_window_ms, t.mirror_timeout_ms
+            ),
+        ));
+    }
+    Ok(MediatorConfig {
+        address: m.address.clone(),
+        heartbeat: Duration::from_millis(m.heartbeat_ms),
+        lease: Duration::from_millis(m.lease_ms),
+        auso_window: Duration::from_millis(m.auso_window_ms),
+    })
 }
 
 /// The rules of DESIGN §10.1 that hold without a mediator (S11).
@@ -567,6 +673,39 @@ margin_ms = 500
             let message = error.to_string();
             assert!(message.starts_with(key), "{to}: {message}");
         }
+    }
+
+    /// Prevents a mediator configuration that breaks the timer order of DESIGN §10.1 (S11).
+    #[test]
+    fn the_mediator_timers_are_validated_by_key() {
+        let good = format!(
+            "{GOOD}\n[mediator]\naddress = \"127.0.0.1:7200\"\nheartbeat_ms = 200\nlease_ms = 2000\nauso_window_ms = 5000\n"
+        );
+        let config = parse(&good).unwrap();
+        let mediator = config.mediator.unwrap();
+        assert_eq!(
+            (mediator.heartbeat, mediator.lease),
+            (Duration::from_millis(200), Duration::from_secs(2))
+        );
+        assert!(parse(GOOD).unwrap().mediator.is_none());
+        let cases = [
+            ("heartbeat_ms = 200", "heartbeat_ms = 700", "mediator.heartbeat_ms"),
+            ("lease_ms = 2000", "lease_ms = 500", "mediator.heartbeat_ms"),
+            ("lease_ms = 2000", "lease_ms = 4800", "mediator.auso_window_ms"),
+            ("auso_window_ms = 5000", "auso_window_ms = 6000", "mediator.auso_window_ms"),
+            ("address = \"127.0.0.1:7200\"", "address = \"nowhere\"", "mediator.address"),
+        ];
+        for (from, to, key) in cases {
+            let error = parse(&good.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(error.starts_with(key), "{to}: {error}");
+        }
+        let short_lease = good.replacen("heartbeat_ms = 200", "heartbeat_ms = 100", 1).replacen(
+            "lease_ms = 2000",
+            "lease_ms = 600",
+            1,
+        );
+        let error = parse(&short_lease).unwrap_err().to_string();
+        assert!(error.starts_with("mediator.lease_ms"), "{error}");
     }
 
     #[test]

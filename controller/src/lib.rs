@@ -19,6 +19,7 @@ pub mod disk_service;
 pub mod faults;
 pub mod heal;
 pub mod lab;
+pub mod lease;
 pub mod mirror_admin;
 pub mod mirror_receiver;
 pub mod nbd;

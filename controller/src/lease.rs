@@ -1,0 +1,137 @@
+//! The self-fence lease (DESIGN §0 S6, §10 rule 1): with a mediator configured, a controller
+//! that has completed no round trip with its DR partner and none with the mediator for `lease`
+//! stops acknowledging and serving, reads included. Sans-IO: the caller passes the monotonic
+//! time; the daemon checks it before every acknowledgement and read completion.
+//!
+//! Rules:
+//! - a round trip renews the lease from the time its request was **sent** (never from the
+//!   reply's arrival), for the smaller of this controller's lease and the one the mediator sent;
+//! - only replies that carry the sender's epochs renew it (the caller checks them);
+//! - **a lapsed lease is never renewed**: once a check finds it lapsed the controller stays
+//!   fenced until S2's confirmation (`confirm`), which also tells it whether it was deposed;
+//! - the monotonic clock runs while the process is stopped (SIGSTOP): a paused controller that
+//!   resumes finds its lease lapsed and cannot drain queued completions.
+//!
+//! Invariant: `check(now)` is `Ok` only if some round trip sent after `now − lease` completed
+//! and no earlier check found the lease lapsed since the last confirmation.
+
+use std::time::{Duration, Instant};
+
+/// The lease state.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    lease: Duration,
+    /// The lease ends here (the latest renewal's send time plus the lease).
+    until: Option<Instant>,
+    /// Found lapsed: fenced until `confirm`.
+    lapsed: bool,
+}
+
+/// Why the controller is fenced by its lease.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// No round trip completed yet since the start or the last confirmation.
+    #[error("no round trip with the DR partner or the mediator yet: the lease never started (S6)")]
+    NeverStarted,
+    /// The lease ran out.
+    #[error(
+        "no round trip with the DR partner or the mediator for the lease ({lease:?}): self-fenced until the \
+         epoch is confirmed (S6, S2)"
+    )]
+    Lapsed {
+        /// The lease.
+        lease: Duration,
+    },
+}
+
+impl Lease {
+    /// A lease of `lease`, not started: fenced until the first round trip.
+    pub fn new(lease: Duration) -> Lease {
+        Lease { lease, until: None, lapsed: false }
+    }
+
+    /// A round trip with the mediator or the DR partner whose request was sent at `sent`
+    /// completed; `offered` is the lease the mediator's reply carries (`None` for the partner).
+    /// Returns false if the lease had lapsed: it is not renewed.
+    pub fn renew(&mut self, sent: Instant, offered: Option<Duration>) -> bool {
+        if self.lapsed {
+            return false;
+        }
+        let lease = offered.map_or(self.lease, |offered| offered.min(self.lease));
+        let until = sent + lease;
+        self.until = Some(self.until.map_or(until, |current| current.max(until)));
+        true
+    }
+
+    /// Whether the controller may acknowledge or complete a read at `now`. A lease found lapsed
+    /// stays lapsed.
+    pub fn check(&mut self, now: Instant) -> Result<(), LeaseError> {
+        if self.lapsed {
+            return Err(LeaseError::Lapsed { lease: self.lease });
+        }
+        match self.until {
+            None => Err(LeaseError::NeverStarted),
+            Some(until) if now < until => Ok(()),
+            Some(_) => {
+                self.lapsed = true;
+                Err(LeaseError::Lapsed { lease: self.lease })
+            }
+        }
+    }
+
+    /// S2's confirmation after a fence: the epoch is confirmed (by the mediator or the DR
+    /// partner) in a round trip sent at `sent`; the lease restarts from there.
+    pub fn confirm(&mut self, sent: Instant, offered: Option<Duration>) {
+        self.lapsed = false;
+        self.until = None;
+        self.renew(sent, offered);
+    }
+
+    /// Whether a check found the lease lapsed (fenced until `confirm`).
+    pub fn is_lapsed(&self) -> bool {
+        self.lapsed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Prevents a lease counted from the reply's arrival, one longer than the mediator offers, a
+    /// lapsed lease renewed, or a fence without a confirmation ended.
+    #[test]
+    fn the_lease_counts_from_the_send_time_and_a_lapsed_one_stays_lapsed() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(ms(2000));
+        assert_eq!(lease.check(t0), Err(LeaseError::NeverStarted));
+        // Sent at t0, answered 1.5 s later: the lease ends at t0 + 2 s, not t0 + 3.5 s.
+        assert!(lease.renew(t0, Some(ms(10_000))));
+        assert_eq!(lease.check(t0 + ms(1999)), Ok(()));
+        assert!(lease.check(t0 + ms(2000)).is_err());
+        // Lapsed: a late reply renews nothing.
+        assert!(!lease.renew(t0 + ms(1900), None));
+        assert!(lease.check(t0 + ms(2001)).is_err());
+        assert!(lease.is_lapsed());
+        // S2 confirmation ends the fence.
+        lease.confirm(t0 + ms(3000), Some(ms(1000)));
+        assert_eq!(lease.check(t0 + ms(3500)), Ok(()));
+        // The mediator's shorter lease wins.
+        assert!(lease.check(t0 + ms(4000)).is_err());
+    }
+
+    /// Prevents an older round trip from shortening the lease a newer one gave.
+    #[test]
+    fn renewals_only_extend() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(ms(2000));
+        lease.renew(t0 + ms(1000), None);
+        lease.renew(t0, None);
+        assert_eq!(lease.check(t0 + ms(2500)), Ok(()));
+    }
+}
