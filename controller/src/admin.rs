@@ -70,6 +70,8 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
         Site::A => ("A", "B"),
         Site::B => ("B", "A"),
     };
+    // Plex 0 is at the home node's site: after a switchover that is the other site.
+    let (here, there) = if aggr.switched_over { (there, here) } else { (here, there) };
     AggregateInfo {
         uuid: aggr.uuid.0.to_vec(),
         name: table.name.clone(),

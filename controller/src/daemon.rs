@@ -499,6 +499,14 @@ async fn run_in_span(
         );
         receiver_handle = receiver.clone();
         node.set_receiver(receiver.clone());
+        // S6: with a mediator, the lease is renewed by its heartbeats and by the NVLog mirror's
+        // keepalive round trips both ways, and checked before every acknowledgement and read.
+        if let Some(mediator) = &config.mediator {
+            let lease = crate::lease::SharedLease::new(mediator.lease);
+            node.set_lease(lease.clone());
+            node.mirror().set_lease(lease.clone());
+            receiver.set_lease(lease);
+        }
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
             .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
         let disks =
@@ -602,6 +610,16 @@ async fn run_in_span(
             .run_plex_monitor(stop_rx.clone())
             .instrument(tracing::info_span!("plex-monitor", node = config.node_id)),
     );
+    let heartbeat = match (&config.mediator, node.lease.get()) {
+        (Some(mediator), Some(lease)) => {
+            let link = crate::mediator_link::MediatorLink::new(mediator.clone(), lease.clone());
+            Some(tokio::spawn(
+                link.run(node.clone(), stop_rx.clone())
+                    .instrument(tracing::info_span!("mediator", node = config.node_id)),
+            ))
+        }
+        _ => None,
+    };
     // `mc.v1.Data` is SERVING exactly while the node serves volumes.
     let data_health = {
         let (node, reporter, mut stop) = (node.clone(), health_reporter.clone(), stop_rx.clone());
@@ -634,6 +652,9 @@ async fn run_in_span(
     let _ = cps.await;
     let _ = monitor.await;
     let _ = deposed.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
     let _ = data_health.await;
     // Servers stop accepting at once and drain open connections; a client that keeps its
     // connection open does not hold the daemon up for more than `DRAIN_TIMEOUT`.

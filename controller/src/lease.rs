@@ -93,6 +93,64 @@ impl Lease {
     }
 }
 
+/// The lease shared by the services that renew it (the mediator heartbeat, the NVLog mirror's
+/// keepalives both ways) and the paths that check it (acknowledgements, read completions).
+#[derive(Clone, Debug)]
+pub struct SharedLease(std::sync::Arc<std::sync::Mutex<Lease>>);
+
+impl SharedLease {
+    /// A lease of `lease`, not started.
+    pub fn new(lease: Duration) -> SharedLease {
+        SharedLease(std::sync::Arc::new(std::sync::Mutex::new(Lease::new(lease))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `Lease::renew`.
+    pub fn renew(&self, sent: Instant, offered: Option<Duration>) -> bool {
+        self.lock().renew(sent, offered)
+    }
+
+    /// `Lease::check` now.
+    pub fn check(&self) -> Result<(), LeaseError> {
+        self.lock().check(Instant::now())
+    }
+
+    /// `Lease::confirm`.
+    pub fn confirm(&self, sent: Instant, offered: Option<Duration>) {
+        self.lock().confirm(sent, offered);
+    }
+
+    /// `Lease::is_lapsed`.
+    pub fn is_lapsed(&self) -> bool {
+        self.lock().is_lapsed()
+    }
+}
+
+/// The send times of the last keepalives of one stream, to renew the lease from the send time
+/// of the one a reply answers.
+#[derive(Debug, Default)]
+pub struct SentKeepalives(std::collections::VecDeque<(u64, Instant)>);
+
+impl SentKeepalives {
+    /// Keepalive `sequence` was sent now.
+    pub fn sent(&mut self, sequence: u64) {
+        self.0.push_back((sequence, Instant::now()));
+        while self.0.len() > 64 {
+            self.0.pop_front();
+        }
+    }
+
+    /// The send time of keepalive `sequence`, forgetting it and every older one.
+    pub fn answered(&mut self, sequence: u64) -> Option<Instant> {
+        let at = self.0.iter().find(|(s, _)| *s == sequence).map(|(_, at)| *at);
+        self.0.retain(|(s, _)| *s > sequence);
+        at
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -123,6 +181,19 @@ mod tests {
         assert_eq!(lease.check(t0 + ms(3500)), Ok(()));
         // The mediator's shorter lease wins.
         assert!(lease.check(t0 + ms(4000)).is_err());
+    }
+
+    /// Prevents a reply renewing from the wrong send time, or a replayed reply renewing twice.
+    #[test]
+    fn keepalive_replies_map_to_their_send_time() {
+        let mut sent = SentKeepalives::default();
+        sent.sent(1);
+        let first = sent.0[0].1;
+        sent.sent(2);
+        assert_eq!(sent.answered(1), Some(first));
+        assert_eq!(sent.answered(1), None);
+        assert!(sent.answered(2).is_some());
+        assert_eq!(sent.answered(3), None);
     }
 
     /// Prevents an older round trip from shortening the lease a newer one gave.

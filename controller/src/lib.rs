@@ -20,6 +20,7 @@ pub mod faults;
 pub mod heal;
 pub mod lab;
 pub mod lease;
+pub mod mediator_link;
 pub mod mirror_admin;
 pub mod mirror_receiver;
 pub mod nbd;

@@ -86,6 +86,8 @@ pub struct MirrorReceiver<M: Media> {
     frozen: tokio::sync::RwLock<bool>,
     /// `frozen`, for the streams to watch.
     frozen_watch: tokio::sync::watch::Sender<bool>,
+    /// The self-fence lease, when a mediator is configured: our keepalive round trips renew it.
+    lease: std::sync::OnceLock<crate::lease::SharedLease>,
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -133,6 +135,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             marked: tokio::sync::watch::Sender::new(0),
             frozen: tokio::sync::RwLock::new(false),
             frozen_watch: tokio::sync::watch::Sender::new(false),
+            lease: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&receiver);
         tokio::spawn(async move {
@@ -166,6 +169,11 @@ impl<M: Media + 'static> MirrorReceiver<M> {
     pub async fn freeze(&self) {
         *self.frozen.write().await = true;
         self.frozen_watch.send_replace(true);
+    }
+
+    /// Lets this receiver's keepalive round trips renew `lease` (a mediator is configured, S6).
+    pub fn set_lease(&self, lease: crate::lease::SharedLease) {
+        let _ = self.lease.set(lease);
     }
 
     /// Ends a freeze (a switchback, DESIGN §11): the writer's aggregates now carry epochs above
@@ -294,7 +302,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         // Either way it is told our epochs first, so it learns that it was deposed.
         let mut refusal = self.is_frozen().then(|| {
             format!(
-                "node {} took over node {}'s aggregates (forced switchover): its records are no longer \
+                "node {} took over node {}'s aggregates (switchover): its records are no longer \
                  accepted here (S2)",
                 self.identity.node, self.identity.writer
             )
@@ -374,13 +382,14 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         let mut storage = tokio::spawn(self.clone().store(stored, out.clone()));
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let mut sequence = 0u64;
+        let mut sent_keepalives = crate::lease::SentKeepalives::default();
         loop {
             let message = tokio::select! {
                 () = async { let _ = stop.wait_for(|stop| *stop).await; } => return Ok(()),
                 () = async { let _ = frozen.wait_for(|frozen| *frozen).await; } => {
                     storage.abort();
                     return Err(Status::failed_precondition(
-                        "this node took over the writer's aggregates (forced switchover) (S2)",
+                        "this node took over the writer's aggregates (switchover) (S2)",
                     ));
                 }
                 ended = &mut storage => {
@@ -403,6 +412,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 message = inbound.message() => message?,
                 _ = keepalive.tick() => {
                     sequence += 1;
+                    sent_keepalives.sent(sequence);
                     if !send(Out::Keepalive(Keepalive { sequence, epochs: self.shelf_state.wire_epochs() })).await {
                         return Ok(());
                     }
@@ -428,6 +438,13 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                     if reply.sequence != 0 && reply.sequence <= sequence {
                         // Never 0: 0 means "no round trip yet".
                         self.last_round_trip_ms.store(self.now_ms().max(1), Ordering::Release);
+                        // The DR partner's round trip renews this node's lease too (S6), from
+                        // the keepalive's send time.
+                        if let (Some(sent), Some(lease)) =
+                            (sent_keepalives.answered(reply.sequence), self.lease.get())
+                        {
+                            lease.renew(sent, None);
+                        }
                     }
                 }
                 Some(other) => {
@@ -479,7 +496,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             let frozen = self.frozen.read().await;
             if *frozen {
                 return Err(Status::failed_precondition(
-                    "this node took over the writer's aggregates (forced switchover) (S2)",
+                    "this node took over the writer's aggregates (switchover) (S2)",
                 ));
             }
             match body {

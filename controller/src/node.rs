@@ -488,6 +488,8 @@ pub struct Node {
     pub(crate) switched_away: Mutex<BTreeMap<Uuid, Away>>,
     /// No CP releases records above it while a switched-away aggregate's records wait for heal.
     pub(crate) heal_cap: std::sync::atomic::AtomicU64,
+    /// The self-fence lease, when a mediator is configured (S6).
+    pub(crate) lease: std::sync::OnceLock<crate::lease::SharedLease>,
 }
 
 /// One of this node's aggregates held by the DR partner after a switchover.
@@ -556,6 +558,7 @@ impl Node {
             awaiting_partner: std::sync::atomic::AtomicBool::new(false),
             switched_away: Mutex::new(BTreeMap::new()),
             heal_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
+            lease: std::sync::OnceLock::new(),
         })
     }
 
@@ -643,6 +646,24 @@ impl Node {
             phase: state.phase.name(),
             reason: state.reason.clone(),
         })
+    }
+
+    /// S6: with a mediator configured, nothing is acknowledged and no read completes once the
+    /// lease lapsed; checked right before each acknowledgement and read completion.
+    pub(crate) fn check_lease(&self) -> Result<(), DataError> {
+        match self.lease.get().map(crate::lease::SharedLease::check) {
+            Some(Err(e)) => Err(DataError::NotServing {
+                node: self.config.node_id,
+                phase: Phase::Fenced.name(),
+                reason: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets the self-fence lease (the daemon, once, when a mediator is configured).
+    pub fn set_lease(&self, lease: crate::lease::SharedLease) {
+        let _ = self.lease.set(lease);
     }
 
     /// Finds a volume by name.

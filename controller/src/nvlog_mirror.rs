@@ -127,6 +127,9 @@ pub struct WriterStatus {
     /// mirror `in_sync` and had lost no records (S8: only then may it replace a lost local
     /// partition). `None` before the first handshake.
     pub first_copy_complete: Option<bool>,
+    /// The receiver's partition generation at the last handshake (the mediator matches it with
+    /// the receiver's own report, DESIGN §10).
+    pub partner_generation: u64,
     /// Why the last session ended, if one did.
     pub last_error: Option<String>,
 }
@@ -167,6 +170,7 @@ struct State {
     handshakes: u64,
     partner_epochs: Vec<AggregateEpoch>,
     first_copy_complete: Option<bool>,
+    partner_generation: u64,
     last_error: Option<String>,
     /// The highest lsn our CPs released (what the partner may free).
     released: Lsn,
@@ -200,6 +204,10 @@ pub struct MirrorWriter<M: Media> {
     stop: watch::Sender<bool>,
     /// Our aggregates for which the partner holds a higher epoch (S2), with that epoch.
     deposed: watch::Sender<Vec<(plex::Uuid, plex::Epoch)>>,
+    /// The self-fence lease, when a mediator is configured: keepalive round trips renew it.
+    lease: std::sync::OnceLock<crate::lease::SharedLease>,
+    /// Cuts the reconnect back-off short (a deposition ended: the partner takes us again).
+    retry: tokio::sync::Notify,
 }
 
 impl<M: Media> std::fmt::Debug for MirrorWriter<M> {
@@ -251,6 +259,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 handshakes: 0,
                 partner_epochs: Vec::new(),
                 first_copy_complete: None,
+                partner_generation: 0,
                 last_error: None,
                 released: Lsn::ZERO,
                 partner_out_of_sync: false,
@@ -258,6 +267,8 @@ impl<M: Media + 'static> MirrorWriter<M> {
             }),
             stop: watch::Sender::new(false),
             deposed: watch::Sender::new(Vec::new()),
+            lease: std::sync::OnceLock::new(),
+            retry: tokio::sync::Notify::new(),
         });
         let task = writer.clone();
         tokio::spawn(async move { task.run().await });
@@ -278,22 +289,32 @@ impl<M: Media + 'static> MirrorWriter<M> {
         // high (a switchback handed it back): it no longer blocks the handshake.
         let ours: Vec<(plex::Uuid, plex::Epoch)> =
             epochs.iter().filter_map(crate::wire::from_aggregate_epoch).collect();
-        self.deposed.send_if_modified(|known| {
+        let ended = self.deposed.send_if_modified(|known| {
             let before = known.len();
             known.retain(|(uuid, epoch)| !ours.iter().any(|(u, e)| u == uuid && e >= epoch));
             known.len() != before
         });
+        if ended {
+            self.retry.notify_one();
+        }
         *self.epochs.lock().expect("the epochs lock holder panicked") = epochs;
+    }
+
+    /// Lets keepalive round trips renew `lease` (a mediator is configured, S6).
+    pub fn set_lease(&self, lease: crate::lease::SharedLease) {
+        let _ = self.lease.set(lease);
     }
 
     /// Forgets the deposition of `uuid` at or below `epoch` (a switchback is handing the
     /// aggregate back at a higher epoch; until then this node holds it nowhere).
     pub fn forget_deposed(&self, uuid: plex::Uuid, epoch: plex::Epoch) {
-        self.deposed.send_if_modified(|known| {
+        if self.deposed.send_if_modified(|known| {
             let before = known.len();
             known.retain(|(u, e)| !(*u == uuid && *e <= epoch));
             known.len() != before
-        });
+        }) {
+            self.retry.notify_one();
+        }
     }
 
     fn epochs(&self) -> Vec<AggregateEpoch> {
@@ -560,6 +581,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             handshakes: state.handshakes,
             partner_epochs: state.partner_epochs.clone(),
             first_copy_complete: state.first_copy_complete,
+            partner_generation: state.partner_generation,
             last_error: state.last_error.clone(),
         }
     }
@@ -596,6 +618,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
+                () = self.retry.notified() => backoff = Duration::from_millis(50),
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -779,6 +802,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             state.connected = true;
             state.handshakes += 1;
             state.partner_epochs = hello.epochs.clone();
+            state.partner_generation = hello.partition_generation;
             if state.first_copy_complete.is_none() {
                 state.first_copy_complete = Some(!lost);
             }
@@ -790,6 +814,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         let mut dropped = self.ack_set.subscribe();
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let mut sequence = 0u64;
+        let mut sent_keepalives = crate::lease::SentKeepalives::default();
         let mut last_heard = Instant::now();
         loop {
             let items: Vec<Outgoing> = self.lock_queue().items.drain(..).collect();
@@ -862,6 +887,14 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         }
                         In::KeepaliveReply(reply) => {
                             self.note_partner_epochs(&reply.epochs);
+                            // A completed round trip with the DR partner renews the lease (S6),
+                            // from the keepalive's send time; not once this node was deposed.
+                            if let (Some(sent), Some(lease)) =
+                                (sent_keepalives.answered(reply.sequence), self.lease.get())
+                                && self.deposed.borrow().is_empty()
+                            {
+                                lease.renew(sent, None);
+                            }
                             self.lock_state().partner_epochs = reply.epochs;
                         }
                         In::Hello(_) | In::ReturnedRecord(_) => {
@@ -874,6 +907,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         return Err(format!("nothing heard from the partner for {:?}", last_heard.elapsed()));
                     }
                     sequence += 1;
+                    sent_keepalives.sent(sequence);
                     self.send(&tx, Out::Keepalive(Keepalive { sequence, epochs: self.epochs() })).await?;
                 }
             }

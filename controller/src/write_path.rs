@@ -268,6 +268,11 @@ impl Node {
             self.settle(&pending);
             return Err(DataError::Offline { volume: volume.entry.name.clone(), reason: why });
         }
+        // S6: and the lease.
+        if let Err(e) = self.check_lease() {
+            self.settle(&pending);
+            return Err(e);
+        }
         // S1, checked in release builds too.
         assert!(
             self.nvlog.durable_tail(nvlog::PartitionKind::Local).unwrap_or_default() >= last
@@ -410,6 +415,8 @@ impl Node {
         let skip = usize::try_from(start - first * BLOCK).unwrap_or(0);
         out.drain(..skip);
         out.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+        // S6: no read completes once the lease lapsed (a resumed process drains nothing).
+        self.check_lease()?;
         Ok(out)
     }
 }

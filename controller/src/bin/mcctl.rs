@@ -1440,7 +1440,7 @@ async fn wait_resync(
             );
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
