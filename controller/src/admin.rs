@@ -96,6 +96,7 @@ pub async fn aggregate_info(node: &Node, aggr: &AggrSlot) -> AggregateInfo {
         dirty_regions: bitmap.map_or(0, |b| b.dirty_regions),
         region_bytes: bitmap.map_or(0, |b| b.region_bytes),
         resync: status.resync.as_ref().map(resync_info),
+        mirror_paused: node.shelf_state.marks(aggr.uuid).paused,
     }
 }
 

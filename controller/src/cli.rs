@@ -1227,7 +1227,7 @@ pub struct MirrorStatusRow {
     /// Its volumes.
     pub volumes: Vec<String>,
     /// "normal" (both plexes in sync), "degraded" (one plex out of date or failed: writes go to
-    /// the other only) or "resyncing".
+    /// the other only), "resyncing", or "paused" (`mirror pause`: degraded on purpose).
     pub state: String,
     /// The aggregate's state as the controller reports it ("mirrored,normal", …).
     pub aggregate_state: String,
@@ -1255,6 +1255,9 @@ pub struct MirrorStatusRow {
 
 /// The mirror state of an aggregate from its state and its plexes'.
 fn mirror_state_of(aggr: &AggregateInfo) -> &'static str {
+    if aggr.mirror_paused {
+        return "paused";
+    }
     let resyncing = aggr.state == "resyncing" || aggr.plexes.iter().any(|p| p.state.starts_with("resyncing"));
     if resyncing {
         "resyncing"
@@ -1676,6 +1679,7 @@ mod tests {
                 dirty_regions: 0,
                 region_bytes: 65_536,
                 resync: None,
+                mirror_paused: false,
             }],
             cp: Some(CpStats {
                 completed: 12,
@@ -1796,6 +1800,16 @@ unreachable: node 2 at 127.0.0.1:7002: connect: connection refused
             "unreachable": []
         });
         assert_eq!(mirror_json(&mirrors_in_trouble(), Some("vol_b")), expected);
+        // A mirror the operator paused says so, whatever its plexes show.
+        let mut paused = mirrors_in_trouble();
+        for answer in &mut paused {
+            if let Ok(status) = &mut answer.result {
+                for aggr in &mut status.aggregates {
+                    aggr.mirror_paused = true;
+                }
+            }
+        }
+        assert_eq!(mirror_json(&paused, Some("vol_b"))["mirrors"][0]["state"], "paused");
     }
 
     /// Prevents a healthy cluster reported with warnings (or exit code 1), or a check table that
