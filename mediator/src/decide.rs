@@ -755,6 +755,13 @@ impl Mediator {
             record.clear();
             epochs.push((id, epoch));
         }
+        // The same record is the survivor's S3 record for dropping the lost site: every
+        // aggregate of the survivor's site mirrored to it is out of sync from now on.
+        for id in self.owned_by(site) {
+            if let Some(record) = self.state.aggregates.get_mut(&id) {
+                record.clear();
+            }
+        }
         self.state.grants.push(Grant { to, from, epochs, automatic, nvfail });
         self.changed(actions);
         let text = format!(

@@ -113,11 +113,47 @@ fn auso_waits_for_lease_plus_margin_and_raises_the_epoch() {
     assert_eq!((grant.to, grant.from, grant.automatic, grant.nvfail), (B, Site(0), true, false));
     assert_eq!(grant.epochs, vec![(AGG, Epoch { number: 2, owner: B })]);
     assert_eq!(m.diagnose(ms(2600)), Diagnosis::SiteLost(Site(0)));
+    // The grant is B's S3 record for dropping A: B's own aggregates are out of sync now.
+    let b_aggr = AggregateId([8; 16]);
+    assert!(!m.state().aggregates.get(&b_aggr).is_some_and(|r| r.in_sync()));
     // Final: re-delivered until confirmed, then not.
     let again = m.handle(ms(2800), Event::Report(report(B, 100, Some(2800))));
     assert_eq!(grants(&again), vec![grant]);
     m.handle(ms(2900), Event::ConfirmGrant { node: B });
     assert!(grants(&m.handle(ms(3000), Event::Report(report(B, 101, Some(3000))))).is_empty());
+}
+
+/// The grant records, in the same state change, every aggregate of the survivor's site as out
+/// of sync (its mirror to the lost site is dropped: S3).
+#[test]
+fn a_grant_clears_the_survivors_own_in_sync_record() {
+    let b_aggr = AggregateId([8; 16]);
+    let with_b_aggregate = |seq: u64, heard: u64| {
+        let mut r = report(B, seq, Some(heard));
+        r.owned.push(OwnedReport {
+            aggregate: b_aggr,
+            epoch: Epoch { number: 1, owner: B },
+            mirror: MirrorState::InSync,
+            receiver_generation: 9,
+            plexes_normal: true,
+        });
+        r
+    };
+    let mut m = mediator(false);
+    let mut a = report(A, 1, Some(0));
+    a.received.push(ReceivedReport { writer: B, partition_generation: 9, state: MirrorState::InSync });
+    m.handle(ms(0), Event::Report(with_b_aggregate(1, 0)));
+    m.handle(ms(0), Event::Report(a));
+    assert!(m.state().aggregates[&b_aggr].in_sync());
+    let mut granted = false;
+    for (seq, at) in (2..).zip((200..=4000).step_by(200)) {
+        if !grants(&m.handle(ms(at), Event::Report(with_b_aggregate(seq, at)))).is_empty() {
+            granted = true;
+            break;
+        }
+    }
+    assert!(granted);
+    assert!(!m.state().aggregates[&b_aggr].in_sync());
 }
 
 /// Rule 2, "the later of": B heard A more recently than the mediator did; the lease counts from
