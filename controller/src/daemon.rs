@@ -613,6 +613,7 @@ async fn run_in_span(
     let heartbeat = match (&config.mediator, node.lease.get()) {
         (Some(mediator), Some(lease)) => {
             let link = crate::mediator_link::MediatorLink::new(mediator.clone(), lease.clone());
+            let _ = node.mediator.set(link.clone());
             Some(tokio::spawn(
                 link.run(node.clone(), stop_rx.clone())
                     .instrument(tracing::info_span!("mediator", node = config.node_id)),

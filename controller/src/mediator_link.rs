@@ -9,9 +9,13 @@
 //!   completion, no new connection) until a heartbeat round trip confirms its epochs (S2),
 //!   which restarts the lease.
 //!
-//! Still to come (issue 10): executing a grant (AUSO) as a forced switchover at the granted
-//! epochs, recording drops at the mediator (S3), epochs raised by the mediator, and the
-//! persisted state version.
+//! - A grant for this node (AUSO, or a manual forced switchover requested through the mediator,
+//!   S7) is run as a forced switchover at the granted epochs, then confirmed; the mediator
+//!   re-sends it until then, so a crash in between resumes it from the journal.
+//!
+//! Still to come (issue 10): recording drops at the mediator (S3), epochs raised by the
+//! mediator for negotiated switchover and switchback, the epoch confirmation at start (S2), and
+//! the persisted state version.
 //!
 //! Invariants: only a completed round trip renews, counted from its send time; a lapsed lease
 //! is renewed only by a confirmation whose epochs are not above this node's.
@@ -43,6 +47,8 @@ pub struct MediatorLink {
     sequence: AtomicU64,
     state_version: AtomicU64,
     started: Instant,
+    /// A grant is being run (one at a time).
+    running_grant: std::sync::atomic::AtomicBool,
 }
 
 fn wire_state(state: WriterState) -> WireMirrorState {
@@ -66,6 +72,7 @@ impl MediatorLink {
             sequence: AtomicU64::new(0),
             state_version: AtomicU64::new(0),
             started: Instant::now(),
+            running_grant: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -117,6 +124,95 @@ impl MediatorLink {
                 .collect(),
             epochs_seen: node.shelf_state.wire_epochs(),
         }
+    }
+
+    fn client(&self) -> Result<MediatorClient<tonic::transport::Channel>, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.config.address))
+            .map_err(|e| format!("mediator address {}: {e}", self.config.address))?
+            .connect_timeout(self.config.heartbeat);
+        Ok(MediatorClient::new(endpoint.connect_lazy()))
+    }
+
+    fn identity(node: &Node) -> Identity {
+        Identity {
+            cluster_id: node.config().cluster_id.to_vec(),
+            sender_node: node.node_id(),
+            receiver_node: 0,
+        }
+    }
+
+    /// A manual forced switchover through the mediator (S7): its grant, or why it refused.
+    pub async fn request_switchover(
+        &self,
+        node: &Node,
+        override_in_sync: bool,
+    ) -> Result<crate::switchover::Granted, String> {
+        let mut client = self.client()?;
+        let sent = Instant::now();
+        let mut request = tonic::Request::new(mc_proto::v1::MediatorSwitchoverRequest {
+            identity: Some(Self::identity(node)),
+            override_in_sync,
+        });
+        request.set_timeout(self.config.lease);
+        let reply = client
+            .request_switchover(request)
+            .await
+            .map_err(|s| format!("the mediator refused the switchover: {}", s.message()))?
+            .into_inner();
+        let grant = reply
+            .grant
+            .as_ref()
+            .filter(|g| g.to_node == node.node_id())
+            .and_then(crate::switchover::Granted::from_wire)
+            .ok_or("the mediator answered without a grant for this node")?;
+        self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
+        let offered = (reply.lease_ms > 0).then(|| Duration::from_millis(reply.lease_ms));
+        self.lease.renew(sent, offered);
+        Ok(grant)
+    }
+
+    /// Tells the mediator the grant was applied (it stops re-sending it).
+    pub async fn confirm_grant(&self, node: &Node) -> Result<(), String> {
+        let mut client = self.client()?;
+        let mut request =
+            tonic::Request::new(mc_proto::v1::ConfirmGrantRequest { identity: Some(Self::identity(node)) });
+        request.set_timeout(self.config.lease);
+        client.confirm_grant(request).await.map(|_| ()).map_err(|s| s.message().to_string())
+    }
+
+    /// Runs a grant for this node (once at a time), then confirms it.
+    fn spawn_grant(self: &Arc<Self>, node: Arc<Node>, grant: crate::switchover::Granted) {
+        if self.running_grant.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            tracing::error!(
+                node = node.node_id(),
+                automatic = grant.automatic,
+                nvfail = grant.nvfail,
+                "the mediator granted this node its partner's aggregates: switching over"
+            );
+            match crate::switchover::run_grant(&node, &grant).await {
+                Ok(reply) => {
+                    tracing::warn!(node = node.node_id(), volumes = ?reply.volumes, "granted switchover done");
+                    if let Err(e) = link.confirm_grant(&node).await {
+                        tracing::warn!(
+                            node = node.node_id(),
+                            "confirming the grant: {e} (it is re-sent, and re-running is idempotent)"
+                        );
+                    }
+                }
+                Err(status) => {
+                    tracing::error!(
+                        node = node.node_id(),
+                        "the granted switchover failed: {}",
+                        status.message()
+                    );
+                }
+            }
+            link.running_grant.store(false, Ordering::Release);
+        });
     }
 
     /// Applies a reply to a heartbeat sent at `sent` (S2, S6).
@@ -196,7 +292,16 @@ impl MediatorLink {
             call.set_timeout(self.config.lease / 2);
             match mediator.heartbeat(call).await {
                 Ok(reply) => {
-                    self.apply(&node, sent, &reply.into_inner()).await;
+                    let reply = reply.into_inner();
+                    self.apply(&node, sent, &reply).await;
+                    if let Some(grant) = reply.grant.as_ref().filter(|g| g.to_node == node.node_id()) {
+                        match crate::switchover::Granted::from_wire(grant) {
+                            Some(grant) => self.spawn_grant(node.clone(), grant),
+                            None => {
+                                tracing::error!(node = node.node_id(), "a malformed grant from the mediator")
+                            }
+                        }
+                    }
                     last_error.clear();
                 }
                 Err(status) => {

@@ -490,6 +490,8 @@ pub struct Node {
     pub(crate) heal_cap: std::sync::atomic::AtomicU64,
     /// The self-fence lease, when a mediator is configured (S6).
     pub(crate) lease: std::sync::OnceLock<crate::lease::SharedLease>,
+    /// The link to the mediator, when one is configured.
+    pub(crate) mediator: std::sync::OnceLock<Arc<crate::mediator_link::MediatorLink>>,
 }
 
 /// One of this node's aggregates held by the DR partner after a switchover.
@@ -559,6 +561,7 @@ impl Node {
             switched_away: Mutex::new(BTreeMap::new()),
             heal_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
             lease: std::sync::OnceLock::new(),
+            mediator: std::sync::OnceLock::new(),
         })
     }
 

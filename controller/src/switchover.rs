@@ -292,13 +292,14 @@ async fn evaluate(
     node: &Node,
     request: &SwitchoverRequest,
     resume: Option<&Plan>,
+    granted: Option<&Granted>,
 ) -> Result<(Vec<Veto>, Plan), Status> {
     let config = node.config();
     let me = config.node_id;
     let partner = config.dr_partner.node_id;
     let mut vetoes = Vec::new();
     let negotiated = !request.forced_on_disaster;
-    if !negotiated && !request.confirmed && !request.simulate {
+    if !negotiated && !request.confirmed && !request.simulate && granted.is_none() {
         vetoes.push(veto(
             "hard",
             "not_confirmed",
@@ -333,7 +334,10 @@ async fn evaluate(
             ),
         ));
     }
-    match partner_answers(node, config.timers.keepalive_timeout).await {
+    // A mediator's grant replaces the partner checks: the partner's lease lapsed (S6, S7).
+    let probe =
+        if granted.is_some() { None } else { partner_answers(node, config.timers.keepalive_timeout).await };
+    match probe {
         Some(answer) if !negotiated => vetoes.push(veto(
             "hard",
             "partner_reachable",
@@ -439,7 +443,22 @@ async fn evaluate(
             ));
             continue;
         };
-        let new = Epoch { number, owner: NodeId(me) };
+        let new = match granted {
+            // The mediator issued it (it alone raises epochs while it answers, DESIGN §10).
+            Some(granted) => match granted.epochs.iter().find(|(u, _)| *u == uuid) {
+                Some((_, epoch)) if *epoch > seen && epoch.owner.0 == me => *epoch,
+                _ => {
+                    vetoes.push(veto(
+                        "hard",
+                        "not_granted",
+                        Some(uuid),
+                        "the mediator's grant holds no epoch above this shelf's for this aggregate",
+                    ));
+                    continue;
+                }
+            },
+            None => Epoch { number, owner: NodeId(me) },
+        };
         // DESIGN §9 (a), without a mediator: the receiver holds the mirror in sync, the plexes
         // are normal and the last round trip is younger than mirror_timeout − margin.
         let mut not_in_sync = Vec::new();
@@ -460,6 +479,25 @@ async fn evaluate(
                 "node {partner} recorded plex 1 dropped here (generation {}): the plex here is out of date",
                 drop.survivor_generation
             ));
+        }
+        // With a grant, the mediator's in-sync record decides §9 (a) (S7): an automatic grant
+        // means in sync; a manual one that overrode it means NVFAIL.
+        if let Some(granted) = granted {
+            let reasons = granted.nvfail.then(|| {
+                "the operator overrode the mediator's record that the aggregate was not in sync (S7)"
+                    .to_string()
+            });
+            let cp = f.last_cp();
+            plan.aggregates.push(Planned {
+                uuid,
+                frozen,
+                new,
+                floor: if cp.writer.0 == partner { cp.last_lsn.0 } else { 0 },
+                not_in_sync: reasons,
+                done: false,
+            });
+            let _ = (not_in_sync, unknown);
+            continue;
         }
         match round_trip {
             None => unknown.push(format!(
@@ -512,10 +550,66 @@ fn vetoed_status(reply: &SwitchoverReply) -> Status {
     )
 }
 
+/// A mediator's grant of the partner's aggregates to this node (DESIGN §10 rule 2, S7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// The new epochs.
+    pub epochs: Vec<(Uuid, Epoch)>,
+    /// The in-sync condition was overridden: NVFAIL.
+    pub nvfail: bool,
+    /// Automatic (AUSO).
+    pub automatic: bool,
+}
+
+impl Granted {
+    /// From the wire; `None` if malformed.
+    pub fn from_wire(grant: &mc_proto::v1::MediatorGrant) -> Option<Granted> {
+        let epochs =
+            grant.epochs.iter().map(crate::wire::from_aggregate_epoch).collect::<Option<Vec<_>>>()?;
+        Some(Granted { epochs, nvfail: grant.nvfail, automatic: grant.automatic })
+    }
+}
+
 /// `Admin.Switchover`.
 pub async fn admin_switchover(
     node: &Arc<Node>,
     request: &SwitchoverRequest,
+) -> Result<SwitchoverReply, Status> {
+    // S7: with a mediator, a manual forced switchover goes through its lease conditions; the
+    // grant carries the epochs.
+    if request.forced_on_disaster
+        && !request.simulate
+        && let Some(link) = node.mediator.get()
+    {
+        let grant = link.request_switchover(node, request.override_vetoes).await.map_err(|why| {
+            let reply = SwitchoverReply {
+                vetoes: vec![veto("hard", "mediator_refused", None, why)],
+                ..Default::default()
+            };
+            vetoed_status(&reply)
+        })?;
+        return switchover_with(node, request, Some(&grant)).await;
+    }
+    switchover_with(node, request, None).await
+}
+
+/// Runs a granted switchover (AUSO, or a manual one through the mediator), then confirms it.
+pub async fn run_grant(node: &Arc<Node>, grant: &Granted) -> Result<SwitchoverReply, Status> {
+    let request = SwitchoverRequest {
+        cluster_id: node.config().cluster_id.to_vec(),
+        forced_on_disaster: true,
+        simulate: false,
+        override_vetoes: grant.nvfail,
+        force_nvfail_all: false,
+        confirmed: true,
+    };
+    switchover_with(node, &request, Some(grant)).await
+}
+
+async fn switchover_with(
+    node: &Arc<Node>,
+    request: &SwitchoverRequest,
+    granted: Option<&Granted>,
 ) -> Result<SwitchoverReply, Status> {
     let started = Instant::now();
     let _admin = node.admin.lock().await;
@@ -535,7 +629,7 @@ pub async fn admin_switchover(
             volumes,
         });
     }
-    let (vetoes, plan) = evaluate(node, request, resume.as_ref().map(|(_, plan)| plan)).await?;
+    let (vetoes, plan) = evaluate(node, request, resume.as_ref().map(|(_, plan)| plan), granted).await?;
     let mut reply = SwitchoverReply { vetoes, ..Default::default() };
     if request.simulate {
         return Ok(reply);
