@@ -282,6 +282,22 @@ async fn a_forced_unfence_nvfails() {
     assert!(matches!(Host::connect(&cluster.nbd_address(0), "vol_a"), Err(HostError::Refused(..))));
 }
 
+/// Waits until process `pid` is stopped (state `T` in /proc): SIGSTOP is delivered
+/// asynchronously, and a switchover must not race the delivery.
+fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the parenthesized command name.
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if state == Some('T') {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop: {stat}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Deposed owner: A is paused (SIGSTOP) under a workload across the forced switchover at B,
 /// for longer than mirror_timeout, then resumed. It must not take the pause for B's silence and
 /// acknowledge alone (S3): it learns the higher epoch from B and stops serving vol_a (S2). Every
@@ -296,6 +312,7 @@ async fn a_paused_owner_is_deposed_when_it_resumes() {
     let pid = cluster.procs[0].as_ref().unwrap().child.id() as i32;
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    wait_stopped(pid);
     let at_pause = load.count();
     let reply = switchover(&cluster, 1, request(true, false)).await.unwrap();
     assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
@@ -422,8 +439,12 @@ async fn a_flapping_link_leaves_the_receiver_out_of_sync() {
         assert!(Instant::now() < deadline, "A never went on alone: {:?}", load.ledger.lock().unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A moment of link: held bytes flow (keepalives, perhaps a hello), then cut again.
+    // A moment of link: held bytes flow on the connections already open (keepalives, perhaps a
+    // hello), then cut again. New connections stay refused, so no new session re-establishes
+    // the mirror in the moment (a full re-establishment with its covering CP would legitimately
+    // put the receiver back in sync, S13; on a slow machine it could otherwise fit in).
     for link in 0..2 {
+        cluster.link(link).refuse(true);
         cluster.link(link).set_both(Mode::Pass);
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
