@@ -505,7 +505,16 @@ async fn run_in_span(
             let lease = crate::lease::SharedLease::new(mediator.lease);
             node.set_lease(lease.clone());
             node.mirror().set_lease(lease.clone());
-            receiver.set_lease(lease);
+            receiver.set_lease(lease.clone());
+            // Before recovery opens an aggregate: its drop hook records drops at the mediator.
+            let link = crate::mediator_link::MediatorLink::new(
+                mediator.clone(),
+                lease,
+                config.cluster_id,
+                config.node_id,
+            );
+            node.mirror().set_mediator(link.clone());
+            let _ = node.mediator.set(link);
         }
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))
             .max_decoding_message_size(mc_proto::MAX_MESSAGE_BYTES);
@@ -610,17 +619,12 @@ async fn run_in_span(
             .run_plex_monitor(stop_rx.clone())
             .instrument(tracing::info_span!("plex-monitor", node = config.node_id)),
     );
-    let heartbeat = match (&config.mediator, node.lease.get()) {
-        (Some(mediator), Some(lease)) => {
-            let link = crate::mediator_link::MediatorLink::new(mediator.clone(), lease.clone());
-            let _ = node.mediator.set(link.clone());
-            Some(tokio::spawn(
-                link.run(node.clone(), stop_rx.clone())
-                    .instrument(tracing::info_span!("mediator", node = config.node_id)),
-            ))
-        }
-        _ => None,
-    };
+    let heartbeat = node.mediator.get().cloned().map(|link| {
+        tokio::spawn(
+            link.run(node.clone(), stop_rx.clone())
+                .instrument(tracing::info_span!("mediator", node = config.node_id)),
+        )
+    });
     // `mc.v1.Data` is SERVING exactly while the node serves volumes.
     let data_health = {
         let (node, reporter, mut stop) = (node.clone(), health_reporter.clone(), stop_rx.clone());

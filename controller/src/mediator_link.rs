@@ -43,6 +43,9 @@ const SELF_FENCED: &str = "self-fenced";
 #[derive(Debug)]
 pub struct MediatorLink {
     config: MediatorConfig,
+    /// Who we are: cluster id and node id.
+    cluster: [u8; 16],
+    node: u32,
     lease: SharedLease,
     sequence: AtomicU64,
     state_version: AtomicU64,
@@ -65,9 +68,16 @@ fn age_ms(age: Duration) -> u64 {
 
 impl MediatorLink {
     /// A link for `config`, renewing `lease`.
-    pub fn new(config: MediatorConfig, lease: SharedLease) -> Arc<MediatorLink> {
+    pub fn new(
+        config: MediatorConfig,
+        lease: SharedLease,
+        cluster: [u8; 16],
+        node: u32,
+    ) -> Arc<MediatorLink> {
         Arc::new(MediatorLink {
             config,
+            cluster,
+            node,
             lease,
             sequence: AtomicU64::new(0),
             state_version: AtomicU64::new(0),
@@ -141,6 +151,31 @@ impl MediatorLink {
         }
     }
 
+    /// Records at the mediator that this node dropped a mirror or plex of `aggregate` (S3);
+    /// returns once the mediator has it durably. The caller retries an error: until then the
+    /// writes that wait on the drop stall, and after `lease` without a round trip the node
+    /// fences itself (S3, S6).
+    pub async fn record_drop(&self, aggregate: plex::Uuid) -> Result<(), String> {
+        let mut client = self.client()?;
+        let mut request = tonic::Request::new(mc_proto::v1::RecordDropRequest {
+            identity: Some(Identity {
+                cluster_id: self.cluster.to_vec(),
+                sender_node: self.node,
+                receiver_node: 0,
+            }),
+            aggregate_uuid: aggregate.0.to_vec(),
+        });
+        request.set_timeout(self.config.lease / 2);
+        let reply = client
+            .record_drop(request)
+            .await
+            .map_err(|s| format!("the mediator did not record the drop: {}", s.message()))?
+            .into_inner();
+        // Only heartbeat replies, whose epochs are checked, renew the lease (S6).
+        self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// A manual forced switchover through the mediator (S7): its grant, or why it refused.
     pub async fn request_switchover(
         &self,
@@ -148,7 +183,6 @@ impl MediatorLink {
         override_in_sync: bool,
     ) -> Result<crate::switchover::Granted, String> {
         let mut client = self.client()?;
-        let sent = Instant::now();
         let mut request = tonic::Request::new(mc_proto::v1::MediatorSwitchoverRequest {
             identity: Some(Self::identity(node)),
             override_in_sync,
@@ -166,8 +200,6 @@ impl MediatorLink {
             .and_then(crate::switchover::Granted::from_wire)
             .ok_or("the mediator answered without a grant for this node")?;
         self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
-        let offered = (reply.lease_ms > 0).then(|| Duration::from_millis(reply.lease_ms));
-        self.lease.renew(sent, offered);
         Ok(grant)
     }
 

@@ -157,6 +157,8 @@ pub struct PartnerDrops {
     mirror_timeout: Duration,
     /// The operator confirmed the partner's site down (forced switchover or unfence).
     partner_down: Arc<std::sync::atomic::AtomicBool>,
+    /// The mediator, when one is configured: it records the drop too (S3).
+    mediator: Option<Arc<crate::mediator_link::MediatorLink>>,
 }
 
 fn drop_reason(reason: plex::DropReason) -> (&'static str, u8) {
@@ -234,6 +236,11 @@ impl DropHook for PartnerDrops {
                     }
                 }
             };
+            // S3: with a mediator, it records the drop as well (before the writes that wait on
+            // it complete; an error is retried by the aggregate, stalling them meanwhile).
+            if let Some(link) = &self.mediator {
+                link.record_drop(drop.aggregate).await?;
+            }
             tracing::error!(
                 node = self.node,
                 aggregate = %hex(&drop.aggregate.0),
@@ -727,6 +734,7 @@ impl Node {
             mirror: self.mirror.clone(),
             mirror_timeout: self.config.timers.mirror_timeout,
             partner_down: self.partner_down_confirmed.clone(),
+            mediator: self.mediator.get().cloned(),
         })
     }
 

@@ -208,6 +208,8 @@ pub struct MirrorWriter<M: Media> {
     lease: std::sync::OnceLock<crate::lease::SharedLease>,
     /// Cuts the reconnect back-off short (a deposition ended: the partner takes us again).
     retry: tokio::sync::Notify,
+    /// The mediator, when one is configured: it records a drop (S3).
+    mediator: std::sync::OnceLock<Arc<crate::mediator_link::MediatorLink>>,
 }
 
 impl<M: Media> std::fmt::Debug for MirrorWriter<M> {
@@ -269,6 +271,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             deposed: watch::Sender::new(Vec::new()),
             lease: std::sync::OnceLock::new(),
             retry: tokio::sync::Notify::new(),
+            mediator: std::sync::OnceLock::new(),
         });
         let task = writer.clone();
         tokio::spawn(async move { task.run().await });
@@ -298,6 +301,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
             self.retry.notify_one();
         }
         *self.epochs.lock().expect("the epochs lock holder panicked") = epochs;
+    }
+
+    /// With a mediator configured, a drop counts once the mediator recorded it (S3).
+    pub fn set_mediator(&self, link: Arc<crate::mediator_link::MediatorLink>) {
+        let _ = self.mediator.set(link);
     }
 
     /// Lets keepalive round trips renew `lease` (a mediator is configured, S6).
@@ -503,10 +511,53 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 return;
             }
         }
-        // 2. The partner's acknowledgement, or mirror_timeout of silence (no mediator yet).
+        // 2. With a mediator, its record (for every aggregate this mirror carries); without
+        //    one, the partner's acknowledgement or mirror_timeout of silence (S3).
         self.queue_announcement(MirrorAnnouncement { state: WireMirrorState::OutOfSync as i32, lsn: 0 });
         let mut reports = self.partner_reports.subscribe();
         let mut stop = self.stop.subscribe();
+        if let Some(link) = self.mediator.get() {
+            let aggregates: Vec<plex::Uuid> =
+                self.epochs().iter().filter_map(crate::wire::from_aggregate_epoch).map(|(u, _)| u).collect();
+            let mut delay = Duration::from_millis(50);
+            'record: loop {
+                if *self.handshakes.borrow() > handshakes {
+                    return;
+                }
+                let mut failed = None;
+                for aggregate in &aggregates {
+                    if let Err(e) = link.record_drop(*aggregate).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                match failed {
+                    None => break 'record,
+                    Some(e) => {
+                        tracing::error!(
+                            partner = self.identity.partner,
+                            "the drop is not recorded yet, writes stall (S3): {e}"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            _ = stop.wait_for(|stop| *stop) => return,
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            {
+                let mut state = self.lock_state();
+                state.state = WriterState::OutOfSync;
+                state.drops += 1;
+            }
+            self.ack_set.send_modify(|set| set.dropped = true);
+            tracing::error!(
+                partner = self.identity.partner,
+                "NVLog mirror dropped, recorded by the mediator: out_of_sync; writes go on without the partner's copy (S3)"
+            );
+            return;
+        }
         let how = loop {
             if *self.handshakes.borrow() > handshakes {
                 tracing::info!(
