@@ -443,6 +443,17 @@ impl Mediator {
         })
     }
 
+    /// A mediator over a state read back from its file, with whether that state was still
+    /// being rebuilt when it was written (rule 5). `lost = false` is `new(config, Some(state))`.
+    /// `lost = true` keeps the state's epochs, grants and stamps, but grants nothing until
+    /// every controller has reported again: the controllers that reported before the restart
+    /// are not remembered, so a restart never ends a rebuild that had not ended.
+    pub fn restore(config: Config, state: State, lost: bool) -> Result<Mediator, String> {
+        let mut mediator = Mediator::new(config, Some(state))?;
+        mediator.lost = lost;
+        Ok(mediator)
+    }
+
     /// The durable state, to persist.
     pub fn state(&self) -> &State {
         &self.state

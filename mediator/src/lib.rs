@@ -1,9 +1,19 @@
 //! The `mc-mediator` daemon on the third site (DESIGN §10).
 //!
-//! So far: `decide`, the sans-IO state machine that holds the authoritative epochs and the
-//! in-sync record, and grants an automatic switchover only when it is provably safe (S7).
-//! Still to come (issue 10): the gRPC `Mediator` service with durable state, and the
-//! controllers' heartbeat and self-fence (S6). It depends on `mc-proto` only, never on
-//! `controller`.
+//! - `decide`: the sans-IO state machine that holds the authoritative epochs and the in-sync
+//!   record, and grants an automatic switchover only when it is provably safe (S7);
+//! - `store`: its durable state (magic, version, CRC-32, atomic replace);
+//! - `config`: the TOML configuration, validated against the timer order (S11);
+//! - `service`: the gRPC `Mediator` service that feeds calls to `decide` and persists before
+//!   it replies;
+//! - `metrics`: every Prometheus metric of the crate;
+//! - `daemon`: the process (`mc-mediator`): servers, health, reflection, ticks, shutdown.
+//!
+//! It depends on `mc-proto` only, never on `controller`.
 
+pub mod config;
+pub mod daemon;
 pub mod decide;
+pub mod metrics;
+pub mod service;
+pub mod store;
