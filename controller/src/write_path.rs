@@ -241,9 +241,20 @@ impl Node {
                     }
                 }
             };
+            // S6: a lease that lapses while the write waits (a stalled drop that cannot be
+            // recorded) ends the wait with an error: the host sees the fence, never an ack.
+            let lapsed = async {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if let Err(e) = self.check_lease() {
+                        return e;
+                    }
+                }
+            };
             // S2: a higher epoch seen while waiting ends the wait; the write is not acknowledged.
             tokio::select! {
                 result = mirrored => result,
+                e = lapsed, if self.lease.get().is_some() => Err(e),
                 deposed = serving.wait_for(|state| matches!(state, crate::node::SlotState::Deposed(_))) => {
                     let why = match deposed.as_deref() {
                         Ok(crate::node::SlotState::Deposed(why)) => why.clone(),

@@ -32,6 +32,9 @@ pub struct Settings {
     pub nvlog_mib: u64,
     /// 0: unlimited.
     pub resync_bytes_per_second: u64,
+    /// The mediator's address as each node (A, B) dials it (DESIGN §10; a proxy in between
+    /// cuts one site's mediator link), with heartbeat 200 ms, lease 2 s, AUSO window 5 s.
+    pub mediator: Option<[String; 2]>,
 }
 
 impl Default for Settings {
@@ -42,6 +45,7 @@ impl Default for Settings {
             mirror_timeout_ms: 5000,
             nvlog_mib: 16,
             resync_bytes_per_second: 0,
+            mediator: None,
         }
     }
 }
@@ -139,6 +143,12 @@ max_bytes_per_second = {resync}
         cp = settings.cp_interval_ms,
         resync = settings.resync_bytes_per_second,
     );
+    let text = match settings.mediator.as_ref().map(|m| &m[usize::from(spec.site == "B")]) {
+        Some(address) => format!(
+            "{text}\n[mediator]\naddress = \"{address}\"\nheartbeat_ms = 200\nlease_ms = 2000\nauso_window_ms = 5000\n"
+        ),
+        None => text,
+    };
     std::fs::write(&spec.config, text).unwrap();
 }
 

@@ -1,0 +1,215 @@
+//! The controllers with a real `mc-mediator` (DESIGN §10; S3, S6, S7): automatic switchover of
+//! a lost site, no switchover when only the inter-site link is lost, and the self-fence of an
+//! isolated site before the survivor takes over. Scaled timers: keepalive 200 ms / 1.5 s,
+//! margin 1 s, heartbeat 200 ms, lease 2 s, mirror_timeout and AUSO window 5 s.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+mod host;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Settings, free_port};
+use host::{Host, Workload};
+use mc_tests::proxy::{FaultProxy, Mode};
+
+const VOLUME_BYTES: u64 = 16 << 20;
+const BLOCKS: u64 = 256;
+
+/// The `mc-mediator` binary, next to `mc-controller` (the workspace test command builds it;
+/// built here when only this crate's tests run).
+fn mediator_binary() -> PathBuf {
+    let binary = Path::new(env!("CARGO_BIN_EXE_mc-controller")).with_file_name("mc-mediator");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "mediator", "--bin", "mc-mediator"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building mc-mediator failed");
+    }
+    binary
+}
+
+/// A running mediator, killed on drop.
+struct MediatorProc {
+    child: Child,
+    address: String,
+}
+
+impl Drop for MediatorProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_mediator(dir: &Path) -> MediatorProc {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let config = dir.join("mediator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"cluster_id = "00112233445566778899aabbccddeeff"
+state_dir = "{dir}/state"
+
+[listen]
+grpc = "127.0.0.1:{port}"
+metrics = "127.0.0.1:0"
+
+[timers]
+keepalive_timeout_ms = 1500
+heartbeat_ms = 200
+lease_ms = 2000
+margin_ms = 1000
+mirror_timeout_ms = 5000
+auso_window_ms = 5000
+
+[[controllers]]
+node = 1
+site = "A"
+[[controllers]]
+node = 2
+site = "B"
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(mediator_binary())
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.contains("listening"), "mc-mediator did not start: {first:?}");
+    std::thread::spawn(move || for _ in lines {});
+    MediatorProc { child, address: format!("127.0.0.1:{port}") }
+}
+
+fn settings(mediator: [String; 2]) -> Settings {
+    Settings { cp_interval_ms: 60_000, mediator: Some(mediator), ..Settings::default() }
+}
+
+fn check_acknowledged(address: &str, ledger: &host::Ledger) {
+    let mut host = Host::connect(address, "vol_a").unwrap();
+    let wrong = host::missing(&mut host, ledger);
+    assert!(
+        wrong.is_empty(),
+        "{} acknowledged writes lost of {}: {:?}",
+        wrong.len(),
+        ledger.count,
+        &wrong[..wrong.len().min(8)]
+    );
+    host.close();
+}
+
+/// Site A is lost (kill -9) under a workload: B switches over by itself once A's lease has
+/// lapsed (the mediator's grant, DESIGN §10 rule 2), serves every write A acknowledged, and
+/// NVFAILs nothing (the mediator recorded the aggregate in sync). The time is measured, not
+/// asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_site_is_switched_over_automatically() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    // A few heartbeats, so the mediator records the aggregate in sync.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    cluster.kill(0);
+    let killed = Instant::now();
+    assert!(load.wait_ended(Duration::from_secs(10)));
+    let ledger = load.stop();
+    let b = cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover").await;
+    eprintln!("automatic switchover {:?} after the kill", killed.elapsed());
+    assert!(!b.aggregates.iter().any(|a| a.volumes.iter().any(|v| v.in_nvfailed_state)), "{b:#?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+}
+
+/// The inter-site link is cut while both sites reach the mediator: never a switchover (rule 3);
+/// A drops B's mirror only once the mediator recorded it (S3) and goes on serving its own
+/// aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_link_with_both_sites_at_the_mediator_never_switches() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::with_links(&settings([address.clone(), address])).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    let before = load.count();
+    // Past mirror_timeout, lease + margin and the AUSO window.
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        assert_eq!(cluster.status(1).await.mode, "normal", "B switched over with A reaching the mediator");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(load.count() > before + 50, "A stopped serving: {:?}", load.ledger.lock().unwrap());
+    let a = cluster.status(0).await;
+    assert_eq!(a.node_state, "serving", "{a:#?}");
+    let ledger = load.stop();
+    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    cluster.kill(1);
+    cluster.kill(0);
+}
+
+/// Site A is isolated from B and from the mediator: it fences itself within its lease (its
+/// writes fail), and B takes over only after that: A's last acknowledgement comes before B
+/// serves vol_a (never two writers, S6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_site_fences_itself_before_the_survivor_takes_over() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let a_to_mediator = FaultProxy::start(mediator.address.parse().unwrap()).await.unwrap();
+    let mut cluster =
+        Cluster::with_links(&settings([a_to_mediator.address().to_string(), mediator.address.clone()])).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    a_to_mediator.set_both(Mode::Blackhole);
+    let isolated = Instant::now();
+    assert!(load.wait_ended(Duration::from_secs(20)), "A went on acknowledging while isolated");
+    let a_stopped = Instant::now();
+    let ledger = load.stop();
+    cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover").await;
+    let b_took_over = Instant::now();
+    eprintln!(
+        "A's writes failed {:?} after the isolation; B switched over {:?} after it",
+        a_stopped - isolated,
+        b_took_over - isolated
+    );
+    assert!(a_stopped < b_took_over);
+    let a = cluster.status(0).await;
+    assert_ne!(a.node_state, "serving", "{a:#?}");
+    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    cluster.kill(0);
+}
