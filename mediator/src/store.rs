@@ -2,8 +2,7 @@
 //! rebuilt (rule 5), in `<state_dir>/mediator.state`.
 //!
 //! The file is replaced atomically: written to `mediator.state.tmp`, fsynced, renamed over the
-//! old one, and the directory fsynced. Layout (little-endian, fixed-width; these tables belong
-//! in `docs/formats.md` too):
+//! old one, and the directory fsynced. Layout (little-endian, fixed-width; also in `docs/formats.md`):
 //!
 //! | Offset | Size | Field |
 //! |---|---|---|
