@@ -1137,6 +1137,85 @@ pub fn progress_line(what: &str, copied: u64, total: u64, rate: u64, bar: Option
     }
 }
 
+/// `mediator show` for people.
+pub fn mediator_text(reply: &mc_proto::v1::MediatorShowReply) -> String {
+    let mut out = format!(
+        "Mediator: {}\nmode: {}; state version {}{}\n",
+        reply.diagnosis,
+        if reply.observer {
+            "observer (never switches over by itself)"
+        } else {
+            "automatic switchover allowed"
+        },
+        reply.state_version,
+        if reply.state_lost {
+            "; STATE LOST: rebuilding from the controllers' reports (nothing is granted)"
+        } else {
+            ""
+        }
+    );
+    let mut nodes = Table::new(&["NODE", "SITE", "LAST HEARD", "MODE", "FENCED"]);
+    for n in &reply.nodes {
+        nodes.row(vec![
+            n.node.to_string(),
+            n.site.clone(),
+            if n.heard { format!("{:.1} s ago", n.heard_ms_ago as f64 / 1000.0) } else { "never".into() },
+            or_dash(&n.mode),
+            yes_no(n.fenced),
+        ]);
+    }
+    out.push_str(&nodes.render());
+    let mut aggregates = Table::new(&["AGGREGATE", "EPOCH", "IN SYNC"]);
+    for a in &reply.aggregates {
+        let epoch =
+            a.epoch.as_ref().map_or_else(|| "-".into(), |e| format!("{}@node{}", e.number, e.owner_node));
+        aggregates.row(vec![crate::node::hex(&a.uuid), epoch, yes_no(a.in_sync)]);
+    }
+    out.push_str(&aggregates.render());
+    let mut auso = Table::new(&["AUSO TO SITE", "ENABLED", "WHY NOT"]);
+    for a in &reply.auso {
+        auso.row(vec![a.site.clone(), yes_no(a.enabled), or_dash(&a.reason)]);
+    }
+    out.push_str(&auso.render());
+    out.push_str(&format!("last decision: {}\n", or_dash(&reply.last_decision)));
+    for g in &reply.pending_grants {
+        out.push_str(&format!(
+            "pending grant: site {}'s aggregates to node {} ({}{}), not confirmed yet\n",
+            g.from_site,
+            g.to_node,
+            if g.automatic { "automatic" } else { "manual" },
+            if g.nvfail { ", NVFAIL" } else { "" }
+        ));
+    }
+    out
+}
+
+/// `mediator show -o json`: `{"diagnosis", "observer", "state_lost", "state_version", "nodes",
+/// "aggregates", "auso", "last_decision", "pending_grants"}`.
+pub fn mediator_json(reply: &mc_proto::v1::MediatorShowReply) -> Value {
+    json!({
+        "diagnosis": reply.diagnosis,
+        "observer": reply.observer,
+        "state_lost": reply.state_lost,
+        "state_version": reply.state_version,
+        "nodes": reply.nodes.iter().map(|n| json!({
+            "node": n.node, "site": n.site, "heard": n.heard, "heard_ms_ago": n.heard_ms_ago,
+            "mode": n.mode, "fenced": n.fenced,
+        })).collect::<Vec<_>>(),
+        "aggregates": reply.aggregates.iter().map(|a| json!({
+            "uuid": crate::node::hex(&a.uuid),
+            "epoch": a.epoch.as_ref().map(|e| json!({"number": e.number, "owner": e.owner_node})),
+            "in_sync": a.in_sync,
+        })).collect::<Vec<_>>(),
+        "auso": reply.auso.iter().map(|a| json!({"site": a.site, "enabled": a.enabled, "reason": a.reason}))
+            .collect::<Vec<_>>(),
+        "last_decision": reply.last_decision,
+        "pending_grants": reply.pending_grants.iter().map(|g| json!({
+            "to_node": g.to_node, "from_site": g.from_site, "automatic": g.automatic, "nvfail": g.nvfail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() { "none".into() } else { items.join(", ") }
 }
@@ -2372,6 +2451,74 @@ hard  not_healed  2021       not_healed here
             ..SwitchbackReply::default()
         });
         assert_eq!(switchback_exit(&stopped), EXIT_FAILED);
+    }
+
+    /// Prevents a mediator view that hides the failure it sees, a lost state, AUSO's reasons
+    /// or a pending grant.
+    #[test]
+    fn mediator_shapes() {
+        let reply = mc_proto::v1::MediatorShowReply {
+            diagnosis: "site A lost: it does not report and the other site does not hear it".into(),
+            observer: false,
+            state_lost: true,
+            state_version: 42,
+            nodes: vec![
+                mc_proto::v1::MediatorNodeView {
+                    node: 1,
+                    site: "A".into(),
+                    heard: true,
+                    heard_ms_ago: 3500,
+                    mode: "normal".into(),
+                    fenced: false,
+                },
+                mc_proto::v1::MediatorNodeView {
+                    node: 2,
+                    site: "B".into(),
+                    heard: false,
+                    heard_ms_ago: 0,
+                    mode: String::new(),
+                    fenced: false,
+                },
+            ],
+            aggregates: vec![mc_proto::v1::MediatorAggregateView {
+                uuid: vec![0xab; 2],
+                epoch: Some(mc_proto::v1::Epoch { number: 3, owner_node: 2 }),
+                in_sync: false,
+            }],
+            auso: vec![mc_proto::v1::AusoView {
+                site: "B".into(),
+                enabled: false,
+                reason: "state lost".into(),
+            }],
+            last_decision: String::new(),
+            pending_grants: vec![mc_proto::v1::MediatorGrant {
+                to_node: 2,
+                from_site: "A".into(),
+                epochs: Vec::new(),
+                automatic: true,
+                nvfail: false,
+            }],
+        };
+        assert_eq!(
+            mediator_text(&reply),
+            "\
+Mediator: site A lost: it does not report and the other site does not hear it
+mode: automatic switchover allowed; state version 42; STATE LOST: rebuilding from the controllers' reports (nothing is granted)
+NODE  SITE  LAST HEARD  MODE    FENCED
+1     A     3.5 s ago   normal  no
+2     B     never       -       no
+AGGREGATE  EPOCH    IN SYNC
+abab       3@node2  no
+AUSO TO SITE  ENABLED  WHY NOT
+B             no       state lost
+last decision: -
+pending grant: site A's aggregates to node 2 (automatic), not confirmed yet
+"
+        );
+        let json = mediator_json(&reply);
+        assert_eq!(json["state_lost"], true);
+        assert_eq!(json["aggregates"][0]["epoch"], json!({"number": 3, "owner": 2}));
+        assert_eq!(json["pending_grants"][0]["from_site"], "A");
     }
 
     /// Prevents a heal printed without what happened to each aggregate.

@@ -137,6 +137,23 @@ async fn a_lost_site_is_switched_over_automatically() {
     eprintln!("automatic switchover {:?} after the kill", killed.elapsed());
     assert!(!b.aggregates.iter().any(|a| a.volumes.iter().any(|v| v.in_nvfailed_state)), "{b:#?}");
     check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // The operator's view of it.
+    let out = Command::new(env!("CARGO_BIN_EXE_mcctl"))
+        .args([
+            "mediator",
+            "show",
+            "--mediator",
+            &mediator.address,
+            "--cluster-id",
+            "00112233445566778899aabbccddeeff",
+        ])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(view["diagnosis"].as_str().unwrap().contains("site A lost"), "{view:#}");
+    assert!(view["last_decision"].as_str().unwrap().contains("automatic switchover of site A"), "{view:#}");
 }
 
 /// The inter-site link is cut while both sites reach the mediator: never a switchover (rule 3);

@@ -117,6 +117,9 @@ enum Command {
     /// Health checks of nodes, DR mirrors, aggregates and volumes (exit code 1 on a warning).
     #[command(subcommand)]
     Check(CheckCommand),
+    /// The mediator on the third site (DESIGN §10).
+    #[command(subcommand)]
+    Mediator(MediatorCommand),
     /// Prints a shell completion script (e.g. `mcctl completions bash > /etc/bash_completion.d/mcctl`).
     Completions(CompletionsArgs),
     /// Prints mcctl's man page (roff: `mcctl man | man -l -`).
@@ -219,6 +222,25 @@ enum OperationCommand {
     Show(OperationShowArgs),
     /// Shows every operation the nodes' journals hold, oldest first (`show --all`).
     History(ClusterArgs),
+}
+
+/// `mcctl mediator …`.
+#[derive(Debug, Subcommand)]
+enum MediatorCommand {
+    /// What the mediator sees: which failure (site lost, inter-site link lost, mediator link
+    /// lost), each controller's last report, each aggregate's epoch and in-sync record, whether
+    /// an automatic switchover towards each site is enabled and why not, the last decision.
+    Show(MediatorShowArgs),
+}
+
+#[derive(Debug, Args)]
+struct MediatorShowArgs {
+    /// The mediator's gRPC address.
+    #[arg(long, value_name = "HOST:PORT")]
+    mediator: String,
+    /// The cluster id: 32 hex digits.
+    #[arg(long, value_name = "HEX", value_parser = cli::parse_cluster_id)]
+    cluster_id: [u8; 16],
 }
 
 #[derive(Debug, Args)]
@@ -1511,6 +1533,28 @@ async fn mirror_control(args: &MirrorControlArgs, action: &str, format: OutputFo
     Ok(if done { cli::EXIT_OK } else { cli::EXIT_FAILED })
 }
 
+async fn mediator_show(args: &MediatorShowArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", args.mediator))
+        .map_err(|e| usage(format!("--mediator {}: {e}", args.mediator)))?
+        .connect_timeout(RPC_TIMEOUT);
+    let channel = endpoint.connect().await.context(format!("reach the mediator at {}", args.mediator))?;
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let mut request =
+        tonic::Request::new(mc_proto::v1::MediatorShowRequest { cluster_id: args.cluster_id.to_vec() });
+    request.set_timeout(RPC_TIMEOUT);
+    let reply = client
+        .show(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("ask the mediator at {}", args.mediator))?
+        .into_inner();
+    match format {
+        OutputFormat::Table => print(&cli::mediator_text(&reply))?,
+        OutputFormat::Json => print_json(&cli::mediator_json(&reply))?,
+    }
+    Ok(cli::EXIT_OK)
+}
+
 async fn switchback(args: &SwitchbackArgs, format: OutputFormat) -> anyhow::Result<u8> {
     let cluster = Cluster::resolve(&args.cluster)?;
     let answers = ask_all(&cluster).await;
@@ -1694,6 +1738,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
             operation_show(&OperationShowArgs { all: true, cluster }, format).await
         }
         Command::Heal(args) => heal(&args, format).await,
+        Command::Mediator(MediatorCommand::Show(args)) => mediator_show(&args, format).await,
         Command::Mirror(MirrorCommand::Pause(args)) => mirror_control(&args, "pause", format).await,
         Command::Mirror(MirrorCommand::Resume(args)) => mirror_control(&args, "resume", format).await,
         Command::Mirror(MirrorCommand::Fullresync(args)) => mirror_control(&args, "fullresync", format).await,
