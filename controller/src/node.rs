@@ -1397,7 +1397,8 @@ impl Node {
     /// This node's MetroCluster mode as ONTAP names it (DESIGN §11).
     pub fn mode(&self) -> &'static str {
         use crate::operations::{OperationKind, OperationState};
-        let serving_partner = self.aggregates().iter().any(|a| a.switched_over && !a.is_deposed());
+        // Served, not merely being adopted: a host told "switchover" finds the volumes exported.
+        let serving_partner = self.aggregates().iter().any(|a| a.switched_over && a.deposed().is_none());
         let away = !self.switched_away.lock().expect("switched-away lock").is_empty();
         let ops = self.operations.list();
         let last = ops

@@ -153,9 +153,11 @@ async fn the_planned_cycle_loses_nothing_and_resyncs_incrementally() {
     // Switchback needs heal first.
     let (_, codes) = switchback(&cluster, 1, false).await.unwrap_err();
     assert!(codes.iter().any(|c| c == "not_healed"), "{codes:?}");
-    // 2. Writes at B, then heal while they go on.
+    // 2. Writes at B (some destaged by a CP, so the resync has work), then heal while they go on.
     let load = Workload::start(&cluster.nbd_address(1), "vol_a", BLOCKS);
     load.wait_count(300);
+    let cps = cluster.status(1).await.cp.map_or(0, |c| c.completed);
+    cluster.wait_status(1, "a CP at B", |s| s.cp.is_some_and(|c| c.completed > cps)).await;
     let (total, _) = heal_and_resync(&cluster).await;
     assert!(total > 0 && total <= 2 << 20, "the heal resync copied {total} bytes for 1 MiB written");
     load.wait_count(load.count() + 100);
