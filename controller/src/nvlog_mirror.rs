@@ -742,6 +742,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             recovered_tail_lsn: recovered_tail.0,
             epochs: self.epochs(),
         };
+        let hello_sent = Instant::now();
         self.send(&tx, Out::Hello(hello)).await?;
         let timeout = self.timers.keepalive_timeout;
         let mut inbound = tokio::time::timeout(timeout, client.mirror(RxStream(rx)))
@@ -762,6 +763,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
         if !self.deposed.borrow().is_empty() {
             // S2: the partner took our aggregates over; it refuses us, and this is no handshake.
             return Err("the partner holds higher epochs for this node's aggregates: deposed (S2)".into());
+        }
+        // The hello exchange is a round trip with the DR partner: it renews the lease (S6), from
+        // the hello's send time (a lapsed lease is not renewed by it).
+        if let Some(lease) = self.lease.get() {
+            lease.renew(hello_sent, None);
         }
         // 1. Our records the partner holds above our recovered tail (S8).
         let mut adopted = 0u64;
