@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mc_proto::v1::{
     HealExtent, HealExtents, HealPartnerReply, HealPartnerRequest, HealReply, HealRequest, HealedAggregate,
@@ -777,16 +777,9 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
         .collect();
     if !raised {
         // 1. No new I/O to them; drain; a CP that covers every acknowledged write, on both plexes.
-        let why = "switching back to the home node: I/O paused".to_string();
-        for slot in &slots {
-            slot.serving.send_if_modified(|state| match state {
-                SlotState::Serving => {
-                    *state = SlotState::Adopting(why.clone());
-                    true
-                }
-                _ => false,
-            });
-        }
+        crate::switchover::quiesce(node, &slots, "switching back to the home node: I/O paused", "switchback")
+            .await
+            .map_err(Stop::RolledBack)?;
         let resume_serving = || {
             for slot in &slots {
                 slot.serving.send_if_modified(|state| match state {
@@ -798,28 +791,6 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
                 });
             }
         };
-        let deadline = Instant::now() + node.config().timers.mirror_timeout * 2;
-        while node.busy.load(Ordering::Acquire) > 0 {
-            if Instant::now() >= deadline {
-                resume_serving();
-                return Err(Stop::RolledBack("writes still in flight after the drain limit".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if let Err(e) = node.cp("switchback").await {
-            resume_serving();
-            return Err(Stop::RolledBack(format!("the CP before the switchback failed: {e}")));
-        }
-        for slot in &slots {
-            let states = slot.aggregate.plex_states();
-            if states != [PlexState::Normal; 2] {
-                resume_serving();
-                return Err(Stop::RolledBack(format!(
-                    "aggregate {} lost a plex during the switchback's CP ({states:?}): retry once it is resynced",
-                    slot.table().name
-                )));
-            }
-        }
         let lsn = node.cp_stats().last_lsn.0;
         for planned in &mut plan.aggregates {
             planned.floor = lsn;

@@ -1171,7 +1171,63 @@ async fn release(node: &Node, plan: &Plan) -> Result<u64, String> {
     Ok(reply.last_cp_lsn)
 }
 
-/// `Admin.ReleaseAggregates`: the owner's side of a negotiated switchover (DESIGN §11): stops
+/// Hands-off preparation shared by the negotiated switchover's release and the switchback:
+/// stops new I/O to `slots` (`Adopting(why)`), drains what was admitted (at most twice the
+/// mirror timeout), completes a CP, and checks that it reached both plexes of each (a plex that
+/// failed under it lacks what it released). On any failure the slots serve again and nothing
+/// else changed; `what` names the operation in the error.
+pub(crate) async fn quiesce(
+    node: &Node,
+    slots: &[Arc<AggrSlot>],
+    why: &str,
+    what: &str,
+) -> Result<(), String> {
+    for slot in slots {
+        slot.serving.send_if_modified(|state| match state {
+            SlotState::Serving => {
+                *state = SlotState::Adopting(why.to_string());
+                true
+            }
+            _ => false,
+        });
+    }
+    let result = async {
+        let deadline = Instant::now() + node.config().timers.mirror_timeout * 2;
+        while node.busy.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return Err(format!("writes still in flight: the {what} is called off"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        node.cp("hand-off").await.map_err(|e| format!("the CP before the {what} failed: {e}"))?;
+        for slot in slots {
+            let states = slot.aggregate.plex_states();
+            if states != [plex::PlexState::Normal; 2] {
+                return Err(format!(
+                    "aggregate {} lost a plex during the {what}'s CP (plexes {states:?}): the {what} is called off \
+                     until the resync completes",
+                    slot.table().name
+                ));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        for slot in slots {
+            slot.serving.send_if_modified(|state| match state {
+                SlotState::Adopting(_) => {
+                    *state = SlotState::Serving;
+                    true
+                }
+                _ => false,
+            });
+        }
+    }
+    result
+}
+
+/// `Admin.ReleaseAggregates`:/// `Admin.ReleaseAggregates`: the owner's side of a negotiated switchover (DESIGN §11): stops
 /// accepting writes to the aggregates, drains those in flight, completes a CP that covers every
 /// write it acknowledged, persists the caller's epochs in this shelf's marks (its own plex
 /// writes at the old epoch are refused from then on, S2) and stops serving them. Idempotent: a
@@ -1223,73 +1279,11 @@ pub async fn admin_release(
     }
     let _admin = node.admin.lock().await;
     node.check_serving().map_err(|e| crate::data::status(&e))?;
-    // 1. No new I/O: the volumes answer "released" from now on.
-    for (slot, epoch) in &wanted {
-        let why = format!(
-            "released to node {} (negotiated switchover, epoch {}): served there",
-            epoch.owner.0, epoch.number
-        );
-        slot.serving.send_if_modified(|state| match state {
-            SlotState::Serving => {
-                *state = SlotState::Adopting(why.clone());
-                true
-            }
-            _ => false,
-        });
-    }
-    // 2. Drain what was admitted before.
-    let deadline = Instant::now() + config.timers.mirror_timeout * 2;
-    while node.busy.load(Ordering::Acquire) > 0 {
-        if Instant::now() >= deadline {
-            for (slot, _) in &wanted {
-                slot.serving.send_if_modified(|state| match state {
-                    SlotState::Adopting(_) => {
-                        *state = SlotState::Serving;
-                        true
-                    }
-                    _ => false,
-                });
-            }
-            return Err(Status::unavailable("writes still in flight: the release is called off, retry"));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // 3. A CP covers every acknowledged write; the partner's plex holds it.
-    if let Err(e) = node.cp("release").await {
-        for (slot, _) in &wanted {
-            slot.serving.send_if_modified(|state| match state {
-                SlotState::Adopting(_) => {
-                    *state = SlotState::Serving;
-                    true
-                }
-                _ => false,
-            });
-        }
-        return Err(Status::unavailable(format!("the CP before the release failed: {e}")));
-    }
-    // The CP must have reached both plexes: a plex that failed under it (its partner restarted
-    // and this node had not noticed yet) lacks what the CP released, and the taker opens that
-    // plex. Then the release is called off until the resync completes.
-    for (slot, _) in &wanted {
-        let states = slot.aggregate.plex_states();
-        if states != [plex::PlexState::Normal; 2] {
-            for (slot, _) in &wanted {
-                slot.serving.send_if_modified(|state| match state {
-                    SlotState::Adopting(_) => {
-                        *state = SlotState::Serving;
-                        true
-                    }
-                    _ => false,
-                });
-            }
-            return Err(Status::unavailable(format!(
-                "aggregate {} lost a plex during the release's CP (plexes {:?}): the release is called off; \
-                 retry once the resync completes",
-                slot.table().name,
-                states
-            )));
-        }
-    }
+    // 1-3. No new I/O, drain, a CP that reached both plexes: the taker's plex holds every
+    // acknowledged write.
+    let slots: Vec<Arc<AggrSlot>> = wanted.iter().map(|(slot, _)| slot.clone()).collect();
+    let why = format!("released to node {} (negotiated switchover): served there", identity.sender_node);
+    quiesce(node, &slots, &why, "release").await.map_err(|e| Status::unavailable(format!("{e}; retry")))?;
     // 4. The new epochs, durably; from now on this node writes none of it (S2).
     for (slot, epoch) in &wanted {
         node.shelf_state

@@ -56,19 +56,6 @@ async fn switchback(
     }
 }
 
-fn check_acknowledged(address: &str, ledger: &host::Ledger) {
-    let mut host = Host::connect(address, "vol_a").unwrap();
-    let wrong = host::missing(&mut host, ledger);
-    assert!(
-        wrong.is_empty(),
-        "{} acknowledged writes lost of {}: {:?}",
-        wrong.len(),
-        ledger.count,
-        &wrong[..wrong.len().min(8)]
-    );
-    host.close();
-}
-
 fn aggr(status: &StatusReply) -> &mc_proto::v1::AggregateInfo {
     status.aggregates.iter().find(|a| a.name == "aggr_a").unwrap_or_else(|| panic!("no aggr_a: {status:#?}"))
 }
@@ -147,7 +134,7 @@ async fn the_planned_cycle_loses_nothing_and_resyncs_incrementally() {
     assert_eq!(reply.volumes, ["vol_a"], "{reply:?}");
     assert!(load.wait_ended(Duration::from_secs(30)), "A went on acknowledging writes after the release");
     let ledger = load.stop();
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     assert_eq!(cluster.status(0).await.mode, "waiting-for-switchback");
     assert_eq!(cluster.status(1).await.mode, "switchover");
     // Switchback needs heal first.
@@ -171,7 +158,7 @@ async fn the_planned_cycle_loses_nothing_and_resyncs_incrementally() {
     assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
     assert!(load.wait_ended(Duration::from_secs(30)), "B went on acknowledging writes after the switchback");
     let ledger = load.stop();
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     assert!(Host::connect(&cluster.nbd_address(1), "vol_a").is_err(), "B still exports vol_a");
     let (a, b) = (cluster.status(0).await, cluster.status(1).await);
     assert_eq!((a.mode.as_str(), b.mode.as_str()), ("normal", "normal"), "{a:#?}\n{b:#?}");
@@ -181,7 +168,7 @@ async fn the_planned_cycle_loses_nothing_and_resyncs_incrementally() {
     load.wait_count(300);
     let ledger = load.stop();
     cluster.wait_in_sync().await;
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     // A clean stop of A: its final CP puts everything on both plexes.
     assert!(cluster.terminate(0), "A did not stop cleanly");
     assert_plexes_identical(&cluster).await;
@@ -204,7 +191,7 @@ async fn the_disaster_cycle_heals_incrementally_and_switches_back() {
     let ledger = load.stop();
     let reply = cluster.admin(1).await.switchover(switchover_request(true)).await.unwrap().into_inner();
     assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     // Heal needs A back.
     assert!(heal(&cluster, 1).await.is_err());
     cluster.start(0);
@@ -229,12 +216,12 @@ async fn the_disaster_cycle_heals_incrementally_and_switches_back() {
     let a = cluster.wait_state(0, "serving").await;
     assert_eq!(a.mode, "normal", "{a:#?}");
     assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(200);
     let ledger = load.stop();
     cluster.wait_in_sync().await;
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     // A clean stop of A: its final CP puts everything on both plexes.
     assert!(cluster.terminate(0), "A did not stop cleanly");
     assert_plexes_identical(&cluster).await;
@@ -272,12 +259,12 @@ async fn heal_and_switchback_interrupted_by_a_crash_complete_when_rerun() {
             let ledger = load.stop();
             cluster.start(1);
             cluster.wait_state(1, "serving").await;
-            check_acknowledged(&cluster.nbd_address(1), &ledger);
+            host::check_acknowledged(&cluster.nbd_address(1), &ledger);
             let (total, _) = heal_and_resync(&cluster).await;
             assert!(total <= 2 << 20, "{step}: {total}");
             let reply = switchback(&cluster, 1, false).await.unwrap();
             assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{step}: {reply:?}");
-            check_acknowledged(&cluster.nbd_address(0), &ledger);
+            host::check_acknowledged(&cluster.nbd_address(0), &ledger);
             continue;
         }
         heal_and_resync(&cluster).await;
@@ -312,7 +299,7 @@ async fn heal_and_switchback_interrupted_by_a_crash_complete_when_rerun() {
                 ("switchback", "failed"),
                 "{step}: {last:?}"
             );
-            check_acknowledged(&cluster.nbd_address(1), &ledger);
+            host::check_acknowledged(&cluster.nbd_address(1), &ledger);
             cluster
                 .wait_status(1, "aggr_a mirrored and normal", |s| {
                     s.aggregates.iter().any(|a| a.name == "aggr_a" && a.state == "mirrored,normal")
@@ -324,7 +311,7 @@ async fn heal_and_switchback_interrupted_by_a_crash_complete_when_rerun() {
         let a = cluster.wait_state(0, "serving").await;
         assert_eq!(a.mode, "normal", "{step}: {a:#?}");
         assert_eq!(cluster.status(1).await.mode, "normal", "{step}");
-        check_acknowledged(&cluster.nbd_address(0), &ledger);
+        host::check_acknowledged(&cluster.nbd_address(0), &ledger);
         let mut host = Host::connect(&cluster.nbd_address(0), "vol_a").unwrap();
         host.write(0, &host::pattern(0, 31_337)).unwrap();
         assert!(Host::connect(&cluster.nbd_address(1), "vol_a").is_err(), "{step}: two nodes export vol_a");
@@ -385,7 +372,7 @@ async fn mirror_pause_resume_and_fullresync() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let a = cluster.status(0).await;
     assert_ne!(aggr(&a).state, "mirrored,normal", "a paused mirror was reattached: {a:#?}");
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     // Resume: incremental, bounded by what was written (1 MiB of blocks).
     mirror(&cluster, "resume").await;
     let resync = wait_resynced(&cluster).await;
@@ -396,7 +383,7 @@ async fn mirror_pause_resume_and_fullresync() {
     let resync = wait_resynced(&cluster).await;
     let size = aggr(&cluster.status(0).await).size_bytes;
     assert!(resync.total_bytes >= size, "a full resync copied {} of {size} bytes", resync.total_bytes);
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     cluster.wait_in_sync().await;
     assert!(cluster.terminate(0), "A did not stop cleanly");
     assert_plexes_identical(&cluster).await;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Settings, free_port};
-use host::{Host, Workload};
+use host::Workload;
 use mc_tests::proxy::{FaultProxy, Mode};
 
 const VOLUME_BYTES: u64 = 16 << 20;
@@ -97,21 +97,32 @@ site = "B"
     MediatorProc { child, address: format!("127.0.0.1:{port}") }
 }
 
-fn settings(mediator: [String; 2]) -> Settings {
-    Settings { cp_interval_ms: 60_000, mediator: Some(mediator), ..Settings::default() }
+/// Waits until the mediator records every aggregate in sync (the owner's and the receiver's
+/// heartbeats both said so): AUSO is possible from then on.
+async fn wait_mediator_in_sync(address: &str) {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let request = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+        if let Ok(reply) = client.show(request).await {
+            let reply = reply.into_inner();
+            if !reply.aggregates.is_empty() && reply.aggregates.iter().all(|a| a.in_sync) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the mediator never recorded the aggregates in sync: {reply:?}"
+            );
+        }
+        assert!(Instant::now() < deadline, "the mediator did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
-fn check_acknowledged(address: &str, ledger: &host::Ledger) {
-    let mut host = Host::connect(address, "vol_a").unwrap();
-    let wrong = host::missing(&mut host, ledger);
-    assert!(
-        wrong.is_empty(),
-        "{} acknowledged writes lost of {}: {:?}",
-        wrong.len(),
-        ledger.count,
-        &wrong[..wrong.len().min(8)]
-    );
-    host.close();
+fn settings(mediator: [String; 2]) -> Settings {
+    Settings { cp_interval_ms: 60_000, mediator: Some(mediator), ..Settings::default() }
 }
 
 /// Site A is lost (kill -9) under a workload: B switches over by itself once A's lease has
@@ -125,8 +136,7 @@ async fn a_lost_site_is_switched_over_automatically() {
     let address = mediator.address.clone();
     let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
     cluster.wait_in_sync().await;
-    // A few heartbeats, so the mediator records the aggregate in sync.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_mediator_in_sync(&mediator.address).await;
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(300);
     cluster.kill(0);
@@ -136,7 +146,7 @@ async fn a_lost_site_is_switched_over_automatically() {
     let b = cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover").await;
     eprintln!("automatic switchover {:?} after the kill", killed.elapsed());
     assert!(!b.aggregates.iter().any(|a| a.volumes.iter().any(|v| v.in_nvfailed_state)), "{b:#?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     // The operator's view of it.
     let out = Command::new(env!("CARGO_BIN_EXE_mcctl"))
         .args([
@@ -186,7 +196,7 @@ async fn a_lost_link_with_both_sites_at_the_mediator_never_switches() {
     let a = cluster.status(0).await;
     assert_eq!(a.node_state, "serving", "{a:#?}");
     let ledger = load.stop();
-    check_acknowledged(&cluster.nbd_address(0), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     cluster.kill(1);
     cluster.kill(0);
 }
@@ -206,7 +216,7 @@ async fn an_isolated_site_fences_itself_before_the_survivor_takes_over() {
     cluster.wait_state(0, "serving").await;
     cluster.create_volume(0, VOLUME_BYTES).await;
     cluster.wait_in_sync().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_mediator_in_sync(&mediator.address).await;
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(200);
     for link in 0..2 {
@@ -227,6 +237,6 @@ async fn an_isolated_site_fences_itself_before_the_survivor_takes_over() {
     assert!(a_stopped < b_took_over);
     let a = cluster.status(0).await;
     assert_ne!(a.node_state, "serving", "{a:#?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     cluster.kill(0);
 }

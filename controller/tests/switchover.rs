@@ -58,20 +58,6 @@ fn volume<'a>(status: &'a StatusReply, name: &str) -> &'a VolumeInfo {
         .unwrap_or_else(|| panic!("no volume {name}: {status:#?}"))
 }
 
-/// Reads every acknowledged write of `ledger` at node `i` through NBD; fails on any missing.
-fn check_acknowledged(address: &str, ledger: &host::Ledger) {
-    let mut host = Host::connect(address, "vol_a").unwrap();
-    let wrong = host::missing(&mut host, ledger);
-    assert!(
-        wrong.is_empty(),
-        "{} acknowledged writes lost of {}: {:?}",
-        wrong.len(),
-        ledger.count,
-        &wrong[..wrong.len().min(8)]
-    );
-    host.close();
-}
-
 /// Disaster in sync: a host writes to A; site A is lost (`kill -9`); the forced switchover at
 /// B serves vol_a with every acknowledged write, not NVFAILed (B can show it was in sync: its
 /// receiver in sync and its last round trip with A younger than mirror_timeout − margin).
@@ -95,7 +81,7 @@ async fn disaster_in_sync_loses_nothing_and_does_not_nvfail() {
     let status = cluster.status(1).await;
     assert_eq!(status.mode, "switchover", "{status:#?}");
     assert!(!volume(&status, "vol_a").in_nvfailed_state, "{status:#?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     // Idempotent: a second run reports the switchover done.
     let again = switchover(&cluster, 1, request(true, false)).await.unwrap();
     assert_eq!(again.volumes, ["vol_a"], "{again:?}");
@@ -208,7 +194,7 @@ async fn the_survivor_knows_within_the_limit() {
     let ledger = load.stop();
     let reply = switchover(&cluster, 1, request(true, false)).await.unwrap();
     assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
 }
 
 /// The survivor cannot know: link cut and A lost before any timeout, but the switchover comes
@@ -337,7 +323,7 @@ async fn a_paused_owner_is_deposed_when_it_resumes() {
     if let Ok(mut old) = Host::connect(&cluster.nbd_address(0), "vol_a") {
         assert!(old.write(0, &host::pattern(0, 777)).is_err(), "the deposed owner acknowledged a write");
     }
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
 }
 
 /// A restarted after the switchover: B's hello tells it the higher epoch; it stays fenced and
@@ -414,7 +400,7 @@ async fn a_switchover_interrupted_by_a_crash_completes_when_rerun() {
             })
             .await
             .unwrap();
-        check_acknowledged(&cluster.nbd_address(1), &ledger);
+        host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     }
 }
 
@@ -528,7 +514,7 @@ async fn a_negotiated_switchover_under_a_workload_loses_nothing() {
     let ledger = load.stop();
     let a = cluster.status(0).await;
     assert!(volume(&a, "vol_a").reason.contains("released"), "{a:#?}");
-    check_acknowledged(&cluster.nbd_address(1), &ledger);
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     // B writes vol_a, and the write is mirrored to A's NVLog (A stays in the ack set).
     let mut b = Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
     b.write(0, &host::pattern(0, 4242)).unwrap();
@@ -600,6 +586,6 @@ async fn a_negotiated_switchover_interrupted_by_a_crash_completes_when_rerun() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ledger = load.stop();
-        check_acknowledged(&cluster.nbd_address(1), &ledger);
+        host::check_acknowledged(&cluster.nbd_address(1), &ledger);
     }
 }

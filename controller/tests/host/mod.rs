@@ -279,3 +279,18 @@ pub fn missing(host: &mut Host, ledger: &Ledger) -> Vec<String> {
     }
     wrong
 }
+
+/// Reads every acknowledged write of `ledger` from vol_a at the NBD server `address`; fails the
+/// test on any that is missing (S1, S9).
+pub fn check_acknowledged(address: &str, ledger: &Ledger) {
+    let mut host = Host::connect(address, "vol_a").unwrap();
+    let wrong = missing(&mut host, ledger);
+    assert!(
+        wrong.is_empty(),
+        "{} acknowledged writes lost of {}: {:?}",
+        wrong.len(),
+        ledger.count,
+        &wrong[..wrong.len().min(8)]
+    );
+    host.close();
+}
