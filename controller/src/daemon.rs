@@ -41,6 +41,8 @@ use crate::nvlog_mirror::{MirrorWriter, WriterIdentity, WriterTimers};
 
 /// How long a shutdown waits for open connections to finish.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The file in `shelf_dir` that keeps the mediator's state version (DESIGN §10 rule 5).
+pub const MEDIATOR_VERSION_FILE: &str = ".mediator-version";
 
 /// Why the daemon cannot start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -512,6 +514,7 @@ async fn run_in_span(
                 lease,
                 config.cluster_id,
                 config.node_id,
+                Some(config.shelf_dir.join(MEDIATOR_VERSION_FILE)),
             );
             node.mirror().set_mediator(link.clone());
             let _ = node.mediator.set(link);

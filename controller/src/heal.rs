@@ -800,7 +800,18 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
             .await
             .map_err(|e| Stop::RolledBack(e.to_string()))?;
         crate::faults::crash_at("switchback-cp");
-        // 2. The new epochs, durably: from now on this node writes none of it (S2).
+        // 2. The new epochs (the mediator's, when it answers: only now, once this node's cache
+        // of them is destaged, since its next heartbeat reply deposes this node of them),
+        // durably: from now on this node writes none of it (S2).
+        let partner = node.config().dr_partner.node_id;
+        if let Err(e) = crate::switchover::mediator_epochs(node, &mut plan, partner, "switchback").await {
+            resume_serving();
+            return Err(Stop::RolledBack(e));
+        }
+        node.operations()
+            .update(id, "drained, CP done, epochs issued", plan.encode())
+            .await
+            .map_err(|e| Stop::RolledBack(e.to_string()))?;
         for planned in &plan.aggregates {
             if let Err(e) = node.shelf_state.admit_exclusive(planned.uuid, planned.new).await {
                 resume_serving();
@@ -816,7 +827,7 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
             node.config().dr_partner.node_id,
             planned.map_or(0, |p| p.new.number)
         );
-        slot.serving.send_replace(SlotState::Deposed(why));
+        slot.set_deposed(node.node_id(), why);
         node.lock_cache().active.retain(|(index, _), _| *index != slot.index);
     }
     node.operations()
@@ -962,6 +973,7 @@ async fn open_home(node: &Arc<Node>, uuid: Uuid, epoch: Epoch) -> Result<Arc<Agg
     let table = Node::read_table(&aggregate).await?;
     let index = node.aggregates().iter().map(|a| a.index + 1).max().unwrap_or(0);
     let slot = Arc::new(AggrSlot {
+        acks: crate::node::AckStamps::default(),
         index,
         uuid,
         aggregate: Arc::new(aggregate),

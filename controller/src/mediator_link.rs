@@ -49,9 +49,30 @@ pub struct MediatorLink {
     lease: SharedLease,
     sequence: AtomicU64,
     state_version: AtomicU64,
+    /// Where the state version is kept across restarts, and the one last written there.
+    version_file: Option<std::path::PathBuf>,
+    persisted_version: std::sync::Mutex<(u64, Option<Instant>)>,
     started: Instant,
     /// A grant is being run (one at a time).
     running_grant: std::sync::atomic::AtomicBool,
+    /// The latest reply (any), to tell whether the mediator answers (S2's fallback to the DR
+    /// partner applies only while it does not).
+    last_answer: std::sync::Mutex<Option<Instant>>,
+    /// The epochs of the latest reply that can confirm one (the mediator's state not lost),
+    /// counted up with each: what start-up waits on (S2).
+    confirmation: tokio::sync::watch::Sender<(u64, Vec<(plex::Uuid, plex::Epoch)>)>,
+}
+
+/// Why the mediator raised no epochs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RaiseError {
+    /// It did not answer: S2's fallback applies (the caller raises the epoch itself; the
+    /// mediator adopts it from the next report).
+    #[error("the mediator did not answer: {0}")]
+    Unanswered(String),
+    /// It refused (its state is lost, a grant is pending, ...).
+    #[error("the mediator refused to raise the epochs: {0}")]
+    Refused(String),
 }
 
 fn wire_state(state: WriterState) -> WireMirrorState {
@@ -68,22 +89,134 @@ fn age_ms(age: Duration) -> u64 {
 
 impl MediatorLink {
     /// A link for `config`, renewing `lease`.
+    /// `version_file` keeps the mediator's state version across restarts (`None`: memory
+    /// only); a damaged one is reported and counts as 0 (a restored mediator snapshot is then
+    /// only caught once this controller has seen a newer version again).
     pub fn new(
         config: MediatorConfig,
         lease: SharedLease,
         cluster: [u8; 16],
         node: u32,
+        version_file: Option<std::path::PathBuf>,
     ) -> Arc<MediatorLink> {
+        let version = match version_file.as_deref().map(|path| read_version(path, &cluster, node)) {
+            Some(Ok(version)) => version,
+            Some(Err(e)) => {
+                tracing::error!(node, "{e}; counting the mediator's state version from 0");
+                0
+            }
+            None => 0,
+        };
         Arc::new(MediatorLink {
             config,
             cluster,
             node,
             lease,
             sequence: AtomicU64::new(0),
-            state_version: AtomicU64::new(0),
+            state_version: AtomicU64::new(version),
+            version_file,
+            persisted_version: std::sync::Mutex::new((version, None)),
             started: Instant::now(),
             running_grant: std::sync::atomic::AtomicBool::new(false),
+            last_answer: std::sync::Mutex::new(None),
+            confirmation: tokio::sync::watch::Sender::new((0, Vec::new())),
         })
+    }
+
+    /// Writes the mediator's state version when it moved, at most once a second (it moves with
+    /// every heartbeat; a version written late only weakens rule 5's restored-snapshot check).
+    async fn persist_version(&self) {
+        let Some(path) = self.version_file.clone() else { return };
+        let version = self.state_version.load(Ordering::Acquire);
+        {
+            let persisted = self.persisted_version.lock().expect("the version lock holder panicked");
+            if version <= persisted.0 || persisted.1.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+        }
+        let bytes = encode_version(&self.cluster, self.node, version);
+        let written =
+            tokio::task::spawn_blocking(move || crate::shelf_state::replace_file(&path, &bytes)).await;
+        let mut persisted = self.persisted_version.lock().expect("the version lock holder panicked");
+        persisted.1 = Some(Instant::now());
+        match written {
+            Ok(Ok(())) => persisted.0 = version,
+            Ok(Err(e)) => tracing::warn!(node = self.node, "writing the mediator's state version: {e}"),
+            Err(e) => tracing::warn!(node = self.node, "writing the mediator's state version: {e}"),
+        }
+    }
+
+    /// Whether the mediator answered within the lease.
+    pub fn answering(&self) -> bool {
+        self.last_answer
+            .lock()
+            .expect("the mediator answer lock holder panicked")
+            .is_some_and(|at| at.elapsed() < self.config.lease)
+    }
+
+    fn answered(&self) {
+        *self.last_answer.lock().expect("the mediator answer lock holder panicked") = Some(Instant::now());
+    }
+
+    /// The mediator's epoch confirmations (S2): `(count, epochs)` of the latest reply whose
+    /// state was not lost.
+    pub fn confirmations(&self) -> tokio::sync::watch::Receiver<(u64, Vec<(plex::Uuid, plex::Epoch)>)> {
+        self.confirmation.subscribe()
+    }
+
+    /// Asks the mediator for new epochs: each aggregate of `aggregates` to the node named
+    /// beside it (negotiated switchover, switchback, forced unfence; DESIGN §10: while it
+    /// answers, it alone raises epochs). Returns the issued epochs, one per aggregate.
+    pub async fn raise_epochs(
+        &self,
+        aggregates: &[(plex::Uuid, u32)],
+        reason: &str,
+    ) -> Result<Vec<(plex::Uuid, plex::Epoch)>, RaiseError> {
+        let mut client = self.client().map_err(RaiseError::Unanswered)?;
+        let mut request = tonic::Request::new(mc_proto::v1::RaiseEpochsRequest {
+            identity: Some(Identity {
+                cluster_id: self.cluster.to_vec(),
+                sender_node: self.node,
+                receiver_node: 0,
+            }),
+            aggregates: aggregates
+                .iter()
+                .map(|(uuid, owner)| mc_proto::v1::RaiseEpoch {
+                    aggregate_uuid: uuid.0.to_vec(),
+                    owner: *owner,
+                })
+                .collect(),
+            reason: reason.to_string(),
+        });
+        request.set_timeout(self.config.lease / 2);
+        let reply = match client.raise_epochs(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                self.answered();
+                return Err(RaiseError::Refused(status.message().to_string()));
+            }
+            Err(status) => return Err(RaiseError::Unanswered(status.message().to_string())),
+        };
+        self.answered();
+        self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
+        let mut issued = Vec::with_capacity(aggregates.len());
+        for (uuid, owner) in aggregates {
+            let epoch = reply
+                .epochs
+                .iter()
+                .filter_map(crate::wire::from_aggregate_epoch)
+                .find(|(u, _)| u == uuid)
+                .map(|(_, e)| e)
+                .filter(|e| e.owner.0 == *owner)
+                .ok_or_else(|| {
+                    RaiseError::Refused(format!(
+                        "the reply holds no epoch of aggregate {} for node {owner}",
+                        crate::node::hex(&uuid.0)
+                    ))
+                })?;
+            issued.push((*uuid, epoch));
+        }
+        Ok(issued)
     }
 
     /// This node's report now.
@@ -249,7 +382,16 @@ impl MediatorLink {
 
     /// Applies a reply to a heartbeat sent at `sent` (S2, S6).
     pub async fn apply(&self, node: &Node, sent: Instant, reply: &HeartbeatReply) {
+        self.answered();
         self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
+        if !reply.state_lost {
+            let epochs: Vec<(plex::Uuid, plex::Epoch)> =
+                reply.epochs.iter().filter_map(crate::wire::from_aggregate_epoch).collect();
+            self.confirmation.send_modify(|(count, known)| {
+                *count += 1;
+                *known = epochs;
+            });
+        }
         let mut above = Vec::new();
         for wire in &reply.epochs {
             let Some((uuid, epoch)) = crate::wire::from_aggregate_epoch(wire) else { continue };
@@ -268,6 +410,14 @@ impl MediatorLink {
         }
         let offered = (reply.lease_ms > 0).then(|| Duration::from_millis(reply.lease_ms));
         if self.lease.is_lapsed() {
+            if reply.state_lost {
+                // Rule 5: its epochs may be behind (a takeover it has not relearnt yet).
+                tracing::warn!(
+                    node = node.node_id(),
+                    "the mediator's state is lost: it cannot confirm this node's epochs yet; still self-fenced"
+                );
+                return;
+            }
             // S2: the mediator confirmed our epochs (none above ours): the fence ends.
             self.lease.confirm(sent, offered);
             tracing::warn!(
@@ -326,6 +476,7 @@ impl MediatorLink {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     self.apply(&node, sent, &reply).await;
+                    self.persist_version().await;
                     if let Some(grant) = reply.grant.as_ref().filter(|g| g.to_node == node.node_id()) {
                         match crate::switchover::Granted::from_wire(grant) {
                             Some(grant) => self.spawn_grant(node.clone(), grant),
@@ -349,5 +500,84 @@ impl MediatorLink {
             }
             self.enforce(&node);
         }
+    }
+}
+
+/// The file that keeps the mediator's state version (DESIGN §10 rule 5): magic `MCMVER01`,
+/// format version 1, cluster id, node id, the state version, CRC-32 of what precedes it.
+const VERSION_MAGIC: &[u8; 8] = b"MCMVER01";
+const VERSION_FORMAT: u32 = 1;
+const VERSION_BYTES: usize = 8 + 4 + 16 + 4 + 8 + 4;
+
+fn encode_version(cluster: &[u8; 16], node: u32, version: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(VERSION_BYTES);
+    bytes.extend_from_slice(VERSION_MAGIC);
+    bytes.extend_from_slice(&VERSION_FORMAT.to_le_bytes());
+    bytes.extend_from_slice(cluster);
+    bytes.extend_from_slice(&node.to_le_bytes());
+    bytes.extend_from_slice(&version.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// The state version in `path`: 0 if there is none yet; an error if it is damaged or belongs
+/// to another node or cluster.
+fn read_version(path: &std::path::Path, cluster: &[u8; 16], node: u32) -> Result<u64, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    decode_version(&bytes, cluster, node).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn decode_version(bytes: &[u8], cluster: &[u8; 16], node: u32) -> Result<u64, String> {
+    if bytes.len() != VERSION_BYTES {
+        return Err(format!("{} bytes, expected {VERSION_BYTES}", bytes.len()));
+    }
+    let (body, crc) = bytes.split_at(VERSION_BYTES - 4);
+    if body[..8] != VERSION_MAGIC[..] {
+        return Err("not a mediator state version file (bad magic)".into());
+    }
+    let word = |at: usize| u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    if word(8) != VERSION_FORMAT {
+        return Err(format!("format version {} (this controller reads {VERSION_FORMAT})", word(8)));
+    }
+    if body[12..28] != cluster[..] || word(28) != node {
+        return Err(format!("written by node {} of another cluster or node", word(28)));
+    }
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&body[32..40]);
+    Ok(u64::from_le_bytes(version))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_state_version_file_round_trips_and_refuses_damage() {
+        let cluster = [7u8; 16];
+        let bytes = encode_version(&cluster, 2, 12345);
+        assert_eq!(decode_version(&bytes, &cluster, 2), Ok(12345));
+        assert!(decode_version(&bytes, &cluster, 1).unwrap_err().contains("another"));
+        assert!(decode_version(&bytes, &[8u8; 16], 2).unwrap_err().contains("another"));
+        assert!(decode_version(&bytes[..10], &cluster, 2).is_err());
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x10;
+            assert!(decode_version(&damaged, &cluster, 2).is_err(), "byte {at} flipped was accepted");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mediator-version");
+        assert_eq!(read_version(&path, &cluster, 2), Ok(0));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_version(&path, &cluster, 2), Ok(12345));
     }
 }

@@ -294,6 +294,60 @@ pub struct AggrSlot {
     pub healed: std::sync::atomic::AtomicBool,
     /// Whether its volumes are served, and why not.
     pub serving: watch::Sender<SlotState>,
+    /// When this node first and last acknowledged a write of it.
+    pub acks: AckStamps,
+}
+
+/// When a node first and last acknowledged a write of one aggregate, logged with the
+/// monotonic clock (`CLOCK_MONOTONIC`, one clock for every process of the machine) and the
+/// wall clock: the first when it happens, the last when the node stops serving the aggregate
+/// (deposed, fenced, stopping). Tests compare two nodes' intervals: they never overlap (S2, S6).
+#[derive(Debug, Default)]
+pub struct AckStamps {
+    first_mono_ns: std::sync::atomic::AtomicU64,
+    last_mono_ns: std::sync::atomic::AtomicU64,
+    last_wall_ms: std::sync::atomic::AtomicU64,
+    logged_last: std::sync::atomic::AtomicU64,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, and the wall clock in milliseconds since the epoch.
+fn clock_stamps() -> (u64, u64) {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let mono = if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0 {
+        u64::try_from(ts.tv_sec).unwrap_or(0).saturating_mul(1_000_000_000)
+            + u64::try_from(ts.tv_nsec).unwrap_or(0)
+    } else {
+        0
+    };
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    (mono.max(1), wall)
+}
+
+impl AckStamps {
+    /// A write of the aggregate is being acknowledged.
+    pub fn note(&self, node: u32, uuid: Uuid, epoch: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+        let (mono, wall) = clock_stamps();
+        self.last_wall_ms.store(wall, Release);
+        self.last_mono_ns.fetch_max(mono, AcqRel);
+        if self.first_mono_ns.compare_exchange(0, mono, AcqRel, Acquire).is_ok() {
+            tracing::info!(node, aggregate = %hex(&uuid.0), epoch, mono_ns = mono, wall_ms = wall, "first acknowledgement");
+        }
+    }
+
+    /// The node stops serving the aggregate: its last acknowledgement so far, once.
+    pub fn log_last(&self, node: u32, uuid: Uuid, why: &str) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let last = self.last_mono_ns.load(Acquire);
+        if last == 0 || self.logged_last.swap(last, AcqRel) == last {
+            return;
+        }
+        let wall = self.last_wall_ms.load(Acquire);
+        tracing::info!(node, aggregate = %hex(&uuid.0), mono_ns = last, wall_ms = wall, why, "last acknowledgement");
+    }
 }
 
 /// Whether an aggregate's volumes are served.
@@ -310,6 +364,12 @@ pub enum SlotState {
 }
 
 impl AggrSlot {
+    /// Stops serving it: deposed (S2) or handed over, with why; logs its last acknowledgement.
+    pub fn set_deposed(&self, node: u32, why: String) {
+        self.acks.log_last(node, self.uuid, &why);
+        self.serving.send_replace(SlotState::Deposed(why));
+    }
+
     /// Why its volumes are not served (deposed, S2, or a switchover in progress), if they are not.
     pub fn deposed(&self) -> Option<String> {
         match &*self.serving.borrow() {
@@ -620,7 +680,12 @@ impl Node {
     pub(crate) fn set_state(&self, phase: Phase, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::info!(node = self.config.node_id, phase = phase.name(), reason = %reason, "node state");
-        self.state.send_replace(NodeState { phase, reason });
+        let before = self.state.send_replace(NodeState { phase, reason: reason.clone() });
+        if before.phase == Phase::Serving && phase != Phase::Serving {
+            for slot in self.aggregates() {
+                slot.acks.log_last(self.config.node_id, slot.uuid, &reason);
+            }
+        }
     }
 
     pub(crate) fn lock_cache(&self) -> MutexGuard<'_, Cache> {
@@ -867,12 +932,71 @@ impl Node {
         // Every aggregate of this node is held by the partner (a switchover): its refused hello
         // is the confirmation (S2), and this node waits for switchback, serving its disks only.
         let mut all_switched_away = false;
+        // S2 with a mediator: its reply (its state not lost) confirms the epochs, or says who
+        // holds them now. The partner's handshake is still awaited for `mirror_timeout` (its
+        // copy of our records and plex 1 are there); after that the node goes on without it.
+        // A lost local partition needs the partner's copy (S8): the mediator alone does not do.
+        let mut confirmations = self.mediator.get().map(|link| link.confirmations());
+        let mut mediator_confirmed: Option<tokio::time::Instant> = None;
+        let mut by_mediator = false;
         let forced = loop {
+            let grace_over = async {
+                match mediator_confirmed {
+                    Some(at) => tokio::time::sleep_until(at + self.config.timers.mirror_timeout).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let confirmed = async {
+                match confirmations.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 result = self.mirror.wait_handshakes(1) => {
                     if result.is_err() {
                         return;
                     }
+                    break false;
+                }
+                () = confirmed => {
+                    let epochs = confirmations.as_mut().map(|rx| rx.borrow_and_update().1.clone()).unwrap_or_default();
+                    let above: Vec<mc_proto::v1::AggregateEpoch> = found
+                        .iter()
+                        .filter_map(|f| {
+                            let ours = f.epoch().unwrap_or_default();
+                            epochs.iter().find(|(u, e)| *u == f.uuid && *e > ours)
+                        })
+                        .map(|(u, e)| crate::wire::aggregate_epoch(*u, *e))
+                        .collect();
+                    if !above.is_empty() {
+                        tracing::warn!(
+                            node = self.config.node_id,
+                            "the mediator holds higher epochs for this node's aggregates: deposed (S2)"
+                        );
+                        // Handled below with the partner's, as if its hello had said so.
+                        self.mirror.note_partner_epochs(&above);
+                    }
+                    if mediator_confirmed.is_none() && !self.local_partition_lost {
+                        tracing::info!(
+                            node = self.config.node_id,
+                            wait = ?self.config.timers.mirror_timeout,
+                            "the mediator confirmed this node's epochs (S2); waiting for the DR partner's handshake"
+                        );
+                        mediator_confirmed = Some(tokio::time::Instant::now());
+                    }
+                }
+                () = grace_over => {
+                    tracing::warn!(
+                        node = self.config.node_id,
+                        "the DR partner did not answer within mirror_timeout: recovering on the mediator's \
+                         confirmation (S2); plex 1 and the NVLog mirror are dropped through the mediator (S3)"
+                    );
+                    by_mediator = true;
                     break false;
                 }
                 true = async { unfence.wait_for(|unfence| *unfence).await.is_ok() } => {
@@ -913,6 +1037,33 @@ impl Node {
             }
         };
         drop(_waiting);
+        // With a mediator, it alone raises epochs while it answers (DESIGN §10): a forced
+        // unfence takes its epochs from it; one that does not answer leaves S2's fallback (raised
+        // here, adopted by the mediator from the next report). A refusal (a grant of these
+        // aggregates pending, its state lost) keeps the node fenced.
+        let mut issued: HashMap<[u8; 16], plex::Epoch> = HashMap::new();
+        if forced
+            && !found.is_empty()
+            && let Some(link) = self.mediator.get()
+        {
+            let wanted: Vec<(Uuid, u32)> = found.iter().map(|f| (f.uuid, self.config.node_id)).collect();
+            match link.raise_epochs(&wanted, "forced unfence").await {
+                Ok(list) => issued = list.into_iter().map(|(uuid, epoch)| (uuid.0, epoch)).collect(),
+                Err(crate::mediator_link::RaiseError::Unanswered(e)) => tracing::warn!(
+                    node = self.config.node_id,
+                    "forced unfence: the mediator does not answer ({e}); the epochs are raised here and the \
+                     mediator adopts them from the next report (S2)"
+                ),
+                Err(e @ crate::mediator_link::RaiseError::Refused(_)) => {
+                    tracing::error!(node = self.config.node_id, "forced unfence: {e}");
+                    self.set_state(
+                        Phase::Fenced,
+                        format!("the forced unfence could not raise the epochs: {e}; restart the controller to retry"),
+                    );
+                    return;
+                }
+            }
+        }
         if forced {
             // The operator's confirmation that the partner's site is down is S3's record for
             // dropping it (its NVLog mirror and the plexes at its site).
@@ -932,7 +1083,7 @@ impl Node {
         let mirror = self.mirror.status();
         // After a forced unfence the partner did not answer; what it told us before it went
         // away (a refused hello) still counts.
-        let partner_epochs = if forced || all_switched_away {
+        let partner_epochs = if forced || all_switched_away || by_mediator {
             self.mirror
                 .subscribe_deposed()
                 .borrow()
@@ -986,6 +1137,7 @@ impl Node {
                 floors.insert(uuid.0, Lsn(u64::MAX));
                 continue;
             }
+            let forced = forced.then(|| issued.get(&uuid.0).copied());
             match self.open_found(&found, slots.len(), forced).await {
                 Ok(slot) => {
                     // S8: the label's CP covers only its writer's records.
@@ -1069,7 +1221,7 @@ impl Node {
         &self,
         found: &FoundAggregate,
         index: usize,
-        forced: bool,
+        forced: Option<Option<plex::Epoch>>,
     ) -> Result<AggrSlot, String> {
         let label_epoch = found.epoch().ok_or("no labelled disk of this node's plex at this site")?;
         // S2: a higher mark on this shelf (a partner that took the aggregate over wrote here)
@@ -1084,10 +1236,12 @@ impl Node {
         }
         // A forced unfence raises the epoch (S2): whatever the partner did meanwhile, our
         // writes from now on are above it.
-        let epoch = if forced {
+        // With a mediator that answered, at least the epoch it issued (above every epoch it knows).
+        let epoch = if let Some(issued) = forced {
             let number =
                 mark.max(label_epoch).number.checked_add(1).ok_or("the epoch number cannot be raised")?;
-            plex::Epoch { number, owner: plex::NodeId(self.config.node_id) }
+            let here = plex::Epoch { number, owner: plex::NodeId(self.config.node_id) };
+            issued.map_or(here, |issued| here.max(issued))
         } else {
             label_epoch
         };
@@ -1108,7 +1262,7 @@ impl Node {
         let aggregate = Aggregate::open([local, remote], self.aggregate_options(), self.drop_hook(epoch))
             .await
             .map_err(|e| format!("open: {e}"))?;
-        if forced {
+        if forced.is_some() {
             aggregate
                 .record_owner(plex::NodeId(self.config.node_id), epoch)
                 .await
@@ -1116,6 +1270,7 @@ impl Node {
         }
         let table = Node::read_table(&aggregate).await?;
         Ok(AggrSlot {
+            acks: crate::node::AckStamps::default(),
             index,
             uuid: found.uuid,
             aggregate: Arc::new(aggregate),
@@ -1338,6 +1493,7 @@ impl Node {
         Node::write_table(&aggregate, &table).await.map_err(DataError::Plex)?;
         let mut list = self.aggregates.write().expect("the aggregate list lock holder panicked");
         let slot = Arc::new(AggrSlot {
+            acks: crate::node::AckStamps::default(),
             index: u32::try_from(list.len()).map_err(|_| DataError::Invalid("too many aggregates".into()))?,
             uuid,
             aggregate: Arc::new(aggregate),

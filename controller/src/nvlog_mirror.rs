@@ -397,8 +397,28 @@ impl<M: Media + 'static> MirrorWriter<M> {
         self.deposed.subscribe()
     }
 
-    /// Compares the partner's epochs with ours (S2).
-    fn note_partner_epochs(&self, theirs: &[AggregateEpoch]) {
+    /// A round trip with the DR partner, sent at `sent`, completed and its epochs are not above
+    /// ours (the caller noted them): it renews the lease (S6). A lapsed lease is not renewed; it
+    /// is confirmed by the partner only while the mediator does not answer (S2's fallback: the
+    /// partner's epochs say whether it took this node's aggregates over).
+    fn partner_round_trip(&self, sent: Instant) {
+        let Some(lease) = self.lease.get() else { return };
+        if !self.deposed.borrow().is_empty() || lease.renew(sent, None) {
+            return;
+        }
+        if self.mediator.get().is_some_and(|m| !m.answering()) {
+            lease.confirm(sent, None);
+            tracing::warn!(
+                partner = self.identity.partner,
+                "the mediator does not answer: the DR partner confirmed this node's epochs (S2); the self-fence \
+                 ends"
+            );
+        }
+    }
+
+    /// Compares epochs the partner (or the mediator, at start-up) holds with ours (S2): those
+    /// above ours depose this node of their aggregates.
+    pub fn note_partner_epochs(&self, theirs: &[AggregateEpoch]) {
         let ours: Vec<(plex::Uuid, plex::Epoch)> =
             self.epochs().iter().filter_map(crate::wire::from_aggregate_epoch).collect();
         let mut above: Vec<(plex::Uuid, plex::Epoch)> = theirs
@@ -766,9 +786,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
         // The hello exchange is a round trip with the DR partner: it renews the lease (S6), from
         // the hello's send time (a lapsed lease is not renewed by it).
-        if let Some(lease) = self.lease.get() {
-            lease.renew(hello_sent, None);
-        }
+        self.partner_round_trip(hello_sent);
         // 1. Our records the partner holds above our recovered tail (S8).
         let mut adopted = 0u64;
         for _ in 0..hello.returned_records {
@@ -946,11 +964,8 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             self.note_partner_epochs(&reply.epochs);
                             // A completed round trip with the DR partner renews the lease (S6),
                             // from the keepalive's send time; not once this node was deposed.
-                            if let (Some(sent), Some(lease)) =
-                                (sent_keepalives.answered(reply.sequence), self.lease.get())
-                                && self.deposed.borrow().is_empty()
-                            {
-                                lease.renew(sent, None);
+                            if let Some(sent) = sent_keepalives.answered(reply.sequence) {
+                                self.partner_round_trip(sent);
                             }
                             self.lock_state().partner_epochs = reply.epochs;
                         }

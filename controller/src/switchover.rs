@@ -718,6 +718,43 @@ fn nvfailed(node: &Node) -> Vec<String> {
         .collect()
 }
 
+/// With a mediator, the new epochs of `plan`'s aggregates not done yet come from it (DESIGN
+/// §10: while it answers, it alone raises epochs), each naming `owner`; the plan keeps the
+/// higher of its own and the issued one. A mediator that does not answer leaves S2's fallback
+/// (the plan's own epochs, which the mediator adopts from the next report); a refusal stops.
+pub(crate) async fn mediator_epochs(
+    node: &Node,
+    plan: &mut Plan,
+    owner: u32,
+    reason: &str,
+) -> Result<(), String> {
+    let Some(link) = node.mediator.get() else { return Ok(()) };
+    let wanted: Vec<(Uuid, u32)> =
+        plan.aggregates.iter().filter(|p| !p.done).map(|p| (p.uuid, owner)).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    match link.raise_epochs(&wanted, reason).await {
+        Ok(issued) => {
+            for planned in plan.aggregates.iter_mut() {
+                if let Some((_, epoch)) = issued.iter().find(|(u, _)| *u == planned.uuid) {
+                    planned.new = planned.new.max(*epoch);
+                }
+            }
+            Ok(())
+        }
+        Err(crate::mediator_link::RaiseError::Unanswered(e)) => {
+            tracing::warn!(
+                node = node.node_id(),
+                "{reason}: the mediator does not answer ({e}); the epochs are raised here and it adopts them \
+                 from the next report (S2)"
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("{reason}: {e}")),
+    }
+}
+
 /// What `run` did.
 struct Outcome {
     adopted: usize,
@@ -739,6 +776,15 @@ async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, Strin
         }
         node.operations()
             .update(id, "the partner released its aggregates", plan.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if plan.negotiated {
+        // Raised by the mediator only now: before the partner released them its heartbeat
+        // reply would depose it in the middle of its final CP.
+        mediator_epochs(node, &mut plan, node.node_id(), "negotiated switchover").await?;
+        node.operations()
+            .update(id, "the partner released its aggregates; epochs issued", plan.encode())
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -809,7 +855,7 @@ async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, Strin
             if let Err(e) = node.enter_nvfail(slot, None, cause).await {
                 // Not served rather than served without its NVFAIL (S9).
                 let why = format!("its NVFAIL state could not be recorded: {e}");
-                slot.serving.send_replace(SlotState::Deposed(why.clone()));
+                slot.set_deposed(node.node_id(), why.clone());
                 outcome.errors.push(format!("aggregate {}: {why}", slot.table().name));
                 break;
             }
@@ -933,6 +979,7 @@ impl Node {
             "aggregate opened from its plex at this site (switched over)"
         );
         Ok(AggrSlot {
+            acks: crate::node::AckStamps::default(),
             index,
             uuid: found.uuid,
             aggregate: Arc::new(aggregate),
@@ -1097,7 +1144,7 @@ impl Node {
             slot.table().name
         );
         tracing::error!(node = self.config.node_id, aggregate = %hex(&uuid.0), "{why}");
-        slot.serving.send_replace(SlotState::Deposed(why));
+        slot.set_deposed(self.config.node_id, why);
         if !slot.switched_over && epoch.owner.0 == self.config.dr_partner.node_id {
             self.register_away(uuid, epoch, slot_floor(self, &slot));
         }
@@ -1295,7 +1342,7 @@ pub async fn admin_release(
             epoch.owner.0, epoch.number
         );
         tracing::warn!(node = config.node_id, aggregate = %slot.table().name, "{why}");
-        slot.serving.send_replace(SlotState::Deposed(why));
+        slot.set_deposed(config.node_id, why);
         node.register_away(slot.uuid, *epoch, slot_floor(node, slot));
     }
     let stats = node.cp_stats();

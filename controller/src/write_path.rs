@@ -291,6 +291,7 @@ impl Node {
             "S1: acknowledging lsn {} before it is durable locally and at every partner in the ack set",
             last.0
         );
+        volume.aggr.acks.note(self.config.node_id, volume.aggr.uuid, volume.aggr.epoch.number);
         let mut result = Ok(Some(last));
         for record in &pending {
             if result.is_ok()

@@ -238,5 +238,57 @@ async fn an_isolated_site_fences_itself_before_the_survivor_takes_over() {
     let a = cluster.status(0).await;
     assert_ne!(a.node_state, "serving", "{a:#?}");
     host::check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // B acknowledges a write of vol_a; the acknowledgement intervals of A and B, as each logs
+    // them with the machine's monotonic clock, never overlap.
+    let mut at_b = host::Host::connect(&cluster.nbd_address(1), "vol_a").unwrap();
+    at_b.write(0, &host::pattern(0, 1_000_000)).unwrap();
+    at_b.close();
+    let a_last = ack_stamps(&cluster.log(0), "last acknowledgement");
+    assert!(!a_last.is_empty(), "A logged no last acknowledgement:\n{}", cluster.log(0));
+    let (aggregate, a_last) = a_last.last().cloned().unwrap();
+    let b_first = ack_stamps(&cluster.log(1), "first acknowledgement");
+    let b_first = b_first.iter().find(|(a, _)| *a == aggregate).map(|(_, t)| *t);
+    let b_first = b_first.unwrap_or_else(|| panic!("B logged no first acknowledgement of {aggregate}"));
+    eprintln!("A's last acknowledgement {a_last} ns, B's first {b_first} ns (CLOCK_MONOTONIC)");
+    assert!(
+        a_last < b_first,
+        "the acknowledgement intervals overlap: A's last {a_last}, B's first {b_first}"
+    );
     cluster.kill(0);
+}
+
+/// `(aggregate, mono_ns)` of every log line with `what` ("first acknowledgement" or "last
+/// acknowledgement").
+fn ack_stamps(log: &str, what: &str) -> Vec<(String, u64)> {
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name).map(|v| v.trim_matches('"').to_string()))
+    };
+    log.lines()
+        .map(strip_ansi)
+        .filter(|line| line.contains(what))
+        .filter_map(|line| {
+            let aggregate = field(&line, "aggregate=")?;
+            let mono = field(&line, "mono_ns=")?.parse().ok()?;
+            Some((aggregate, mono))
+        })
+        .collect()
+}
+
+/// `line` without its terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -280,6 +280,14 @@ pub enum Event {
         /// The survivor.
         node: NodeId,
     },
+    /// A controller raises epochs (negotiated switchover, switchback, forced unfence): while
+    /// the mediator answers it alone raises them (DESIGN §10).
+    RaiseEpochs {
+        /// Who asks.
+        node: NodeId,
+        /// Each aggregate and the owner its new epoch names.
+        aggregates: Vec<(AggregateId, NodeId)>,
+    },
     /// An operator confirms these controllers down (rule 5).
     ConfirmDown {
         /// The controllers.
@@ -348,6 +356,9 @@ pub struct Reply {
     pub state_version: u64,
     /// A grant for this controller not yet confirmed.
     pub grant: Option<Grant>,
+    /// Rule 5: the state is lost and not yet rebuilt, so these epochs may be behind: the reply
+    /// confirms no epoch (S2).
+    pub state_lost: bool,
 }
 
 /// What the mediator records of one aggregate.
@@ -524,6 +535,7 @@ impl Mediator {
             epochs: self.state.aggregates.iter().map(|(id, r)| (*id, r.epoch)).collect(),
             state_version: self.state.version,
             grant: self.state.grants.iter().find(|g| g.to == to).cloned(),
+            state_lost: self.lost,
         })
     }
 
@@ -533,7 +545,8 @@ impl Mediator {
             Event::Report(r) => r.node,
             Event::RecordDrop { node, .. }
             | Event::ManualSwitchover { node, .. }
-            | Event::ConfirmGrant { node } => *node,
+            | Event::ConfirmGrant { node }
+            | Event::RaiseEpochs { node, .. } => *node,
             Event::ConfirmDown { .. } => NodeId(0),
         };
         let mut actions = Vec::new();
@@ -547,10 +560,25 @@ impl Mediator {
             Event::Report(report) => self.on_report(now, report, &mut actions),
             Event::RecordDrop { node, aggregate } => {
                 self.heard.insert(node, now);
-                let record = self.state.aggregates.entry(aggregate).or_default();
-                record.clear();
-                self.changed(&mut actions);
+                // An aggregate the mediator has no record of is not in sync here: nothing to
+                // clear, and no owner-less record is made up for it.
+                if let Some(record) = self.state.aggregates.get_mut(&aggregate)
+                    && (record.owner_says.is_some() || record.receiver_says.is_some())
+                {
+                    record.clear();
+                    self.changed(&mut actions);
+                }
                 actions.push(self.reply(node));
+            }
+            Event::RaiseEpochs { node, aggregates } => {
+                self.heard.insert(node, now);
+                match self.raise_epochs(&aggregates) {
+                    Ok(()) => {
+                        self.changed(&mut actions);
+                        actions.push(self.reply(node));
+                    }
+                    Err(reason) => actions.push(Action::Refuse { to: node, reason }),
+                }
             }
             Event::ManualSwitchover { node, override_in_sync } => {
                 self.heard.insert(node, now);
@@ -582,6 +610,41 @@ impl Mediator {
         }
         self.alert_on_change(now, &mut actions);
         actions
+    }
+
+    /// New epochs above every epoch recorded or reported, one per aggregate, each naming its
+    /// requested owner (a configured controller). Nothing changes on a refusal.
+    fn raise_epochs(&mut self, aggregates: &[(AggregateId, NodeId)]) -> Result<(), String> {
+        if self.lost {
+            return Err("the mediator's state is lost and not yet rebuilt from every controller's report \
+                        (rule 5): it cannot tell which epochs were used; retry once every controller has \
+                        reported, or confirm the missing ones down"
+                .into());
+        }
+        if aggregates.is_empty() {
+            return Err("no aggregate named".into());
+        }
+        for (i, (id, owner)) in aggregates.iter().enumerate() {
+            if aggregates[..i].iter().any(|(a, _)| a == id) {
+                return Err("an aggregate is named twice".into());
+            }
+            if self.site_of(*owner).is_none() {
+                return Err(format!("node {} is not configured here", owner.0));
+            }
+            if self.state.grants.iter().any(|g| g.epochs.iter().any(|(a, _)| a == id)) {
+                return Err("a switchover grant of this aggregate awaits its survivor's confirmation".into());
+            }
+            if self.highest_epoch(*id).number == u64::MAX {
+                return Err("the aggregate's epoch number cannot be raised".into());
+            }
+        }
+        for (id, owner) in aggregates {
+            let number = self.highest_epoch(*id).number.saturating_add(1);
+            let record = self.state.aggregates.entry(*id).or_default();
+            record.epoch = Epoch { number, owner: *owner };
+            record.clear();
+        }
+        Ok(())
     }
 
     fn check_rebuilt(&mut self) {

@@ -29,7 +29,7 @@ use mc_proto::v1::mediator_server::Mediator as MediatorRpc;
 use mc_proto::v1::{
     AggregateEpoch, AusoView, ConfirmDownReply, ConfirmDownRequest, ConfirmGrantRequest, HeartbeatReply,
     HeartbeatRequest, Identity, MediatorAggregateView, MediatorGrant, MediatorNodeView, MediatorShowReply,
-    MediatorShowRequest, MediatorSwitchoverRequest, RecordDropRequest,
+    MediatorShowRequest, MediatorSwitchoverRequest, RaiseEpochsRequest, RecordDropRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -170,6 +170,7 @@ fn wire_reply(reply: &decide::Reply) -> HeartbeatReply {
         epochs: reply.epochs.iter().map(wire_aggregate_epoch).collect(),
         state_version: reply.state_version,
         grant: reply.grant.as_ref().map(wire_grant),
+        state_lost: reply.state_lost,
     }
 }
 
@@ -522,6 +523,25 @@ impl MediatorService {
         MediatorService::answer(applied, "grant confirmation")
     }
 
+    async fn raise_epochs_inner(
+        &self,
+        request: RaiseEpochsRequest,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let node = self.sender(request.identity.as_ref())?;
+        let mut aggregates = Vec::with_capacity(request.aggregates.len());
+        for (i, raise) in request.aggregates.iter().enumerate() {
+            let id = uuid(&raise.aggregate_uuid, &format!("aggregates[{i}].aggregate_uuid"))?;
+            if raise.owner == 0 {
+                return Err(invalid(format!("aggregates[{i}].owner is 0")));
+            }
+            aggregates.push((id, NodeId(raise.owner)));
+        }
+        let reason: String = request.reason.chars().take(200).collect();
+        tracing::warn!(aggregates = aggregates.len(), %reason, "epochs raised on a controller's request");
+        let applied = self.apply(Event::RaiseEpochs { node, aggregates }).await?;
+        MediatorService::answer(applied, "epoch raise")
+    }
+
     async fn confirm_down_inner(
         &self,
         request: ConfirmDownRequest,
@@ -647,6 +667,16 @@ impl MediatorRpc for MediatorService {
         let request = request.into_inner();
         let span = span("ConfirmGrant", request.identity.as_ref());
         let result = self.confirm_grant_inner(request).instrument(span).await;
+        self.counted(result)
+    }
+
+    async fn raise_epochs(
+        &self,
+        request: Request<RaiseEpochsRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        let span = span("RaiseEpochs", request.identity.as_ref());
+        let result = self.raise_epochs_inner(request).instrument(span).await;
         self.counted(result)
     }
 

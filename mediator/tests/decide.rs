@@ -373,3 +373,72 @@ fn timer_order_is_validated() {
             .is_err()
     );
 }
+
+fn replied_epochs(actions: &[Action]) -> Vec<(AggregateId, Epoch)> {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Reply(r) => Some(r.epochs.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// While the mediator answers it alone raises epochs (DESIGN §10): a negotiated switchover's,
+/// a switchback's or a forced unfence's epoch goes above every epoch recorded or reported, is
+/// persisted before the reply, and clears the in-sync record. Refused while the state is lost
+/// (rule 5), while a grant of the aggregate is pending, and for an unknown owner.
+#[test]
+fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    assert!(m.state().aggregates[&AGG].in_sync());
+    let actions = m.handle(ms(100), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)] });
+    assert_eq!(actions.first(), Some(&Action::Persist), "{actions:?}");
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: B })), "{actions:?}");
+    assert!(!m.state().aggregates[&AGG].in_sync(), "a raised epoch kept the in-sync record");
+    // B saw epoch 4 somewhere (a label): the switchback's epoch goes above it, back to A.
+    let mut b = report(B, 2, Some(150));
+    b.epochs_seen = vec![(AGG, Epoch { number: 4, owner: B })];
+    m.handle(ms(150), Event::Report(b));
+    let actions = m.handle(ms(200), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, A)] });
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 5, owner: A })), "{actions:?}");
+    // Refusals change nothing.
+    let version = m.state().version;
+    for (aggregates, why) in [
+        (vec![(AGG, NodeId(9))], "not configured"),
+        (vec![(AGG, A), (AGG, B)], "twice"),
+        (Vec::new(), "no aggregate"),
+    ] {
+        let actions = m.handle(ms(300), Event::RaiseEpochs { node: A, aggregates });
+        assert!(refusal(&actions).is_some_and(|r| r.contains(why)), "{why}: {actions:?}");
+        assert_eq!(m.state().version, version);
+    }
+    // A pending grant of the aggregate: no other epoch until it is confirmed.
+    let mut m = mediator(false);
+    silent_a(&mut m, 200, 5000).expect("no grant");
+    let actions = m.handle(ms(5200), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)] });
+    assert!(refusal(&actions).is_some_and(|r| r.contains("grant")), "{actions:?}");
+    // Lost state: refused until every controller reported; the reply says lost.
+    let mut m = Mediator::new(config(false), None).unwrap();
+    let actions = m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if r.state_lost)), "{actions:?}");
+    let actions = m.handle(ms(10), Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)] });
+    assert!(refusal(&actions).is_some_and(|r| r.contains("lost")), "{actions:?}");
+    let actions = m.handle(ms(20), Event::Report(report(B, 1, Some(0))));
+    assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if !r.state_lost)), "{actions:?}");
+    let actions = m.handle(ms(30), Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)] });
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: A })), "{actions:?}");
+}
+
+/// A drop recorded for an aggregate the mediator has no record of makes no record up (no
+/// owner-less epoch appears in its state).
+#[test]
+fn a_drop_of_an_unknown_aggregate_makes_no_record() {
+    let mut m = mediator(false);
+    let unknown = AggregateId([3; 16]);
+    let actions = m.handle(ms(0), Event::RecordDrop { node: A, aggregate: unknown });
+    assert!(actions.iter().any(|a| matches!(a, Action::Reply(_))), "{actions:?}");
+    assert!(!m.state().aggregates.contains_key(&unknown));
+}
