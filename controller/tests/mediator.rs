@@ -246,9 +246,16 @@ async fn an_isolated_site_fences_itself_before_the_survivor_takes_over() {
     let a_last = ack_stamps(&cluster.log(0), "last acknowledgement");
     assert!(!a_last.is_empty(), "A logged no last acknowledgement:\n{}", cluster.log(0));
     let (aggregate, a_last) = a_last.last().cloned().unwrap();
-    let b_first = ack_stamps(&cluster.log(1), "first acknowledgement");
-    let b_first = b_first.iter().find(|(a, _)| *a == aggregate).map(|(_, t)| *t);
-    let b_first = b_first.unwrap_or_else(|| panic!("B logged no first acknowledgement of {aggregate}"));
+    // The log reaches the test through a pipe: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let b_first = loop {
+        let first = ack_stamps(&cluster.log(1), "first acknowledgement");
+        if let Some((_, t)) = first.iter().find(|(a, _)| *a == aggregate) {
+            break *t;
+        }
+        assert!(Instant::now() < deadline, "B logged no first acknowledgement of {aggregate}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     eprintln!("A's last acknowledgement {a_last} ns, B's first {b_first} ns (CLOCK_MONOTONIC)");
     assert!(
         a_last < b_first,
@@ -291,4 +298,165 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+/// S2 at start-up with a mediator: A, switched over while it was down, restarts with the
+/// inter-site link cut. The mediator's higher epochs tell it it was deposed: it waits for
+/// switchback (fenced, its disks served) without its DR partner's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_controller_learns_from_the_mediator_that_it_was_deposed() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::with_links(&settings([address.clone(), address])).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    cluster.kill(0);
+    cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover").await;
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    cluster.start(0);
+    let a = cluster.wait_status(0, "A waiting for switchback", |s| s.mode == "waiting-for-switchback").await;
+    assert_ne!(a.node_state, "serving", "{a:#?}");
+    assert!(cluster.log(0).contains("the mediator holds higher epochs"), "{}", cluster.log(0));
+    cluster.kill(0);
+    cluster.kill(1);
+}
+
+/// S2 at start-up with a mediator: A restarts while its DR partner is down. The mediator
+/// confirms A's epoch; after mirror_timeout without the partner A recovers on that
+/// confirmation and serves every write it acknowledged before (the mirror and plex 1 dropped
+/// through the mediator, S3). Without a mediator it would wait for the partner (or an
+/// operator's forced unfence with NVFAIL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_controller_serves_on_the_mediators_confirmation_without_its_partner() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    let ledger = load.stop();
+    cluster.kill(1);
+    // A restarts while B is down.
+    cluster.kill(0);
+    let restarted = Instant::now();
+    cluster.start(0);
+    let a = cluster.wait_status(0, "A serving", |s| s.node_state == "serving").await;
+    eprintln!("A served {:?} after its restart, B down", restarted.elapsed());
+    assert!(
+        restarted.elapsed() >= Duration::from_secs(5),
+        "A served before mirror_timeout without its partner's handshake: {a:#?}"
+    );
+    assert!(cluster.log(0).contains("recovering on the mediator's confirmation"), "{}", cluster.log(0));
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
+    // And it acknowledges new writes (alone: the mirror's drop is recorded at the mediator).
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(20);
+    let ledger = load.stop();
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
+    cluster.kill(0);
+}
+
+/// A deposed owner whose link to B heals while its mediator link stays down does not come
+/// back (S2, S6): its lease lapsed while isolated, B took over by the mediator's grant, and
+/// B's answers carry the higher epoch, so the partner's round trips confirm nothing. A host
+/// still connected to A gets no reads from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_owner_whose_link_heals_without_the_mediator_does_not_come_back() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let a_to_mediator = FaultProxy::start(mediator.address.parse().unwrap()).await.unwrap();
+    let mut cluster =
+        Cluster::with_links(&settings([a_to_mediator.address().to_string(), mediator.address.clone()])).await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let mut connected = host::Host::connect(&cluster.nbd_address(0), "vol_a").unwrap();
+    connected.read(0, 4096).unwrap();
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    a_to_mediator.set_both(Mode::Blackhole);
+    cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover").await;
+    // The inter-site link heals; A's mediator link does not.
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Pass);
+    }
+    let a = cluster
+        .wait_status(0, "A deposed of its aggregate", |s| {
+            s.mode == "waiting-for-switchback" || !s.unavailable.is_empty()
+        })
+        .await;
+    eprintln!("A after the link healed: {} ({}), {:?}", a.node_state, a.state_reason, a.unavailable);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let a = cluster.status(0).await;
+        assert!(
+            a.node_state != "serving" || !a.unavailable.is_empty(),
+            "A serves its aggregate again: {a:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(connected.read(0, 4096).is_err(), "a host still connected to A read from it");
+    assert!(!cluster.log(0).contains("the DR partner confirmed this node's epochs"), "{}", cluster.log(0));
+    cluster.kill(0);
+    cluster.kill(1);
+}
+
+/// S2's fallback: with the mediator unreachable from both sites, a cut of the inter-site link
+/// fences both (no round trip with anyone for the lease, S6). When the link comes back the DR
+/// partner's round trip confirms each one's epochs (no higher epoch anywhere) and both serve
+/// again, the mediator still down; every acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_mediator_down_the_dr_partner_confirms_a_lapsed_lease() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let to_mediator = [
+        FaultProxy::start(mediator.address.parse().unwrap()).await.unwrap(),
+        FaultProxy::start(mediator.address.parse().unwrap()).await.unwrap(),
+    ];
+    let mut cluster = Cluster::with_links(&settings([
+        to_mediator[0].address().to_string(),
+        to_mediator[1].address().to_string(),
+    ]))
+    .await;
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    for proxy in &to_mediator {
+        proxy.set_both(Mode::Blackhole);
+    }
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Blackhole);
+    }
+    assert!(load.wait_ended(Duration::from_secs(20)), "A went on acknowledging alone");
+    let ledger = load.stop();
+    cluster.wait_status(0, "A self-fenced", |s| s.node_state == "fenced").await;
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Pass);
+    }
+    let healed = Instant::now();
+    cluster.wait_status(0, "A serving again", |s| s.node_state == "serving").await;
+    eprintln!("A confirmed by its partner {:?} after the link healed", healed.elapsed());
+    assert!(cluster.log(0).contains("the DR partner confirmed this node's epochs"), "{}", cluster.log(0));
+    assert_eq!(cluster.status(1).await.mode, "normal");
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
+    cluster.kill(0);
+    cluster.kill(1);
 }
