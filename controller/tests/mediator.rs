@@ -460,3 +460,36 @@ async fn with_the_mediator_down_the_dr_partner_confirms_a_lapsed_lease() {
     cluster.kill(0);
     cluster.kill(1);
 }
+
+/// `mirror pause` drops plex 1 of aggr_a through the drop path: the mediator records it (S3)
+/// and holds the aggregate out of sync, so AUSO of site A is disabled, with the reason; after
+/// `mirror resume` and the resync, both reports make it in sync again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_mirror_is_recorded_at_the_mediator_and_disables_auso() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let control = |action: &str| mc_proto::v1::MirrorControlRequest {
+        cluster_id: common::CLUSTER.to_vec(),
+        name: "vol_a".into(),
+        action: action.into(),
+    };
+    let mut admin = cluster.admin(0).await;
+    admin.mirror_control(control("pause")).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+    let view = client.show(show.clone()).await.unwrap().into_inner();
+    assert!(view.aggregates.iter().all(|a| !a.in_sync), "the pause left the aggregate in sync: {view:#?}");
+    let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
+    assert!(!auso_b.enabled && auso_b.reason.contains("sync"), "{view:#?}");
+    admin.mirror_control(control("resume")).await.unwrap();
+    wait_mediator_in_sync(&mediator.address).await;
+    cluster.kill(0);
+    cluster.kill(1);
+}

@@ -489,13 +489,15 @@ impl Mediator {
             .collect()
     }
 
-    /// Per site: whether an automatic switchover towards it could be granted now, or why not.
+    /// Per site: whether AUSO towards it is armed (every condition of rule 2 but its timing
+    /// holds: it would be granted once the other site has been silent for lease + margin), or
+    /// why not.
     pub fn auso_status(&self, now: Now) -> Vec<(Site, Result<(), String>)> {
         [Site(0), Site(1)]
             .into_iter()
             .map(|site| {
                 let status = match self.nodes_at(site).first() {
-                    Some(node) => self.check_switchover(now, *node, true, false).map(|_| ()),
+                    Some(node) => self.check(now, *node, true, false, false).map(|_| ()),
                     None => Err("no controller configured there".into()),
                 };
                 (site, status)
@@ -733,7 +735,20 @@ impl Mediator {
         automatic: bool,
         override_in_sync: bool,
     ) -> Result<bool, String> {
-        let t = &self.config.timers;
+        self.check(now, node, automatic, override_in_sync, true)
+    }
+
+    /// `check_switchover`; without `timing`, the lease and window conditions are left out:
+    /// whether AUSO is armed (it would be granted once the other site went silent for lease +
+    /// margin), as `mcctl mediator show` tells it.
+    fn check(
+        &self,
+        now: Now,
+        node: NodeId,
+        automatic: bool,
+        override_in_sync: bool,
+        timing: bool,
+    ) -> Result<bool, String> {
         let Some(site) = self.site_of(node) else { return Err(format!("node {} is not configured", node.0)) };
         let other = Site(1 - site.0);
         if automatic && self.config.observer {
@@ -773,6 +788,37 @@ impl Mediator {
         if affected.is_empty() {
             return Err(format!("site {} owns no aggregate", site_name(other)));
         }
+        if timing {
+            self.check_quiet(now, *received, report, other, automatic)?;
+        }
+        let out_of_sync: Vec<&AggregateId> = affected
+            .iter()
+            .filter(|id| !self.state.aggregates.get(id).is_some_and(AggregateRecord::in_sync))
+            .collect();
+        if !out_of_sync.is_empty() {
+            if automatic || !override_in_sync {
+                return Err(format!(
+                    "{} aggregate(s) of site {} not recorded in sync",
+                    out_of_sync.len(),
+                    site_name(other)
+                ));
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Rule 2's timing: `lease + margin` since the later of the mediator's and the survivor's
+    /// last sign of `other`, and (automatic) within the window.
+    fn check_quiet(
+        &self,
+        now: Now,
+        received: Now,
+        report: &Report,
+        other: Site,
+        automatic: bool,
+    ) -> Result<(), String> {
+        let t = &self.config.timers;
         // T: the later of the mediator's and the survivor's last sign of the other site.
         let mut quiet = Duration::MAX;
         for x in self.nodes_at(other) {
@@ -800,21 +846,7 @@ impl Mediator {
                 t.auso_window.as_secs_f64()
             ));
         }
-        let out_of_sync: Vec<&AggregateId> = affected
-            .iter()
-            .filter(|id| !self.state.aggregates.get(id).is_some_and(AggregateRecord::in_sync))
-            .collect();
-        if !out_of_sync.is_empty() {
-            if automatic || !override_in_sync {
-                return Err(format!(
-                    "{} aggregate(s) of site {} not recorded in sync",
-                    out_of_sync.len(),
-                    site_name(other)
-                ));
-            }
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(())
     }
 
     fn grant(&mut self, to: NodeId, automatic: bool, nvfail: bool, actions: &mut Vec<Action>) {

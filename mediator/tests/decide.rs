@@ -442,3 +442,18 @@ fn a_drop_of_an_unknown_aggregate_makes_no_record() {
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(_))), "{actions:?}");
     assert!(!m.state().aggregates.contains_key(&unknown));
 }
+
+/// `mcctl mediator show`'s AUSO status is armed/disarmed, not "would grant now": with both
+/// sites healthy and in sync AUSO towards B is enabled; a drop disables it with the reason.
+#[test]
+fn auso_status_says_armed_while_both_sites_are_up() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    let status = m.auso_status(ms(100));
+    assert_eq!(status[1], (Site(1), Ok(())), "{status:?}");
+    assert!(status[0].1.as_ref().is_err_and(|r| r.contains("owns no aggregate")), "{status:?}");
+    m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG });
+    let status = m.auso_status(ms(300));
+    assert!(status[1].1.as_ref().is_err_and(|r| r.contains("not recorded in sync")), "{status:?}");
+}
