@@ -493,3 +493,55 @@ async fn a_paused_mirror_is_recorded_at_the_mediator_and_disables_auso() {
     cluster.kill(0);
     cluster.kill(1);
 }
+
+/// B loses its NVLog file and restarts within mirror_timeout (S13): it rejoins as `resyncing`,
+/// A's mirror is not in sync until a CP covers what B lost, and the mediator holds A's
+/// aggregate out of sync until then. A lost now is not switched over automatically: B lacks
+/// records A acknowledged (they are on no plex yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(200);
+    cluster.kill(1);
+    std::fs::remove_file(cluster.nodes[1].nvlog()).unwrap();
+    cluster.start(1);
+    cluster.wait_state(1, "serving").await;
+    load.wait_count(load.count() + 50);
+    let ledger = load.stop();
+    // The mediator's record: not in sync (the owner says resyncing).
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address)).unwrap().connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+    let view = client.show(show.clone()).await.unwrap().into_inner();
+    assert!(view.aggregates.iter().all(|a| !a.in_sync), "in sync while B lacks records: {view:#?}");
+    cluster.kill(0);
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert_eq!(cluster.status(1).await.mode, "normal", "B switched over without A's records");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let view = client.show(show).await.unwrap().into_inner();
+    let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
+    assert!(auso_b.reason.contains("not recorded in sync"), "{view:#?}");
+    // An operator may still force it: with NVFAIL, since the mediator's record says so.
+    let mut admin = cluster.admin(1).await;
+    let request = mc_proto::v1::SwitchoverRequest {
+        cluster_id: common::CLUSTER.to_vec(),
+        forced_on_disaster: true,
+        simulate: false,
+        override_vetoes: true,
+        force_nvfail_all: false,
+        confirmed: true,
+    };
+    let reply = admin.switchover(request).await.unwrap().into_inner();
+    assert!(reply.nvfailed_volumes.contains(&"vol_a".to_string()), "{reply:#?}");
+    drop(ledger);
+    cluster.kill(1);
+}
