@@ -199,6 +199,15 @@ async fn the_disaster_cycle_heals_incrementally_and_switches_back() {
     assert_eq!(a.node_state, "fenced", "{a:#?}");
     assert!(a.state_reason.contains("waiting for switchback"), "{a:#?}");
     assert!(Host::connect(&cluster.nbd_address(0), "vol_a").is_err(), "A serves vol_a before switchback");
+    // S14: an operator cannot force a node that waits for switchback to serve.
+    let refused = cluster
+        .admin(0)
+        .await
+        .unfence(mc_proto::v1::UnfenceRequest { cluster_id: CLUSTER.to_vec(), force: true, confirmed: true })
+        .await;
+    assert!(refused.is_err(), "a node waiting for switchback was force-unfenced: {refused:?}");
+    let a = cluster.status(0).await;
+    assert_eq!((a.node_state.as_str(), a.mode.as_str()), ("fenced", "waiting-for-switchback"), "{a:#?}");
     // A's records of vol_a are kept until heal (S8).
     let kept = cluster.records(0, "local").await.len();
     assert!(kept > 0, "A discarded its records before heal");
