@@ -515,8 +515,9 @@ async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
     load.wait_count(load.count() + 50);
     let ledger = load.stop();
     // The mediator's record: not in sync (the owner says resyncing).
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address)).unwrap().connect_lazy();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
     let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
     let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
     let view = client.show(show.clone()).await.unwrap().into_inner();
@@ -544,4 +545,61 @@ async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
     assert!(reply.nvfailed_volumes.contains(&"vol_a".to_string()), "{reply:#?}");
     drop(ledger);
     cluster.kill(1);
+}
+
+/// While the mediator answers it alone raises epochs (DESIGN §10): the planned cycle with a
+/// mediator (negotiated switchover, heal, switchback) takes its epochs from it, each step's
+/// epoch above the last, and loses no acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    let request = |forced: bool| mc_proto::v1::SwitchoverRequest {
+        cluster_id: common::CLUSTER.to_vec(),
+        forced_on_disaster: forced,
+        simulate: false,
+        override_vetoes: false,
+        force_nvfail_all: false,
+        confirmed: false,
+    };
+    let mut b = cluster.admin(1).await;
+    b.switchover(request(false)).await.unwrap();
+    assert!(load.wait_ended(Duration::from_secs(30)));
+    let ledger = load.stop();
+    let view = client.show(show.clone()).await.unwrap().into_inner();
+    assert!(view.last_decision.contains("raised for node 2 (negotiated switchover"), "{view:#?}");
+    let at_mediator = view.aggregates[0].epoch.unwrap();
+    let at_b = cluster.status(1).await;
+    let served = at_b.aggregates.iter().find(|a| a.switched_over).unwrap().epoch.unwrap();
+    assert_eq!((served.number, served.owner_node), (at_mediator.number, 2), "{view:#?}\n{at_b:#?}");
+    host::check_acknowledged(&cluster.nbd_address(1), &ledger);
+    // Heal, then switch back: the epoch goes back to A, above B's.
+    b.heal(mc_proto::v1::HealRequest { cluster_id: common::CLUSTER.to_vec() }).await.unwrap();
+    cluster
+        .wait_status(1, "aggr_a resynced after heal", |s| {
+            s.aggregates.iter().any(|a| a.switched_over && a.state == "mirrored,normal")
+        })
+        .await;
+    b.switchback(mc_proto::v1::SwitchbackRequest { cluster_id: common::CLUSTER.to_vec(), simulate: false })
+        .await
+        .unwrap();
+    let view = client.show(show).await.unwrap().into_inner();
+    assert!(view.last_decision.contains("raised for node 1 (switchback"), "{view:#?}");
+    let back = view.aggregates[0].epoch.unwrap();
+    assert!(back.number > served.number && back.owner_node == 1, "{view:#?}");
+    cluster
+        .wait_status(0, "A serving vol_a again", |s| s.mode == "normal" && s.node_state == "serving")
+        .await;
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
 }

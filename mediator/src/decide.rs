@@ -287,6 +287,8 @@ pub enum Event {
         node: NodeId,
         /// Each aggregate and the owner its new epoch names.
         aggregates: Vec<(AggregateId, NodeId)>,
+        /// Why, in the controller's words ("negotiated switchover", "switchback", ...).
+        reason: String,
     },
     /// An operator confirms these controllers down (rule 5).
     ConfirmDown {
@@ -572,10 +574,18 @@ impl Mediator {
                 }
                 actions.push(self.reply(node));
             }
-            Event::RaiseEpochs { node, aggregates } => {
+            Event::RaiseEpochs { node, aggregates, reason } => {
                 self.heard.insert(node, now);
                 match self.raise_epochs(&aggregates) {
                     Ok(()) => {
+                        let owners: BTreeSet<u32> = aggregates.iter().map(|(_, owner)| owner.0).collect();
+                        let owners: Vec<String> = owners.iter().map(u32::to_string).collect();
+                        self.last_decision = Some(format!(
+                            "epochs of {} aggregate(s) raised for node {} ({reason}, asked by node {})",
+                            aggregates.len(),
+                            owners.join(", "),
+                            node.0
+                        ));
                         self.changed(&mut actions);
                         actions.push(self.reply(node));
                     }

@@ -537,8 +537,8 @@ impl MediatorService {
             aggregates.push((id, NodeId(raise.owner)));
         }
         let reason: String = request.reason.chars().take(200).collect();
-        tracing::warn!(aggregates = aggregates.len(), %reason, "epochs raised on a controller's request");
-        let applied = self.apply(Event::RaiseEpochs { node, aggregates }).await?;
+        tracing::warn!(aggregates = aggregates.len(), %reason, "a controller asks for new epochs");
+        let applied = self.apply(Event::RaiseEpochs { node, aggregates, reason }).await?;
         MediatorService::answer(applied, "epoch raise")
     }
 

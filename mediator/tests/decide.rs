@@ -394,15 +394,22 @@ fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
     m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
     m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
     assert!(m.state().aggregates[&AGG].in_sync());
-    let actions = m.handle(ms(100), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)] });
+    let actions = m.handle(
+        ms(100),
+        Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)], reason: "negotiated switchover".into() },
+    );
     assert_eq!(actions.first(), Some(&Action::Persist), "{actions:?}");
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: B })), "{actions:?}");
     assert!(!m.state().aggregates[&AGG].in_sync(), "a raised epoch kept the in-sync record");
+    assert!(m.last_decision().is_some_and(|d| d.contains("raised for node 2 (negotiated switchover")));
     // B saw epoch 4 somewhere (a label): the switchback's epoch goes above it, back to A.
     let mut b = report(B, 2, Some(150));
     b.epochs_seen = vec![(AGG, Epoch { number: 4, owner: B })];
     m.handle(ms(150), Event::Report(b));
-    let actions = m.handle(ms(200), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, A)] });
+    let actions = m.handle(
+        ms(200),
+        Event::RaiseEpochs { node: B, aggregates: vec![(AGG, A)], reason: "switchback".into() },
+    );
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 5, owner: A })), "{actions:?}");
     // Refusals change nothing.
     let version = m.state().version;
@@ -411,24 +418,33 @@ fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
         (vec![(AGG, A), (AGG, B)], "twice"),
         (Vec::new(), "no aggregate"),
     ] {
-        let actions = m.handle(ms(300), Event::RaiseEpochs { node: A, aggregates });
+        let actions = m.handle(ms(300), Event::RaiseEpochs { node: A, aggregates, reason: String::new() });
         assert!(refusal(&actions).is_some_and(|r| r.contains(why)), "{why}: {actions:?}");
         assert_eq!(m.state().version, version);
     }
     // A pending grant of the aggregate: no other epoch until it is confirmed.
     let mut m = mediator(false);
     silent_a(&mut m, 200, 5000).expect("no grant");
-    let actions = m.handle(ms(5200), Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)] });
+    let actions = m.handle(
+        ms(5200),
+        Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)], reason: "negotiated switchover".into() },
+    );
     assert!(refusal(&actions).is_some_and(|r| r.contains("grant")), "{actions:?}");
     // Lost state: refused until every controller reported; the reply says lost.
     let mut m = Mediator::new(config(false), None).unwrap();
     let actions = m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if r.state_lost)), "{actions:?}");
-    let actions = m.handle(ms(10), Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)] });
+    let actions = m.handle(
+        ms(10),
+        Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)], reason: "forced unfence".into() },
+    );
     assert!(refusal(&actions).is_some_and(|r| r.contains("lost")), "{actions:?}");
     let actions = m.handle(ms(20), Event::Report(report(B, 1, Some(0))));
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if !r.state_lost)), "{actions:?}");
-    let actions = m.handle(ms(30), Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)] });
+    let actions = m.handle(
+        ms(30),
+        Event::RaiseEpochs { node: A, aggregates: vec![(AGG, A)], reason: "forced unfence".into() },
+    );
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: A })), "{actions:?}");
 }
 
