@@ -766,25 +766,21 @@ async fn run(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<Outcome, Strin
     if plan.negotiated {
         // The owner stops, drains, completes a CP and persists our epochs (DESIGN §11); the
         // plex here then holds every write it acknowledged, up to the CP now in its labels.
-        let released = release(node, &plan).await?;
+        let (released, epochs) = release(node, &plan).await?;
         crate::faults::crash_at("released");
         // The partner's final CP covers every write it acknowledged, on both plexes (it
         // releases only mirrored, normal aggregates): its records at or below it are on the
-        // plex here (S8).
+        // plex here (S8). It persisted the epochs it names (the mediator's, when it answered).
         for planned in plan.aggregates.iter_mut().filter(|p| !p.done) {
             planned.floor = planned.floor.max(released);
+            if let Some((_, epoch)) =
+                epochs.iter().find(|(u, e)| *u == planned.uuid && e.owner.0 == node.node_id())
+            {
+                planned.new = planned.new.max(*epoch);
+            }
         }
         node.operations()
             .update(id, "the partner released its aggregates", plan.encode())
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    if plan.negotiated {
-        // Raised by the mediator only now: before the partner released them its heartbeat
-        // reply would depose it in the middle of its final CP.
-        mediator_epochs(node, &mut plan, node.node_id(), "negotiated switchover").await?;
-        node.operations()
-            .update(id, "the partner released its aggregates; epochs issued", plan.encode())
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -1177,7 +1173,7 @@ fn slot_floor(node: &Node, slot: &AggrSlot) -> Lsn {
 
 /// Asks the DR partner to release the aggregates of `plan` at its epochs (negotiated
 /// switchover); returns the lsn of its final CP.
-async fn release(node: &Node, plan: &Plan) -> Result<u64, String> {
+async fn release(node: &Node, plan: &Plan) -> Result<(u64, Vec<(Uuid, Epoch)>), String> {
     let config = node.config();
     let address = format!("http://{}", config.dr_partner.address);
     let call = async {
@@ -1215,7 +1211,8 @@ async fn release(node: &Node, plan: &Plan) -> Result<u64, String> {
         last_cp_lsn = reply.last_cp_lsn,
         "the partner released its aggregates (negotiated switchover)"
     );
-    Ok(reply.last_cp_lsn)
+    let epochs = reply.epochs.iter().filter_map(crate::wire::from_aggregate_epoch).collect();
+    Ok((reply.last_cp_lsn, epochs))
 }
 
 /// Hands-off preparation shared by the negotiated switchover's release and the switchback:
@@ -1331,6 +1328,40 @@ pub async fn admin_release(
     let slots: Vec<Arc<AggrSlot>> = wanted.iter().map(|(slot, _)| slot.clone()).collect();
     let why = format!("released to node {} (negotiated switchover): served there", identity.sender_node);
     quiesce(node, &slots, &why, "release").await.map_err(|e| Status::unavailable(format!("{e}; retry")))?;
+    // With a mediator, the owner itself asks it for the taker's epochs (it alone raises epochs
+    // while it answers, and moves an aggregate away from a live owner only at that owner's
+    // request); only now, with this node's cache of them destaged, since the next heartbeat
+    // reply deposes this node of them.
+    let mut plan = Plan {
+        negotiated: true,
+        force_nvfail_all: false,
+        aggregates: wanted
+            .iter()
+            .map(|(slot, epoch)| Planned {
+                uuid: slot.uuid,
+                frozen: slot.plex_epoch(),
+                new: *epoch,
+                floor: 0,
+                not_in_sync: None,
+                done: false,
+            })
+            .collect(),
+    };
+    if let Err(e) = mediator_epochs(node, &mut plan, identity.sender_node, "negotiated switchover").await {
+        for slot in &slots {
+            slot.serving.send_if_modified(|state| match state {
+                SlotState::Adopting(_) => {
+                    *state = SlotState::Serving;
+                    true
+                }
+                _ => false,
+            });
+        }
+        return Err(Status::failed_precondition(e));
+    }
+    for ((_, epoch), planned) in wanted.iter_mut().zip(&plan.aggregates) {
+        *epoch = planned.new;
+    }
     // 4. The new epochs, durably; from now on this node writes none of it (S2).
     for (slot, epoch) in &wanted {
         node.shelf_state
@@ -1346,7 +1377,11 @@ pub async fn admin_release(
         node.register_away(slot.uuid, *epoch, slot_floor(node, slot));
     }
     let stats = node.cp_stats();
-    Ok(mc_proto::v1::ReleaseAggregatesReply { last_cp_lsn: stats.last_lsn.0, last_cp_id: stats.last_id })
+    Ok(mc_proto::v1::ReleaseAggregatesReply {
+        last_cp_lsn: stats.last_lsn.0,
+        last_cp_id: stats.last_id,
+        epochs: wanted.iter().map(|(slot, epoch)| crate::wire::aggregate_epoch(slot.uuid, *epoch)).collect(),
+    })
 }
 
 /// `Admin.Unfence`: the operator's way out of a fence nobody can confirm (S2).

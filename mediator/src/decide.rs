@@ -576,7 +576,7 @@ impl Mediator {
             }
             Event::RaiseEpochs { node, aggregates, reason } => {
                 self.heard.insert(node, now);
-                match self.raise_epochs(&aggregates) {
+                match self.raise_epochs(now, node, &aggregates) {
                     Ok(()) => {
                         let owners: BTreeSet<u32> = aggregates.iter().map(|(_, owner)| owner.0).collect();
                         let owners: Vec<String> = owners.iter().map(u32::to_string).collect();
@@ -626,7 +626,15 @@ impl Mediator {
 
     /// New epochs above every epoch recorded or reported, one per aggregate, each naming its
     /// requested owner (a configured controller). Nothing changes on a refusal.
-    fn raise_epochs(&mut self, aggregates: &[(AggregateId, NodeId)]) -> Result<(), String> {
+    /// An aggregate changes owner only at the request of its current owner (a negotiated
+    /// switchover's release, a switchback), or once that owner has been silent for lease +
+    /// margin (its lease lapsed, S6): a live owner is never deposed behind its back.
+    fn raise_epochs(
+        &mut self,
+        now: Now,
+        requester: NodeId,
+        aggregates: &[(AggregateId, NodeId)],
+    ) -> Result<(), String> {
         if self.lost {
             return Err("the mediator's state is lost and not yet rebuilt from every controller's report \
                         (rule 5): it cannot tell which epochs were used; retry once every controller has \
@@ -648,6 +656,16 @@ impl Mediator {
             }
             if self.highest_epoch(*id).number == u64::MAX {
                 return Err("the aggregate's epoch number cannot be raised".into());
+            }
+            let holder = self.state.aggregates.get(id).map(|r| r.epoch.owner).unwrap_or_default();
+            // Never heard since the mediator started: silent since its start.
+            let last = self.heard.get(&holder).copied().unwrap_or_default();
+            let silent = now.saturating_sub(last) >= self.config.timers.lease + self.config.timers.margin;
+            if holder != NodeId(0) && holder != *owner && holder != requester && !silent {
+                return Err(format!(
+                    "node {} holds the aggregate and reports: only it can give it away (its lease has not lapsed)",
+                    holder.0
+                ));
             }
         }
         for (id, owner) in aggregates {

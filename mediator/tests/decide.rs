@@ -396,12 +396,15 @@ fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
     assert!(m.state().aggregates[&AGG].in_sync());
     let actions = m.handle(
         ms(100),
-        Event::RaiseEpochs { node: B, aggregates: vec![(AGG, B)], reason: "negotiated switchover".into() },
+        Event::RaiseEpochs { node: A, aggregates: vec![(AGG, B)], reason: "negotiated switchover".into() },
     );
     assert_eq!(actions.first(), Some(&Action::Persist), "{actions:?}");
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: B })), "{actions:?}");
     assert!(!m.state().aggregates[&AGG].in_sync(), "a raised epoch kept the in-sync record");
-    assert!(m.last_decision().is_some_and(|d| d.contains("raised for node 2 (negotiated switchover")));
+    assert!(
+        m.last_decision()
+            .is_some_and(|d| d.contains("raised for node 2 (negotiated switchover, asked by node 1)"))
+    );
     // B saw epoch 4 somewhere (a label): the switchback's epoch goes above it, back to A.
     let mut b = report(B, 2, Some(150));
     b.epochs_seen = vec![(AGG, Epoch { number: 4, owner: B })];
@@ -472,4 +475,32 @@ fn auso_status_says_armed_while_both_sites_are_up() {
     m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG });
     let status = m.auso_status(ms(300));
     assert!(status[1].1.as_ref().is_err_and(|r| r.contains("not recorded in sync")), "{status:?}");
+}
+
+/// A live owner is never deposed behind its back: a raise that moves an aggregate away from a
+/// node that reports is refused unless that node asks (a negotiated switchover's release, a
+/// switchback); once it has been silent for lease + margin, it is allowed (a forced unfence of
+/// a node whose partner is gone).
+#[test]
+fn only_the_owner_gives_an_aggregate_away_while_it_reports() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    let raise =
+        |node, owner| Event::RaiseEpochs { node, aggregates: vec![(AGG, owner)], reason: String::new() };
+    // B takes A's aggregate while A reports: refused.
+    let actions = m.handle(ms(100), raise(B, B));
+    assert!(refusal(&actions).is_some_and(|r| r.contains("only it can give it away")), "{actions:?}");
+    // A gives it to B (its release): granted.
+    let actions = m.handle(ms(200), raise(A, B));
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 2, owner: B })), "{actions:?}");
+    // A takes it back while B reports: refused; B gives it back: granted.
+    m.handle(ms(300), Event::Report(report(B, 2, Some(300))));
+    assert!(refusal(&m.handle(ms(400), raise(A, A))).is_some());
+    let actions = m.handle(ms(500), raise(B, A));
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 3, owner: A })), "{actions:?}");
+    // A goes silent: after lease + margin (2.5 s), B may raise it for itself.
+    assert!(refusal(&m.handle(ms(2000), raise(B, B))).is_some());
+    let actions = m.handle(ms(3100), raise(B, B));
+    assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 4, owner: B })), "{actions:?}");
 }
