@@ -1,38 +1,52 @@
 //! The two-site lab on one machine (DESIGN §12): `mcctl lab up|status|down|kill|start`.
 //!
 //! `up` writes the configurations of a 2-node cluster on 127.0.0.1 (node 1 at site A, node 2
-//! at site B, DR partners of each other) into a directory, starts the real `mc-controller`
-//! processes, each in its own session so they outlive `mcctl`, waits until both serve, creates
-//! an aggregate and a volume per site, and records everything in `DIR/lab.json`. The other
-//! commands read `lab.json` to find the controllers again, from any shell.
+//! at site B, DR partners of each other) and of its mediator (DESIGN §10, the third site) into a
+//! directory, starts the real `mc-mediator` and then the `mc-controller` processes, each in its
+//! own session so they outlive `mcctl`, waits until the mediator answers and both controllers
+//! serve, creates an aggregate and a volume per site, and records everything in `DIR/lab.json`.
+//! The other commands read `lab.json` to find the processes again, from any shell. A lab made
+//! with `--no-mediator` has no mediator: its controllers' configurations have no `[mediator]`
+//! section and `lab.json` no `mediator` key, exactly as before the lab had a mediator (no
+//! automatic switchover; a forced switchover is the operator's, S2's fallbacks apply).
 //!
 //! Layout of a lab directory:
 //!
 //! | path | what |
 //! |---|---|
-//! | `lab.json` | the lab: cluster id, controllers (addresses, pid, log), volumes (NBD URIs) |
+//! | `lab.json` | the lab: cluster id, controllers (addresses, pid, log), mediator (address, pid, log), volumes (NBD URIs) |
 //! | `lab.lock` | `flock`ed by every command that changes the lab, so two never interleave |
 //! | `A/controller.toml`, `B/…` | each controller's configuration, as `config.rs` reads it |
 //! | `A/shelf/`, `B/shelf/` | each site's shelf of disks (sparse files) |
 //! | `A/nvlog`, `B/nvlog` | each controller's NVLog |
 //! | `A/controller.log`, `B/…` | each controller's stdout and stderr, appended across restarts |
+//! | `mediator/mediator.toml` | the mediator's configuration (absent with `--no-mediator`) |
+//! | `mediator/state/` | the mediator's state directory (`mediator.state`, its lock) |
+//! | `mediator/mediator.log` | the mediator's stdout and stderr, appended across restarts |
 //!
 //! Invariants:
-//! - every controller process the lab starts has its pid in `lab.json` before anything waits
-//!   on it (there is no `await` between the spawn and the save), so an interrupted or failed
-//!   command never leaves a controller that `lab down` cannot find;
+//! - every process the lab starts (controller or mediator) has its pid in `lab.json` before
+//!   anything waits on it (there is no `await` between the spawn and the save), so an
+//!   interrupted or failed command never leaves a process that `lab down` cannot find;
 //! - a pid counts as one of ours only while `/proc/PID/cmdline` shows `--config` with this
-//!   lab's configuration file and the process is not a zombie, so a reused pid is never
-//!   signalled or reported as a controller of the lab;
+//!   lab's configuration file of that process and the process is not a zombie, so a reused pid
+//!   is never signalled or reported as a process of the lab;
+//! - the mediator starts before the controllers (their lease starts with a round trip, S6) and
+//!   stops after them (`down`), so no controller of the lab ever runs while its mediator is
+//!   down unless `lab kill --mediator` asked for it;
+//! - the mediator's timers are the controllers' (DESIGN §10.1): its `[timers]` are written from
+//!   the values the controller configuration yields once parsed, never typed twice;
 //! - `lab.json` is replaced atomically (`*.tmp`, fsync, rename, fsync of the directory): a
-//!   reader sees the old or the new lab, never a mix;
+//!   reader sees the old or the new lab, never a mix; a `lab.json` without `mediator` (written
+//!   with `--no-mediator`, or before the lab had a mediator) is a lab without one;
 //! - aggregates and volumes are created once, when the lab is new; a restart (`up` on an
 //!   existing lab, `start`) reuses the configurations and the data as they are, and a lab
 //!   whose creation did not complete is never completed later (it is refused);
 //! - paths in `lab.json` and the configurations are absolute (the directory is resolved
 //!   first), so any shell can use the lab; a lab directory that is moved must be made again;
-//! - configurations written are first validated with `Config::parse`, so the daemon never
-//!   refuses a file the lab wrote; timer keys the caller did not set are not written (the
+//! - configurations written are first validated, the controllers' with `Config::parse` and the
+//!   mediator's with `mc-mediator --check-config`, so no daemon refuses a file the lab wrote;
+//!   timer keys the caller did not set are not written into the controllers' files (the
 //!   product's defaults apply).
 
 use std::collections::BTreeMap;
@@ -43,7 +57,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mc_proto::v1::admin_client::AdminClient;
-use mc_proto::v1::{CreateAggregateRequest, CreateVolumeRequest, StatusReply, StatusRequest};
+use mc_proto::v1::mediator_client::MediatorClient;
+use mc_proto::v1::{
+    CreateAggregateRequest, CreateVolumeRequest, MediatorShowReply, MediatorShowRequest, StatusReply,
+    StatusRequest,
+};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
@@ -75,6 +93,10 @@ pub const LOCK_DEADLINE: Duration = Duration::from_secs(120);
 pub const DISK_ROOM_BYTES: u64 = 64 << 20;
 /// The environment variable naming the controller binary.
 pub const CONTROLLER_BIN_ENV: &str = "MC_CONTROLLER_BIN";
+/// The environment variable naming the mediator binary.
+pub const MEDIATOR_BIN_ENV: &str = "MC_MEDIATOR_BIN";
+/// The mediator's directory in the lab directory.
+pub const MEDIATOR_DIR: &str = "mediator";
 /// How many lines of a controller's log an error shows.
 const LOG_TAIL_LINES: usize = 40;
 /// The deadline of a `Status` call while polling.
@@ -119,27 +141,27 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
-    /// The controller binary cannot be found.
+    /// The controller or the mediator binary cannot be found.
     #[error("{0}")]
     ControllerBin(String),
-    /// The command is refused in the lab's current state (running controllers, incomplete lab).
+    /// The command is refused in the lab's current state (running controllers, incomplete lab,
+    /// no mediator).
     #[error("{0}")]
     Refused(String),
-    /// A controller did not start or did not become ready; the message holds its log's tail.
-    #[error("site {site}'s controller (node {node}): {message}")]
+    /// A controller or the mediator did not start or did not become ready; the message holds
+    /// its log's tail.
+    #[error("{who}: {message}")]
     Start {
-        /// Its site.
-        site: LabSite,
-        /// Its node id.
-        node: u32,
+        /// Which process: `site A's controller (node 1)`, `the mediator`.
+        who: String,
         /// What happened, with the tail of its log.
         message: String,
     },
-    /// A controller did not stop.
-    #[error("site {site}'s controller (pid {pid}) did not stop: {message}")]
+    /// A controller or the mediator did not stop.
+    #[error("{who} (pid {pid}) did not stop: {message}")]
     Stop {
-        /// Its site.
-        site: LabSite,
+        /// Which process: `site A's controller`, `the mediator`.
+        who: String,
         /// Its pid.
         pid: u32,
         /// What happened.
@@ -226,6 +248,34 @@ impl std::str::FromStr for LabSite {
     }
 }
 
+/// A process of the lab: a site's controller, or the mediator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LabMember {
+    /// The controller of a site.
+    Controller(LabSite),
+    /// The mediator (the third site).
+    Mediator,
+}
+
+impl LabMember {
+    /// How errors name it: `site A's controller (node 1)`, `the mediator`.
+    fn who(self) -> String {
+        match self {
+            LabMember::Controller(site) => format!("site {site}'s controller (node {})", site.node_id()),
+            LabMember::Mediator => "the mediator".to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for LabMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabMember::Controller(site) => write!(f, "site {site}'s controller"),
+            LabMember::Mediator => f.write_str("the mediator"),
+        }
+    }
+}
+
 /// `lab.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +290,26 @@ pub struct LabState {
     pub controllers: Vec<LabController>,
     /// The volumes, once created.
     pub volumes: Vec<LabVolume>,
+    /// The mediator; `None` for a lab made with `--no-mediator` (or before the lab had a
+    /// mediator: the key is then absent, and it is not written for such a lab either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mediator: Option<LabMediator>,
+}
+
+/// The mediator of the lab.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabMediator {
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its gRPC address (the `Mediator` service the controllers and `mcctl mediator show` use).
+    pub grpc: String,
+    /// Its `/metrics` address.
+    pub metrics: String,
+    /// The pid of the process the lab last started, until it is stopped.
+    pub pid: Option<u32>,
+    /// Its log file.
+    pub log: PathBuf,
 }
 
 /// One controller of the lab.
@@ -321,6 +391,11 @@ impl LabState {
                 return Err(format!("site {}'s pid is 0", controller.site));
             }
         }
+        if let Some(mediator) = &self.mediator
+            && mediator.pid == Some(0)
+        {
+            return Err("the mediator's pid is 0".into());
+        }
         Ok(())
     }
 
@@ -345,6 +420,56 @@ impl LabState {
     fn controller_mut(&mut self, site: LabSite) -> &mut LabController {
         &mut self.controllers[usize::from(site == LabSite::B)]
     }
+
+    /// The configuration, log and recorded pid of `member`; an error for the mediator of a lab
+    /// without one.
+    fn process(&self, member: LabMember) -> Result<LabProcess, LabError> {
+        match member {
+            LabMember::Controller(site) => {
+                let c = self.controller(site);
+                Ok(LabProcess { config: c.config.clone(), log: c.log.clone(), pid: c.pid })
+            }
+            LabMember::Mediator => {
+                let m = self.mediator.as_ref().ok_or_else(no_mediator)?;
+                Ok(LabProcess { config: m.config.clone(), log: m.log.clone(), pid: m.pid })
+            }
+        }
+    }
+
+    /// Records `pid` as `member`'s (nothing for the mediator of a lab without one).
+    fn set_pid(&mut self, member: LabMember, pid: Option<u32>) {
+        match member {
+            LabMember::Controller(site) => self.controller_mut(site).pid = pid,
+            LabMember::Mediator => {
+                if let Some(mediator) = &mut self.mediator {
+                    mediator.pid = pid;
+                }
+            }
+        }
+    }
+}
+
+/// What starting, finding and stopping a process of the lab needs.
+#[derive(Clone, Debug)]
+struct LabProcess {
+    config: PathBuf,
+    log: PathBuf,
+    pid: Option<u32>,
+}
+
+impl LabProcess {
+    /// The recorded pid if it is still this process (`is_our_process`).
+    fn running_pid(&self) -> Option<u32> {
+        self.pid.filter(|&pid| is_our_process(pid, &self.config))
+    }
+}
+
+fn no_mediator() -> LabError {
+    LabError::Refused(
+        "this lab has no mediator (it was made with `mcctl lab up --no-mediator`, or by an mcctl without \
+         one); make a new lab without --no-mediator to have one"
+            .into(),
+    )
 }
 
 fn parse_cluster_id(text: &str) -> Result<[u8; 16], String> {
@@ -455,8 +580,18 @@ pub struct UpOptions {
     pub keepalive_timeout_ms: Option<u64>,
     /// `timers.margin_ms`.
     pub margin_ms: Option<u64>,
+    /// `mediator.heartbeat_ms` (and the mediator's `timers.heartbeat_ms`).
+    pub heartbeat_ms: Option<u64>,
+    /// `mediator.lease_ms` (and the mediator's `timers.lease_ms`).
+    pub lease_ms: Option<u64>,
+    /// `mediator.auso_window_ms` (and the mediator's `timers.auso_window_ms`).
+    pub auso_window_ms: Option<u64>,
+    /// A lab without a mediator (the configuration of the lab before it had one).
+    pub no_mediator: bool,
     /// The controller binary (else `MC_CONTROLLER_BIN`, else next to the running executable).
     pub controller_bin: Option<PathBuf>,
+    /// The mediator binary (else `MC_MEDIATOR_BIN`, else next to the running executable).
+    pub mediator_bin: Option<PathBuf>,
 }
 
 impl UpOptions {
@@ -470,6 +605,13 @@ impl UpOptions {
             || self.keepalive_interval_ms.is_some()
             || self.keepalive_timeout_ms.is_some()
             || self.margin_ms.is_some()
+            || self.mediator_timers_given()
+            || self.no_mediator
+    }
+
+    /// Whether a mediator timer was given.
+    fn mediator_timers_given(&self) -> bool {
+        self.heartbeat_ms.is_some() || self.lease_ms.is_some() || self.auso_window_ms.is_some()
     }
 }
 
@@ -505,6 +647,33 @@ impl ControllerReport {
             pid: controller.pid,
             log: controller.log.clone(),
             config: controller.config.clone(),
+        }
+    }
+}
+
+/// The mediator as commands report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MediatorReport {
+    /// gRPC address (`mcctl mediator show --mediator` takes it).
+    pub grpc: String,
+    /// `/metrics` address.
+    pub metrics: String,
+    /// Pid, if the lab started one that was not stopped since.
+    pub pid: Option<u32>,
+    /// Log file.
+    pub log: PathBuf,
+    /// Configuration file.
+    pub config: PathBuf,
+}
+
+impl MediatorReport {
+    fn of(mediator: &LabMediator) -> MediatorReport {
+        MediatorReport {
+            grpc: mediator.grpc.clone(),
+            metrics: mediator.metrics.clone(),
+            pid: mediator.pid,
+            log: mediator.log.clone(),
+            config: mediator.config.clone(),
         }
     }
 }
@@ -551,6 +720,9 @@ pub struct UpReport {
     pub volumes: Vec<VolumeReport>,
     /// The controllers.
     pub controllers: Vec<ControllerReport>,
+    /// The mediator; absent for a lab without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mediator: Option<MediatorReport>,
     /// Remarks for the operator (options that were ignored).
     pub notes: Vec<String>,
 }
@@ -592,8 +764,32 @@ pub struct StatusReport {
     pub complete: bool,
     /// Sites A and B.
     pub controllers: Vec<ControllerStatus>,
+    /// The mediator; absent for a lab without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mediator: Option<MediatorStatus>,
     /// The volumes.
     pub volumes: Vec<VolumeReport>,
+}
+
+/// The mediator's status.
+#[derive(Clone, Debug, Serialize)]
+pub struct MediatorStatus {
+    /// The pid the lab recorded.
+    pub pid: Option<u32>,
+    /// Whether that pid is the running mediator of this lab.
+    pub running: bool,
+    /// `answering` when its `Show` answers, `unreachable` when it runs but does not answer,
+    /// `stopped` when it does not run.
+    pub state: String,
+    /// What it sees (its diagnosis: `healthy`, `site A lost`, …), or why it does not answer or
+    /// run.
+    pub reason: String,
+    /// gRPC address.
+    pub grpc: String,
+    /// `/metrics` address.
+    pub metrics: String,
+    /// Log file.
+    pub log: PathBuf,
 }
 
 /// How a controller was stopped.
@@ -609,6 +805,15 @@ pub struct StopReport {
     pub how: String,
 }
 
+/// How the mediator was stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MediatorStopReport {
+    /// The pid that was stopped; `None` if it was not running.
+    pub pid: Option<u32>,
+    /// `sigterm`, `sigkill` (after SIGTERM's deadline, or for `kill`), or `not-running`.
+    pub how: String,
+}
+
 /// What `down` and `kill` did.
 #[derive(Clone, Debug, Serialize)]
 pub struct DownReport {
@@ -616,6 +821,18 @@ pub struct DownReport {
     pub dir: PathBuf,
     /// One per controller concerned.
     pub controllers: Vec<StopReport>,
+    /// The mediator, when concerned (`down` of a lab with one, `kill --mediator`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mediator: Option<MediatorStopReport>,
+}
+
+/// What `start_mediator` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct MediatorStartReport {
+    /// The mediator started.
+    pub mediator: MediatorReport,
+    /// What it sees once it answered (`healthy`, or which failure).
+    pub diagnosis: String,
 }
 
 /// What `start` did.
@@ -623,8 +840,12 @@ pub struct DownReport {
 pub struct StartReport {
     /// The controller started.
     pub controller: ControllerReport,
-    /// Its state once `start` returned (`serving`, or `fenced` while its partner is down).
+    /// Its state once `start` returned (`serving`, or `fenced` while its partner is down or
+    /// while it waits for switchback).
     pub node_state: String,
+    /// Its MetroCluster mode (`normal`; `waiting-for-switchback` when its aggregates were
+    /// switched over while it was down).
+    pub mode: String,
     /// Why, in its words.
     pub reason: String,
 }
@@ -632,24 +853,56 @@ pub struct StartReport {
 /// Finds the controller binary: `explicit`, else `$MC_CONTROLLER_BIN`, else `mc-controller` next
 /// to the running executable.
 pub fn controller_bin(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
+    find_bin(
+        explicit,
+        "--controller-bin",
+        CONTROLLER_BIN_ENV,
+        "mc-controller",
+        "cargo build -p controller",
+        "",
+    )
+}
+
+/// Finds the mediator binary: `explicit`, else `$MC_MEDIATOR_BIN`, else `mc-mediator` next to
+/// the running executable.
+pub fn mediator_bin(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
+    find_bin(
+        explicit,
+        "--mediator-bin",
+        MEDIATOR_BIN_ENV,
+        "mc-mediator",
+        "cargo build -p mediator",
+        ", or make a lab without a mediator with --no-mediator",
+    )
+}
+
+/// `explicit` (the option `flag`), else the environment variable `env`, else `name` next to the
+/// running executable; an error saying how to build it (`build`) and what else to do (`other`).
+fn find_bin(
+    explicit: Option<&Path>,
+    flag: &str,
+    env: &str,
+    name: &str,
+    build: &str,
+    other: &str,
+) -> Result<PathBuf, LabError> {
     let (path, from) = if let Some(path) = explicit {
-        (path.to_path_buf(), "--controller-bin")
-    } else if let Some(path) = std::env::var_os(CONTROLLER_BIN_ENV).filter(|p| !p.is_empty()) {
-        (PathBuf::from(path), CONTROLLER_BIN_ENV)
+        (path.to_path_buf(), flag)
+    } else if let Some(path) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        (PathBuf::from(path), env)
     } else {
         let exe = std::env::current_exe()
             .map_err(|e| LabError::ControllerBin(format!("cannot find the running executable: {e}")))?;
         let dir = exe.parent().ok_or_else(|| {
             LabError::ControllerBin(format!("the running executable {} has no directory", exe.display()))
         })?;
-        (dir.join("mc-controller"), "the directory of mcctl")
+        (dir.join(name), "the directory of mcctl")
     };
     match std::fs::metadata(&path) {
         Ok(meta) if meta.is_file() => Ok(path),
         Ok(_) => Err(LabError::ControllerBin(format!("{} (from {from}) is not a file", path.display()))),
         Err(e) => Err(LabError::ControllerBin(format!(
-            "no mc-controller at {} (from {from}): {e}; build it (`cargo build -p controller`), or name it \
-             with --controller-bin or {CONTROLLER_BIN_ENV}",
+            "no {name} at {} (from {from}): {e}; build it (`{build}`), or name it with {flag} or {env}{other}",
             path.display()
         ))),
     }
@@ -663,20 +916,25 @@ pub fn disk_size_bytes(volume_bytes: u64) -> Option<u64> {
     bytes.checked_next_multiple_of(1 << 20)
 }
 
-/// Three free ports per site (gRPC, metrics, NBD), all distinct: every listener is held until
-/// all are chosen.
-fn free_ports() -> Result<[[u16; 3]; 2], LabError> {
+/// Three free ports per site (gRPC, metrics, NBD) and two for the mediator (gRPC, metrics), all
+/// distinct: every listener is held until all are chosen.
+fn free_ports() -> Result<([[u16; 3]; 2], [u16; 2]), LabError> {
     let mut listeners = Vec::new();
+    let mut choose = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(io_error("bind 127.0.0.1:0 to choose a free port"))?;
+        let port = listener.local_addr().map_err(io_error("read a chosen port"))?.port();
+        listeners.push(listener);
+        Ok::<_, LabError>(port)
+    };
     let mut ports = [[0u16; 3]; 2];
     for site in &mut ports {
         for port in site.iter_mut() {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")
-                .map_err(io_error("bind 127.0.0.1:0 to choose a free port"))?;
-            *port = listener.local_addr().map_err(io_error("read a chosen port"))?.port();
-            listeners.push(listener);
+            *port = choose()?;
         }
     }
-    Ok(ports)
+    let mediator = [choose()?, choose()?];
+    Ok((ports, mediator))
 }
 
 fn utf8(path: &Path) -> Result<&str, LabError> {
@@ -686,7 +944,8 @@ fn utf8(path: &Path) -> Result<&str, LabError> {
     })
 }
 
-/// The TOML configuration of `site`'s controller.
+/// The TOML configuration of `site`'s controller; with `mediator_grpc_port`, a `[mediator]`
+/// section naming it.
 fn config_text(
     options: &UpOptions,
     cluster_id: &str,
@@ -694,6 +953,7 @@ fn config_text(
     site: LabSite,
     ports: [u16; 3],
     partner_grpc_port: u16,
+    mediator_grpc_port: Option<u16>,
 ) -> Result<String, LabError> {
     use toml::{Table, Value};
     let int = |n: u64| {
@@ -739,18 +999,95 @@ fn config_text(
     if !timers.is_empty() {
         root.insert("timers".into(), Value::Table(timers));
     }
+    if let Some(port) = mediator_grpc_port {
+        let mut mediator = Table::new();
+        mediator.insert("address".into(), Value::String(format!("127.0.0.1:{port}")));
+        let given = [
+            ("heartbeat_ms", options.heartbeat_ms),
+            ("lease_ms", options.lease_ms),
+            ("auso_window_ms", options.auso_window_ms),
+        ];
+        for (key, value) in given {
+            if let Some(value) = value {
+                mediator.insert(key.into(), int(value)?);
+            }
+        }
+        root.insert("mediator".into(), Value::Table(mediator));
+    }
     toml::to_string(&root).map_err(|e| LabError::Invalid(format!("encode the configuration: {e}")))
 }
 
+/// The TOML configuration of the mediator (the layout of `mediator/src/config.rs`): its state
+/// in `mediator_dir/state`, both controllers, and every timer with the value `controller` (a
+/// parsed controller configuration of this lab, which has a mediator) uses, so the two sides
+/// agree on DESIGN §10.1's timers.
+fn mediator_config_text(
+    cluster_id: &str,
+    mediator_dir: &Path,
+    ports: [u16; 2],
+    controller: &Config,
+) -> Result<String, LabError> {
+    use toml::{Table, Value};
+    let mediator = controller
+        .mediator
+        .as_ref()
+        .ok_or_else(|| LabError::Invalid("the controllers' configuration names no mediator".into()))?;
+    let ms = |d: Duration| {
+        i64::try_from(d.as_millis())
+            .map(Value::Integer)
+            .map_err(|_| LabError::Invalid(format!("{d:?} is too large")))
+    };
+    let mut root = Table::new();
+    root.insert("cluster_id".into(), Value::String(cluster_id.into()));
+    root.insert("state_dir".into(), Value::String(utf8(&mediator_dir.join("state"))?.to_string()));
+    let mut listen = Table::new();
+    for (key, port) in ["grpc", "metrics"].into_iter().zip(ports) {
+        listen.insert(key.into(), Value::String(format!("127.0.0.1:{port}")));
+    }
+    root.insert("listen".into(), Value::Table(listen));
+    let mut timers = Table::new();
+    let t = &controller.timers;
+    timers.insert("keepalive_timeout_ms".into(), ms(t.keepalive_timeout)?);
+    timers.insert("heartbeat_ms".into(), ms(mediator.heartbeat)?);
+    timers.insert("lease_ms".into(), ms(mediator.lease)?);
+    timers.insert("margin_ms".into(), ms(t.margin)?);
+    timers.insert("mirror_timeout_ms".into(), ms(t.mirror_timeout)?);
+    timers.insert("auso_window_ms".into(), ms(mediator.auso_window)?);
+    root.insert("timers".into(), Value::Table(timers));
+    let controllers = LabSite::ALL
+        .into_iter()
+        .map(|site| {
+            let mut c = Table::new();
+            c.insert("node".into(), Value::Integer(site.node_id().into()));
+            c.insert("site".into(), Value::String(site.name().into()));
+            Value::Table(c)
+        })
+        .collect();
+    root.insert("controllers".into(), Value::Array(controllers));
+    toml::to_string(&root).map_err(|e| LabError::Invalid(format!("encode the mediator's configuration: {e}")))
+}
+
 /// Brings a lab up in `options.dir`: a new one in an empty or absent directory, or the
-/// existing one restarted. Returns once every controller serves (and, for a new lab, the
-/// aggregates and volumes exist). On failure, whatever it started is stopped again.
+/// existing one restarted. Returns once the mediator (if the lab has one) answers and every
+/// controller serves (and, for a new lab, the aggregates and volumes exist). On failure,
+/// whatever it started is stopped again.
 pub async fn up(options: &UpOptions) -> Result<UpReport, LabError> {
     let dir = &options.dir;
+    if options.no_mediator && options.mediator_timers_given() {
+        return Err(LabError::Invalid(
+            "--heartbeat-ms, --lease-ms and --auso-window-ms are the mediator's timers: a lab with \
+             --no-mediator has none"
+                .into(),
+        ));
+    }
     let bin = controller_bin(options.controller_bin.as_deref())?;
     // Settings for a new lab are checked before anything is created.
+    let mut new_mediator_bin = None;
     if !dir.join(LAB_FILE).exists() {
         new_lab_sizes(options, dir)?;
+        if !options.no_mediator {
+            new_mediator_bin = Some(mediator_bin(options.mediator_bin.as_deref())?);
+        }
     }
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => {
@@ -765,23 +1102,29 @@ pub async fn up(options: &UpOptions) -> Result<UpReport, LabError> {
         }
         Err(e) => return Err(io_error(format!("inspect {}", dir.display()))(e)),
     }
-    // Absolute paths go into the configurations and the controllers' command lines (which is
-    // how a pid is recognised as ours).
+    // Absolute paths go into the configurations and the processes' command lines (which is how
+    // a pid is recognised as ours).
     let dir = std::fs::canonicalize(dir).map_err(io_error(format!("resolve {}", dir.display())))?;
     utf8(&dir)?;
     let lock = LabLock::take(&dir).await?;
     let report = if dir.join(LAB_FILE).exists() {
-        let mut report = restart(&dir, &bin).await?;
+        let mut report = restart(&dir, &bin, options.mediator_bin.as_deref()).await?;
         if options.shapes_a_new_lab() {
             report.notes.push(
-                "the lab exists: it was restarted with its configurations; the size, durability and timer \
-                 options given were ignored"
+                "the lab exists: it was restarted with its configurations; the size, durability, timer and \
+                 mediator options given were ignored"
                     .into(),
             );
         }
         report
     } else {
-        create(options, &dir, &bin).await?
+        let mediator_bin = match new_mediator_bin {
+            Some(bin) => Some(bin),
+            // The lab file went away between the checks and the lock: check again.
+            None if !options.no_mediator => Some(mediator_bin(options.mediator_bin.as_deref())?),
+            None => None,
+        };
+        create(options, &dir, &bin, mediator_bin.as_deref()).await?
     };
     drop(lock);
     Ok(report)
@@ -801,12 +1144,17 @@ fn new_lab_sizes(options: &UpOptions, dir: &Path) -> Result<(u64, u64), LabError
     let disk_bytes = disk_size_bytes(volume_bytes)
         .ok_or_else(|| LabError::Invalid(format!("volume size {volume_mib} MiB is too large")))?;
     let site_dir = dir.join(LabSite::A.name());
-    let text = config_text(options, &hex(&[0x11; 16]), &site_dir, LabSite::A, [1, 2, 3], 4)?;
+    let mediator = (!options.no_mediator).then_some(5);
+    let text = config_text(options, &hex(&[0x11; 16]), &site_dir, LabSite::A, [1, 2, 3], 4, mediator)?;
     Config::parse(&text, &site_dir.join("controller.toml"), &Overrides::default()).map_err(|e| {
         let hint = match &e {
-            crate::config::ConfigError::Invalid { key, .. } if key.starts_with("timers.") => {
+            crate::config::ConfigError::Invalid { key, .. }
+                if key.starts_with("timers.") || key.starts_with("mediator.") =>
+            {
                 " (--mirror-timeout-ms, --cp-interval-ms, --keepalive-interval-ms, --keepalive-timeout-ms and \
-                 --margin-ms set the timers; the ones not given keep the product's defaults)"
+                 --margin-ms set the timers, --heartbeat-ms, --lease-ms and --auso-window-ms the mediator's; \
+                 the ones not given keep the product's defaults; --no-mediator makes a lab without a \
+                 mediator)"
             }
             _ => "",
         };
@@ -815,8 +1163,9 @@ fn new_lab_sizes(options: &UpOptions, dir: &Path) -> Result<(u64, u64), LabError
     Ok((volume_bytes, disk_bytes))
 }
 
-/// Restarts every controller of the existing lab in `dir`.
-async fn restart(dir: &Path, bin: &Path) -> Result<UpReport, LabError> {
+/// Restarts the existing lab in `dir`: its mediator first (if it has one and it does not run),
+/// then both controllers.
+async fn restart(dir: &Path, bin: &Path, mediator_bin_path: Option<&Path>) -> Result<UpReport, LabError> {
     let mut state = LabState::load(dir)?;
     if !state.complete {
         return Err(LabError::Refused(format!(
@@ -840,17 +1189,71 @@ async fn restart(dir: &Path, bin: &Path) -> Result<UpReport, LabError> {
             dir.display()
         )));
     }
-    let mut children = start_all(dir, bin, &mut state)?;
     let cluster = state.cluster_bytes()?;
-    if let Err(error) = wait_all_serving(dir, bin, &mut state, &cluster, &mut children).await {
+    let mut notes = Vec::new();
+    let mut children = Vec::new();
+    if state.mediator.is_some() {
+        match state.process(LabMember::Mediator)?.running_pid() {
+            Some(pid) => notes.push(format!("the mediator was running already (pid {pid}); it was kept")),
+            None => {
+                let mediator_bin = mediator_bin(mediator_bin_path)?;
+                children.push(start_process(dir, &mediator_bin, &mut state, LabMember::Mediator)?);
+            }
+        }
+    }
+    let started = async {
+        wait_ready(dir, &mut state, &cluster, &mut children).await?;
+        children.extend(start_all(dir, bin, &mut state)?);
+        wait_ready(dir, &mut state, &cluster, &mut children).await
+    }
+    .await;
+    if let Err(error) = started {
         stop_after_failure(dir, &mut state, children).await;
         return Err(error);
     }
-    Ok(up_report(dir, &state, false))
+    let mut report = up_report(dir, &state, false);
+    report.notes = notes;
+    Ok(report)
 }
 
-/// Creates a new lab in the empty directory `dir`.
-async fn create(options: &UpOptions, dir: &Path, bin: &Path) -> Result<UpReport, LabError> {
+/// Writes the mediator's configuration into `mediator_dir` and has `mc-mediator
+/// --check-config` validate it; on refusal, removes `mediator_dir` again (the directory of a
+/// new lab stays empty) and returns the mediator's message.
+fn write_mediator_config(mediator_bin: &Path, mediator_dir: &Path, text: &str) -> Result<PathBuf, LabError> {
+    let state_dir = mediator_dir.join("state");
+    std::fs::create_dir_all(&state_dir).map_err(io_error(format!("create {}", state_dir.display())))?;
+    write_atomically(mediator_dir, "mediator.toml", text.as_bytes())?;
+    let config = mediator_dir.join("mediator.toml");
+    let out = Command::new(mediator_bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LabError::Start {
+            who: LabMember::Mediator.who(),
+            message: format!("cannot run {} --check-config: {e}", mediator_bin.display()),
+        })?;
+    if out.status.success() {
+        return Ok(config);
+    }
+    let _ = std::fs::remove_dir_all(mediator_dir);
+    Err(LabError::Invalid(format!(
+        "{} refuses the mediator configuration the lab made ({}): {}",
+        mediator_bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// Creates a new lab in the empty directory `dir`, with a mediator unless `mediator_bin` is
+/// `None` (`--no-mediator`).
+async fn create(
+    options: &UpOptions,
+    dir: &Path,
+    bin: &Path,
+    mediator_bin: Option<&Path>,
+) -> Result<UpReport, LabError> {
     let entries = std::fs::read_dir(dir).map_err(io_error(format!("list {}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(io_error(format!("list {}", dir.display())))?;
@@ -867,17 +1270,23 @@ async fn create(options: &UpOptions, dir: &Path, bin: &Path) -> Result<UpReport,
     let (volume_bytes, disk_bytes) = new_lab_sizes(options, dir)?;
     let cluster = rand::random::<[u8; 16]>();
     let cluster_id = hex(&cluster);
-    let ports = free_ports()?;
+    let (ports, mediator_ports) = free_ports()?;
+    let mediator_port = mediator_bin.map(|_| mediator_ports[0]);
     let mut controllers = Vec::new();
     let mut texts = Vec::new();
+    let mut parsed = Vec::new();
     for site in LabSite::ALL {
         let index = usize::from(site == LabSite::B);
         let site_dir = dir.join(site.name());
         let config = site_dir.join("controller.toml");
         let partner_grpc = ports[1 - index][0];
-        let text = config_text(options, &cluster_id, &site_dir, site, ports[index], partner_grpc)?;
+        let text =
+            config_text(options, &cluster_id, &site_dir, site, ports[index], partner_grpc, mediator_port)?;
         // Checked again with the real ports and paths, before anything is written or started.
-        Config::parse(&text, &config, &Overrides::default()).map_err(|e| LabError::Invalid(e.to_string()))?;
+        parsed.push(
+            Config::parse(&text, &config, &Overrides::default())
+                .map_err(|e| LabError::Invalid(e.to_string()))?,
+        );
         texts.push((site_dir.clone(), text));
         controllers.push(LabController {
             node: site.node_id(),
@@ -890,17 +1299,47 @@ async fn create(options: &UpOptions, dir: &Path, bin: &Path) -> Result<UpReport,
             log: site_dir.join("controller.log"),
         });
     }
+    // The mediator's configuration first: it is the one checked by another program, and on
+    // refusal nothing else has been written.
+    let mediator = match mediator_bin {
+        Some(mediator_bin) => {
+            let mediator_dir = dir.join(MEDIATOR_DIR);
+            let text = mediator_config_text(&cluster_id, &mediator_dir, mediator_ports, &parsed[0])?;
+            let config = write_mediator_config(mediator_bin, &mediator_dir, &text)?;
+            Some(LabMediator {
+                config,
+                grpc: format!("127.0.0.1:{}", mediator_ports[0]),
+                metrics: format!("127.0.0.1:{}", mediator_ports[1]),
+                pid: None,
+                log: mediator_dir.join("mediator.log"),
+            })
+        }
+        None => None,
+    };
     for (site_dir, text) in &texts {
         std::fs::create_dir_all(site_dir.join("shelf"))
             .map_err(io_error(format!("create {}", site_dir.join("shelf").display())))?;
         write_atomically(site_dir, "controller.toml", text.as_bytes())?;
     }
-    let mut state =
-        LabState { format: LAB_FORMAT, cluster_id, complete: false, controllers, volumes: Vec::new() };
+    let mut state = LabState {
+        format: LAB_FORMAT,
+        cluster_id,
+        complete: false,
+        controllers,
+        volumes: Vec::new(),
+        mediator,
+    };
     state.save(dir)?;
-    let mut children = start_all(dir, bin, &mut state)?;
+    let mut children = Vec::new();
     let created = async {
-        wait_all_serving(dir, bin, &mut state, &cluster, &mut children).await?;
+        if let Some(mediator_bin) = mediator_bin {
+            // The mediator answers before the controllers start: their lease starts with a round
+            // trip (S6), and their first heartbeats find it.
+            children.push(start_process(dir, mediator_bin, &mut state, LabMember::Mediator)?);
+            wait_ready(dir, &mut state, &cluster, &mut children).await?;
+        }
+        children.extend(start_all(dir, bin, &mut state)?);
+        wait_ready(dir, &mut state, &cluster, &mut children).await?;
         let mut volumes = Vec::new();
         for site in LabSite::ALL {
             volumes.push(create_volume(&state, &cluster, site, volume_bytes, disk_bytes).await?);
@@ -972,15 +1411,17 @@ fn up_report(dir: &Path, state: &LabState, created: bool) -> UpReport {
         created,
         volumes: state.volumes.iter().map(VolumeReport::of).collect(),
         controllers: state.controllers.iter().map(ControllerReport::of).collect(),
+        mediator: state.mediator.as_ref().map(MediatorReport::of),
         notes: Vec::new(),
     }
 }
 
-/// A started controller: its child handle (while this process is its parent) and where its log
-/// stood before the start.
+/// A started process: its child handle (while this process is its parent), the binary it runs
+/// (to start it again) and where its log stood before the start.
 #[derive(Debug)]
 struct Started {
-    site: LabSite,
+    member: LabMember,
+    bin: PathBuf,
     child: Child,
     log_offset: u64,
 }
@@ -989,13 +1430,13 @@ struct Started {
 fn start_all(dir: &Path, bin: &Path, state: &mut LabState) -> Result<Vec<Started>, LabError> {
     let mut started = Vec::new();
     for site in LabSite::ALL {
-        match start_one(dir, bin, state, site) {
+        match start_process(dir, bin, state, LabMember::Controller(site)) {
             Ok(one) => started.push(one),
             Err(error) => {
                 for mut one in started {
                     let _ = one.child.kill();
                     let _ = one.child.wait();
-                    state.controller_mut(one.site).pid = None;
+                    state.set_pid(one.member, None);
                 }
                 let _ = state.save(dir);
                 return Err(error);
@@ -1005,25 +1446,27 @@ fn start_all(dir: &Path, bin: &Path, state: &mut LabState) -> Result<Vec<Started
     Ok(started)
 }
 
-/// Spawns `site`'s controller in its own session and saves its pid in `lab.json` at once.
-fn start_one(dir: &Path, bin: &Path, state: &mut LabState, site: LabSite) -> Result<Started, LabError> {
-    let controller = state.controller(site).clone();
+/// Spawns `member` (`bin --config CONFIG`) in its own session and saves its pid in `lab.json`
+/// at once.
+fn start_process(
+    dir: &Path,
+    bin: &Path,
+    state: &mut LabState,
+    member: LabMember,
+) -> Result<Started, LabError> {
+    let process = state.process(member)?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&controller.log)
-        .map_err(io_error(format!("open {}", controller.log.display())))?;
+        .open(&process.log)
+        .map_err(io_error(format!("open {}", process.log.display())))?;
     let log_offset =
-        log.seek(SeekFrom::End(0)).map_err(io_error(format!("seek {}", controller.log.display())))?;
-    let _ = writeln!(
-        log,
-        "=== mcctl lab: starting {} --config {} ===",
-        bin.display(),
-        controller.config.display()
-    );
-    let stderr = log.try_clone().map_err(io_error(format!("duplicate {}", controller.log.display())))?;
+        log.seek(SeekFrom::End(0)).map_err(io_error(format!("seek {}", process.log.display())))?;
+    let _ =
+        writeln!(log, "=== mcctl lab: starting {} --config {} ===", bin.display(), process.config.display());
+    let stderr = log.try_clone().map_err(io_error(format!("duplicate {}", process.log.display())))?;
     let mut command = Command::new(bin);
-    command.arg("--config").arg(&controller.config).stdin(Stdio::null()).stdout(log).stderr(stderr);
+    command.arg("--config").arg(&process.config).stdin(Stdio::null()).stdout(log).stderr(stderr);
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", "info");
     }
@@ -1033,7 +1476,7 @@ fn start_one(dir: &Path, bin: &Path, state: &mut LabState, site: LabSite) -> Res
     }
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // calls are allowed; `setsid` is one, and the closure touches no memory of the parent. A new
-    // session keeps the controller out of mcctl's process group, so a Ctrl-C at the terminal or
+    // session keeps the process out of mcctl's process group, so a Ctrl-C at the terminal or
     // mcctl's exit does not reach it.
     unsafe {
         command.pre_exec(|| {
@@ -1044,98 +1487,110 @@ fn start_one(dir: &Path, bin: &Path, state: &mut LabState, site: LabSite) -> Res
         });
     }
     let child = command.spawn().map_err(|e| LabError::Start {
-        site,
-        node: controller.node,
+        who: member.who(),
         message: format!("cannot start {}: {e}", bin.display()),
     })?;
     // No `await` between the spawn and the save (module invariant).
-    state.controller_mut(site).pid = Some(child.id());
+    state.set_pid(member, Some(child.id()));
     if let Err(error) = state.save(dir) {
         let mut child = child;
         let _ = child.kill();
         let _ = child.wait();
-        state.controller_mut(site).pid = None;
+        state.set_pid(member, None);
         return Err(error);
     }
-    Ok(Started { site, child, log_offset })
+    Ok(Started { member, bin: bin.to_path_buf(), child, log_offset })
 }
 
-/// Whether `started` has exited. A controller that exited because an address of its was in
-/// use (held for a moment by its killed predecessor, or taken by another program since the lab
+/// Whether `started` has exited. A process that exited because an address of its was in use
+/// (held for a moment by its killed predecessor, or taken by another program since the lab
 /// chose it) is started again while `deadline` allows; any other exit is an error with the
 /// tail of its log.
 fn check_exit(
     dir: &Path,
-    bin: &Path,
     state: &mut LabState,
     started: &mut Started,
     deadline: Instant,
 ) -> Result<(), LabError> {
-    let Some(status) = started.child.try_wait().map_err(io_error("wait for a controller"))? else {
+    let Some(status) = started.child.try_wait().map_err(io_error("wait for a started process"))? else {
         return Ok(());
     };
-    let site = started.site;
-    let controller = state.controller(site).clone();
-    let since = log_since(&controller.log, started.log_offset);
+    let member = started.member;
+    let process = state.process(member)?;
+    let since = log_since(&process.log, started.log_offset);
     if since.contains("Address already in use") && Instant::now() < deadline {
-        *started = start_one(dir, bin, state, site)?;
+        let bin = started.bin.clone();
+        *started = start_process(dir, &bin, state, member)?;
         return Ok(());
     }
-    state.controller_mut(site).pid = None;
+    state.set_pid(member, None);
     state.save(dir)?;
+    let what = match member {
+        LabMember::Controller(_) => "serving",
+        LabMember::Mediator => "answering",
+    };
     Err(LabError::Start {
-        site,
-        node: controller.node,
+        who: member.who(),
         message: format!(
-            "exited ({status}) before serving; the end of {}:\n{}",
-            controller.log.display(),
+            "exited ({status}) before {what}; the end of {}:\n{}",
+            process.log.display(),
             tail_of(&since)
         ),
     })
 }
 
-/// Waits until every started controller serves.
-async fn wait_all_serving(
+/// Whether `member` is ready: a controller serves, the mediator answers `Show`; else what it is.
+async fn readiness(state: &LabState, cluster: &[u8; 16], member: LabMember) -> Result<(), String> {
+    match member {
+        LabMember::Controller(site) => match node_status(&state.controller(site).admin, cluster).await {
+            Ok(status) if status.node_state == "serving" => Ok(()),
+            Ok(status) => Err(format!("{} ({})", status.node_state, status.state_reason)),
+            Err(message) => Err(format!("unreachable ({message})")),
+        },
+        LabMember::Mediator => {
+            let Some(mediator) = &state.mediator else { return Err("not in this lab".into()) };
+            match mediator_show(&mediator.grpc, cluster).await {
+                Ok(_) => Ok(()),
+                Err(message) => Err(format!("not answering ({message})")),
+            }
+        }
+    }
+}
+
+/// Waits until every started process is ready (`readiness`), checking that none exited.
+async fn wait_ready(
     dir: &Path,
-    bin: &Path,
     state: &mut LabState,
     cluster: &[u8; 16],
     children: &mut [Started],
 ) -> Result<(), LabError> {
     let deadline = Instant::now() + READY_DEADLINE;
-    let mut pending: Vec<usize> = (0..children.len()).collect();
-    let mut last: BTreeMap<LabSite, String> = BTreeMap::new();
+    let mut last: BTreeMap<LabMember, String> = BTreeMap::new();
     loop {
-        let mut still = Vec::new();
-        for index in pending {
-            let started = &mut children[index];
-            check_exit(dir, bin, state, started, deadline)?;
-            let admin = state.controller(started.site).admin.clone();
-            match node_status(&admin, cluster).await {
-                Ok(status) if status.node_state == "serving" => continue,
-                Ok(status) => {
-                    last.insert(started.site, format!("{} ({})", status.node_state, status.state_reason));
-                }
-                Err(message) => {
-                    last.insert(started.site, format!("unreachable ({message})"));
-                }
+        let mut pending = None;
+        for started in children.iter_mut() {
+            check_exit(dir, state, started, deadline)?;
+            if let Err(why) = readiness(state, cluster, started.member).await {
+                last.insert(started.member, why);
+                pending = pending.or(Some(started.member));
             }
-            still.push(index);
         }
-        pending = still;
-        let Some(&index) = pending.first() else { return Ok(()) };
+        let Some(member) = pending else { return Ok(()) };
         if Instant::now() > deadline {
-            let started = &children[index];
-            let controller = state.controller(started.site);
+            let Some(started) = children.iter().find(|c| c.member == member) else { return Ok(()) };
+            let process = state.process(member)?;
+            let what = match member {
+                LabMember::Controller(_) => "serving",
+                LabMember::Mediator => "answering",
+            };
             return Err(LabError::Start {
-                site: started.site,
-                node: controller.node,
+                who: member.who(),
                 message: format!(
-                    "not serving after {} s: it is {}; the end of {}:\n{}",
+                    "not {what} after {} s: it is {}; the end of {}:\n{}",
                     READY_DEADLINE.as_secs(),
-                    last.get(&started.site).map_or("unknown", String::as_str),
-                    controller.log.display(),
-                    log_tail(&controller.log, started.log_offset)
+                    last.get(&member).map_or("unknown", String::as_str),
+                    process.log.display(),
+                    log_tail(&process.log, started.log_offset)
                 ),
             });
         }
@@ -1143,10 +1598,12 @@ async fn wait_all_serving(
     }
 }
 
-/// Stops the controllers this command started (it is their parent), after a failure.
-async fn stop_after_failure(dir: &Path, state: &mut LabState, children: Vec<Started>) {
+/// Stops the processes this command started (it is their parent), after a failure: the
+/// controllers first, then the mediator.
+async fn stop_after_failure(dir: &Path, state: &mut LabState, mut children: Vec<Started>) {
+    children.sort_by_key(|started| started.member == LabMember::Mediator);
     for mut started in children {
-        // SIGTERM first, so the controller's last words reach its log.
+        // SIGTERM first, so the process's last words reach its log.
         if let Ok(pid) = i32::try_from(started.child.id()) {
             // SAFETY: signalling our own child, which has not been waited for, so its pid is not
             // reused yet.
@@ -1164,10 +1621,10 @@ async fn stop_after_failure(dir: &Path, state: &mut LabState, children: Vec<Star
                 Ok(None) => tokio::time::sleep(POLL_INTERVAL).await,
             }
         }
-        state.controller_mut(started.site).pid = None;
+        state.set_pid(started.member, None);
     }
     if let Err(error) = state.save(dir) {
-        tracing::warn!(%error, "cannot record the stopped controllers");
+        tracing::warn!(%error, "cannot record the stopped processes");
     }
 }
 
@@ -1218,9 +1675,27 @@ pub async fn node_status(address: &str, cluster: &[u8; 16]) -> Result<StatusRepl
         .map_err(|s| if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() })
 }
 
+/// `Mediator.Show` of the mediator at `address` for `cluster`.
+pub async fn mediator_show(address: &str, cluster: &[u8; 16]) -> Result<MediatorShowReply, String> {
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(STATUS_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = MediatorClient::new(channel);
+    let mut request = tonic::Request::new(MediatorShowRequest { cluster_id: cluster.to_vec() });
+    request.set_timeout(STATUS_TIMEOUT);
+    client
+        .show(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() })
+}
+
 /// The process `pid` as this lab knows it: running (not a zombie) with `--config CONFIG` on its
-/// command line.
-pub fn is_our_controller(pid: u32, config: &Path) -> bool {
+/// command line (a controller's or the mediator's configuration of this lab).
+pub fn is_our_process(pid: u32, config: &Path) -> bool {
     let Ok(raw) = i32::try_from(pid) else { return false };
     if raw <= 0 {
         return false;
@@ -1246,10 +1721,11 @@ pub fn is_our_controller(pid: u32, config: &Path) -> bool {
 
 /// The pid of `controller` if it runs.
 fn running_pid(controller: &LabController) -> Option<u32> {
-    controller.pid.filter(|&pid| is_our_controller(pid, &controller.config))
+    controller.pid.filter(|&pid| is_our_process(pid, &controller.config))
 }
 
-/// The lab in `dir` as it is now: each controller's process and state, and the volumes.
+/// The lab in `dir` as it is now: each controller's process and state, the mediator's, and the
+/// volumes.
 pub async fn status(dir: &Path) -> Result<StatusReport, LabError> {
     let dir = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => LabError::NoLab { dir: dir.to_path_buf() },
@@ -1272,11 +1748,7 @@ pub async fn status(dir: &Path) -> Result<StatusReport, LabError> {
                 Err(message) => ("unreachable".to_string(), message),
             }
         } else {
-            let reason = match controller.pid {
-                Some(pid) => format!("pid {pid} is not running (it exited or was killed)"),
-                None => "stopped by `mcctl lab down` or `mcctl lab kill`".to_string(),
-            };
-            ("stopped".to_string(), reason)
+            ("stopped".to_string(), not_running_reason(controller.pid))
         };
         controllers.push(ControllerStatus {
             node: controller.node,
@@ -1291,6 +1763,29 @@ pub async fn status(dir: &Path) -> Result<StatusReport, LabError> {
             log: controller.log.clone(),
         });
     }
+    let mediator = match &state.mediator {
+        Some(mediator) => {
+            let running = state.process(LabMember::Mediator)?.running_pid().is_some();
+            let (mediator_state, reason) = if running {
+                match mediator_show(&mediator.grpc, &cluster).await {
+                    Ok(reply) => ("answering".to_string(), reply.diagnosis),
+                    Err(message) => ("unreachable".to_string(), message),
+                }
+            } else {
+                ("stopped".to_string(), not_running_reason(mediator.pid))
+            };
+            Some(MediatorStatus {
+                pid: mediator.pid,
+                running,
+                state: mediator_state,
+                reason,
+                grpc: mediator.grpc.clone(),
+                metrics: mediator.metrics.clone(),
+                log: mediator.log.clone(),
+            })
+        }
+        None => None,
+    };
     let volumes = state
         .volumes
         .iter()
@@ -1299,7 +1794,22 @@ pub async fn status(dir: &Path) -> Result<StatusReport, LabError> {
             ..VolumeReport::of(volume)
         })
         .collect();
-    Ok(StatusReport { dir, cluster_id: state.cluster_id, complete: state.complete, controllers, volumes })
+    Ok(StatusReport {
+        dir,
+        cluster_id: state.cluster_id,
+        complete: state.complete,
+        controllers,
+        mediator,
+        volumes,
+    })
+}
+
+/// Why a process of the lab whose recorded pid is `pid` does not run.
+fn not_running_reason(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid} is not running (it exited or was killed)"),
+        None => "stopped by `mcctl lab down` or `mcctl lab kill`".to_string(),
+    }
 }
 
 /// Opens the lab in `dir` for a change: the canonical directory, its lock and its state.
@@ -1316,18 +1826,15 @@ async fn open_for_change(dir: &Path) -> Result<(PathBuf, LabLock, LabState), Lab
 fn signal(pid: u32, signal: i32) -> Result<(), std::io::Error> {
     let raw = i32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: `kill` touches no memory; the caller checked just before that `pid` is a
-    // controller of this lab (`is_our_controller`).
+    // process of this lab (`is_our_process`).
     if unsafe { libc::kill(raw, signal) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// Waits until none of `pids` is a running controller of its configuration, or `deadline`.
+/// Waits until none of `pids` is a running process of its configuration, or `deadline`.
 async fn wait_gone(pids: &[(u32, &Path)], deadline: Instant) -> Vec<u32> {
     loop {
-        let left: Vec<u32> = pids
-            .iter()
-            .filter(|(pid, config)| is_our_controller(*pid, config))
-            .map(|(pid, _)| *pid)
-            .collect();
+        let left: Vec<u32> =
+            pids.iter().filter(|(pid, config)| is_our_process(*pid, config)).map(|(pid, _)| *pid).collect();
         if left.is_empty() || Instant::now() > deadline {
             return left;
         }
@@ -1335,34 +1842,34 @@ async fn wait_gone(pids: &[(u32, &Path)], deadline: Instant) -> Vec<u32> {
     }
 }
 
-/// Stops every running controller of the lab in `dir`: SIGTERM, then SIGKILL after
-/// `STOP_DEADLINE`. The data stays.
-pub async fn down(dir: &Path) -> Result<DownReport, LabError> {
-    let (dir, _lock, mut state) = open_for_change(dir).await?;
+/// Stops the running processes of `members` together: SIGTERM, then SIGKILL after
+/// `STOP_DEADLINE`; records them as stopped. Returns how each was stopped (`None`: it was not
+/// running).
+async fn stop_members(
+    dir: &Path,
+    state: &mut LabState,
+    members: &[LabMember],
+) -> Result<Vec<(LabMember, Option<u32>, &'static str)>, LabError> {
     let mut reports = Vec::new();
     let mut running = Vec::new();
-    for controller in &state.controllers {
-        match running_pid(controller) {
+    for &member in members {
+        let process = state.process(member)?;
+        match process.running_pid() {
             Some(pid) => {
                 match signal(pid, libc::SIGTERM) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                     Err(e) => {
                         return Err(LabError::Stop {
-                            site: controller.site,
+                            who: member.to_string(),
                             pid,
                             message: format!("SIGTERM: {e}"),
                         });
                     }
                 }
-                running.push((controller.site, pid, controller.config.clone()));
+                running.push((member, pid, process.config));
             }
-            None => reports.push(StopReport {
-                node: controller.node,
-                site: controller.site,
-                pid: None,
-                how: "not-running".into(),
-            }),
+            None => reports.push((member, None, "not-running")),
         }
     }
     let pids: Vec<(u32, &Path)> = running.iter().map(|(_, pid, config)| (*pid, config.as_path())).collect();
@@ -1371,55 +1878,91 @@ pub async fn down(dir: &Path) -> Result<DownReport, LabError> {
         let _ = signal(pid, libc::SIGKILL);
     }
     let still = wait_gone(&pids, Instant::now() + STOP_DEADLINE).await;
-    for (site, pid, _) in &running {
+    for (member, pid, _) in &running {
         if still.contains(pid) {
-            state.save(&dir)?;
-            return Err(LabError::Stop { site: *site, pid: *pid, message: "it survived SIGKILL".into() });
+            state.save(dir)?;
+            return Err(LabError::Stop {
+                who: member.to_string(),
+                pid: *pid,
+                message: "it survived SIGKILL".into(),
+            });
         }
         let how = if left.contains(pid) { "sigkill" } else { "sigterm" };
-        reports.push(StopReport { node: site.node_id(), site: *site, pid: Some(*pid), how: how.into() });
+        reports.push((*member, Some(*pid), how));
     }
-    for controller in &mut state.controllers {
-        controller.pid = None;
+    for &member in members {
+        state.set_pid(member, None);
     }
-    state.save(&dir)?;
-    reports.sort_by_key(|r| r.site);
-    Ok(DownReport { dir, controllers: reports })
+    state.save(dir)?;
+    Ok(reports)
 }
 
-/// `kill -9` of `site`'s controller; returns once it is gone.
-pub async fn kill(dir: &Path, site: LabSite) -> Result<DownReport, LabError> {
+/// Stops every running process of the lab in `dir`: the controllers, then the mediator; each
+/// gets SIGTERM, then SIGKILL after `STOP_DEADLINE`. The data stays.
+pub async fn down(dir: &Path) -> Result<DownReport, LabError> {
     let (dir, _lock, mut state) = open_for_change(dir).await?;
-    let controller = state.controller(site).clone();
-    let Some(pid) = running_pid(&controller) else {
+    let sites: Vec<LabMember> = LabSite::ALL.into_iter().map(LabMember::Controller).collect();
+    let mut controllers: Vec<StopReport> = stop_members(&dir, &mut state, &sites)
+        .await?
+        .into_iter()
+        .filter_map(|(member, pid, how)| match member {
+            LabMember::Controller(site) => {
+                Some(StopReport { node: site.node_id(), site, pid, how: how.to_string() })
+            }
+            LabMember::Mediator => None,
+        })
+        .collect();
+    controllers.sort_by_key(|r| r.site);
+    // After the controllers: none of them runs without its mediator.
+    let mediator = if state.mediator.is_some() {
+        let stopped = stop_members(&dir, &mut state, &[LabMember::Mediator]).await?;
+        stopped.first().map(|&(_, pid, how)| MediatorStopReport { pid, how: how.to_string() })
+    } else {
+        None
+    };
+    Ok(DownReport { dir, controllers, mediator })
+}
+
+/// `kill -9` of `member` (a site's controller, or the mediator); returns once it is gone.
+pub async fn kill(dir: &Path, member: LabMember) -> Result<DownReport, LabError> {
+    let (dir, _lock, mut state) = open_for_change(dir).await?;
+    let process = state.process(member)?;
+    let Some(pid) = process.running_pid() else {
         return Err(LabError::Refused(format!(
-            "site {site}'s controller is not running{}",
-            controller.pid.map(|pid| format!(" (pid {pid} has gone)")).unwrap_or_default()
+            "{member} is not running{}",
+            process.pid.map(|pid| format!(" (pid {pid} has gone)")).unwrap_or_default()
         )));
     };
-    signal(pid, libc::SIGKILL).map_err(|e| LabError::Stop { site, pid, message: format!("SIGKILL: {e}") })?;
-    let left = wait_gone(&[(pid, controller.config.as_path())], Instant::now() + STOP_DEADLINE).await;
+    signal(pid, libc::SIGKILL).map_err(|e| LabError::Stop {
+        who: member.to_string(),
+        pid,
+        message: format!("SIGKILL: {e}"),
+    })?;
+    let left = wait_gone(&[(pid, process.config.as_path())], Instant::now() + STOP_DEADLINE).await;
     if !left.is_empty() {
-        return Err(LabError::Stop { site, pid, message: "it survived SIGKILL".into() });
+        return Err(LabError::Stop { who: member.to_string(), pid, message: "it survived SIGKILL".into() });
     }
-    state.controller_mut(site).pid = None;
+    state.set_pid(member, None);
     state.save(&dir)?;
-    Ok(DownReport {
-        dir,
-        controllers: vec![StopReport { node: controller.node, site, pid: Some(pid), how: "sigkill".into() }],
+    let how = "sigkill".to_string();
+    Ok(match member {
+        LabMember::Controller(site) => DownReport {
+            dir,
+            controllers: vec![StopReport { node: site.node_id(), site, pid: Some(pid), how }],
+            mediator: None,
+        },
+        LabMember::Mediator => DownReport {
+            dir,
+            controllers: Vec::new(),
+            mediator: Some(MediatorStopReport { pid: Some(pid), how }),
+        },
     })
 }
 
-/// Starts `site`'s controller again with its configuration and waits until it serves (or, while
-/// its partner is down, until it answers: it stays fenced until the partner confirms its epoch,
-/// S2).
-pub async fn start(
-    dir: &Path,
-    site: LabSite,
-    controller_bin_path: Option<&Path>,
-) -> Result<StartReport, LabError> {
-    let bin = controller_bin(controller_bin_path)?;
-    let (dir, _lock, mut state) = open_for_change(dir).await?;
+/// Opens the complete lab in `dir` to start `member` again: refused if the lab is incomplete or
+/// `member` runs.
+async fn open_for_start(dir: &Path, member: LabMember) -> Result<(PathBuf, LabLock, LabState), LabError> {
+    let (dir, lock, state) = open_for_change(dir).await?;
     if !state.complete {
         return Err(LabError::Refused(format!(
             "the lab in {} is incomplete (its creation failed or was interrupted); remove it and run `mcctl \
@@ -1427,21 +1970,41 @@ pub async fn start(
             dir.display()
         )));
     }
-    if let Some(pid) = running_pid(state.controller(site)) {
-        return Err(LabError::Refused(format!("site {site}'s controller is running already (pid {pid})")));
+    if let Some(pid) = state.process(member)?.running_pid() {
+        return Err(LabError::Refused(format!("{member} is running already (pid {pid})")));
     }
+    Ok((dir, lock, state))
+}
+
+/// Starts `site`'s controller again with its configuration and waits until it serves (or, while
+/// its partner is down, until it answers: it stays fenced until the partner confirms its epoch,
+/// S2; or once it answers as waiting for switchback: its aggregates were switched over while it
+/// was down and it serves none of them until heal and switchback).
+pub async fn start(
+    dir: &Path,
+    site: LabSite,
+    controller_bin_path: Option<&Path>,
+) -> Result<StartReport, LabError> {
+    let bin = controller_bin(controller_bin_path)?;
+    let member = LabMember::Controller(site);
+    let (dir, _lock, mut state) = open_for_start(dir, member).await?;
     let partner_running = running_pid(state.controller(site.partner())).is_some();
     let cluster = state.cluster_bytes()?;
-    let mut started = start_one(&dir, &bin, &mut state, site)?;
+    let mut started = start_process(&dir, &bin, &mut state, member)?;
     let deadline = Instant::now() + READY_DEADLINE;
     loop {
-        check_exit(&dir, &bin, &mut state, &mut started, deadline)?;
+        check_exit(&dir, &mut state, &mut started, deadline)?;
         let controller = state.controller(site).clone();
         let last = match node_status(&controller.admin, &cluster).await {
-            Ok(reply) if reply.node_state == "serving" || !partner_running => {
+            Ok(reply)
+                if reply.node_state == "serving"
+                    || reply.mode == "waiting-for-switchback"
+                    || !partner_running =>
+            {
                 return Ok(StartReport {
                     controller: ControllerReport::of(&controller),
                     node_state: reply.node_state,
+                    mode: reply.mode,
                     reason: reply.state_reason,
                 });
             }
@@ -1452,8 +2015,7 @@ pub async fn start(
             let tail = log_tail(&controller.log, started.log_offset);
             stop_after_failure(&dir, &mut state, vec![started]).await;
             return Err(LabError::Start {
-                site,
-                node: controller.node,
+                who: member.who(),
                 message: format!(
                     "not serving after {} s: it is {last}; stopped it again; the end of {}:\n{tail}",
                     READY_DEADLINE.as_secs(),
@@ -1463,6 +2025,28 @@ pub async fn start(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// Starts the lab's mediator again with its configuration (and its state directory) and waits
+/// until it answers.
+pub async fn start_mediator(
+    dir: &Path,
+    mediator_bin_path: Option<&Path>,
+) -> Result<MediatorStartReport, LabError> {
+    let (dir, _lock, mut state) = open_for_start(dir, LabMember::Mediator).await?;
+    let bin = mediator_bin(mediator_bin_path)?;
+    let cluster = state.cluster_bytes()?;
+    let mut children = vec![start_process(&dir, &bin, &mut state, LabMember::Mediator)?];
+    if let Err(error) = wait_ready(&dir, &mut state, &cluster, &mut children).await {
+        stop_after_failure(&dir, &mut state, children).await;
+        return Err(error);
+    }
+    let mediator = state.mediator.as_ref().ok_or_else(no_mediator)?;
+    let diagnosis = match mediator_show(&mediator.grpc, &cluster).await {
+        Ok(reply) => reply.diagnosis,
+        Err(e) => format!("(it answered, then not: {e})"),
+    };
+    Ok(MediatorStartReport { mediator: MediatorReport::of(mediator), diagnosis })
 }
 
 #[cfg(test)]
@@ -1501,7 +2085,117 @@ mod tests {
             complete: true,
             controllers: vec![controller(LabSite::A), controller(LabSite::B)],
             volumes: Vec::new(),
+            mediator: Some(LabMediator {
+                config: PathBuf::from("/lab/mediator/mediator.toml"),
+                grpc: "127.0.0.1:5".into(),
+                metrics: "127.0.0.1:6".into(),
+                pid: Some(43),
+                log: PathBuf::from("/lab/mediator/mediator.log"),
+            }),
         }
+    }
+
+    /// A `lab.json` written before the lab had a mediator (no `mediator` key) is a lab without
+    /// one, and a lab without one is written without the key (as before): older labs keep
+    /// working, and `--no-mediator` labs stay what they were.
+    #[test]
+    fn a_state_file_without_a_mediator_is_a_lab_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = state();
+        old.mediator = None;
+        let text = serde_json::to_string_pretty(&old).unwrap();
+        assert!(!text.contains("mediator"), "{text}");
+        std::fs::write(dir.path().join(LAB_FILE), &text).unwrap();
+        let loaded = LabState::load(dir.path()).unwrap();
+        assert_eq!(loaded, old);
+        assert!(matches!(loaded.process(LabMember::Mediator), Err(LabError::Refused(_))));
+        let mut with = state();
+        with.save(dir.path()).unwrap();
+        assert_eq!(LabState::load(dir.path()).unwrap(), with);
+        with.mediator.as_mut().unwrap().pid = Some(0);
+        std::fs::write(dir.path().join(LAB_FILE), serde_json::to_string(&with).unwrap()).unwrap();
+        assert!(matches!(LabState::load(dir.path()), Err(LabError::Corrupt { .. })));
+    }
+
+    /// Prevents a lab whose mediator and controllers disagree on DESIGN §10.1's timers: the
+    /// mediator's `[timers]` are the controller's values once parsed (given or defaults), and the
+    /// controller's `[mediator]` names the mediator's address.
+    #[test]
+    fn the_mediator_config_has_the_controllers_timers() {
+        for options in [
+            UpOptions::default(),
+            UpOptions {
+                mirror_timeout_ms: Some(5000),
+                keepalive_interval_ms: Some(200),
+                keepalive_timeout_ms: Some(600),
+                margin_ms: Some(500),
+                heartbeat_ms: Some(200),
+                lease_ms: Some(2000),
+                auso_window_ms: Some(5000),
+                ..UpOptions::default()
+            },
+        ] {
+            let cluster = "00112233445566778899aabbccddeeff";
+            let text = config_text(&options, cluster, Path::new("/lab/A"), LabSite::A, [1, 2, 3], 4, Some(7))
+                .unwrap();
+            let config = Config::parse(&text, Path::new("t"), &Overrides::default()).unwrap();
+            let mediator = config.mediator.clone().unwrap();
+            assert_eq!(mediator.address, "127.0.0.1:7");
+            let text = mediator_config_text(cluster, Path::new("/lab/mediator"), [7, 8], &config).unwrap();
+            let table: toml::Table = toml::from_str(&text).unwrap();
+            assert_eq!(table["cluster_id"].as_str(), Some(cluster));
+            assert_eq!(table["state_dir"].as_str(), Some("/lab/mediator/state"));
+            assert_eq!(table["listen"]["grpc"].as_str(), Some("127.0.0.1:7"));
+            assert_eq!(table["listen"]["metrics"].as_str(), Some("127.0.0.1:8"));
+            let ms = |key: &str| Duration::from_millis(table["timers"][key].as_integer().unwrap() as u64);
+            assert_eq!(ms("keepalive_timeout_ms"), config.timers.keepalive_timeout);
+            assert_eq!(ms("margin_ms"), config.timers.margin);
+            assert_eq!(ms("mirror_timeout_ms"), config.timers.mirror_timeout);
+            assert_eq!(ms("heartbeat_ms"), mediator.heartbeat);
+            assert_eq!(ms("lease_ms"), mediator.lease);
+            assert_eq!(ms("auso_window_ms"), mediator.auso_window);
+            let controllers = table["controllers"].as_array().unwrap();
+            assert_eq!(controllers.len(), 2);
+            assert_eq!(controllers[1]["node"].as_integer(), Some(2));
+            assert_eq!(controllers[1]["site"].as_str(), Some("B"));
+        }
+        // Without a mediator, the configuration is the one the lab wrote before it had one.
+        let text = config_text(
+            &UpOptions::default(),
+            "00112233445566778899aabbccddeeff",
+            Path::new("/lab/A"),
+            LabSite::A,
+            [1, 2, 3],
+            4,
+            None,
+        )
+        .unwrap();
+        assert!(!text.contains("mediator"), "{text}");
+    }
+
+    /// The lab's own timer options are checked by the controller's rules before anything is
+    /// made: a mirror timeout too short for the product's lease is refused by key, with a hint
+    /// naming the options, and mediator timers with `--no-mediator` are refused.
+    #[test]
+    fn mediator_timers_are_checked_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = UpOptions {
+            mirror_timeout_ms: Some(5000),
+            keepalive_interval_ms: Some(200),
+            keepalive_timeout_ms: Some(1500),
+            ..UpOptions::default()
+        };
+        let error = new_lab_sizes(&small, dir.path()).unwrap_err().to_string();
+        assert!(error.contains("mediator.auso_window_ms") && error.contains("--lease-ms"), "{error}");
+        assert!(new_lab_sizes(&UpOptions { no_mediator: true, ..small.clone() }, dir.path()).is_ok());
+        let scaled =
+            UpOptions { heartbeat_ms: Some(200), lease_ms: Some(2000), auso_window_ms: Some(5000), ..small };
+        assert!(new_lab_sizes(&scaled, dir.path()).is_ok());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let options = UpOptions { dir: dir.path().join("lab"), no_mediator: true, ..scaled };
+        let error = runtime.block_on(up(&options)).unwrap_err();
+        assert!(matches!(error, LabError::Invalid(_)), "{error}");
+        assert!(!dir.path().join("lab").exists());
     }
 
     /// A damaged or foreign `lab.json` is an error naming the file, never a panic or a lab
@@ -1546,6 +2240,7 @@ mod tests {
             LabSite::A,
             [1, 2, 3],
             4,
+            None,
         )
         .unwrap();
         let config = Config::parse(&text, Path::new("t"), &Overrides::default()).unwrap();
@@ -1563,6 +2258,7 @@ mod tests {
             LabSite::B,
             [1, 2, 3],
             4,
+            None,
         )
         .unwrap();
         assert!(!text.contains("[timers]"), "{text}");

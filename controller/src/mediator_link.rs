@@ -48,6 +48,11 @@ pub struct MediatorLink {
     node: u32,
     lease: SharedLease,
     sequence: AtomicU64,
+    /// The NVLog generation the reports carry (drop records are stamped with it too).
+    log_generation: AtomicU64,
+    /// Aggregates whose drop is being (or was) recorded while this node's own state may still
+    /// say in sync: reported out of sync until that state shows the drop (S3).
+    dropping: std::sync::Mutex<std::collections::HashSet<plex::Uuid>>,
     state_version: AtomicU64,
     /// Where the state version is kept across restarts, and the one last written there.
     version_file: Option<std::path::PathBuf>,
@@ -113,6 +118,8 @@ impl MediatorLink {
             node,
             lease,
             sequence: AtomicU64::new(0),
+            log_generation: AtomicU64::new(0),
+            dropping: std::sync::Mutex::new(std::collections::HashSet::new()),
             state_version: AtomicU64::new(version),
             version_file,
             persisted_version: std::sync::Mutex::new((version, None)),
@@ -221,6 +228,12 @@ impl MediatorLink {
 
     /// This node's report now.
     pub fn report(&self, node: &Node) -> HeartbeatRequest {
+        // The stamp first: a drop recorded with a lower one was marked before what follows is
+        // read, so this report says so (S3).
+        let sequence = self.sequence.fetch_add(1, Ordering::AcqRel) + 1;
+        let log_generation = node.nvlog().generation().0;
+        self.log_generation.store(log_generation, Ordering::Release);
+        let mut dropping = self.dropping.lock().expect("the dropping set lock holder panicked");
         let config = node.config();
         let mirror = node.mirror().status();
         let receiver = node.nvlog().status(PartitionKind::DrPartner).ok();
@@ -230,21 +243,34 @@ impl MediatorLink {
             .aggregates()
             .iter()
             .filter(|a| !a.switched_over && a.deposed().is_none())
-            .map(|a| OwnedAggregate {
-                epoch: Some(crate::wire::aggregate_epoch(a.uuid, a.plex_epoch())),
-                mirror: wire_state(mirror.state) as i32,
-                receiver_generation: mirror.partner_generation,
-                plexes_normal: a.aggregate.plex_states() == [plex::PlexState::Normal; 2],
+            .map(|a| {
+                let mut state = wire_state(mirror.state);
+                let plexes_normal = a.aggregate.plex_states() == [plex::PlexState::Normal; 2];
+                if dropping.contains(&a.uuid) {
+                    if state == WireMirrorState::InSync && plexes_normal {
+                        // The drop is not visible in this node's state yet.
+                        state = WireMirrorState::OutOfSync;
+                    } else {
+                        dropping.remove(&a.uuid);
+                    }
+                }
+                OwnedAggregate {
+                    epoch: Some(crate::wire::aggregate_epoch(a.uuid, a.plex_epoch())),
+                    mirror: state as i32,
+                    receiver_generation: mirror.partner_generation,
+                    plexes_normal,
+                }
             })
             .collect();
+        drop(dropping);
         HeartbeatRequest {
             identity: Some(Identity {
                 cluster_id: config.cluster_id.to_vec(),
                 sender_node: config.node_id,
                 receiver_node: 0,
             }),
-            log_generation: node.nvlog().generation().0,
-            sequence: self.sequence.fetch_add(1, Ordering::AcqRel) + 1,
+            log_generation,
+            sequence,
             state_version: self.state_version.load(Ordering::Acquire),
             uptime_ms: age_ms(self.started.elapsed()),
             mode: node.mode().to_string(),
@@ -290,6 +316,10 @@ impl MediatorLink {
     /// fences itself (S3, S6).
     pub async fn record_drop(&self, aggregate: plex::Uuid) -> Result<(), String> {
         let mut client = self.client()?;
+        // Marked before the stamp is taken: every report stamped above the record says out
+        // of sync, and one stamped below it is ignored by the mediator once the record is in.
+        self.dropping.lock().expect("the dropping set lock holder panicked").insert(aggregate);
+        let sequence = self.sequence.fetch_add(1, Ordering::AcqRel) + 1;
         let mut request = tonic::Request::new(mc_proto::v1::RecordDropRequest {
             identity: Some(Identity {
                 cluster_id: self.cluster.to_vec(),
@@ -297,6 +327,8 @@ impl MediatorLink {
                 receiver_node: 0,
             }),
             aggregate_uuid: aggregate.0.to_vec(),
+            log_generation: self.log_generation.load(Ordering::Acquire),
+            sequence,
         });
         request.set_timeout(self.config.lease / 2);
         let reply = client

@@ -3,14 +3,15 @@
 //! `check run|show` (a killed site reported as warnings) through `--lab`, a wrong
 //! cluster id through `--endpoint` refused with exit code 1, and `--lab` with `--endpoint`, a
 //! delete without `--confirm` or a forced switchover with both sites up refused as bad usage
-//! (exit code 2).
+//! (exit code 2). The lab has no mediator (`--no-mediator`): a killed site must stay a broken DR
+//! mirror for the checks, not be switched over by the mediator.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod lab_support;
 
 use std::time::{Duration, Instant};
 
-use lab_support::{LabGuard, SMALL, mcctl, mcctl_env, mcctl_json, mcctl_ok};
+use lab_support::{LabGuard, NO_MEDIATOR, mcctl, mcctl_env, mcctl_json, mcctl_ok, up_args};
 use serde_json::Value;
 
 /// The admin commands on a fresh lab: both nodes serving with their DR mirror, both aggregates
@@ -25,9 +26,7 @@ fn show_create_and_refusals() {
     let _guard = LabGuard { dir: dir.clone() };
     let d = dir.to_str().unwrap();
 
-    let mut args = vec!["lab", "up", "--dir", d, "--detach", "-o", "json"];
-    args.extend_from_slice(SMALL);
-    let up = mcctl_json(&args);
+    let up = mcctl_json(&up_args(d, NO_MEDIATOR));
     let cluster_id = up["cluster_id"].as_str().unwrap().to_string();
     let admin_a = up["controllers"][0]["admin"].as_str().unwrap().to_string();
 

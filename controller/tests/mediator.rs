@@ -6,120 +6,18 @@
 
 mod common;
 mod host;
+mod mediator_support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Settings, free_port};
+use common::{Cluster, Settings};
 use host::Workload;
 use mc_tests::proxy::{FaultProxy, Mode};
+use mediator_support::{start_mediator, wait_mediator_in_sync};
 
 const VOLUME_BYTES: u64 = 16 << 20;
 const BLOCKS: u64 = 256;
-
-/// The `mc-mediator` binary, next to `mc-controller` (the workspace test command builds it;
-/// built here when only this crate's tests run).
-fn mediator_binary() -> PathBuf {
-    let binary = Path::new(env!("CARGO_BIN_EXE_mc-controller")).with_file_name("mc-mediator");
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "mediator", "--bin", "mc-mediator"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building mc-mediator failed");
-    }
-    binary
-}
-
-/// A running mediator, killed on drop.
-struct MediatorProc {
-    child: Child,
-    address: String,
-}
-
-impl Drop for MediatorProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_mediator(dir: &Path) -> MediatorProc {
-    std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    let config = dir.join("mediator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"cluster_id = "00112233445566778899aabbccddeeff"
-state_dir = "{dir}/state"
-
-[listen]
-grpc = "127.0.0.1:{port}"
-metrics = "127.0.0.1:0"
-
-[timers]
-keepalive_timeout_ms = 1500
-heartbeat_ms = 200
-lease_ms = 2000
-margin_ms = 1000
-mirror_timeout_ms = 5000
-auso_window_ms = 5000
-
-[[controllers]]
-node = 1
-site = "A"
-[[controllers]]
-node = 2
-site = "B"
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(mediator_binary())
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().and_then(Result::ok).unwrap_or_default();
-    assert!(first.contains("listening"), "mc-mediator did not start: {first:?}");
-    std::thread::spawn(move || for _ in lines {});
-    MediatorProc { child, address: format!("127.0.0.1:{port}") }
-}
-
-/// Waits until the mediator records every aggregate in sync (the owner's and the receiver's
-/// heartbeats both said so): AUSO is possible from then on.
-async fn wait_mediator_in_sync(address: &str) {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let deadline = Instant::now() + common::DEADLINE;
-    loop {
-        let request = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
-        if let Ok(reply) = client.show(request).await {
-            let reply = reply.into_inner();
-            if !reply.aggregates.is_empty() && reply.aggregates.iter().all(|a| a.in_sync) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the mediator never recorded the aggregates in sync: {reply:?}"
-            );
-        }
-        assert!(Instant::now() < deadline, "the mediator did not answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn settings(mediator: [String; 2]) -> Settings {
     Settings { cp_interval_ms: 60_000, mediator: Some(mediator), ..Settings::default() }

@@ -267,6 +267,9 @@ pub enum Event {
         node: NodeId,
         /// The aggregate whose mirror or plex was dropped.
         aggregate: AggregateId,
+        /// `(log generation, sequence)` from the sender's heartbeat counter: its reports with an
+        /// older stamp, delivered late, are ignored from now on.
+        stamp: (u64, u64),
     },
     /// An operator's forced switchover to `node`'s site, through the mediator (S7).
     ManualSwitchover {
@@ -562,8 +565,14 @@ impl Mediator {
         }
         match event {
             Event::Report(report) => self.on_report(now, report, &mut actions),
-            Event::RecordDrop { node, aggregate } => {
+            Event::RecordDrop { node, aggregate, stamp } => {
                 self.heard.insert(node, now);
+                // A report sent before the drop and delivered after it must not make the
+                // aggregate look in sync again.
+                if self.state.applied.get(&node).is_none_or(|applied| stamp > *applied) {
+                    self.state.applied.insert(node, stamp);
+                    self.changed(&mut actions);
+                }
                 // An aggregate the mediator has no record of is not in sync here: nothing to
                 // clear, and no owner-less record is made up for it.
                 if let Some(record) = self.state.aggregates.get_mut(&aggregate)

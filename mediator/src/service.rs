@@ -402,8 +402,17 @@ impl MediatorService {
         }
     }
 
-    /// Hands `event` to the decision core and executes its actions.
+    /// Hands `event` to the decision core and executes its actions, to the end even when the
+    /// caller goes away: a cancelled call (a deadline, a dropped connection) must not release
+    /// the core lock while its state write still runs, or the next write would race it (S10).
     async fn apply(&self, event: Event) -> Result<Applied, Status> {
+        let this = self.clone();
+        tokio::spawn(async move { this.apply_to_end(event).await })
+            .await
+            .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
+    }
+
+    async fn apply_to_end(&self, event: Event) -> Result<Applied, Status> {
         let mut core = self.shared.core.lock().await;
         if self.shared.store.is_failed() {
             return Err(self.unavailable());
@@ -499,7 +508,8 @@ impl MediatorService {
         let node = self.sender(request.identity.as_ref())?;
         let aggregate = uuid(&request.aggregate_uuid, "aggregate_uuid")?;
         tracing::info!(aggregate = %hex(&aggregate.0), "drop recorded");
-        let applied = self.apply(Event::RecordDrop { node, aggregate }).await?;
+        let stamp = (request.log_generation, request.sequence);
+        let applied = self.apply(Event::RecordDrop { node, aggregate, stamp }).await?;
         MediatorService::answer(applied, "drop record")
     }
 

@@ -236,6 +236,17 @@ impl Controller {
         Some(Identity { cluster_id: cluster(), sender_node: self.node, receiver_node: 0 })
     }
 
+    /// A drop record of `aggregate`, stamped from the heartbeat counter as a controller does.
+    fn drop_record(&mut self, aggregate: [u8; 16]) -> mc_proto::v1::RecordDropRequest {
+        self.sequence += 1;
+        mc_proto::v1::RecordDropRequest {
+            identity: self.identity(),
+            aggregate_uuid: aggregate.to_vec(),
+            log_generation: 1,
+            sequence: self.sequence,
+        }
+    }
+
     /// The next report: in sync, hearing its partner `heard_age` ago.
     fn report(&mut self, heard_age: Duration) -> HeartbeatRequest {
         self.sequence += 1;
@@ -545,4 +556,121 @@ fn a_bad_configuration_is_refused_by_key() {
     let (status, stderr) = run_to_exit(&config);
     assert!(!status.success());
     assert!(stderr.contains("timers:") && stderr.contains("heartbeat"), "{stderr}");
+}
+
+/// Issue 10, scenario 10 (rule 3, S3): after A records a drop, nothing but the owner's report at
+/// the current epoch makes the aggregate in sync again: not a replayed or older heartbeat of A
+/// (refused as stale), not B's receiver saying `in_sync`, not A's report at an epoch the
+/// mediator has since raised. The owner's report at the current epoch does (which shows the
+/// checks above can see the record come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_drop_only_the_owners_report_at_the_current_epoch_restores_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path()));
+    let mut client = daemon.client().await;
+    let (mut a, mut b) = (Controller::new(1), Controller::new(2));
+    let in_sync =
+        |view: &MediatorShowReply| view.aggregates.iter().find(|v| v.uuid == AGG).is_some_and(|v| v.in_sync);
+    let older = a.report(Duration::ZERO);
+    a.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    let applied = a.report(Duration::ZERO);
+    client.heartbeat(applied.clone()).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    assert!(in_sync(&show(&mut client).await), "{:#?}", show(&mut client).await);
+
+    let drop = a.drop_record(AGG);
+    client.record_drop(drop).await.unwrap();
+    assert!(!in_sync(&show(&mut client).await), "a recorded drop left the aggregate in sync");
+
+    // Stale heartbeats of the owner, delivered after the drop: refused, nothing restored.
+    for stale in [applied, older] {
+        let status = client.heartbeat(stale).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(!in_sync(&show(&mut client).await), "a stale heartbeat made the aggregate in sync again");
+    }
+    // The receiver alone.
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    assert!(!in_sync(&show(&mut client).await), "the receiver's report made the aggregate in sync again");
+
+    // The epoch moves on (B has seen epoch 2 of node 1, e.g. after a switchback): A's report at
+    // epoch 1 is not the owner's at the current epoch.
+    let mut raised = b.report(Duration::ZERO);
+    raised.epochs_seen = vec![AggregateEpoch {
+        aggregate_uuid: AGG.to_vec(),
+        epoch: Some(Epoch { number: 2, owner_node: 1 }),
+    }];
+    let reply = client.heartbeat(raised).await.unwrap().into_inner();
+    assert_eq!(epoch_of(&reply.epochs, AGG), Some((2, 1)));
+    a.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    assert!(!in_sync(&show(&mut client).await), "a report at an old epoch made the aggregate in sync again");
+
+    // The owner's report at the current epoch, with the receiver's, restores it.
+    let mut current = a.report(Duration::ZERO);
+    current.owned[0].epoch.as_mut().unwrap().epoch = Some(Epoch { number: 2, owner_node: 1 });
+    client.heartbeat(current).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    assert!(in_sync(&show(&mut client).await), "{:#?}", show(&mut client).await);
+}
+
+/// Issue 10, scenario 10, the race (rule 3, S3): a heartbeat A sent before its drop record
+/// (saying `in_sync`, as it was when sent) and delivered after it, while B's receiver has not
+/// noticed yet, must not make the aggregate in sync again: A may acknowledge writes alone as
+/// soon as the drop is recorded, and an AUSO on that record would lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_sent_before_a_drop_and_delivered_after_it_does_not_restore_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path()));
+    let mut client = daemon.client().await;
+    let (mut a, mut b) = (Controller::new(1), Controller::new(2));
+    let in_sync =
+        |view: &MediatorShowReply| view.aggregates.iter().find(|v| v.uuid == AGG).is_some_and(|v| v.in_sync);
+    a.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    assert!(in_sync(&show(&mut client).await));
+    // Sent before the drop, still on its way.
+    let in_flight = a.report(Duration::ZERO);
+    let drop = a.drop_record(AGG);
+    client.record_drop(drop).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    // Delivered now: whether it is refused or applied, it must not undo the drop.
+    let _ = client.heartbeat(in_flight).await;
+    let view = show(&mut client).await;
+    assert!(!in_sync(&view), "a heartbeat sent before the drop made the aggregate in sync again: {view:#?}");
+}
+
+/// Prevents a cancelled call from letting two writes of the state file race (S10; the service's
+/// invariant that one lock serializes decisions and writes): when a cut mediator link comes
+/// back, the heartbeats a controller gave up on arrive in a burst, each followed by its cancel.
+/// The mediator must go on answering, and its state file must stay readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_never_make_state_writes_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let daemon = Daemon::start(&config);
+    let mut client = daemon.client().await;
+    let (mut a, mut b) = (Controller::new(1), Controller::new(2));
+    a.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    b.heartbeat(&mut client, Duration::ZERO).await.unwrap();
+    for round in 0..40u64 {
+        let mut calls = Vec::new();
+        for i in 0..8u64 {
+            let mut request = tonic::Request::new(a.report(Duration::ZERO));
+            // Deadlines around the time a state write takes, so some end in the middle of one.
+            request.set_timeout(Duration::from_micros(200 + (round * 8 + i) * 37 % 3000));
+            let mut client = client.clone();
+            calls.push(tokio::spawn(async move { client.heartbeat(request).await }));
+        }
+        for call in calls {
+            let _ = call.await.unwrap();
+        }
+    }
+    let status = a.heartbeat(&mut client, Duration::ZERO).await;
+    assert!(status.is_ok(), "the mediator stopped answering: {status:?}\n{}", daemon.log_text());
+    drop(client);
+    drop(daemon);
+    // The file a restart reads is whole.
+    let daemon = Daemon::start(&config);
+    let mut client = daemon.client().await;
+    assert!(!show(&mut client).await.state_lost, "the state file was damaged:\n{}", daemon.log_text());
 }

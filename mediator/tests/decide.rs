@@ -222,7 +222,7 @@ fn not_in_sync_blocks_auso_and_manual_needs_the_override() {
         lower_a(&mut a);
         m.handle(ms(0), Event::Report(a));
         if drop {
-            m.handle(ms(0), Event::RecordDrop { node: A, aggregate: AGG });
+            m.handle(ms(0), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2) });
         }
         for (seq, at) in (1..).zip((0..=5000).step_by(200)) {
             let mut b = report(B, seq, Some(at));
@@ -457,7 +457,7 @@ fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
 fn a_drop_of_an_unknown_aggregate_makes_no_record() {
     let mut m = mediator(false);
     let unknown = AggregateId([3; 16]);
-    let actions = m.handle(ms(0), Event::RecordDrop { node: A, aggregate: unknown });
+    let actions = m.handle(ms(0), Event::RecordDrop { node: A, aggregate: unknown, stamp: (1, 1) });
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(_))), "{actions:?}");
     assert!(!m.state().aggregates.contains_key(&unknown));
 }
@@ -472,7 +472,7 @@ fn auso_status_says_armed_while_both_sites_are_up() {
     let status = m.auso_status(ms(100));
     assert_eq!(status[1], (Site(1), Ok(())), "{status:?}");
     assert!(status[0].1.as_ref().is_err_and(|r| r.contains("owns no aggregate")), "{status:?}");
-    m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG });
+    m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2) });
     let status = m.auso_status(ms(300));
     assert!(status[1].1.as_ref().is_err_and(|r| r.contains("not recorded in sync")), "{status:?}");
 }
@@ -503,4 +503,24 @@ fn only_the_owner_gives_an_aggregate_away_while_it_reports() {
     assert!(refusal(&m.handle(ms(2000), raise(B, B))).is_some());
     let actions = m.handle(ms(3100), raise(B, B));
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 4, owner: B })), "{actions:?}");
+}
+
+/// A heartbeat sent before a drop record and delivered after it is older than the record: it
+/// is ignored and the aggregate stays out of sync (the owner's later report decides).
+#[test]
+fn a_report_older_than_a_drop_record_is_ignored() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    assert!(m.state().aggregates[&AGG].in_sync());
+    // A's heartbeat 2 (still saying in sync) is overtaken by its drop record, stamped 3.
+    let actions = m.handle(ms(100), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 3) });
+    assert_eq!(actions.first(), Some(&Action::Persist), "{actions:?}");
+    let late = m.handle(ms(150), Event::Report(report(A, 2, Some(150))));
+    assert!(!late.iter().any(|a| matches!(a, Action::Reply(_))), "a stale report was answered: {late:?}");
+    m.handle(ms(200), Event::Report(report(B, 2, Some(200))));
+    assert!(!m.state().aggregates[&AGG].in_sync(), "a report older than the drop made it in sync");
+    // The owner's next report decides (here it says in sync again: a resync completed).
+    m.handle(ms(300), Event::Report(report(A, 4, Some(300))));
+    assert!(m.state().aggregates[&AGG].in_sync());
 }

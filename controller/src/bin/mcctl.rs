@@ -1,6 +1,8 @@
 //! `mcctl`: the administrator's command line (DESIGN §11, §12).
 //!
-//! So far the lab (`mcctl lab up|status|down|kill|start`, logic in `controller::lab`), the
+//! So far the lab (`mcctl lab up|status|down|kill|start`, two controllers and, unless
+//! `--no-mediator`, the mediator; logic in `controller::lab`), `mediator show` (`--lab DIR` or
+//! `--mediator HOST:PORT --cluster-id HEX`), the
 //! admin commands (`cluster show`, `node show|unfence`, `aggregate show`, `plex show`,
 //! `volume show|create|modify|delete`, `switchover --forced-on-disaster`, `operation show`,
 //! `mirror status`, `check run|show`, whose output `controller::cli` renders; `--watch` on the
@@ -235,12 +237,20 @@ enum MediatorCommand {
 
 #[derive(Debug, Args)]
 struct MediatorShowArgs {
-    /// The mediator's gRPC address.
-    #[arg(long, value_name = "HOST:PORT")]
-    mediator: String,
-    /// The cluster id: 32 hex digits.
-    #[arg(long, value_name = "HEX", value_parser = cli::parse_cluster_id)]
-    cluster_id: [u8; 16],
+    /// The lab directory: its lab.json names the lab's mediator and the cluster id.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["mediator", "cluster_id"],
+        required_unless_present = "mediator"
+    )]
+    lab: Option<PathBuf>,
+    /// The mediator's gRPC address (with --cluster-id).
+    #[arg(long, value_name = "HOST:PORT", requires = "cluster_id")]
+    mediator: Option<String>,
+    /// The cluster id: 32 hex digits (with --mediator).
+    #[arg(long, value_name = "HEX", value_parser = cli::parse_cluster_id, requires = "mediator")]
+    cluster_id: Option<[u8; 16]>,
 }
 
 #[derive(Debug, Args)]
@@ -481,15 +491,18 @@ struct VolumeCreateArgs {
 /// `mcctl lab …`.
 #[derive(Debug, Subcommand)]
 enum LabCommand {
-    /// Creates and starts a lab in DIR (or restarts the lab DIR holds) and prints its NBD URIs.
+    /// Creates and starts a lab in DIR (or restarts the lab DIR holds): its mediator (unless
+    /// --no-mediator), then both controllers; prints its NBD URIs.
     Up(UpArgs),
-    /// Shows each controller's process and state, and the volumes.
+    /// Shows each controller's process and state, the mediator's, and the volumes.
     Status(DirArgs),
-    /// Stops every controller of the lab (SIGTERM, SIGKILL after 30 s); the data stays.
+    /// Stops every controller of the lab, then its mediator (SIGTERM, SIGKILL after 30 s); the
+    /// data stays.
     Down(DirArgs),
-    /// Kills a site's controller with SIGKILL (kill -9).
-    Kill(SiteArgs),
-    /// Starts a site's controller again and waits until it serves.
+    /// Kills a site's controller (--site) or the mediator (--mediator) with SIGKILL (kill -9).
+    Kill(TargetArgs),
+    /// Starts a site's controller (--site) again and waits until it serves, or the mediator
+    /// (--mediator) until it answers.
     Start(StartArgs),
 }
 
@@ -501,22 +514,38 @@ struct DirArgs {
 }
 
 #[derive(Debug, Args)]
-struct SiteArgs {
+#[command(group(ArgGroup::new("member").required(true).args(["site", "mediator"])))]
+struct TargetArgs {
     /// The lab directory.
     #[arg(long)]
     dir: PathBuf,
-    /// The site: A or B.
+    /// The site whose controller it is: A or B.
     #[arg(long, value_parser = parse_site)]
-    site: LabSite,
+    site: Option<LabSite>,
+    /// The lab's mediator (the third site) instead of a controller.
+    #[arg(long)]
+    mediator: bool,
+}
+
+impl TargetArgs {
+    fn member(&self) -> lab::LabMember {
+        match self.site {
+            Some(site) => lab::LabMember::Controller(site),
+            None => lab::LabMember::Mediator,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
 struct StartArgs {
     #[command(flatten)]
-    target: SiteArgs,
+    target: TargetArgs,
     /// The mc-controller binary [default: $MC_CONTROLLER_BIN, else next to mcctl].
     #[arg(long)]
     controller_bin: Option<PathBuf>,
+    /// The mc-mediator binary [default: $MC_MEDIATOR_BIN, else next to mcctl].
+    #[arg(long)]
+    mediator_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -552,9 +581,26 @@ struct UpArgs {
     /// `timers.margin_ms` [default: the product's].
     #[arg(long)]
     margin_ms: Option<u64>,
+    /// `mediator.heartbeat_ms`, the mediator's too [default: the product's].
+    #[arg(long, conflicts_with = "no_mediator")]
+    heartbeat_ms: Option<u64>,
+    /// `mediator.lease_ms`, the self-fence lease (S6), the mediator's too [default: the
+    /// product's].
+    #[arg(long, conflicts_with = "no_mediator")]
+    lease_ms: Option<u64>,
+    /// `mediator.auso_window_ms`, the mediator's too [default: the product's].
+    #[arg(long, conflicts_with = "no_mediator")]
+    auso_window_ms: Option<u64>,
+    /// No mediator: the two controllers alone (no automatic switchover; a forced switchover is
+    /// the operator's, confirmed with --confirm).
+    #[arg(long)]
+    no_mediator: bool,
     /// The mc-controller binary [default: $MC_CONTROLLER_BIN, else next to mcctl].
     #[arg(long)]
     controller_bin: Option<PathBuf>,
+    /// The mc-mediator binary [default: $MC_MEDIATOR_BIN, else next to mcctl].
+    #[arg(long, conflicts_with = "no_mediator")]
+    mediator_bin: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -644,11 +690,28 @@ fn volumes_table(volumes: &[lab::VolumeReport], with_state: bool) -> String {
     table.render()
 }
 
+fn mediator_table(mediator: &lab::MediatorReport) -> String {
+    let mut table = Table::new(&["MEDIATOR", "PID", "GRPC", "METRICS", "LOG"]);
+    table.row(vec![
+        "mc-mediator".into(),
+        pid_text(mediator.pid),
+        mediator.grpc.clone(),
+        mediator.metrics.clone(),
+        mediator.log.display().to_string(),
+    ]);
+    table.render()
+}
+
 fn up_text(report: &lab::UpReport) -> String {
     let dir = shell_word(&report.dir);
     let verb = if report.created { "created" } else { "restarted" };
     let mut out = format!("Lab {verb} in {} (cluster {})\n\n", report.dir.display(), report.cluster_id);
     out.push_str(&controllers_table(&report.controllers));
+    out.push('\n');
+    match &report.mediator {
+        Some(mediator) => out.push_str(&mediator_table(mediator)),
+        None => out.push_str("No mediator (--no-mediator): no automatic switchover.\n"),
+    }
     out.push('\n');
     out.push_str(&volumes_table(&report.volumes, false));
     if let Some(volume) = report.volumes.first() {
@@ -658,6 +721,9 @@ fn up_text(report: &lab::UpReport) -> String {
             "\nTry:\n  qemu-io -f raw {uri}\n  nbdinfo {uri}\n  fio --ioengine=nbd --uri={uri} --rw=randwrite \
              --bs=4k --size={size_mib}m --name=x\n  mcctl lab status --dir {dir}\n  mcctl lab down --dir {dir}\n"
         ));
+        if report.mediator.is_some() {
+            out.push_str(&format!("  mcctl mediator show --lab {dir}\n"));
+        }
     }
     out
 }
@@ -683,27 +749,54 @@ fn status_text(report: &lab::StatusReport) -> String {
     }
     out.push_str(&table.render());
     out.push('\n');
+    if let Some(m) = &report.mediator {
+        let mut table = Table::new(&["MEDIATOR", "PID", "RUNNING", "STATE", "GRPC", "REASON"]);
+        table.row(vec![
+            "mc-mediator".into(),
+            pid_text(m.pid),
+            if m.running { "yes" } else { "no" }.to_string(),
+            m.state.clone(),
+            m.grpc.clone(),
+            m.reason.clone(),
+        ]);
+        out.push_str(&table.render());
+        out.push('\n');
+    }
     out.push_str(&volumes_table(&report.volumes, true));
     out
 }
 
 fn down_text(report: &lab::DownReport) -> String {
+    let how = |how: &str| match how {
+        "sigterm" => "by SIGTERM",
+        "sigkill" => "by SIGKILL",
+        _ => "was not running",
+    };
     let mut table = Table::new(&["NODE", "SITE", "PID", "STOPPED"]);
     for c in &report.controllers {
-        let how = match c.how.as_str() {
-            "sigterm" => "by SIGTERM",
-            "sigkill" => "by SIGKILL",
-            _ => "was not running",
-        };
-        table.row(vec![c.node.to_string(), c.site.to_string(), pid_text(c.pid), how.to_string()]);
+        table.row(vec![c.node.to_string(), c.site.to_string(), pid_text(c.pid), how(&c.how).to_string()]);
+    }
+    if let Some(m) = &report.mediator {
+        table.row(vec!["mediator".into(), "-".into(), pid_text(m.pid), how(&m.how).to_string()]);
     }
     table.render()
+}
+
+fn mediator_start_text(report: &lab::MediatorStartReport) -> String {
+    let mut out = mediator_table(&report.mediator);
+    out.push_str(&format!("answering: {}\n", report.diagnosis));
+    out
 }
 
 fn start_text(report: &lab::StartReport) -> String {
     let mut out = controllers_table(std::slice::from_ref(&report.controller));
     out.push_str(&format!("state: {} ({})\n", report.node_state, report.reason));
-    if report.node_state != "serving" {
+    if report.mode == "waiting-for-switchback" {
+        out.push_str(
+            "Its aggregates were switched over to its DR partner while it was down: `mcctl heal`, then `mcctl \
+             switchback`, bring them home.\n",
+        );
+    } else if report.node_state != "serving" {
         out.push_str(
             "It serves once its DR partner runs and confirms its epoch: start the other site too.\n",
         );
@@ -725,7 +818,12 @@ fn up_options(args: &UpArgs) -> lab::UpOptions {
         keepalive_interval_ms: args.keepalive_interval_ms,
         keepalive_timeout_ms: args.keepalive_timeout_ms,
         margin_ms: args.margin_ms,
+        heartbeat_ms: args.heartbeat_ms,
+        lease_ms: args.lease_ms,
+        auso_window_ms: args.auso_window_ms,
+        no_mediator: args.no_mediator,
         controller_bin: args.controller_bin.clone(),
+        mediator_bin: args.mediator_bin.clone(),
     }
 }
 
@@ -1533,20 +1631,41 @@ async fn mirror_control(args: &MirrorControlArgs, action: &str, format: OutputFo
     Ok(if done { cli::EXIT_OK } else { cli::EXIT_FAILED })
 }
 
+/// The mediator's address and the cluster id: from `--lab DIR`'s lab.json, or from `--mediator`
+/// and `--cluster-id` (clap has made sure exactly one way is given).
+fn mediator_target(args: &MediatorShowArgs) -> anyhow::Result<(String, [u8; 16])> {
+    if let Some(dir) = &args.lab {
+        let state = lab::LabState::load(dir).context(format!("read the lab in {}", dir.display()))?;
+        let id = state.cluster_bytes().context("read the lab's cluster id")?;
+        let mediator = state.mediator.as_ref().with_context(|| {
+            format!(
+                "the lab in {} has no mediator (it was made with `mcctl lab up --no-mediator`)",
+                dir.display()
+            )
+        })?;
+        return Ok((mediator.grpc.clone(), id));
+    }
+    match (&args.mediator, args.cluster_id) {
+        (Some(address), Some(id)) => Ok((address.clone(), id)),
+        _ => Err(usage("give --lab DIR, or --mediator HOST:PORT with --cluster-id HEX")),
+    }
+}
+
 async fn mediator_show(args: &MediatorShowArgs, format: OutputFormat) -> anyhow::Result<u8> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", args.mediator))
-        .map_err(|e| usage(format!("--mediator {}: {e}", args.mediator)))?
+    let (address, cluster_id) = mediator_target(args)?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| usage(format!("--mediator {address}: {e}")))?
         .connect_timeout(RPC_TIMEOUT);
-    let channel = endpoint.connect().await.context(format!("reach the mediator at {}", args.mediator))?;
+    let channel = endpoint.connect().await.context(format!("reach the mediator at {address}"))?;
     let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
     let mut request =
-        tonic::Request::new(mc_proto::v1::MediatorShowRequest { cluster_id: args.cluster_id.to_vec() });
+        tonic::Request::new(mc_proto::v1::MediatorShowRequest { cluster_id: cluster_id.to_vec() });
     request.set_timeout(RPC_TIMEOUT);
     let reply = client
         .show(request)
         .await
         .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
-        .context(format!("ask the mediator at {}", args.mediator))?
+        .context(format!("ask the mediator at {address}"))?
         .into_inner();
     match format {
         OutputFormat::Table => print(&cli::mediator_text(&reply))?,
@@ -1778,16 +1897,24 @@ async fn run_lab(command: LabCommand, format: OutputFormat) -> anyhow::Result<()
             emit(format, &report, down_text)
         }
         LabCommand::Kill(args) => {
-            let report = lab::kill(&args.dir, args.site).await.context(format!("kill site {}", args.site))?;
+            let member = args.member();
+            let report = lab::kill(&args.dir, member).await.context(format!("kill {member}"))?;
             emit(format, &report, down_text)
         }
-        LabCommand::Start(args) => {
-            let site = args.target.site;
-            let report = lab::start(&args.target.dir, site, args.controller_bin.as_deref())
-                .await
-                .context(format!("start site {site}"))?;
-            emit(format, &report, start_text)
-        }
+        LabCommand::Start(args) => match args.target.member() {
+            lab::LabMember::Controller(site) => {
+                let report = lab::start(&args.target.dir, site, args.controller_bin.as_deref())
+                    .await
+                    .context(format!("start site {site}"))?;
+                emit(format, &report, start_text)
+            }
+            lab::LabMember::Mediator => {
+                let report = lab::start_mediator(&args.target.dir, args.mediator_bin.as_deref())
+                    .await
+                    .context("start the mediator")?;
+                emit(format, &report, mediator_start_text)
+            }
+        },
     }
 }
 
@@ -1957,6 +2084,7 @@ mod tests {
         assert!(parse(&["completions", "tcsh"]).is_err());
         assert!(parse(&["man"]).is_ok());
         assert!(parse(&["check", "run", "--lab", "/tmp/lab"]).is_ok());
+        assert!(parse(&["lab", "kill", "--dir", "/tmp/lab", "--mediator"]).is_ok(), "lab kill --mediator");
         assert!(
             parse(&["check", "show", "--endpoint", "127.0.0.1:1", "--cluster-id", &"0a".repeat(16)]).is_ok()
         );
@@ -2015,5 +2143,48 @@ mod tests {
             tonic::Status::with_details(tonic::Code::FailedPrecondition, "x", vec![0xff, 0xff].into());
         assert_eq!(vetoes_of(&garbage), None);
         assert_eq!(vetoes_of(&tonic::Status::failed_precondition("no details")), None);
+    }
+
+    /// Prevents lab commands that name two processes or none, mediator timers for a lab without
+    /// a mediator, and a `mediator show` that finds no mediator: each is bad usage (exit 2).
+    #[test]
+    fn lab_members_and_mediator_options() {
+        for good in [
+            &["lab", "kill", "--dir", "/tmp/lab", "--site", "A"][..],
+            &["lab", "kill", "--dir", "/tmp/lab", "--mediator"],
+            &["lab", "start", "--dir", "/tmp/lab", "--mediator", "--mediator-bin", "/bin/true"],
+            &["lab", "up", "--dir", "/tmp/lab", "--no-mediator"],
+            &["lab", "up", "--dir", "/tmp/lab", "--heartbeat-ms", "200", "--lease-ms", "2000"],
+            &["mediator", "show", "--lab", "/tmp/lab"],
+            &[
+                "mediator",
+                "show",
+                "--mediator",
+                "127.0.0.1:1",
+                "--cluster-id",
+                "00112233445566778899aabbccddeeff",
+            ],
+        ] {
+            if let Err(error) = parse(good) {
+                panic!("{good:?}: {error}");
+            }
+        }
+        match parse(&["lab", "kill", "--dir", "/tmp/lab", "--mediator"]).unwrap().command {
+            Command::Lab(LabCommand::Kill(args)) => assert_eq!(args.member(), lab::LabMember::Mediator),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["lab", "kill", "--dir", "/tmp/lab"][..],
+            &["lab", "kill", "--dir", "/tmp/lab", "--site", "A", "--mediator"],
+            &["lab", "start", "--dir", "/tmp/lab"],
+            &["lab", "up", "--dir", "/tmp/lab", "--no-mediator", "--lease-ms", "2000"],
+            &["lab", "up", "--dir", "/tmp/lab", "--no-mediator", "--mediator-bin", "/bin/true"],
+            &["mediator", "show"],
+            &["mediator", "show", "--mediator", "127.0.0.1:1"],
+            &["mediator", "show", "--lab", "/tmp/lab", "--mediator", "127.0.0.1:1"],
+        ] {
+            let error = parse(bad).map(|_| ()).unwrap_err();
+            assert_eq!(error.exit_code(), i32::from(cli::EXIT_USAGE), "{bad:?}: {error}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! `mcctl` run as a process, for the tests of the lab and of the admin commands: a small lab's
-//! flags, the runners, and a guard that stops a lab's controllers however the test ends.
+//! flags, the runners, and a guard that stops a lab's controllers and mediator however the test
+//! ends.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -23,6 +24,41 @@ pub const SMALL: &[&str] = &[
     "--keepalive-timeout-ms",
     "1500",
 ];
+
+/// A lab without a mediator: the configuration of the tests that exercise what happens without
+/// one (a site lost stays lost until the operator's forced switchover; epochs raised by the
+/// controllers).
+pub const NO_MEDIATOR: &[&str] = &["--no-mediator"];
+
+/// The mediator's timers that go with `SMALL` (DESIGN §10.1's scaled profile with SMALL's
+/// keepalive and margin): heartbeat 200 ms, lease 2 s (above the 1.5 s keepalive timeout), AUSO
+/// window 5 s (above lease + margin, at most the mirror timeout).
+pub const SMALL_MEDIATOR: &[&str] =
+    &["--heartbeat-ms", "200", "--lease-ms", "2000", "--auso-window-ms", "5000"];
+
+/// `lab up --dir DIR --detach -o json` with `SMALL` and `extra`.
+pub fn up_args<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["lab", "up", "--dir", dir, "--detach", "-o", "json"];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The `mc-mediator` binary next to `mcctl`, where `mcctl lab up` looks for it (the workspace
+/// test command builds it; built here when only this crate's tests run).
+pub fn ensure_mediator_built() -> PathBuf {
+    let binary = std::path::Path::new(MCCTL).with_file_name("mc-mediator");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "mediator", "--bin", "mc-mediator"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building mc-mediator failed");
+    }
+    binary
+}
 
 pub fn mcctl(args: &[&str]) -> Output {
     Command::new(MCCTL).args(args).output().unwrap()
@@ -58,7 +94,7 @@ pub fn mcctl_json(args: &[&str]) -> Value {
 }
 
 /// Stops the lab in `dir` when the test ends, passed or failed: `mcctl lab down`, then SIGKILL
-/// of every pid `lab.json` still names, so no controller outlives the test.
+/// of every pid `lab.json` still names, so no controller or mediator outlives the test.
 pub struct LabGuard {
     pub dir: PathBuf,
 }
@@ -77,13 +113,29 @@ impl Drop for LabGuard {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
+        if let Some(pid) = state["mediator"]["pid"].as_u64()
+            && running_mediator(pid)
+        {
+            // SAFETY: a pid the lab recorded and `running_mediator` just saw as a mediator.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line contains `name`.
+fn running_as(pid: u64, name: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains(name)
 }
 
 /// Whether `pid` is a live (not zombie) mc-controller.
 pub fn running(pid: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("mc-controller")
+    running_as(pid, "mc-controller")
+}
+
+/// Whether `pid` is a live (not zombie) mc-mediator.
+pub fn running_mediator(pid: u64) -> bool {
+    running_as(pid, "mc-mediator")
 }

@@ -7,7 +7,8 @@
 //! - **peer**: the mirror from stock parts (the "NetRAID"): `qemu-nbd --image-opts` with
 //!   `driver=quorum,vote-threshold=2` over a raw local file and an `nbd` child that points to a
 //!   second `qemu-nbd`;
-//! - **ours**: the site-A volume of `mcctl lab up --durability process`, mirrored to site B.
+//! - **ours**: the site-A volume of `mcctl lab up --durability process --no-mediator`, mirrored to
+//!   site B (no mediator: the write path measured since issue 7, without the lease checks).
 //!
 //! The qemu-nbd command lines are those of `reference/baselines.sh` beside the design (writeback
 //! cache, `-t`, 127.0.0.1, free ports), so the comparison is the documented one.
@@ -822,8 +823,8 @@ fn kill_controllers(pids: &[u32]) -> Vec<u32> {
     killed
 }
 
-/// `mcctl lab up --dir DIR --detach -o json --durability process --volume-size-mib 1024`, and the
-/// site-A volume's URI.
+/// `mcctl lab up --dir DIR --detach -o json --durability process --no-mediator --volume-size-mib
+/// 1024`, and the site-A volume's URI.
 fn start_ours(config: &Config, dir: &Path) -> Result<Running> {
     let mcctl = config.mcctl.clone().ok_or_else(|| anyhow!("no mcctl for the lab"))?;
     let lab_dir = dir.join("lab");
@@ -832,7 +833,7 @@ fn start_ours(config: &Config, dir: &Path) -> Result<Running> {
     let output = Command::new(&mcctl)
         .args(["lab", "up", "--dir"])
         .arg(&lab_dir)
-        .args(["--detach", "-o", "json", "--durability", "process", "--volume-size-mib"])
+        .args(["--detach", "-o", "json", "--durability", "process", "--no-mediator", "--volume-size-mib"])
         .arg(LAB_VOLUME_MIB.to_string())
         .stdin(Stdio::null())
         .output()
@@ -1128,8 +1129,8 @@ between the markers.
   --cache=writeback --image-opts driver=quorum,vote-threshold=2,…` over a raw local file and an
   `nbd` child pointing to a second `qemu-nbd -f raw -t --cache=writeback`. The server settings
   are those of `reference/baselines.sh`.
-- **ours**: the site-A volume of `mcctl lab up --durability process --volume-size-mib 1024`,
-  mirrored to site B.
+- **ours**: the site-A volume of `mcctl lab up --durability process --no-mediator
+  --volume-size-mib 1024`, mirrored to site B.
 - All on 127.0.0.1, with fio's `nbd` engine, one job on the first 256 MiB of each target
   (`--size`). Before any measured run each target is preconditioned once: fio writes the whole
   working set sequentially (1 MiB, QD8), so that reads do not read holes and the write tests

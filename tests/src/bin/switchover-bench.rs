@@ -2,9 +2,10 @@
 //! block of the moved volume served where it now lives (DESIGN §11 and §15, issue 8; run through
 //! `tests/bench-switchover`, results in `docs/performance.md`).
 //!
-//! One run is two fresh two-site labs (`mcctl lab up`, small volumes and NVLog, the lab's default
-//! timers unless flags say otherwise), each first given `--writes` 4 KiB writes at QD1 to `vol_a` at
-//! site A over NBD. Everything is timed with one monotonic clock.
+//! One run is two fresh two-site labs (`mcctl lab up --no-mediator`, small volumes and NVLog, the
+//! lab's default timers unless flags say otherwise), each first given `--writes` 4 KiB writes at
+//! QD1 to `vol_a` at site A over NBD. Everything is timed with one monotonic clock. The labs have
+//! no mediator: these are the operator's switchovers (`site-loss-bench` times the mediator's).
 //!
 //! The forced lab: the writes (so B holds NVLog records to replay); `mcctl lab kill --site A`;
 //! then, in this order:
@@ -178,10 +179,13 @@ impl Config {
             "{} is not a file: build it with `cargo build --release -p controller` or pass --mcctl",
             mcctl.display()
         );
+        // No mediator: the operator's switchovers, as measured since issue 8 (with one, the
+        // mediator would switch a killed site over by itself once its lease lapsed).
         let mut lab_args = vec![
             "--detach".to_string(),
             "-o".to_string(),
             "json".to_string(),
+            "--no-mediator".to_string(),
             "--volume-size-mib".to_string(),
             args.volume_size_mib.to_string(),
             "--nvlog-size-mib".to_string(),
