@@ -501,3 +501,37 @@ async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
         .await;
     host::check_acknowledged(&cluster.nbd_address(0), &ledger);
 }
+
+/// DESIGN §10 rule 5, a restored snapshot: the mediator restarted from an older copy of its
+/// state file. B reports a higher state version than the file holds, so the mediator treats its
+/// state as lost: with A gone (it never reports again), it grants nothing, though the old copy
+/// holds A's aggregate in sync; `mediator show` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mediator_restored_from_an_older_state_grants_nothing() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let old = mediator.state_file();
+    // Every heartbeat moves the state version on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill(0);
+    mediator.restart_from(&old);
+    let restarted = Instant::now();
+    let until = restarted + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert_eq!(cluster.status(1).await.mode, "normal", "a mediator restored from an old state granted AUSO");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address)).unwrap().connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+    let view = client.show(show).await.unwrap().into_inner();
+    assert!(view.state_lost, "{view:#?}");
+    let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
+    assert!(auso_b.reason.contains("state was lost"), "{view:#?}");
+    cluster.kill(1);
+}

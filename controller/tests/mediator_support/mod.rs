@@ -222,6 +222,19 @@ impl MediatorProc {
         self.spawn();
     }
 
+    /// The state file's bytes now (a snapshot an operator might restore).
+    pub fn state_file(&self) -> Vec<u8> {
+        std::fs::read(self.state_dir.join("mediator.state")).unwrap()
+    }
+
+    /// `kill -9`, the state file replaced by `bytes` (an older copy), then started again on the
+    /// same port.
+    pub fn restart_from(&mut self, bytes: &[u8]) {
+        self.kill();
+        std::fs::write(self.state_dir.join("mediator.state"), bytes).unwrap();
+        self.spawn();
+    }
+
     /// `kill -9`, the state file deleted (the directory and its lock stay), then started again
     /// on the same port: the mediator has lost its state (DESIGN §10 rule 5).
     pub fn restart_without_state(&mut self) {
