@@ -93,6 +93,24 @@ async fn a_lost_link_with_both_sites_at_the_mediator_never_switches() {
     assert!(load.count() > before + 50, "A stopped serving: {:?}", load.ledger.lock().unwrap());
     let a = cluster.status(0).await;
     assert_eq!(a.node_state, "serving", "{a:#?}");
+    // The mediator tells it apart (rule 7) and holds the aggregate out of sync: AUSO disabled.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
+    let view = client.show(show.clone()).await.unwrap().into_inner();
+    assert!(view.diagnosis.contains("inter-site link lost"), "{view:#?}");
+    assert!(view.aggregates.iter().all(|a| !a.in_sync), "{view:#?}");
+    let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
+    assert!(!auso_b.enabled, "{view:#?}");
+    // The link comes back: resync, then both reports make it in sync and AUSO is armed again.
+    for link in 0..2 {
+        cluster.link(link).set_both(Mode::Pass);
+    }
+    wait_mediator_in_sync(&mediator.address).await;
+    let view = client.show(show).await.unwrap().into_inner();
+    assert!(view.auso.iter().any(|a| a.site == "B" && a.enabled), "{view:#?}");
     let ledger = load.stop();
     host::check_acknowledged(&cluster.nbd_address(0), &ledger);
     cluster.kill(1);
@@ -522,11 +540,16 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     let restarted = Instant::now();
     let until = restarted + Duration::from_secs(8);
     while Instant::now() < until {
-        assert_eq!(cluster.status(1).await.mode, "normal", "a mediator restored from an old state granted AUSO");
+        assert_eq!(
+            cluster.status(1).await.mode,
+            "normal",
+            "a mediator restored from an old state granted AUSO"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address)).unwrap().connect_lazy();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
     let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
     let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
     let view = client.show(show).await.unwrap().into_inner();
