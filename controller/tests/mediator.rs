@@ -556,5 +556,24 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     assert!(view.state_lost, "{view:#?}");
     let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
     assert!(auso_b.reason.contains("state was lost"), "{view:#?}");
+    // The operator confirms A down (`mcctl mediator confirm-down`, with --confirm only): the
+    // state is rebuilt, and A's aggregate is still not in sync (its owner never reported since).
+    let mcctl = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mcctl"))
+            .args(["mediator", "confirm-down", "--node", "1", "--mediator", &mediator.address])
+            .args(["--cluster-id", "00112233445566778899aabbccddeeff", "-o", "json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(mcctl(&[]).status.code(), Some(2), "confirm-down ran without --confirm");
+    let out = mcctl(&["--confirm"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["state_lost"], false, "{reply:#}");
+    let view = client.show(mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() }).await;
+    let view = view.unwrap().into_inner();
+    assert!(!view.state_lost && view.aggregates.iter().all(|a| !a.in_sync), "{view:#?}");
+    assert_eq!(cluster.status(1).await.mode, "normal");
     cluster.kill(1);
 }

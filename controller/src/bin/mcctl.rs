@@ -233,6 +233,23 @@ enum MediatorCommand {
     /// lost), each controller's last report, each aggregate's epoch and in-sync record, whether
     /// an automatic switchover towards each site is enabled and why not, the last decision.
     Show(MediatorShowArgs),
+    /// Tells a mediator that lost its state (DESIGN §10 rule 5) that these controllers are down,
+    /// so it may grant again without waiting for their reports. Only for controllers that are
+    /// really down: a controller confirmed down that still runs could be switched over while
+    /// it writes. Needs --confirm.
+    ConfirmDown(MediatorConfirmDownArgs),
+}
+
+#[derive(Debug, Args)]
+struct MediatorConfirmDownArgs {
+    /// The controllers (node ids) that are down.
+    #[arg(long = "node", value_name = "NODE", required = true)]
+    nodes: Vec<u32>,
+    /// Confirms that they are down (powered off or isolated from hosts and from the other site).
+    #[arg(long)]
+    confirm: bool,
+    #[command(flatten)]
+    target: MediatorShowArgs,
 }
 
 #[derive(Debug, Args)]
@@ -1651,6 +1668,49 @@ fn mediator_target(args: &MediatorShowArgs) -> anyhow::Result<(String, [u8; 16])
     }
 }
 
+async fn mediator_confirm_down(args: &MediatorConfirmDownArgs, format: OutputFormat) -> anyhow::Result<u8> {
+    if !args.confirm {
+        return Err(usage(
+            "confirming controllers down needs --confirm: a controller confirmed down that still runs could be \
+             switched over while it writes",
+        ));
+    }
+    let (address, cluster_id) = mediator_target(&args.target)?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| usage(format!("--mediator {address}: {e}")))?
+        .connect_timeout(RPC_TIMEOUT);
+    let channel = endpoint.connect().await.context(format!("reach the mediator at {address}"))?;
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let mut request = tonic::Request::new(mc_proto::v1::ConfirmDownRequest {
+        cluster_id: cluster_id.to_vec(),
+        nodes: args.nodes.clone(),
+    });
+    request.set_timeout(RPC_TIMEOUT);
+    let reply = client
+        .confirm_down(request)
+        .await
+        .map_err(|s| anyhow::anyhow!(rpc_text(&s)))
+        .context(format!("ask the mediator at {address}"))?
+        .into_inner();
+    let nodes: Vec<String> = args.nodes.iter().map(u32::to_string).collect();
+    match format {
+        OutputFormat::Table => print(&format!(
+            "nodes {} confirmed down; the mediator's state is {}\n",
+            nodes.join(", "),
+            if reply.state_lost {
+                "still being rebuilt (other controllers have neither reported nor been confirmed down)"
+            } else {
+                "rebuilt"
+            }
+        ))?,
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "confirmed_down": args.nodes,
+            "state_lost": reply.state_lost,
+        }))?,
+    }
+    Ok(cli::EXIT_OK)
+}
+
 async fn mediator_show(args: &MediatorShowArgs, format: OutputFormat) -> anyhow::Result<u8> {
     let (address, cluster_id) = mediator_target(args)?;
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -1858,6 +1918,7 @@ async fn run(args: Cli) -> anyhow::Result<u8> {
         }
         Command::Heal(args) => heal(&args, format).await,
         Command::Mediator(MediatorCommand::Show(args)) => mediator_show(&args, format).await,
+        Command::Mediator(MediatorCommand::ConfirmDown(args)) => mediator_confirm_down(&args, format).await,
         Command::Mirror(MirrorCommand::Pause(args)) => mirror_control(&args, "pause", format).await,
         Command::Mirror(MirrorCommand::Resume(args)) => mirror_control(&args, "resume", format).await,
         Command::Mirror(MirrorCommand::Fullresync(args)) => mirror_control(&args, "fullresync", format).await,
