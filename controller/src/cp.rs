@@ -211,7 +211,20 @@ impl Node {
             // A CP may wait a mirror timeout for a plex, then up to another for the drop to be
             // recorded (S3) before it completes.
             let bound = self.config.timers.mirror_timeout * 3;
-            let changed = tokio::time::timeout(bound, done.changed()).await;
+            // S6: a lease that lapses meanwhile (the CP stuck recording a drop at a mediator it
+            // cannot reach) ends the wait with the fence, not after `bound`.
+            let lapsed = async {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if let Err(e) = self.check_lease() {
+                        return e;
+                    }
+                }
+            };
+            let changed = tokio::select! {
+                changed = tokio::time::timeout(bound, done.changed()) => changed,
+                e = lapsed, if self.lease.get().is_some() => return Err(e),
+            };
             match changed {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(DataError::Nvlog("the CP task stopped".into())),

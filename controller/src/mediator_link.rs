@@ -478,6 +478,21 @@ impl MediatorLink {
 
     /// Heartbeats until `stop`.
     pub async fn run(self: Arc<Self>, node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        // The fence shows in the node's state within a tenth of the lease, whatever a
+        // heartbeat call in flight waits for (the acknowledgement and read paths check the
+        // lease themselves).
+        {
+            let (link, node, mut stop) = (self.clone(), node.clone(), stop.clone());
+            let every = (self.config.lease / 10).max(Duration::from_millis(10));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => link.enforce(&node),
+                        _ = stop.wait_for(|stop| *stop) => return,
+                    }
+                }
+            });
+        }
         let address = format!("http://{}", self.config.address);
         let mut client: Option<MediatorClient<tonic::transport::Channel>> = None;
         let mut ticker = tokio::time::interval(self.config.heartbeat);
