@@ -41,7 +41,8 @@ use crate::nvlog_mirror::{MirrorWriter, WriterIdentity, WriterTimers};
 
 /// How long a shutdown waits for open connections to finish.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// The file in `shelf_dir` that keeps the mediator's state version (DESIGN §10 rule 5).
+/// The file in `shelf_dir` that keeps the mediator's state version (DESIGN §10 rule 5), with
+/// `-<node id>` appended (an HA pair may share a shelf directory).
 pub const MEDIATOR_VERSION_FILE: &str = ".mediator-version";
 
 /// Why the daemon cannot start or stopped on its own.
@@ -514,9 +515,10 @@ async fn run_in_span(
                 lease,
                 config.cluster_id,
                 config.node_id,
-                Some(config.shelf_dir.join(MEDIATOR_VERSION_FILE)),
+                Some(config.shelf_dir.join(format!("{MEDIATOR_VERSION_FILE}-{}", config.node_id))),
             );
             node.mirror().set_mediator(link.clone());
+            receiver.set_mediator(link.clone());
             let _ = node.mediator.set(link);
         }
         let mirror = mc_proto::v1::nvlog_mirror_server::NvlogMirrorServer::new(MirrorService(receiver))

@@ -804,18 +804,34 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
         // of them is destaged, since its next heartbeat reply deposes this node of them),
         // durably: from now on this node writes none of it (S2).
         let partner = node.config().dr_partner.node_id;
-        if let Err(e) = crate::switchover::mediator_epochs(node, &mut plan, partner, "switchback").await {
-            resume_serving();
-            return Err(Stop::RolledBack(e));
+        match crate::switchover::mediator_epochs(node, &mut plan, partner, "switchback").await {
+            Ok(()) => {}
+            // The epochs may be the home node's already: never served here again at the old
+            // ones; a re-run resumes.
+            Err(e @ crate::mediator_link::RaiseError::Unknown(_)) => {
+                return Err(Stop::Resumable(format!("switchback: {e}")));
+            }
+            Err(e) => {
+                resume_serving();
+                return Err(Stop::RolledBack(format!("switchback: {e}")));
+            }
         }
-        node.operations()
-            .update(id, "drained, CP done, epochs issued", plan.encode())
-            .await
-            .map_err(|e| Stop::RolledBack(e.to_string()))?;
+        // With a mediator the epochs have moved from here on: a failure leaves the aggregates
+        // quiesced and the operation resumable, never served again at the old epochs.
+        let raised_elsewhere = node.mediator.get().is_some();
+        let stop = |e: String| if raised_elsewhere { Stop::Resumable(e) } else { Stop::RolledBack(e) };
+        if let Err(e) = node.operations().update(id, "drained, CP done, epochs issued", plan.encode()).await {
+            if !raised_elsewhere {
+                resume_serving();
+            }
+            return Err(stop(e.to_string()));
+        }
         for planned in &plan.aggregates {
             if let Err(e) = node.shelf_state.admit_exclusive(planned.uuid, planned.new).await {
-                resume_serving();
-                return Err(Stop::RolledBack(format!("persist the new epoch: {e}")));
+                if !raised_elsewhere {
+                    resume_serving();
+                }
+                return Err(stop(format!("persist the new epoch: {e}")));
             }
         }
         crate::faults::crash_at("switchback-raised");

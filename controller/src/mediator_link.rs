@@ -57,6 +57,7 @@ pub struct MediatorLink {
     /// Where the state version is kept across restarts, and the one last written there.
     version_file: Option<std::path::PathBuf>,
     persisted_version: std::sync::Mutex<(u64, Option<Instant>)>,
+    writing_version: std::sync::atomic::AtomicBool,
     started: Instant,
     /// A grant is being run (one at a time).
     running_grant: std::sync::atomic::AtomicBool,
@@ -71,11 +72,16 @@ pub struct MediatorLink {
 /// Why the mediator raised no epochs.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RaiseError {
-    /// It did not answer: S2's fallback applies (the caller raises the epoch itself; the
-    /// mediator adopts it from the next report).
-    #[error("the mediator did not answer: {0}")]
-    Unanswered(String),
-    /// It refused (its state is lost, a grant is pending, ...).
+    /// It could not be reached (no connection: nothing was asked). While it does not answer
+    /// heartbeats either, S2's fallback applies (the caller raises the epoch itself; the
+    /// mediator adopts it from the next report); otherwise the caller retries.
+    #[error("the mediator cannot be reached: {0}")]
+    Unreachable(String),
+    /// It was asked and did not answer: it may have raised them. The caller must act as if it
+    /// had (never serve again at the old epoch) and retry.
+    #[error("the mediator did not answer; it may have raised the epochs: {0}")]
+    Unknown(String),
+    /// It refused (its state is lost, a grant is pending, a live owner, ...): nothing changed.
     #[error("the mediator refused to raise the epochs: {0}")]
     Refused(String),
 }
@@ -123,6 +129,7 @@ impl MediatorLink {
             state_version: AtomicU64::new(version),
             version_file,
             persisted_version: std::sync::Mutex::new((version, None)),
+            writing_version: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             running_grant: std::sync::atomic::AtomicBool::new(false),
             last_answer: std::sync::Mutex::new(None),
@@ -179,7 +186,12 @@ impl MediatorLink {
         aggregates: &[(plex::Uuid, u32)],
         reason: &str,
     ) -> Result<Vec<(plex::Uuid, plex::Epoch)>, RaiseError> {
-        let mut client = self.client().map_err(RaiseError::Unanswered)?;
+        // Connected first: a failure here means nothing was asked.
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.config.address))
+            .map_err(|e| RaiseError::Unreachable(format!("mediator address {}: {e}", self.config.address)))?
+            .connect_timeout(self.config.heartbeat);
+        let channel = endpoint.connect().await.map_err(|e| RaiseError::Unreachable(e.to_string()))?;
+        let mut client = MediatorClient::new(channel);
         let mut request = tonic::Request::new(mc_proto::v1::RaiseEpochsRequest {
             identity: Some(Identity {
                 cluster_id: self.cluster.to_vec(),
@@ -198,11 +210,16 @@ impl MediatorLink {
         request.set_timeout(self.config.lease / 2);
         let reply = match client.raise_epochs(request).await {
             Ok(reply) => reply.into_inner(),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
                 self.answered();
                 return Err(RaiseError::Refused(status.message().to_string()));
             }
-            Err(status) => return Err(RaiseError::Unanswered(status.message().to_string())),
+            Err(status) => return Err(RaiseError::Unknown(status.message().to_string())),
         };
         self.answered();
         self.state_version.fetch_max(reply.state_version, Ordering::AcqRel);
@@ -216,7 +233,7 @@ impl MediatorLink {
                 .map(|(_, e)| e)
                 .filter(|e| e.owner.0 == *owner)
                 .ok_or_else(|| {
-                    RaiseError::Refused(format!(
+                    RaiseError::Unknown(format!(
                         "the reply holds no epoch of aggregate {} for node {owner}",
                         crate::node::hex(&uuid.0)
                     ))
@@ -427,9 +444,12 @@ impl MediatorLink {
         let mut above = Vec::new();
         for wire in &reply.epochs {
             let Some((uuid, epoch)) = crate::wire::from_aggregate_epoch(wire) else { continue };
+            // A higher epoch naming this node (a raise it asked for and never used) deposes
+            // nothing: only this node writes with it.
             if let Some(slot) =
                 node.aggregates().into_iter().find(|a| a.uuid == uuid && a.deposed().is_none())
                 && epoch > slot.plex_epoch()
+                && epoch.owner.0 != node.node_id()
             {
                 above.push((uuid, epoch));
             }
@@ -523,7 +543,14 @@ impl MediatorLink {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     self.apply(&node, sent, &reply).await;
-                    self.persist_version().await;
+                    // In the background, one at a time: a slow disk must not delay heartbeats.
+                    if !self.writing_version.swap(true, Ordering::AcqRel) {
+                        let link = self.clone();
+                        tokio::spawn(async move {
+                            link.persist_version().await;
+                            link.writing_version.store(false, Ordering::Release);
+                        });
+                    }
                     if let Some(grant) = reply.grant.as_ref().filter(|g| g.to_node == node.node_id()) {
                         match crate::switchover::Granted::from_wire(grant) {
                             Some(grant) => self.spawn_grant(node.clone(), grant),

@@ -88,6 +88,8 @@ pub struct MirrorReceiver<M: Media> {
     frozen_watch: tokio::sync::watch::Sender<bool>,
     /// The self-fence lease, when a mediator is configured: our keepalive round trips renew it.
     lease: std::sync::OnceLock<crate::lease::SharedLease>,
+    /// This node's mediator link, when one is configured (its silence is told to the writer).
+    mediator: std::sync::OnceLock<Arc<crate::mediator_link::MediatorLink>>,
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -136,6 +138,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             frozen: tokio::sync::RwLock::new(false),
             frozen_watch: tokio::sync::watch::Sender::new(false),
             lease: std::sync::OnceLock::new(),
+            mediator: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&receiver);
         tokio::spawn(async move {
@@ -174,6 +177,15 @@ impl<M: Media + 'static> MirrorReceiver<M> {
     /// Lets this receiver's keepalive round trips renew `lease` (a mediator is configured, S6).
     pub fn set_lease(&self, lease: crate::lease::SharedLease) {
         let _ = self.lease.set(lease);
+    }
+
+    /// This node's mediator link: its silence rides on hellos and keepalive replies.
+    pub fn set_mediator(&self, link: Arc<crate::mediator_link::MediatorLink>) {
+        let _ = self.mediator.set(link);
+    }
+
+    fn mediator_silent(&self) -> bool {
+        self.mediator.get().is_some_and(|m| !m.answering())
     }
 
     /// Ends a freeze (a switchback, DESIGN §11): the writer's aggregates now carry epochs above
@@ -357,6 +369,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             epochs: self.shelf_state.wire_epochs(),
             returned_records: returned.len() as u64,
             refusal: String::new(),
+            mediator_silent: self.mediator_silent(),
         };
         if !send(Out::Hello(reply)).await {
             return Ok(());
@@ -428,6 +441,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                     let reply = KeepaliveReply {
                         sequence: keepalive.sequence,
                         epochs: self.shelf_state.wire_epochs(),
+                        mediator_silent: self.mediator_silent(),
                     };
                     if !send(Out::KeepaliveReply(reply)).await {
                         return Ok(());

@@ -965,11 +965,14 @@ impl Node {
                 }
                 () = confirmed => {
                     let epochs = confirmations.as_mut().map(|rx| rx.borrow_and_update().1.clone()).unwrap_or_default();
+                    // A higher epoch naming this node (a raise it asked for and never used)
+                    // deposes nothing: only this node writes with it.
+                    let me = self.config.node_id;
                     let above: Vec<mc_proto::v1::AggregateEpoch> = found
                         .iter()
                         .filter_map(|f| {
                             let ours = f.epoch().unwrap_or_default();
-                            epochs.iter().find(|(u, e)| *u == f.uuid && *e > ours)
+                            epochs.iter().find(|(u, e)| *u == f.uuid && *e > ours && e.owner.0 != me)
                         })
                         .map(|(u, e)| crate::wire::aggregate_epoch(*u, *e))
                         .collect();
@@ -981,7 +984,12 @@ impl Node {
                         // Handled below with the partner's, as if its hello had said so.
                         self.mirror.note_partner_epochs(&above);
                     }
-                    if mediator_confirmed.is_none() && !self.local_partition_lost {
+                    // S8: without the partner's handshake, records lost with the local
+                    // partition (or, in `process` durability, a tail lost silently with the
+                    // host's power) would be missed: only `power` durability with an intact
+                    // partition goes on without the partner.
+                    let durable = self.config.durability == crate::config::Durability::Power;
+                    if mediator_confirmed.is_none() && !self.local_partition_lost && durable {
                         tracing::info!(
                             node = self.config.node_id,
                             wait = ?self.config.timers.mirror_timeout,
@@ -1049,12 +1057,12 @@ impl Node {
             let wanted: Vec<(Uuid, u32)> = found.iter().map(|f| (f.uuid, self.config.node_id)).collect();
             match link.raise_epochs(&wanted, "forced unfence").await {
                 Ok(list) => issued = list.into_iter().map(|(uuid, epoch)| (uuid.0, epoch)).collect(),
-                Err(crate::mediator_link::RaiseError::Unanswered(e)) => tracing::warn!(
+                Err(crate::mediator_link::RaiseError::Unreachable(e)) if !link.answering() => tracing::warn!(
                     node = self.config.node_id,
                     "forced unfence: the mediator does not answer ({e}); the epochs are raised here and the \
                      mediator adopts them from the next report (S2)"
                 ),
-                Err(e @ crate::mediator_link::RaiseError::Refused(_)) => {
+                Err(e) => {
                     tracing::error!(node = self.config.node_id, "forced unfence: {e}");
                     self.set_state(
                         Phase::Fenced,

@@ -399,14 +399,16 @@ impl<M: Media + 'static> MirrorWriter<M> {
 
     /// A round trip with the DR partner, sent at `sent`, completed and its epochs are not above
     /// ours (the caller noted them): it renews the lease (S6). A lapsed lease is not renewed; it
-    /// is confirmed by the partner only while the mediator does not answer (S2's fallback: the
-    /// partner's epochs say whether it took this node's aggregates over).
-    fn partner_round_trip(&self, sent: Instant) {
+    /// is confirmed by the partner only while neither this node nor the partner
+    /// (`partner_mediator_silent`) hears the mediator (S2's fallback): the partner's epochs say
+    /// whether it took this node's aggregates over, and a grant of them could not have reached
+    /// it without being applied (it would have heard the mediator within the lease).
+    fn partner_round_trip(&self, sent: Instant, partner_mediator_silent: bool) {
         let Some(lease) = self.lease.get() else { return };
         if !self.deposed.borrow().is_empty() || lease.renew(sent, None) {
             return;
         }
-        if self.mediator.get().is_some_and(|m| !m.answering()) {
+        if partner_mediator_silent && self.mediator.get().is_some_and(|m| !m.answering()) {
             lease.confirm(sent, None);
             tracing::warn!(
                 partner = self.identity.partner,
@@ -786,7 +788,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
         // The hello exchange is a round trip with the DR partner: it renews the lease (S6), from
         // the hello's send time (a lapsed lease is not renewed by it).
-        self.partner_round_trip(hello_sent);
+        self.partner_round_trip(hello_sent, hello.mediator_silent);
         // 1. Our records the partner holds above our recovered tail (S8).
         let mut adopted = 0u64;
         for _ in 0..hello.returned_records {
@@ -957,7 +959,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
                         In::Keepalive(keepalive) => {
                             self.note_partner_epochs(&keepalive.epochs);
                             self.lock_state().partner_epochs = keepalive.epochs;
-                            let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: self.epochs() };
+                            let reply = KeepaliveReply {
+                                sequence: keepalive.sequence,
+                                epochs: self.epochs(),
+                                mediator_silent: self.mediator.get().is_some_and(|m| !m.answering()),
+                            };
                             self.send(&tx, Out::KeepaliveReply(reply)).await?;
                         }
                         In::KeepaliveReply(reply) => {
@@ -965,7 +971,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                             // A completed round trip with the DR partner renews the lease (S6),
                             // from the keepalive's send time; not once this node was deposed.
                             if let Some(sent) = sent_keepalives.answered(reply.sequence) {
-                                self.partner_round_trip(sent);
+                                self.partner_round_trip(sent, reply.mediator_silent);
                             }
                             self.lock_state().partner_epochs = reply.epochs;
                         }

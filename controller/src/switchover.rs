@@ -720,14 +720,16 @@ fn nvfailed(node: &Node) -> Vec<String> {
 
 /// With a mediator, the new epochs of `plan`'s aggregates not done yet come from it (DESIGN
 /// §10: while it answers, it alone raises epochs), each naming `owner`; the plan keeps the
-/// higher of its own and the issued one. A mediator that does not answer leaves S2's fallback
-/// (the plan's own epochs, which the mediator adopts from the next report); a refusal stops.
+/// higher of its own and the issued one. A mediator that cannot be reached and answers no
+/// heartbeat either leaves S2's fallback (the plan's own epochs, which the mediator adopts
+/// from the next report). Any other failure stops: `RaiseError::Unknown` means the epochs may
+/// have moved, so the caller must not serve again at the old ones.
 pub(crate) async fn mediator_epochs(
     node: &Node,
     plan: &mut Plan,
     owner: u32,
     reason: &str,
-) -> Result<(), String> {
+) -> Result<(), crate::mediator_link::RaiseError> {
     let Some(link) = node.mediator.get() else { return Ok(()) };
     let wanted: Vec<(Uuid, u32)> =
         plan.aggregates.iter().filter(|p| !p.done).map(|p| (p.uuid, owner)).collect();
@@ -743,7 +745,7 @@ pub(crate) async fn mediator_epochs(
             }
             Ok(())
         }
-        Err(crate::mediator_link::RaiseError::Unanswered(e)) => {
+        Err(crate::mediator_link::RaiseError::Unreachable(e)) if !link.answering() => {
             tracing::warn!(
                 node = node.node_id(),
                 "{reason}: the mediator does not answer ({e}); the epochs are raised here and it adopts them \
@@ -751,7 +753,7 @@ pub(crate) async fn mediator_epochs(
             );
             Ok(())
         }
-        Err(e) => Err(format!("{reason}: {e}")),
+        Err(e) => Err(e),
     }
 }
 
@@ -1348,6 +1350,11 @@ pub async fn admin_release(
             .collect(),
     };
     if let Err(e) = mediator_epochs(node, &mut plan, identity.sender_node, "negotiated switchover").await {
+        if let crate::mediator_link::RaiseError::Unknown(_) = e {
+            // The epochs may be the taker's already: this node does not serve them again; the
+            // taker's re-run asks again.
+            return Err(Status::unavailable(format!("negotiated switchover: {e}; re-run it")));
+        }
         for slot in &slots {
             slot.serving.send_if_modified(|state| match state {
                 SlotState::Adopting(_) => {
@@ -1357,7 +1364,7 @@ pub async fn admin_release(
                 _ => false,
             });
         }
-        return Err(Status::failed_precondition(e));
+        return Err(Status::failed_precondition(format!("negotiated switchover: {e}")));
     }
     for ((_, epoch), planned) in wanted.iter_mut().zip(&plan.aggregates) {
         *epoch = planned.new;

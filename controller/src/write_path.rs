@@ -292,6 +292,15 @@ impl Node {
             last.0
         );
         volume.aggr.acks.note(self.config.node_id, volume.aggr.uuid, volume.aggr.epoch.number);
+        // A fence that logged the last acknowledgement between the lease check and here: this
+        // one is the last.
+        if self.state().phase != crate::node::Phase::Serving {
+            volume.aggr.acks.log_last(
+                self.config.node_id,
+                volume.aggr.uuid,
+                "acknowledged while the fence began",
+            );
+        }
         let mut result = Ok(Some(last));
         for record in &pending {
             if result.is_ok()

@@ -133,7 +133,11 @@ impl Writer {
                 Some(Out::Keepalive(keepalive)) => {
                     // The receiver may already have ended the stream (after an error it sends
                     // next): a reply that cannot be sent is no failure of the test.
-                    let reply = KeepaliveReply { sequence: keepalive.sequence, epochs: vec![] };
+                    let reply = KeepaliveReply {
+                        sequence: keepalive.sequence,
+                        epochs: vec![],
+                        mediator_silent: false,
+                    };
                     let _ = self.to.send(WriterMessage { body: Some(In::KeepaliveReply(reply)) }).await;
                 }
                 Some(body) => return Ok(body),

@@ -361,8 +361,9 @@ pub struct Reply {
     pub state_version: u64,
     /// A grant for this controller not yet confirmed.
     pub grant: Option<Grant>,
-    /// Rule 5: the state is lost and not yet rebuilt, so these epochs may be behind: the reply
-    /// confirms no epoch (S2).
+    /// Rule 5: the state is lost and not yet rebuilt, or rebuilt with a controller confirmed
+    /// down that has not reported since, so these epochs may be behind: the reply confirms no
+    /// epoch (S2).
     pub state_lost: bool,
 }
 
@@ -415,6 +416,9 @@ pub struct Mediator {
     lost: bool,
     /// Controllers that reported since the state was found lost, or confirmed down.
     accounted: BTreeSet<NodeId>,
+    /// Controllers an operator confirmed down that have not reported since: until they do, the
+    /// epochs may be behind one they used, so replies confirm nothing (S2, S9).
+    down_unheard: BTreeSet<NodeId>,
     /// When each controller was last heard (any event).
     heard: BTreeMap<NodeId, Now>,
     /// Each controller's latest applied report and when it came.
@@ -452,6 +456,7 @@ impl Mediator {
             state: state.unwrap_or_default(),
             lost,
             accounted: BTreeSet::new(),
+            down_unheard: BTreeSet::new(),
             heard: BTreeMap::new(),
             latest: BTreeMap::new(),
             last_diagnosis: None,
@@ -542,7 +547,7 @@ impl Mediator {
             epochs: self.state.aggregates.iter().map(|(id, r)| (*id, r.epoch)).collect(),
             state_version: self.state.version,
             grant: self.state.grants.iter().find(|g| g.to == to).cloned(),
-            state_lost: self.lost,
+            state_lost: self.lost || !self.down_unheard.is_empty(),
         })
     }
 
@@ -625,6 +630,9 @@ impl Mediator {
                 actions.push(self.reply(node));
             }
             Event::ConfirmDown { nodes } => {
+                if self.lost {
+                    self.down_unheard.extend(nodes.iter().copied().filter(|n| !self.accounted.contains(n)));
+                }
                 self.accounted.extend(nodes);
                 self.check_rebuilt();
             }
@@ -700,6 +708,7 @@ impl Mediator {
             return;
         }
         self.heard.insert(node, now);
+        self.down_unheard.remove(&node);
         if report.state_version > self.state.version && !self.lost {
             // Rule 5: a controller saw a newer state than ours (a restored snapshot).
             self.lost = true;

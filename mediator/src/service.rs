@@ -407,7 +407,7 @@ impl MediatorService {
     /// the core lock while its state write still runs, or the next write would race it (S10).
     async fn apply(&self, event: Event) -> Result<Applied, Status> {
         let this = self.clone();
-        tokio::spawn(async move { this.apply_to_end(event).await })
+        tokio::spawn(async move { this.apply_to_end(event).await }.in_current_span())
             .await
             .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
     }

@@ -524,3 +524,17 @@ fn a_report_older_than_a_drop_record_is_ignored() {
     m.handle(ms(300), Event::Report(report(A, 4, Some(300))));
     assert!(m.state().aggregates[&AGG].in_sync());
 }
+
+/// S2, S9: a mediator rebuilt with a controller confirmed down, not from its report, may hold
+/// epochs below one that controller used: its replies confirm nothing until it reports.
+#[test]
+fn a_rebuild_by_confirmation_confirms_no_epoch_until_the_node_reports() {
+    let mut m = Mediator::new(config(false), None).unwrap();
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    m.handle(ms(10), Event::ConfirmDown { nodes: vec![A] });
+    assert!(!m.is_lost());
+    let actions = m.handle(ms(20), Event::Report(report(B, 2, Some(20))));
+    assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if r.state_lost)), "{actions:?}");
+    let actions = m.handle(ms(30), Event::Report(report(A, 1, Some(30))));
+    assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if !r.state_lost)), "{actions:?}");
+}
