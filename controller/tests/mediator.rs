@@ -580,3 +580,45 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     assert_eq!(cluster.status(1).await.mode, "normal");
     cluster.kill(1);
 }
+
+/// A higher epoch naming the node itself (a raise it asked for and never used: a forced
+/// unfence or release whose answer was lost) never deposes it: only it writes with that epoch.
+/// Here the raise is asked in A's name directly; A goes on serving and acknowledging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_epoch_naming_the_node_itself_does_not_depose_it() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let aggregate = cluster.status(0).await.aggregates[0].uuid.clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
+        .unwrap()
+        .connect_lazy();
+    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
+    let request = mc_proto::v1::RaiseEpochsRequest {
+        identity: Some(mc_proto::v1::Identity {
+            cluster_id: common::CLUSTER.to_vec(),
+            sender_node: 1,
+            receiver_node: 0,
+        }),
+        aggregates: vec![mc_proto::v1::RaiseEpoch { aggregate_uuid: aggregate, owner: 1 }],
+        reason: "a test: a raise whose answer was lost".into(),
+    };
+    let reply = client.raise_epochs(request).await.unwrap().into_inner();
+    assert!(
+        reply.epochs.iter().any(|e| e.epoch.is_some_and(|e| e.number == 2 && e.owner_node == 1)),
+        "{reply:?}"
+    );
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(50);
+    // Past several heartbeat replies carrying epoch 2@node1.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = load.count();
+    load.wait_count(before + 50);
+    let a = cluster.status(0).await;
+    assert!(a.unavailable.is_empty() && a.node_state == "serving", "{a:#?}");
+    let ledger = load.stop();
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
+}
