@@ -1054,8 +1054,26 @@ impl Node {
             && !found.is_empty()
             && let Some(link) = self.mediator.get()
         {
-            let wanted: Vec<(Uuid, u32)> = found.iter().map(|f| (f.uuid, self.config.node_id)).collect();
-            match link.raise_epochs(&wanted, "forced unfence").await {
+            // Only aggregates this node still holds: one whose higher epoch it has seen (the
+            // partner took it over) stays deposed, whatever the unfence (S2, S14).
+            let me = self.config.node_id;
+            let deposed = self.mirror.subscribe_deposed().borrow().clone();
+            let wanted: Vec<(Uuid, u32)> = found
+                .iter()
+                .filter(|f| {
+                    let ours = f.epoch().unwrap_or_default();
+                    let mark = self.shelf_state.marks(f.uuid).epoch;
+                    (mark <= ours || mark.owner.0 == me)
+                        && !deposed.iter().any(|(u, e)| *u == f.uuid && *e > ours)
+                })
+                .map(|f| (f.uuid, me))
+                .collect();
+            let raised = if wanted.is_empty() {
+                Ok(Vec::new())
+            } else {
+                link.raise_epochs(&wanted, "forced unfence").await
+            };
+            match raised {
                 Ok(list) => issued = list.into_iter().map(|(uuid, epoch)| (uuid.0, epoch)).collect(),
                 Err(crate::mediator_link::RaiseError::Unreachable(e)) if !link.answering() => tracing::warn!(
                     node = self.config.node_id,

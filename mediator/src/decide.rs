@@ -677,7 +677,15 @@ impl Mediator {
             let holder = self.state.aggregates.get(id).map(|r| r.epoch.owner).unwrap_or_default();
             // Never heard since the mediator started: silent since its start.
             let last = self.heard.get(&holder).copied().unwrap_or_default();
-            let silent = now.saturating_sub(last) >= self.config.timers.lease + self.config.timers.margin;
+            let quiet_for = self.config.timers.lease + self.config.timers.margin;
+            // And the requester has not heard it either (its lease is renewed by their round
+            // trips too, S6), as its latest report says.
+            let requester_quiet = self.latest.get(&requester).is_some_and(|(received, report)| {
+                let age = report.partners.iter().find(|p| p.node == holder).and_then(|p| p.heard_age);
+                let age = age.unwrap_or(report.uptime);
+                now.saturating_sub(received.saturating_sub(age)) >= quiet_for
+            });
+            let silent = now.saturating_sub(last) >= quiet_for && requester_quiet;
             if holder != NodeId(0) && holder != *owner && holder != requester && !silent {
                 return Err(format!(
                     "node {} holds the aggregate and reports: only it can give it away (its lease has not lapsed)",

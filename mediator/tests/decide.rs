@@ -499,9 +499,18 @@ fn only_the_owner_gives_an_aggregate_away_while_it_reports() {
     assert!(refusal(&m.handle(ms(400), raise(A, A))).is_some());
     let actions = m.handle(ms(500), raise(B, A));
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 3, owner: A })), "{actions:?}");
-    // A goes silent: after lease + margin (2.5 s), B may raise it for itself.
-    assert!(refusal(&m.handle(ms(2000), raise(B, B))).is_some());
-    let actions = m.handle(ms(3100), raise(B, B));
+    // A goes silent at the mediator, but B still hears it (their round trips renew A's lease,
+    // S6): refused.
+    // (A report's partner age is how long before it B last heard A.)
+    m.handle(ms(2900), Event::Report(report(B, 3, Some(0))));
+    assert!(
+        refusal(&m.handle(ms(3000), raise(B, B))).is_some_and(|r| r.contains("only it can give it away"))
+    );
+    // Neither hears A for lease + margin (2.5 s): B may raise it for itself.
+    m.handle(ms(5300), Event::Report(report(B, 4, Some(2400))));
+    assert!(refusal(&m.handle(ms(5300), raise(B, B))).is_some(), "B heard A 2.4 s ago");
+    m.handle(ms(5500), Event::Report(report(B, 5, Some(2600))));
+    let actions = m.handle(ms(5500), raise(B, B));
     assert!(replied_epochs(&actions).contains(&(AGG, Epoch { number: 4, owner: B })), "{actions:?}");
 }
 
