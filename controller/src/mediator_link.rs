@@ -13,9 +13,14 @@
 //!   S7) is run as a forced switchover at the granted epochs, then confirmed; the mediator
 //!   re-sends it until then, so a crash in between resumes it from the journal.
 //!
-//! Still to come (issue 10): recording drops at the mediator (S3), epochs raised by the
-//! mediator for negotiated switchover and switchback, the epoch confirmation at start (S2), and
-//! the persisted state version.
+//! - Drops are recorded at the mediator (S3), stamped from the heartbeat counter; from the
+//!   start of a drop the aggregate is reported out of sync until this node's state shows it.
+//! - Epochs for a negotiated switchover (asked by the releasing owner), a switchback and a
+//!   forced unfence are raised by the mediator while it answers (`raise_epochs`).
+//! - Replies that can confirm epochs (the mediator's state not lost) feed start-up's S2
+//!   confirmation (`confirmations`).
+//! - The state version the mediator last sent is kept in `<shelf_dir>/.mediator-version-<node>`
+//!   and reported back (rule 5: a restored snapshot counts as lost).
 //!
 //! Invariants: only a completed round trip renews, counted from its send time; a lapsed lease
 //! is renewed only by a confirmation whose epochs are not above this node's.

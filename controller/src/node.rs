@@ -9,7 +9,10 @@
 //! 2. `fenced`: until the DR partner completes a mirror handshake, which confirms the epoch
 //!    (S2; the partner's hello carries its epochs) and returns our records above the recovered
 //!    tail (S8). No plex or label is written, no volume served. Without a partner the node
-//!    stays here and says so in its log and status;
+//!    stays here and says so in its log and status. With a mediator, its reply confirms the
+//!    epochs too (or deposes the node, which then waits for switchback); the partner is still
+//!    awaited for `mirror_timeout`, after which a node with `power` durability and an intact
+//!    NVLog goes on without it;
 //! 3. `recovering`: aggregates opened — plex 0 from this shelf, plex 1 from the DR partner's
 //!    through `DiskService` (a partner that cannot be reached makes plex 1 dropped, S3, and
 //!    reattached later by the plex monitor) — volume tables read, the `local` partition replayed
