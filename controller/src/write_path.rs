@@ -294,7 +294,7 @@ impl Node {
         volume.aggr.acks.note(self.config.node_id, volume.aggr.uuid, volume.aggr.epoch.number);
         // A fence that logged the last acknowledgement between the lease check and here: this
         // one is the last.
-        if self.state().phase != crate::node::Phase::Serving {
+        if self.check_serving().is_err() {
             volume.aggr.acks.log_last(
                 self.config.node_id,
                 volume.aggr.uuid,

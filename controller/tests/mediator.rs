@@ -94,12 +94,7 @@ async fn a_lost_link_with_both_sites_at_the_mediator_never_switches() {
     let a = cluster.status(0).await;
     assert_eq!(a.node_state, "serving", "{a:#?}");
     // The mediator tells it apart (rule 7) and holds the aggregate out of sync: AUSO disabled.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
-        .unwrap()
-        .connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
-    let view = client.show(show.clone()).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.diagnosis.contains("inter-site link lost"), "{view:#?}");
     assert!(view.aggregates.iter().all(|a| !a.in_sync), "{view:#?}");
     let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
@@ -109,7 +104,7 @@ async fn a_lost_link_with_both_sites_at_the_mediator_never_switches() {
         cluster.link(link).set_both(Mode::Pass);
     }
     wait_mediator_in_sync(&mediator.address).await;
-    let view = client.show(show).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.auso.iter().any(|a| a.site == "B" && a.enabled), "{view:#?}");
     let ledger = load.stop();
     host::check_acknowledged(&cluster.nbd_address(0), &ledger);
@@ -398,12 +393,7 @@ async fn a_paused_mirror_is_recorded_at_the_mediator_and_disables_auso() {
     };
     let mut admin = cluster.admin(0).await;
     admin.mirror_control(control("pause")).await.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
-        .unwrap()
-        .connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
-    let view = client.show(show.clone()).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.aggregates.iter().all(|a| !a.in_sync), "the pause left the aggregate in sync: {view:#?}");
     let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
     assert!(!auso_b.enabled && auso_b.reason.contains("sync"), "{view:#?}");
@@ -434,12 +424,7 @@ async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
     load.wait_count(load.count() + 50);
     let ledger = load.stop();
     // The mediator's record: not in sync (the owner says resyncing).
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
-        .unwrap()
-        .connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
-    let view = client.show(show.clone()).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.aggregates.iter().all(|a| !a.in_sync), "in sync while B lacks records: {view:#?}");
     cluster.kill(0);
     let until = Instant::now() + Duration::from_secs(8);
@@ -447,7 +432,7 @@ async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
         assert_eq!(cluster.status(1).await.mode, "normal", "B switched over without A's records");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let view = client.show(show).await.unwrap().into_inner();
+    let view = mediator.show().await;
     let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
     assert!(auso_b.reason.contains("not recorded in sync"), "{view:#?}");
     // An operator may still force it: with NVFAIL, since the mediator's record says so.
@@ -477,11 +462,6 @@ async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
     let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
     cluster.wait_in_sync().await;
     wait_mediator_in_sync(&mediator.address).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
-        .unwrap()
-        .connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(100);
     let request = |forced: bool| mc_proto::v1::SwitchoverRequest {
@@ -496,7 +476,7 @@ async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
     b.switchover(request(false)).await.unwrap();
     assert!(load.wait_ended(Duration::from_secs(30)));
     let ledger = load.stop();
-    let view = client.show(show.clone()).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.last_decision.contains("raised for node 2 (negotiated switchover"), "{view:#?}");
     let at_mediator = view.aggregates[0].epoch.unwrap();
     let at_b = cluster.status(1).await;
@@ -513,7 +493,7 @@ async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
     b.switchback(mc_proto::v1::SwitchbackRequest { cluster_id: common::CLUSTER.to_vec(), simulate: false })
         .await
         .unwrap();
-    let view = client.show(show).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.last_decision.contains("raised for node 1 (switchback"), "{view:#?}");
     let back = view.aggregates[0].epoch.unwrap();
     assert!(back.number > served.number && back.owner_node == 1, "{view:#?}");
@@ -550,12 +530,7 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
-        .unwrap()
-        .connect_lazy();
-    let mut client = mc_proto::v1::mediator_client::MediatorClient::new(channel);
-    let show = mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() };
-    let view = client.show(show).await.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(view.state_lost, "{view:#?}");
     let auso_b = view.auso.iter().find(|a| a.site == "B").unwrap();
     assert!(auso_b.reason.contains("state was lost"), "{view:#?}");
@@ -574,8 +549,7 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["state_lost"], false, "{reply:#}");
-    let view = client.show(mc_proto::v1::MediatorShowRequest { cluster_id: common::CLUSTER.to_vec() }).await;
-    let view = view.unwrap().into_inner();
+    let view = mediator.show().await;
     assert!(!view.state_lost && view.aggregates.iter().all(|a| !a.in_sync), "{view:#?}");
     assert_eq!(cluster.status(1).await.mode, "normal");
     cluster.kill(1);

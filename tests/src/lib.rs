@@ -5,5 +5,6 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod lab_bench;
 pub mod nvlog_crash;
 pub mod proxy;
