@@ -7,22 +7,30 @@
 //! - a round trip renews the lease from the time its request was **sent** (never from the
 //!   reply's arrival), for the smaller of this controller's lease and the one the mediator sent;
 //! - only replies that carry the sender's epochs renew it (the caller checks them);
-//! - **a lapsed lease is never renewed**: once a check finds it lapsed the controller stays
-//!   fenced until S2's confirmation (`confirm`), which also tells it whether it was deposed;
+//! - **a lapsed lease is never renewed**: once a check finds it lapsed, or a round trip comes
+//!   back that was sent after the lease had run out (whether or not a check saw it), the
+//!   controller stays fenced until S2's confirmation (`confirm`), which also tells it whether it
+//!   was deposed;
 //! - the monotonic clock runs while the process is stopped (SIGSTOP): a paused controller that
 //!   resumes finds its lease lapsed and cannot drain queued completions.
 //!
 //! Invariant: `check(now)` is `Ok` only if some round trip sent after `now − lease` completed
 //! and no earlier check found the lease lapsed since the last confirmation.
+//!
+//! The time type is generic: the daemon uses `Instant`, the model checker (`mc-model`) a
+//! `Duration` since its start, so both run this same code.
 
+use std::ops::Add;
 use std::time::{Duration, Instant};
 
-/// The lease state.
-#[derive(Clone, Debug)]
-pub struct Lease {
+use crate::model_breaks::{Break, active};
+
+/// The lease state, over a monotonic time `T` (`Instant` in the daemon).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lease<T = Instant> {
     lease: Duration,
     /// The lease ends here (the latest renewal's send time plus the lease).
-    until: Option<Instant>,
+    until: Option<T>,
     /// Found lapsed: fenced until `confirm`.
     lapsed: bool,
 }
@@ -44,18 +52,27 @@ pub enum LeaseError {
     },
 }
 
-impl Lease {
+impl<T: Copy + Ord + Add<Duration, Output = T>> Lease<T> {
     /// A lease of `lease`, not started: fenced until the first round trip.
-    pub fn new(lease: Duration) -> Lease {
+    pub fn new(lease: Duration) -> Lease<T> {
         Lease { lease, until: None, lapsed: false }
     }
 
     /// A round trip with the mediator or the DR partner whose request was sent at `sent`
     /// completed; `offered` is the lease the mediator's reply carries (`None` for the partner).
     /// Returns false if the lease had lapsed: it is not renewed.
-    pub fn renew(&mut self, sent: Instant, offered: Option<Duration>) -> bool {
+    pub fn renew(&mut self, sent: T, offered: Option<Duration>) -> bool {
+        // A lease that had run out before this round trip was even sent lapsed, whether or not
+        // a check saw it (a process paused past its lease and resumed: its first round trip
+        // must not revive the lease, found by the model check, docs/safety.md).
+        if self.until.is_some_and(|until| sent >= until) && !active(Break::RenewLapsedLease) {
+            self.lapsed = true;
+        }
         if self.lapsed {
-            return false;
+            if !active(Break::RenewLapsedLease) {
+                return false;
+            }
+            self.lapsed = false;
         }
         let lease = offered.map_or(self.lease, |offered| offered.min(self.lease));
         let until = sent + lease;
@@ -65,7 +82,7 @@ impl Lease {
 
     /// Whether the controller may acknowledge or complete a read at `now`. A lease found lapsed
     /// stays lapsed.
-    pub fn check(&mut self, now: Instant) -> Result<(), LeaseError> {
+    pub fn check(&mut self, now: T) -> Result<(), LeaseError> {
         if self.lapsed {
             return Err(LeaseError::Lapsed { lease: self.lease });
         }
@@ -81,7 +98,7 @@ impl Lease {
 
     /// S2's confirmation after a fence: the epoch is confirmed (by the mediator or the DR
     /// partner) in a round trip sent at `sent`; the lease restarts from there.
-    pub fn confirm(&mut self, sent: Instant, offered: Option<Duration>) {
+    pub fn confirm(&mut self, sent: T, offered: Option<Duration>) {
         self.lapsed = false;
         self.until = None;
         self.renew(sent, offered);
@@ -197,6 +214,25 @@ mod tests {
     }
 
     /// Prevents an older round trip from shortening the lease a newer one gave.
+    /// Found by the model check (issue 11): A paused past its lease, resumed, and its first
+    /// keepalive round trip with B revived the lease before any check had seen it run out,
+    /// while B was taking over through the mediator: two writers.
+    #[test]
+    fn a_lease_that_ran_out_unseen_is_not_renewed_by_a_later_round_trip() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(ms(2000));
+        assert!(lease.renew(t0, None));
+        // No check between t0 + 2 s (the end) and the next round trip, sent at t0 + 5 s.
+        assert!(!lease.renew(t0 + ms(5000), None));
+        assert!(lease.is_lapsed());
+        assert!(lease.check(t0 + ms(5100)).is_err());
+        // A round trip sent while it still ran does renew it.
+        let mut lease = Lease::new(ms(2000));
+        assert!(lease.renew(t0, None));
+        assert!(lease.renew(t0 + ms(1999), None));
+        assert_eq!(lease.check(t0 + ms(3000)), Ok(()));
+    }
+
     #[test]
     fn renewals_only_extend() {
         let t0 = Instant::now();

@@ -23,6 +23,7 @@ pub mod lease;
 pub mod mediator_link;
 pub mod mirror_admin;
 pub mod mirror_receiver;
+pub mod model_breaks;
 pub mod nbd;
 pub mod node;
 pub mod nvfail;

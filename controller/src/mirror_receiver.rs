@@ -323,7 +323,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             let (aggregate, epoch) = crate::wire::from_aggregate_epoch(wire)
                 .ok_or_else(|| Status::invalid_argument("a malformed epoch in the hello"))?;
             let mark = self.shelf_state.marks(aggregate).epoch;
-            if epoch < mark && refusal.is_none() {
+            if !crate::shelf_state::admits(mark, epoch) && refusal.is_none() {
                 refusal = Some(format!(
                     "stale epoch {}@node{} for aggregate {}: this node saw {}@node{} (S2)",
                     epoch.number,

@@ -46,6 +46,8 @@ use nvlog::{Lsn, Media, MirrorState, Nvlog, NvlogError, PartitionKind};
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::codegen::tokio_stream::Stream;
 
+use crate::model_breaks::{Break, active};
+
 const LOCAL: PartitionKind = PartitionKind::Local;
 
 /// Who we are and whom we mirror to.
@@ -89,7 +91,7 @@ pub enum WriterState {
 }
 
 /// Which records need the partner's acknowledgement (S1).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AckSet {
     /// The partner was dropped (S3): no record needs its ack until it is re-established.
     pub dropped: bool,
@@ -101,6 +103,41 @@ impl AckSet {
     /// Whether record `lsn` needs the partner's acknowledgement.
     pub fn needs_ack(&self, lsn: Lsn) -> bool {
         !self.dropped && lsn >= self.floor
+    }
+
+    /// S1, as far as the partner goes: record `lsn` may be acknowledged once the partner has
+    /// acknowledged every record through `acked` with `acked >= lsn`, or when it does not need
+    /// the partner's acknowledgement.
+    pub fn mirrored(&self, acked: Lsn, lsn: Lsn) -> bool {
+        acked >= lsn || !self.needs_ack(lsn) || active(Break::AckBeforePartner)
+    }
+}
+
+/// What a drop in progress has achieved (S3, DESIGN §4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropEvidence {
+    /// The drop is persisted in the local partition's header.
+    pub persisted_locally: bool,
+    /// The mediator recorded it for every aggregate the mirror carries.
+    pub recorded_by_mediator: bool,
+    /// The partner acknowledged it: its receiver persisted `out_of_sync` and said so.
+    pub partner_acknowledged: bool,
+    /// Nothing at all was heard from the partner for this long.
+    pub silent_for: Duration,
+}
+
+impl DropEvidence {
+    /// S3: whether the partner may leave the ack set. Always the local record first; then,
+    /// with a mediator configured, its record; without one, the partner's acknowledgement or
+    /// `mirror_timeout` of silence.
+    pub fn complete(&self, mediator_configured: bool, mirror_timeout: Duration) -> bool {
+        if !self.persisted_locally {
+            return false;
+        }
+        if mediator_configured {
+            return self.recorded_by_mediator || active(Break::DropWithoutMediatorRecord);
+        }
+        self.partner_acknowledged || self.silent_for >= mirror_timeout
     }
 }
 
@@ -375,7 +412,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         let mut stop = self.stop.subscribe();
         let wait = async {
             loop {
-                if *acked.borrow_and_update() >= lsn || !set.borrow_and_update().needs_ack(lsn) {
+                if set.borrow_and_update().mirrored(*acked.borrow_and_update(), lsn) {
                     return Ok(());
                 }
                 tokio::select! {
@@ -484,7 +521,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
     /// Whether record `lsn` may be acknowledged as far as the partner goes (S1): it acked it,
     /// or the record does not need its ack.
     pub fn mirrored(&self, lsn: Lsn) -> bool {
-        *self.acked.borrow() >= lsn || !self.ack_set.borrow().needs_ack(lsn)
+        self.ack_set.borrow().mirrored(*self.acked.borrow(), lsn)
     }
 
     /// Drops the partner from the ack set after the mirror timeout (DESIGN §4.1, S3) and
@@ -538,11 +575,20 @@ impl<M: Media + 'static> MirrorWriter<M> {
         self.queue_announcement(MirrorAnnouncement { state: WireMirrorState::OutOfSync as i32, lsn: 0 });
         let mut reports = self.partner_reports.subscribe();
         let mut stop = self.stop.subscribe();
+        let mut evidence = DropEvidence {
+            persisted_locally: true,
+            recorded_by_mediator: false,
+            partner_acknowledged: false,
+            silent_for: Duration::ZERO,
+        };
         if let Some(link) = self.mediator.get() {
             let aggregates: Vec<plex::Uuid> =
                 self.epochs().iter().filter_map(crate::wire::from_aggregate_epoch).map(|(u, _)| u).collect();
             let mut delay = Duration::from_millis(50);
             'record: loop {
+                if evidence.complete(true, self.timers.mirror_timeout) {
+                    break 'record;
+                }
                 if *self.handshakes.borrow() > handshakes {
                     return;
                 }
@@ -554,7 +600,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                     }
                 }
                 match failed {
-                    None => break 'record,
+                    None => evidence.recorded_by_mediator = true,
                     Some(e) => {
                         tracing::error!(
                             partner = self.identity.partner,
@@ -588,12 +634,14 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 );
                 return;
             }
-            if self.lock_state().partner_out_of_sync {
-                break "the partner acknowledged it (its receiver persisted out_of_sync)".to_string();
-            }
-            let silent = self.clock.silent_for();
-            if silent >= self.timers.mirror_timeout {
-                break format!("nothing heard from the partner for {silent:?}");
+            evidence.partner_acknowledged = self.lock_state().partner_out_of_sync;
+            evidence.silent_for = self.clock.silent_for();
+            if evidence.complete(false, self.timers.mirror_timeout) {
+                break if evidence.partner_acknowledged {
+                    "the partner acknowledged it (its receiver persisted out_of_sync)".to_string()
+                } else {
+                    format!("nothing heard from the partner for {:?}", evidence.silent_for)
+                };
             }
             tokio::select! {
                 _ = reports.changed() => {}

@@ -35,6 +35,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::model_breaks::{Break, active};
+
 /// The mediator's monotonic time, since it started (the daemon passes it in).
 pub type Now = Duration;
 
@@ -60,7 +62,7 @@ pub struct Epoch {
 }
 
 /// The timers of DESIGN §10.1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Timers {
     /// Stream keepalive timeout between the sites.
     pub keepalive_timeout: Duration,
@@ -145,7 +147,7 @@ impl Timers {
 }
 
 /// A configured controller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Controller {
     /// Its id.
     pub node: NodeId,
@@ -154,7 +156,7 @@ pub struct Controller {
 }
 
 /// The mediator's configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Config {
     /// Every controller of the cluster.
     pub controllers: Vec<Controller>,
@@ -165,7 +167,7 @@ pub struct Config {
 }
 
 /// A controller's MetroCluster mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Serving its own aggregates.
     Normal,
@@ -180,7 +182,7 @@ pub enum Mode {
 }
 
 /// An NVLog mirror's state, as the writer or the receiver keeps it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MirrorState {
     /// Every record is at the partner.
     InSync,
@@ -191,7 +193,7 @@ pub enum MirrorState {
 }
 
 /// What a controller knows of one partner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PartnerView {
     /// The partner.
     pub node: NodeId,
@@ -203,7 +205,7 @@ pub struct PartnerView {
 }
 
 /// An aggregate the reporting controller owns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OwnedReport {
     /// The aggregate.
     pub aggregate: AggregateId,
@@ -218,7 +220,7 @@ pub struct OwnedReport {
 }
 
 /// A writer's mirror the reporting controller receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReceivedReport {
     /// The writer.
     pub writer: NodeId,
@@ -229,7 +231,7 @@ pub struct ReceivedReport {
 }
 
 /// A heartbeat report (DESIGN §10).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Report {
     /// Who sends it.
     pub node: NodeId,
@@ -257,7 +259,7 @@ pub struct Report {
 }
 
 /// What an event asks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
     /// A heartbeat.
     Report(Report),
@@ -301,7 +303,7 @@ pub enum Event {
 }
 
 /// An epoch grant (AUSO or manual forced switchover).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Grant {
     /// The survivor.
     pub to: NodeId,
@@ -316,7 +318,7 @@ pub struct Grant {
 }
 
 /// What the mediator sees of the sites (rule 7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Diagnosis {
     /// Both sites report and reach each other.
     Healthy,
@@ -331,7 +333,7 @@ pub enum Diagnosis {
 }
 
 /// What the daemon must do, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     /// The durable state changed: write it (atomically, fsynced) before sending what follows.
     Persist,
@@ -349,7 +351,7 @@ pub enum Action {
 }
 
 /// The answer to a controller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Reply {
     /// To whom.
     pub to: NodeId,
@@ -368,7 +370,7 @@ pub struct Reply {
 }
 
 /// What the mediator records of one aggregate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct AggregateRecord {
     /// The authoritative epoch.
     pub epoch: Epoch,
@@ -395,7 +397,7 @@ impl AggregateRecord {
 }
 
 /// The durable state.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, Hash)]
 pub struct State {
     /// Raised with every change.
     pub version: u64,
@@ -408,7 +410,7 @@ pub struct State {
 }
 
 /// The mediator.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Mediator {
     config: Config,
     state: State,
@@ -430,7 +432,7 @@ pub struct Mediator {
 }
 
 /// What the mediator knows of one controller (for `mcctl mediator show`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NodeView {
     /// The controller.
     pub node: NodeId,
@@ -849,7 +851,8 @@ impl Mediator {
             .iter()
             .filter(|id| !self.state.aggregates.get(id).is_some_and(AggregateRecord::in_sync))
             .collect();
-        if !out_of_sync.is_empty() {
+        let broken = automatic && active(Break::GrantWithoutInSync);
+        if !out_of_sync.is_empty() && !broken {
             if automatic || !override_in_sync {
                 return Err(format!(
                     "{} aggregate(s) of site {} not recorded in sync",

@@ -15,5 +15,6 @@ pub mod config;
 pub mod daemon;
 pub mod decide;
 pub mod metrics;
+pub mod model_breaks;
 pub mod service;
 pub mod store;

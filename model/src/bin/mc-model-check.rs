@@ -1,0 +1,133 @@
+//! Runs the model check of the safety core with chosen bounds (issue 11): the larger runs
+//! behind CI's, and the exploration of how the state count grows.
+//!
+//! `mc-model-check --horizon 8 --writes 1 --faults 2 [--no-crash ...] [--dfs]`
+
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Parser;
+use mc_model::{Bounds, ClusterModel, SAFETY, trace};
+use stateright::{Checker, Model};
+
+#[derive(Parser, Debug)]
+#[command(about = "Model-check the safety core of the metro cluster (DESIGN §0) within bounds")]
+struct Args {
+    /// The last second explored.
+    #[arg(long, default_value_t = Bounds::CI.horizon)]
+    horizon: u8,
+    /// Host writes.
+    #[arg(long, default_value_t = Bounds::CI.writes)]
+    writes: u8,
+    /// Faults.
+    #[arg(long, default_value_t = Bounds::CI.faults)]
+    faults: u8,
+    /// No controller crashes.
+    #[arg(long)]
+    no_crash: bool,
+    /// No crash that loses A's NVLog.
+    #[arg(long)]
+    no_lose_nvlog: bool,
+    /// No pauses.
+    #[arg(long)]
+    no_pause: bool,
+    /// No stalled receiver.
+    #[arg(long)]
+    no_stall: bool,
+    /// No inter-site link cuts.
+    #[arg(long)]
+    no_cut_link: bool,
+    /// No mediator link cuts.
+    #[arg(long)]
+    no_cut_mediator: bool,
+    /// Lost, duplicated and delayed mediator messages.
+    #[arg(long)]
+    message_faults: bool,
+    /// No operator's forced switchover.
+    #[arg(long)]
+    no_manual_switchover: bool,
+    /// Depth-first (less memory) instead of breadth-first (shortest counterexamples).
+    #[arg(long)]
+    dfs: bool,
+    /// Checker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Turn on a deliberate break of the product's code (the checker must then find a
+    /// counterexample).
+    #[arg(long = "break", value_enum)]
+    breaks: Vec<BreakArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BreakArg {
+    AckBeforePartner,
+    DropWithoutMediatorRecord,
+    RenewLapsedLease,
+    AcceptStaleEpoch,
+    GrantWithoutInSync,
+}
+
+fn set_break(b: BreakArg) {
+    use controller::model_breaks::{Break, set};
+    match b {
+        BreakArg::AckBeforePartner => set(Break::AckBeforePartner, true),
+        BreakArg::DropWithoutMediatorRecord => set(Break::DropWithoutMediatorRecord, true),
+        BreakArg::RenewLapsedLease => set(Break::RenewLapsedLease, true),
+        BreakArg::AcceptStaleEpoch => set(Break::AcceptStaleEpoch, true),
+        BreakArg::GrantWithoutInSync => {
+            mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bounds = Bounds {
+        horizon: args.horizon,
+        writes: args.writes,
+        faults: args.faults,
+        crash: !args.no_crash,
+        lose_nvlog: !args.no_lose_nvlog,
+        pause: !args.no_pause,
+        stall: !args.no_stall,
+        cut_link: !args.no_cut_link,
+        cut_mediator: !args.no_cut_mediator,
+        message_faults: args.message_faults,
+        manual_switchover: !args.no_manual_switchover,
+    };
+    for b in &args.breaks {
+        set_break(*b);
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let started = Instant::now();
+    let builder = ClusterModel { bounds }.checker().threads(threads);
+    let violated = if args.dfs {
+        report(builder.spawn_dfs().join(), bounds, started)
+    } else {
+        report(builder.spawn_bfs().join(), bounds, started)
+    };
+    if !violated.is_empty() {
+        bail!("{} propert(ies) violated: {violated:?}", violated.len());
+    }
+    println!("no violation of {SAFETY:?}");
+    Ok(())
+}
+
+/// Prints the counts and each violation's trace; returns the violated properties.
+fn report(checker: impl Checker<ClusterModel>, bounds: Bounds, started: Instant) -> Vec<&'static str> {
+    println!(
+        "{bounds:?}\n{} states explored, {} unique, max depth {}, {:.1} s",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut violated = Vec::new();
+    for name in SAFETY {
+        if let Some(path) = checker.discovery(name) {
+            println!("VIOLATION of \"{name}\":\n{}", trace(path));
+            violated.push(name);
+        }
+    }
+    violated
+}

@@ -1,0 +1,1323 @@
+//! Model check of the safety core (issue 11; DESIGN §0).
+//!
+//! A small cluster — controller A (site A, owner of aggregate X), controller B (site B, its DR
+//! partner and X's NVLog receiver) and the mediator — explored over every interleaving by the
+//! `stateright` checker, with a network that loses, delays, duplicates and reorders the
+//! mediator's messages, crashes (with and without the loss of the NVLog file), pauses, a stalled
+//! receiver, inter-site and mediator link cuts, and an operator's forced switchover.
+//!
+//! **What runs here is the product's own decision code**, called with the model's clock:
+//! - the mediator is `mediator::decide::Mediator`, whole: leases, epochs, the in-sync record,
+//!   drop records, AUSO and manual grants (DESIGN §10);
+//! - each controller's self-fence is `controller::lease::Lease` (S6);
+//! - the ack rule is `controller::nvlog_mirror::AckSet::mirrored` (S1);
+//! - a drop leaves the ack set when `controller::nvlog_mirror::DropEvidence::complete` says so
+//!   (S3);
+//! - every epoch a receiver or a switchover admits passes `controller::shelf_state::admits`
+//!   (S2).
+//!
+//! The controller's glue between those decisions — when it sends a heartbeat, what its report
+//! says, how the NVLog stream carries records and acks, the switchover's replay — is written
+//! here after the daemon's async code (`mediator_link.rs`, `nvlog_mirror.rs`,
+//! `mirror_receiver.rs`, `switchover.rs`), which does not yet call a sans-IO core for it. Those
+//! are the next parts to extract (see `docs/safety.md`).
+//!
+//! Time is global and discrete (`Tick`, one second), so the clocks run at one rate: the margin
+//! of DESIGN §10.1 covers drift, which the model does not add. A message is delivered within the
+//! second it was sent, in any order, unless a fault loses, duplicates or delays it (into the
+//! next second); a paused process takes its messages when it resumes.
+//!
+//! The invariants, checked in every state (`ClusterModel::properties`):
+//! - every acknowledged write is held by each controller that can serve X, unless X is NVFAILed
+//!   there (S1, S3, S8, S9);
+//! - never two controllers that can acknowledge for X at once (S2, S6);
+//! - no automatic switchover while X was not in sync (S7);
+//! - no record admitted, and no write acknowledged, at an epoch below one already issued (S2);
+//! - a switchover replays each record once, in lsn order, and NVFAILs on a gap (S8).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use controller::lease::Lease;
+use controller::nvlog_mirror::{AckSet, DropEvidence};
+use controller::shelf_state::admits;
+use mediator::decide::{self, AggregateId, Mediator, MirrorState, NodeId};
+use nvlog::Lsn;
+use plex::Epoch;
+use stateright::{Model, Property};
+
+/// The one aggregate.
+pub const X: AggregateId = AggregateId([0x58; 16]);
+/// Controller ids (A = index 0, B = index 1).
+pub const NODES: [u32; 2] = [1, 2];
+const A: usize = 0;
+const B: usize = 1;
+
+/// The timers, in ticks of one second. They pass DESIGN §10.1's order, and leave AUSO a
+/// window: lease + margin (4) < mirror_timeout − margin (5), when B's receiver marks itself
+/// out of sync by silence.
+pub fn timers() -> decide::Timers {
+    decide::Timers {
+        keepalive_timeout: secs(1),
+        heartbeat: secs(1),
+        lease: secs(3),
+        margin: secs(1),
+        mirror_timeout: secs(6),
+        auso_window: secs(6),
+    }
+}
+
+fn secs(n: u8) -> Duration {
+    Duration::from_secs(u64::from(n))
+}
+
+fn ticks(d: Duration) -> u8 {
+    u8::try_from(d.as_secs()).unwrap_or(u8::MAX)
+}
+
+fn to_decide(e: Epoch) -> decide::Epoch {
+    decide::Epoch { number: e.number, owner: NodeId(e.owner.0) }
+}
+
+fn from_decide(e: decide::Epoch) -> Epoch {
+    Epoch { number: e.number, owner: plex::NodeId(e.owner.0) }
+}
+
+fn epoch_one() -> Epoch {
+    Epoch { number: 1, owner: plex::NodeId(NODES[A]) }
+}
+
+/// Which faults and operator commands the checker may choose, and how many.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// The last tick explored.
+    pub horizon: u8,
+    /// Host writes.
+    pub writes: u8,
+    /// Faults, of the kinds enabled below.
+    pub faults: u8,
+    /// Crash a controller (it may restart).
+    pub crash: bool,
+    /// Crash A and lose its NVLog file.
+    pub lose_nvlog: bool,
+    /// Pause a controller (SIGSTOP; it may resume).
+    pub pause: bool,
+    /// B's receiver stops taking records (a gray disk), keepalives still answered.
+    pub stall: bool,
+    /// Cut (and heal) the inter-site link.
+    pub cut_link: bool,
+    /// Cut a controller's link to the mediator.
+    pub cut_mediator: bool,
+    /// Lose, duplicate or delay (into the next second) a mediator message.
+    pub message_faults: bool,
+    /// An operator's forced switchover to B through the mediator (S7), with and without the
+    /// in-sync override.
+    pub manual_switchover: bool,
+}
+
+impl Bounds {
+    /// The configuration CI checks exhaustively.
+    pub const CI: Bounds = Bounds {
+        horizon: 8,
+        writes: 1,
+        faults: 1,
+        crash: true,
+        lose_nvlog: true,
+        pause: true,
+        stall: true,
+        cut_link: true,
+        cut_mediator: true,
+        message_faults: false,
+        manual_switchover: true,
+    };
+}
+
+/// One NVLog record of X.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rec {
+    /// Its lsn in its writer's log.
+    pub lsn: u64,
+    /// The epoch it is stamped with.
+    pub epoch: Epoch,
+    /// The host write it carries.
+    pub write: u8,
+}
+
+/// A write waiting for its acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pending {
+    lsn: u64,
+    write: u8,
+    since: u8,
+}
+
+/// A drop in progress (S3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Dropping {
+    evidence: DropEvidence,
+}
+
+/// A controller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Ctl {
+    /// Its id.
+    pub node: u32,
+    /// The process runs.
+    pub up: bool,
+    /// SIGSTOPped.
+    pub paused: bool,
+    /// Its receiver takes no record (gray disk).
+    pub stalled: bool,
+    /// Raised by each restart (the NVLog generation in the reports).
+    pub life: u64,
+    /// When the process started.
+    pub started: u8,
+    // Durable: NVLog, labels, shelf state, volume table.
+    /// Its own records of X (local partition).
+    pub log: Vec<Rec>,
+    /// The local partition was lost: the partner's copy is needed (S8).
+    pub lost_log: bool,
+    /// The partner's records (dr_partner partition).
+    pub rx: Vec<Rec>,
+    /// The receiver's account of the partner's mirror (S13).
+    pub rx_state: MirrorState,
+    /// The writer's drop is persisted locally.
+    pub writer_dropped: bool,
+    /// The shelf's epoch mark for X.
+    pub mark: Epoch,
+    /// The epoch it holds X at (its labels).
+    pub owns: Option<Epoch>,
+    /// The writes X holds here (records replayed or written, plexes).
+    pub data: BTreeSet<u8>,
+    /// X is NVFAILed here.
+    pub nvfailed: bool,
+    /// The mediator state version it saw.
+    pub mver: u64,
+    // Volatile.
+    /// The self-fence (S6).
+    pub lease: Lease<Duration>,
+    /// S2's confirmation since the start.
+    pub confirmed: bool,
+    /// Saw a higher epoch of X (S2).
+    pub deposed: bool,
+    /// The writer's session handshake is done.
+    pub handshake: bool,
+    /// The partner acknowledged every record through it.
+    pub acked: Lsn,
+    /// Which records need the partner (S1).
+    pub ack_set: AckSet,
+    /// Writes waiting.
+    pub pending: Vec<Pending>,
+    /// A drop in progress.
+    pub dropping: Option<Dropping>,
+    /// The heartbeat and drop-record counter.
+    pub seq: u64,
+    /// Last heard from the partner.
+    pub heard: Option<u8>,
+    /// Last round trip with the partner (its send time).
+    pub round_trip: Option<u8>,
+}
+
+impl Ctl {
+    fn new(index: usize) -> Ctl {
+        let mut lease = Lease::new(timers().lease);
+        lease.renew(Duration::ZERO, None);
+        Ctl {
+            node: NODES[index],
+            up: true,
+            paused: false,
+            stalled: false,
+            life: 1,
+            started: 0,
+            log: Vec::new(),
+            lost_log: false,
+            rx: Vec::new(),
+            rx_state: MirrorState::InSync,
+            writer_dropped: false,
+            mark: epoch_one(),
+            owns: (index == A).then(epoch_one),
+            data: BTreeSet::new(),
+            nvfailed: false,
+            mver: 1,
+            lease,
+            confirmed: true,
+            deposed: false,
+            handshake: true,
+            acked: Lsn(0),
+            ack_set: AckSet::default(),
+            pending: Vec::new(),
+            dropping: None,
+            seq: 0,
+            heard: Some(0),
+            round_trip: Some(0),
+        }
+    }
+
+    /// Whether it may acknowledge a write of X or complete a read at `now` (S2, S6).
+    pub fn can_serve(&self, now: u8) -> bool {
+        self.up
+            && !self.paused
+            && self.confirmed
+            && !self.deposed
+            && !self.lost_log
+            && self.owns.is_some()
+            && self.lease.clone().check(secs(now)).is_ok()
+    }
+
+    fn writer_state(&self) -> MirrorState {
+        if self.ack_set.dropped || self.dropping.is_some() || self.writer_dropped || !self.handshake {
+            MirrorState::OutOfSync
+        } else {
+            MirrorState::InSync
+        }
+    }
+
+    fn rx_tail(&self) -> u64 {
+        self.rx.last().map_or(0, |r| r.lsn)
+    }
+
+    /// The epoch it shows the partner in hellos and keepalives (its shelf's mark).
+    fn shown_epoch(&self) -> Epoch {
+        self.owns.map_or(self.mark, |e| e.max(self.mark))
+    }
+}
+
+/// What a controller sends the mediator.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ToMediator {
+    /// A heartbeat.
+    Report(Box<decide::Report>),
+    /// S3: a drop to record.
+    RecordDrop {
+        /// The heartbeat counter's stamp.
+        stamp: (u64, u64),
+    },
+    /// The grant was applied.
+    ConfirmGrant,
+    /// An operator's forced switchover (S7).
+    ManualSwitchover {
+        /// Override the in-sync condition (NVFAIL).
+        override_in_sync: bool,
+    },
+}
+
+/// What the mediator answers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ToCtl {
+    /// The reply to a heartbeat or a manual switchover (lease, epochs, grant).
+    Reply(decide::Reply),
+    /// The drop is recorded.
+    DropRecorded,
+    /// Refused, with why.
+    Refused(String),
+}
+
+/// A message between a controller and the mediator.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Envelope {
+    /// To the mediator.
+    Up {
+        /// From this controller (index).
+        from: usize,
+        /// Its life when it sent it.
+        life: u64,
+        /// When.
+        sent: u8,
+        /// Held back by a fault: delivered in the next second.
+        delayed: bool,
+        /// What.
+        body: ToMediator,
+    },
+    /// To a controller.
+    Down {
+        /// To this controller (index).
+        to: usize,
+        /// The life of the request's sender (a reply reaches only that process).
+        life: u64,
+        /// When the request it answers was sent (a round trip counts from there, S6).
+        request_sent: u8,
+        /// When the reply was sent.
+        sent: u8,
+        /// Held back by a fault: delivered in the next second.
+        delayed: bool,
+        /// What.
+        body: ToCtl,
+    },
+}
+
+impl Envelope {
+    fn sent(&self) -> u8 {
+        match self {
+            Envelope::Up { sent, .. } | Envelope::Down { sent, .. } => *sent,
+        }
+    }
+
+    fn delayed(&self) -> bool {
+        match self {
+            Envelope::Up { delayed, .. } | Envelope::Down { delayed, .. } => *delayed,
+        }
+    }
+}
+
+/// A message on the NVLog mirror stream (A → B carries records, B → A acks and refusals).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StreamMsg {
+    /// A record.
+    Record(Rec),
+    /// Persisted through this lsn.
+    Ack(u64),
+    /// The receiver refused a stale epoch and shows its own (S2).
+    Refused(Epoch),
+}
+
+/// What the checker has seen happen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct History {
+    /// Writes acknowledged to the host.
+    pub acked: BTreeSet<u8>,
+    /// An automatic switchover was applied.
+    pub auso: bool,
+    /// An automatic switchover was applied without every acknowledged write at the survivor.
+    pub auso_out_of_sync: bool,
+    /// A receiver admitted a record below its mark.
+    pub stale_accepted: bool,
+    /// A write was acknowledged at an epoch below one already issued.
+    pub stale_ack: bool,
+    /// A replay applied a record twice or out of order.
+    pub bad_replay: bool,
+}
+
+/// The whole cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    /// Seconds since the start.
+    pub now: u8,
+    /// A and B.
+    pub ctl: [Ctl; 2],
+    /// The mediator's own decision core.
+    pub mediator: Mediator,
+    /// Messages to and from the mediator, in flight (a multiset).
+    pub net: Vec<Envelope>,
+    /// The NVLog mirror stream, A → B and B → A, in order, with send times.
+    pub stream: [Vec<(u8, StreamMsg)>; 2],
+    /// The inter-site link is up.
+    pub link: bool,
+    /// Each controller's link to the mediator is up.
+    pub mediator_link: [bool; 2],
+    /// Faults left.
+    pub faults_left: u8,
+    /// Host writes left.
+    pub writes_left: u8,
+    /// The operator's command was used.
+    pub operator_done: bool,
+    /// What happened.
+    pub history: History,
+}
+
+/// A fault.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The controller's process dies (its NVLog survives).
+    Crash(usize),
+    /// A dies and its NVLog file is lost.
+    CrashLosingNvlog,
+    /// SIGSTOP.
+    Pause(usize),
+    /// B's receiver stops taking records.
+    Stall,
+    /// The inter-site link goes down (both streams lost).
+    CutLink,
+    /// It comes back.
+    HealLink,
+    /// A controller's link to the mediator goes down.
+    CutMediator(usize),
+    /// A message to or from the mediator is lost.
+    Lose(usize),
+    /// It is delivered twice.
+    Duplicate(usize),
+    /// It is held back into the next second.
+    Delay(usize),
+}
+
+/// A step.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// One second passes: timers fire, heartbeats and keepalives go out.
+    Tick,
+    /// A host write of X at a controller.
+    Write(usize),
+    /// The head of a stream arrives (0: A → B, 1: B → A).
+    Stream(usize),
+    /// A write of this controller has waited `mirror_timeout`: the drop starts (S3).
+    MirrorTimeout(usize),
+    /// A message to or from the mediator arrives.
+    Deliver(usize),
+    /// A fault.
+    Fault(Fault),
+    /// A crashed controller starts again.
+    Restart(usize),
+    /// A paused controller resumes (SIGCONT).
+    Resume(usize),
+    /// The operator runs `mcctl switchover --forced-on-disaster` at B (through the mediator).
+    ManualSwitchover {
+        /// `--override-vetoes`.
+        override_in_sync: bool,
+    },
+}
+
+/// The model: the bounds of the exploration.
+#[derive(Clone, Debug)]
+pub struct ClusterModel {
+    /// What the checker may do.
+    pub bounds: Bounds,
+}
+
+fn mediator_config() -> decide::Config {
+    decide::Config {
+        controllers: vec![
+            decide::Controller { node: NodeId(NODES[A]), site: decide::Site(0) },
+            decide::Controller { node: NodeId(NODES[B]), site: decide::Site(1) },
+        ],
+        timers: timers(),
+        observer: false,
+    }
+}
+
+impl ClusterModel {
+    /// The initial state: both sites up and in sync, leases started, A owns X at epoch 1.
+    pub fn initial(&self) -> State {
+        let mut state = decide::State { version: 1, ..decide::State::default() };
+        state.aggregates.insert(
+            X,
+            decide::AggregateRecord {
+                epoch: to_decide(epoch_one()),
+                owner_says: Some((MirrorState::InSync, 1, true)),
+                receiver_says: Some((MirrorState::InSync, 1)),
+            },
+        );
+        let mediator = match Mediator::new(mediator_config(), Some(state)) {
+            Ok(m) => m,
+            Err(e) => panic!("the model's mediator configuration is refused: {e}"),
+        };
+        State {
+            now: 0,
+            ctl: [Ctl::new(A), Ctl::new(B)],
+            mediator,
+            net: Vec::new(),
+            stream: [Vec::new(), Vec::new()],
+            link: true,
+            mediator_link: [true, true],
+            faults_left: self.bounds.faults,
+            writes_left: self.bounds.writes,
+            operator_done: false,
+            history: History::default(),
+        }
+    }
+}
+
+impl State {
+    /// Whether a controller at `index` takes messages now.
+    fn takes(&self, index: usize) -> bool {
+        self.ctl[index].up && !self.ctl[index].paused
+    }
+
+    /// Whether the stream towards `to` can be delivered now.
+    fn stream_open(&self, direction: usize) -> bool {
+        let to = 1 - direction;
+        self.takes(to) && !(direction == 0 && self.ctl[B].stalled)
+    }
+
+    fn envelope_deliverable(&self, e: &Envelope) -> bool {
+        match e {
+            Envelope::Up { .. } => true,
+            Envelope::Down { to, .. } => self.takes(*to),
+        }
+    }
+
+    fn send(&mut self, e: Envelope) {
+        let (index, to_down) = match &e {
+            Envelope::Up { from, .. } => (*from, false),
+            Envelope::Down { to, .. } => (*to, true),
+        };
+        if !self.mediator_link[index] || (to_down && !self.ctl[index].up) {
+            return; // lost on the way
+        }
+        self.net.push(e);
+        self.net.sort_by_key(|e| format!("{e:?}"));
+    }
+
+    fn clear_streams(&mut self) {
+        self.stream = [Vec::new(), Vec::new()];
+        self.ctl[A].handshake = false;
+        self.ctl[B].handshake = false;
+    }
+
+    /// The highest epoch of X issued anywhere: the mediator's record, the labels, the marks.
+    fn highest_issued(&self) -> Epoch {
+        let mediator =
+            self.mediator.state().aggregates.get(&X).map(|r| from_decide(r.epoch)).unwrap_or_default();
+        self.ctl.iter().map(Ctl::shown_epoch).fold(mediator, Epoch::max)
+    }
+
+    /// Acknowledges or fails the writes of `index` that can be decided (S1, S6).
+    fn try_ack(&mut self, index: usize) {
+        let now = self.now;
+        let highest = self.highest_issued();
+        let c = &mut self.ctl[index];
+        if !c.up || c.paused {
+            return;
+        }
+        let serving = c.confirmed && !c.deposed && !c.lost_log && c.owns.is_some();
+        let mut kept = Vec::new();
+        for p in std::mem::take(&mut c.pending) {
+            let mirrored = c.ack_set.mirrored(c.acked, Lsn(p.lsn));
+            if !serving {
+                continue; // the write fails
+            }
+            if !mirrored {
+                if c.lease.check(secs(now)).is_ok() {
+                    kept.push(p);
+                }
+                continue;
+            }
+            // The lease check right before the acknowledgement (S6).
+            if c.lease.check(secs(now)).is_ok() && !c.nvfailed {
+                if c.owns.is_some_and(|e| e < highest) {
+                    self.history.stale_ack = true;
+                }
+                self.history.acked.insert(p.write);
+            }
+        }
+        c.pending = kept;
+    }
+
+    fn finish_drop(&mut self, index: usize) {
+        let c = &mut self.ctl[index];
+        c.dropping = None;
+        c.ack_set.dropped = true;
+        self.try_ack(index);
+    }
+
+    fn report(&self, index: usize) -> decide::Report {
+        let c = &self.ctl[index];
+        let other = &self.ctl[1 - index];
+        let now = self.now;
+        let mode = match (index, c.owns) {
+            (B, Some(_)) => decide::Mode::Switchover,
+            (A, _) if c.deposed => decide::Mode::WaitingForSwitchback,
+            _ => decide::Mode::Normal,
+        };
+        decide::Report {
+            node: NodeId(c.node),
+            log_generation: c.life,
+            sequence: c.seq,
+            state_version: c.mver,
+            uptime: secs(now - c.started),
+            mode,
+            fenced: !(c.confirmed && !c.lost_log && c.lease.clone().check(secs(now)).is_ok()),
+            partners: vec![decide::PartnerView {
+                node: NodeId(other.node),
+                heard_age: Some(secs(now - c.heard.unwrap_or(c.started).max(c.started))),
+                round_trip_age: c.round_trip.map(|t| secs(now - t)),
+            }],
+            owned: match c.owns {
+                Some(e) if !c.deposed => vec![decide::OwnedReport {
+                    aggregate: X,
+                    epoch: to_decide(e),
+                    mirror: c.writer_state(),
+                    receiver_generation: 1,
+                    plexes_normal: true,
+                }],
+                _ => Vec::new(),
+            },
+            received: vec![decide::ReceivedReport {
+                writer: NodeId(other.node),
+                partition_generation: 1,
+                state: c.rx_state,
+            }],
+            epochs_seen: vec![(X, to_decide(c.shown_epoch()))],
+        }
+    }
+
+    /// The keepalive round trips both ways, and the writer's handshake (S6, S2, S8).
+    fn keepalives(&mut self) {
+        let now = self.now;
+        if !(self.link && self.takes(A) && self.takes(B)) {
+            return;
+        }
+        for me in [A, B] {
+            let theirs = self.ctl[1 - me].shown_epoch();
+            let c = &mut self.ctl[me];
+            c.heard = Some(now);
+            c.round_trip = Some(now);
+            match c.owns {
+                Some(held) if theirs > held && theirs.owner.0 != c.node => c.deposed = true,
+                _ => {
+                    c.lease.renew(secs(now), None);
+                }
+            }
+        }
+        // The writer's session: a hello the receiver admits starts it (S2); the receiver
+        // returns our records it holds (S8: a lost local partition gets them back).
+        let receiver = self.ctl[B].clone();
+        let a = &mut self.ctl[A];
+        if let Some(held) = a.owns
+            && !a.handshake
+            && !a.deposed
+            && held.owner.0 == a.node
+        {
+            if !admits(receiver.mark, held) {
+                a.deposed = true;
+                return;
+            }
+            a.handshake = true;
+            a.acked = Lsn(receiver.rx_tail());
+            if a.lost_log {
+                // S8: the partner's copy counts as complete only if its receiver holds the mirror
+                // in sync; otherwise the volumes are NVFAILed.
+                a.log = receiver.rx.clone();
+                a.data = receiver.rx.iter().map(|r| r.write).collect();
+                a.nvfailed |= receiver.rx_state != MirrorState::InSync;
+                a.lost_log = false;
+            }
+            if !a.ack_set.dropped {
+                let resend: Vec<Rec> = a.log.iter().filter(|r| r.lsn > a.acked.0).copied().collect();
+                for r in resend {
+                    self.stream[0].push((now, StreamMsg::Record(r)));
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now += 1;
+        let now = self.now;
+        let t = timers();
+        let _ = self.mediator.tick(secs(now));
+        self.keepalives();
+        for i in [A, B] {
+            if !self.takes(i) {
+                continue;
+            }
+            let c = &mut self.ctl[i];
+            // The fence ticker latches a lapsed lease.
+            let _ = c.lease.check(secs(now));
+            // S13: the receiver's own account of silence.
+            let silence = now - c.round_trip.unwrap_or(c.started).max(c.started);
+            if c.owns.is_none() && silence >= ticks(t.mirror_timeout - t.margin) {
+                c.rx_state = MirrorState::OutOfSync;
+            }
+            // S3: a drop in progress asks the mediator again (retried while writes stall).
+            if c.dropping.is_some() {
+                self.record_drop(i);
+            }
+            let c = &mut self.ctl[i];
+            c.seq += 1;
+            let report = self.report(i);
+            let life = self.ctl[i].life;
+            self.send(Envelope::Up {
+                from: i,
+                life,
+                sent: now,
+                delayed: false,
+                body: ToMediator::Report(Box::new(report)),
+            });
+        }
+        for i in [A, B] {
+            self.try_ack(i);
+        }
+    }
+
+    /// Whether a write of `index` has waited `mirror_timeout` and no drop runs yet (S3).
+    fn mirror_timed_out(&self, index: usize) -> bool {
+        let c = &self.ctl[index];
+        let waited = c.pending.first().is_some_and(|p| self.now - p.since >= ticks(timers().mirror_timeout));
+        self.takes(index) && c.owns.is_some() && !c.ack_set.dropped && c.dropping.is_none() && waited
+    }
+
+    /// The drop of `drop_partner` (S3): persisted locally first, then recorded by the mediator;
+    /// `DropEvidence::complete` says when the partner leaves the ack set.
+    fn start_drop(&mut self, index: usize) {
+        let c = &mut self.ctl[index];
+        c.writer_dropped = true;
+        let evidence = DropEvidence {
+            persisted_locally: true,
+            recorded_by_mediator: false,
+            partner_acknowledged: false,
+            silent_for: Duration::ZERO,
+        };
+        c.dropping = Some(Dropping { evidence });
+        if evidence.complete(true, timers().mirror_timeout) {
+            self.finish_drop(index);
+        } else {
+            self.record_drop(index);
+        }
+    }
+
+    fn record_drop(&mut self, index: usize) {
+        let now = self.now;
+        let c = &mut self.ctl[index];
+        c.seq += 1;
+        let e = Envelope::Up {
+            from: index,
+            life: c.life,
+            sent: now,
+            delayed: false,
+            body: ToMediator::RecordDrop { stamp: (c.life, c.seq) },
+        };
+        self.send(e);
+    }
+
+    fn write(&mut self, index: usize, id: u8) {
+        let now = self.now;
+        let link = self.link && self.takes(B);
+        let c = &mut self.ctl[index];
+        let Some(epoch) = c.owns else { return };
+        let rec = Rec { lsn: c.log.last().map_or(0, |r| r.lsn) + 1, epoch, write: id };
+        c.log.push(rec);
+        c.data.insert(id);
+        c.pending.push(Pending { lsn: rec.lsn, write: id, since: now });
+        if index == A && c.handshake && link && !c.ack_set.dropped {
+            self.stream[0].push((now, StreamMsg::Record(rec)));
+        }
+        self.try_ack(index);
+    }
+
+    fn stream_deliver(&mut self, direction: usize) {
+        let now = self.now;
+        let (_, msg) = self.stream[direction].remove(0);
+        match msg {
+            StreamMsg::Record(r) => {
+                let b = &mut self.ctl[B];
+                b.heard = Some(now);
+                if !admits(b.mark, r.epoch) {
+                    let mark = b.mark;
+                    self.stream[1].push((now, StreamMsg::Refused(mark)));
+                    return;
+                }
+                if r.epoch < b.mark {
+                    self.history.stale_accepted = true;
+                }
+                b.mark = b.mark.max(r.epoch);
+                let tail = b.rx_tail();
+                if r.lsn <= tail {
+                    self.stream[1].push((now, StreamMsg::Ack(tail)));
+                } else if r.lsn == tail + 1 {
+                    b.rx.push(r);
+                    self.stream[1].push((now, StreamMsg::Ack(r.lsn)));
+                } else {
+                    // A gap: never acknowledged, out of sync (S13).
+                    b.rx_state = MirrorState::OutOfSync;
+                }
+            }
+            StreamMsg::Ack(lsn) => {
+                let a = &mut self.ctl[A];
+                a.heard = Some(now);
+                a.acked = a.acked.max(Lsn(lsn));
+                self.try_ack(A);
+            }
+            StreamMsg::Refused(theirs) => {
+                let a = &mut self.ctl[A];
+                a.heard = Some(now);
+                if a.owns.is_some_and(|held| theirs > held && theirs.owner.0 != a.node) {
+                    a.deposed = true;
+                }
+                self.try_ack(A);
+            }
+        }
+    }
+
+    fn deliver(&mut self, index: usize) {
+        let now = self.now;
+        let e = self.net.remove(index);
+        match e {
+            Envelope::Up { from, life, sent, body, .. } => {
+                if !self.mediator_link[from] {
+                    return;
+                }
+                let node = NodeId(self.ctl[from].node);
+                let (event, drop_request) = match body {
+                    ToMediator::Report(r) => (decide::Event::Report(*r), false),
+                    ToMediator::RecordDrop { stamp } => {
+                        (decide::Event::RecordDrop { node, aggregate: X, stamp }, true)
+                    }
+                    ToMediator::ConfirmGrant => (decide::Event::ConfirmGrant { node }, false),
+                    ToMediator::ManualSwitchover { override_in_sync } => {
+                        (decide::Event::ManualSwitchover { node, override_in_sync }, false)
+                    }
+                };
+                let grants = self.mediator.state().grants.len();
+                let actions = self.mediator.handle(secs(now), event);
+                if let Some(g) = self.mediator.state().grants.get(grants)
+                    && g.automatic
+                {
+                    // S7's truth: every acknowledged write is in B's received records.
+                    self.history.auso = true;
+                    let received: BTreeSet<u8> = self.ctl[B].rx.iter().map(|r| r.write).collect();
+                    if !self.history.acked.is_subset(&received) {
+                        self.history.auso_out_of_sync = true;
+                    }
+                }
+                for action in actions {
+                    let body = match action {
+                        decide::Action::Reply(_) if drop_request => ToCtl::DropRecorded,
+                        decide::Action::Reply(r) => ToCtl::Reply(r),
+                        decide::Action::Refuse { reason, .. } => ToCtl::Refused(reason),
+                        decide::Action::Persist | decide::Action::Alert(_) => continue,
+                    };
+                    self.send(Envelope::Down {
+                        to: from,
+                        life,
+                        request_sent: sent,
+                        sent: now,
+                        delayed: false,
+                        body,
+                    });
+                }
+            }
+            Envelope::Down { to, life, request_sent, body, .. } => {
+                if !self.mediator_link[to] || self.ctl[to].life != life {
+                    return;
+                }
+                match body {
+                    ToCtl::Reply(r) => self.on_reply(to, request_sent, &r),
+                    ToCtl::DropRecorded => {
+                        let c = &mut self.ctl[to];
+                        if let Some(d) = &mut c.dropping {
+                            d.evidence.recorded_by_mediator = true;
+                            if d.evidence.complete(true, timers().mirror_timeout) {
+                                self.finish_drop(to);
+                            }
+                        }
+                    }
+                    ToCtl::Refused(_) => {}
+                }
+            }
+        }
+    }
+
+    /// A mediator reply: epochs (S2), lease (S6), confirmation (S2), grant (S7).
+    fn on_reply(&mut self, index: usize, request_sent: u8, r: &decide::Reply) {
+        let c = &mut self.ctl[index];
+        c.mver = c.mver.max(r.state_version);
+        let theirs = r.epochs.iter().find(|(id, _)| *id == X).map(|(_, e)| from_decide(*e));
+        let above = matches!((c.owns, theirs), (Some(held), Some(e)) if e > held && e.owner.0 != c.node);
+        if above {
+            c.deposed = true;
+        } else if !c.confirmed || c.lease.is_lapsed() {
+            if !r.state_lost {
+                c.lease.confirm(secs(request_sent), Some(r.lease));
+                c.confirmed = true;
+            }
+        } else {
+            c.lease.renew(secs(request_sent), Some(r.lease));
+        }
+        if let Some(grant) = r.grant.clone()
+            && grant.to.0 == c.node
+        {
+            self.apply_grant(index, &grant);
+            let life = self.ctl[index].life;
+            let now = self.now;
+            self.send(Envelope::Up {
+                from: index,
+                life,
+                sent: now,
+                delayed: false,
+                body: ToMediator::ConfirmGrant,
+            });
+        }
+        self.try_ack(index);
+    }
+
+    /// The switchover at the granted epoch (DESIGN §11 steps 2–7, as `switchover.rs` runs them
+    /// for a grant).
+    fn apply_grant(&mut self, index: usize, grant: &decide::Grant) {
+        let Some(new) = grant.epochs.iter().find(|(id, _)| *id == X).map(|(_, e)| from_decide(*e)) else {
+            return;
+        };
+        let c = &mut self.ctl[index];
+        if c.owns == Some(new) || !admits(c.mark, new) {
+            return; // applied already (the grant is re-sent until confirmed)
+        }
+        // Steps 2–3: the epoch persisted, the receiver frozen (its mark is above the writer's).
+        c.mark = c.mark.max(new);
+        // Step 4: replay the partner's records in lsn order; a gap NVFAILs (S8).
+        let mut last = 0;
+        let mut gap = false;
+        for r in &c.rx {
+            if r.lsn <= last {
+                self.history.bad_replay = true;
+            }
+            if r.lsn != last + 1 {
+                gap = true;
+                break;
+            }
+            c.data.insert(r.write);
+            last = r.lsn;
+        }
+        // Step 5: NVFAIL per the grant (S7, S9) or the replay.
+        c.nvfailed |= grant.nvfail || gap;
+        c.owns = Some(new);
+        c.deposed = false;
+        c.writer_dropped = true;
+        c.ack_set.dropped = true;
+        c.log.clear();
+    }
+
+    /// Every acknowledged write is at each controller that can serve X, unless NVFAILed there.
+    pub fn acknowledged_writes_held(&self) -> bool {
+        self.ctl
+            .iter()
+            .filter(|c| c.can_serve(self.now) && !c.nvfailed)
+            .all(|c| self.history.acked.is_subset(&c.data))
+    }
+
+    /// At most one controller can acknowledge for X.
+    pub fn one_writer(&self) -> bool {
+        !(self.ctl[A].can_serve(self.now) && self.ctl[B].can_serve(self.now))
+    }
+
+    /// One line per controller and the mediator's record, for traces.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for c in &self.ctl {
+            let process = if !c.up {
+                "down"
+            } else if c.paused {
+                "paused"
+            } else {
+                "up"
+            };
+            let lease = if c.lease.is_lapsed() {
+                "lapsed"
+            } else if c.lease.clone().check(secs(self.now)).is_ok() {
+                "valid"
+            } else {
+                "expired"
+            };
+            let _ = writeln!(
+                out,
+                "    node {} {process}: owns {} mark {}{}{}, lease {lease}, confirmed {}, serving {}, log {:?}, \
+                 received {:?} ({:?}), data {:?}, acked-by-partner {}, waiting {:?}{}{}",
+                c.node,
+                c.owns.map_or("-".to_string(), |e| format!("{}@{}", e.number, e.owner.0)),
+                c.mark.number,
+                if c.deposed { ", deposed" } else { "" },
+                if c.nvfailed { ", NVFAILED" } else { "" },
+                c.confirmed,
+                c.can_serve(self.now),
+                c.log.iter().map(|r| r.write).collect::<Vec<_>>(),
+                c.rx.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+                c.rx_state,
+                c.data,
+                c.acked.0,
+                c.pending.iter().map(|p| p.write).collect::<Vec<_>>(),
+                if c.ack_set.dropped { ", partner dropped" } else { "" },
+                if c.stalled { ", receiver stalled" } else { "" },
+            );
+        }
+        if let Some(r) = self.mediator.state().aggregates.get(&X) {
+            let _ = writeln!(
+                out,
+                "    mediator: X at {}@{}, in sync {}, grants {}; link A-B {}, mediator links {:?}; acknowledged {:?}",
+                r.epoch.number,
+                r.epoch.owner.0,
+                r.in_sync(),
+                self.mediator.state().grants.len(),
+                if self.link { "up" } else { "cut" },
+                self.mediator_link,
+                self.history.acked
+            );
+        }
+        out
+    }
+}
+
+impl ClusterModel {
+    fn faults(&self, s: &State, actions: &mut Vec<Action>) {
+        let b = &self.bounds;
+        if s.faults_left == 0 {
+            return;
+        }
+        for i in [A, B] {
+            if b.crash && s.ctl[i].up {
+                actions.push(Action::Fault(Fault::Crash(i)));
+            }
+            if b.pause && s.takes(i) {
+                actions.push(Action::Fault(Fault::Pause(i)));
+            }
+            if b.cut_mediator && s.mediator_link[i] {
+                actions.push(Action::Fault(Fault::CutMediator(i)));
+            }
+        }
+        if b.lose_nvlog && s.ctl[A].up {
+            actions.push(Action::Fault(Fault::CrashLosingNvlog));
+        }
+        if b.stall && !s.ctl[B].stalled && s.ctl[B].up {
+            actions.push(Action::Fault(Fault::Stall));
+        }
+        if b.cut_link {
+            actions.push(Action::Fault(if s.link { Fault::CutLink } else { Fault::HealLink }));
+        }
+        if b.message_faults {
+            for (i, e) in s.net.iter().enumerate() {
+                actions.push(Action::Fault(Fault::Lose(i)));
+                actions.push(Action::Fault(Fault::Duplicate(i)));
+                if !e.delayed() {
+                    actions.push(Action::Fault(Fault::Delay(i)));
+                }
+            }
+        }
+    }
+
+    fn fault(s: &mut State, fault: Fault) {
+        s.faults_left -= 1;
+        match fault {
+            Fault::Crash(i) => crash(s, i),
+            Fault::CrashLosingNvlog => {
+                crash(s, A);
+                let a = &mut s.ctl[A];
+                a.log.clear();
+                a.data.clear();
+                a.lost_log = true;
+            }
+            Fault::Pause(i) => s.ctl[i].paused = true,
+            Fault::Stall => s.ctl[B].stalled = true,
+            Fault::CutLink => {
+                s.link = false;
+                s.clear_streams();
+            }
+            Fault::HealLink => s.link = true,
+            Fault::CutMediator(i) => s.mediator_link[i] = false,
+            Fault::Lose(i) => {
+                s.net.remove(i);
+            }
+            Fault::Delay(i) => match &mut s.net[i] {
+                Envelope::Up { delayed, .. } | Envelope::Down { delayed, .. } => *delayed = true,
+            },
+            Fault::Duplicate(i) => {
+                let e = s.net[i].clone();
+                s.net.push(e);
+                s.net.sort_by_key(|e| format!("{e:?}"));
+            }
+        }
+    }
+}
+
+fn crash(s: &mut State, i: usize) {
+    s.ctl[i].up = false;
+    s.ctl[i].paused = false;
+    s.clear_streams();
+    s.net.retain(|e| !matches!(e, Envelope::Down { to, .. } if *to == i));
+}
+
+fn restart(s: &mut State, i: usize) {
+    let now = s.now;
+    let c = &mut s.ctl[i];
+    c.up = true;
+    c.life += 1;
+    c.started = now;
+    c.lease = Lease::new(timers().lease);
+    c.confirmed = false;
+    c.deposed = false;
+    c.handshake = false;
+    c.acked = Lsn(0);
+    c.ack_set = AckSet { dropped: c.writer_dropped, floor: Lsn(0) };
+    c.pending.clear();
+    c.dropping = None;
+    c.seq = 0;
+    c.heard = None;
+    c.round_trip = None;
+    c.stalled = false;
+}
+
+impl Model for ClusterModel {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        vec![self.initial()]
+    }
+
+    fn actions(&self, s: &State, actions: &mut Vec<Action>) {
+        // Time passes once every message sent before this second was delivered or lost
+        // (a paused process takes its messages when it resumes).
+        let overdue_net =
+            s.net.iter().any(|e| s.envelope_deliverable(e) && (!e.delayed() || e.sent() < s.now));
+        let overdue_stream = (0..2).any(|d| s.stream_open(d) && !s.stream[d].is_empty());
+        let timer_due = [A, B].into_iter().any(|i| s.mirror_timed_out(i));
+        for i in [A, B] {
+            if s.mirror_timed_out(i) {
+                actions.push(Action::MirrorTimeout(i));
+            }
+        }
+        if s.now < self.bounds.horizon && !overdue_net && !overdue_stream && !timer_due {
+            actions.push(Action::Tick);
+        }
+        if s.writes_left > 0 {
+            for i in [A, B] {
+                if s.ctl[i].can_serve(s.now) && !s.ctl[i].nvfailed {
+                    actions.push(Action::Write(i));
+                }
+            }
+        }
+        for d in 0..2 {
+            if s.stream_open(d) && !s.stream[d].is_empty() {
+                actions.push(Action::Stream(d));
+            }
+        }
+        for (i, e) in s.net.iter().enumerate() {
+            if s.envelope_deliverable(e) && (i == 0 || s.net[i - 1] != *e) {
+                actions.push(Action::Deliver(i));
+            }
+        }
+        self.faults(s, actions);
+        for i in [A, B] {
+            if !s.ctl[i].up {
+                actions.push(Action::Restart(i));
+            }
+            if s.ctl[i].paused {
+                actions.push(Action::Resume(i));
+            }
+        }
+        if self.bounds.manual_switchover && !s.operator_done && s.takes(B) {
+            actions.push(Action::ManualSwitchover { override_in_sync: false });
+            actions.push(Action::ManualSwitchover { override_in_sync: true });
+        }
+    }
+
+    fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        let mut s = last.clone();
+        match action {
+            Action::Tick => s.tick(),
+            Action::Write(i) => {
+                let id = self.bounds.writes - s.writes_left + 1;
+                s.writes_left -= 1;
+                s.write(i, id);
+            }
+            Action::Stream(d) => s.stream_deliver(d),
+            Action::MirrorTimeout(i) => s.start_drop(i),
+            Action::Deliver(i) => s.deliver(i),
+            Action::Fault(f) => ClusterModel::fault(&mut s, f),
+            Action::Restart(i) => restart(&mut s, i),
+            Action::Resume(i) => {
+                s.ctl[i].paused = false;
+                s.try_ack(i);
+            }
+            Action::ManualSwitchover { override_in_sync } => {
+                s.operator_done = true;
+                let life = s.ctl[B].life;
+                let now = s.now;
+                s.send(Envelope::Up {
+                    from: B,
+                    life,
+                    sent: now,
+                    delayed: false,
+                    body: ToMediator::ManualSwitchover { override_in_sync },
+                });
+            }
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always(ACKED_WRITES_HELD, |_, s: &State| s.acknowledged_writes_held()),
+            Property::always(ONE_WRITER, |_, s: &State| s.one_writer()),
+            Property::always(NO_AUSO_OUT_OF_SYNC, |_, s: &State| !s.history.auso_out_of_sync),
+            Property::always(NO_STALE_EPOCH, |_, s: &State| {
+                !s.history.stale_accepted && !s.history.stale_ack
+            }),
+            Property::always(REPLAY_IN_ORDER, |_, s: &State| !s.history.bad_replay),
+            Property::sometimes(SOME_WRITE_ACKNOWLEDGED, |_, s: &State| !s.history.acked.is_empty()),
+            Property::sometimes(SOME_AUSO, |_, s: &State| s.history.auso && !s.history.acked.is_empty()),
+        ]
+    }
+
+    fn within_boundary(&self, s: &State) -> bool {
+        s.now <= self.bounds.horizon
+    }
+}
+
+/// Every acknowledged write is held where X can be served, unless NVFAILed (S1, S3, S8, S9).
+pub const ACKED_WRITES_HELD: &str = "acknowledged writes are never lost without NVFAIL";
+/// Two controllers never acknowledge for X at once (S2, S6).
+pub const ONE_WRITER: &str = "one writer per aggregate";
+/// No AUSO while not in sync (S7).
+pub const NO_AUSO_OUT_OF_SYNC: &str = "no automatic switchover out of sync";
+/// No stale epoch admitted or acknowledged at (S2).
+pub const NO_STALE_EPOCH: &str = "no stale epoch accepted";
+/// Replay once, in order (S8).
+pub const REPLAY_IN_ORDER: &str = "replay in lsn order, once";
+/// Every safety property.
+pub const SAFETY: [&str; 5] =
+    [ACKED_WRITES_HELD, ONE_WRITER, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, REPLAY_IN_ORDER];
+/// Vacuity: some write is acknowledged.
+pub const SOME_WRITE_ACKNOWLEDGED: &str = "a write is acknowledged";
+/// Vacuity: an automatic switchover happens after an acknowledged write.
+pub const SOME_AUSO: &str = "an automatic switchover happens";
+
+/// A counterexample as a readable trace: each step, then the lines of the state it changed.
+pub fn trace(path: stateright::Path<State, Action>) -> String {
+    let mut out = String::new();
+    let steps = path.into_vec();
+    let Some((first, _)) = steps.first() else { return out };
+    let _ = writeln!(out, "t=0 initial state\n{}", first.summary());
+    for pair in steps.windows(2) {
+        let [(before, Some(action)), (after, _)] = pair else { continue };
+        let _ = writeln!(out, "t={} {}", before.now, describe(before, action));
+        let old = before.summary();
+        for line in after.summary().lines().filter(|line| !old.lines().any(|o| o == *line)) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+fn describe(s: &State, action: &Action) -> String {
+    let name = |i: usize| ["A", "B"][i];
+    match action {
+        Action::Tick => "one second passes: heartbeats, keepalives, timers".into(),
+        Action::Write(i) => format!("host write at {}", name(*i)),
+        Action::MirrorTimeout(i) => format!("{}: a write waited mirror_timeout, the drop starts", name(*i)),
+        Action::Stream(d) => match s.stream[*d].first() {
+            Some((_, m)) => format!("stream {} delivers {m:?}", ["A→B", "B→A"][*d]),
+            None => "stream delivers nothing".into(),
+        },
+        Action::Deliver(i) => match s.net.get(*i) {
+            Some(Envelope::Up { from, body, .. }) => {
+                let what = match body {
+                    ToMediator::Report(r) => format!(
+                        "report (fenced {}, owns {:?}, receiver {:?}, heard partner {:?} ago)",
+                        r.fenced,
+                        r.owned.iter().map(|o| (o.epoch.number, o.mirror)).collect::<Vec<_>>(),
+                        r.received.first().map(|x| x.state),
+                        r.partners.first().and_then(|p| p.heard_age)
+                    ),
+                    other => format!("{other:?}"),
+                };
+                format!("mediator receives from {}: {what}", name(*from))
+            }
+            Some(Envelope::Down { to, body, request_sent, .. }) => {
+                let what = match body {
+                    ToCtl::Reply(r) => format!(
+                        "reply to the request sent at t={request_sent} (epochs {:?}, grant {:?}, state lost {})",
+                        r.epochs.iter().map(|(_, e)| (e.number, e.owner.0)).collect::<Vec<_>>(),
+                        r.grant.as_ref().map(|g| (g.automatic, g.nvfail)),
+                        r.state_lost
+                    ),
+                    other => format!("{other:?}"),
+                };
+                format!("{} receives from the mediator: {what}", name(*to))
+            }
+            None => "nothing".into(),
+        },
+        Action::Fault(f) => format!("FAULT {f:?}"),
+        Action::Restart(i) => format!("{} restarts", name(*i)),
+        Action::Resume(i) => format!("{} resumes", name(*i)),
+        Action::ManualSwitchover { override_in_sync } => {
+            format!("operator: forced switchover to B (override in-sync: {override_in_sync})")
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The bounded model check of the safety core (issue 11), and the proof that it bites: each
+//! deliberate break of the product's code (`model_breaks`) yields a counterexample, printed as
+//! a trace.
+//!
+//! The breaks are process-wide switches: the tests here hold one lock for their whole run, so
+//! `cargo test` (threads) and `cargo nextest` (processes) both run them one at a time.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use mc_model::{
+    ACKED_WRITES_HELD, Bounds, ClusterModel, NO_STALE_EPOCH, SAFETY, SOME_AUSO, SOME_WRITE_ACKNOWLEDGED,
+    trace,
+};
+use stateright::{Checker, HasDiscoveries, Model};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Explores every state within `bounds`; panics with the trace of any safety violation.
+fn check_all(bounds: Bounds) {
+    let started = Instant::now();
+    let checker = ClusterModel { bounds }.checker().threads(threads()).spawn_bfs().join();
+    println!(
+        "model check {bounds:?}: {} states explored, {} unique, max depth {}, {:.1} s",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        started.elapsed().as_secs_f64()
+    );
+    for name in SAFETY {
+        if let Some(path) = checker.discovery(name) {
+            panic!("the model check found a violation of \"{name}\":\n{}", trace(path));
+        }
+    }
+    for name in [SOME_WRITE_ACKNOWLEDGED, SOME_AUSO] {
+        assert!(checker.discovery(name).is_some(), "no state where {name}: the check would be vacuous");
+    }
+}
+
+#[test]
+fn the_bounded_model_check_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all(Bounds::CI);
+}
+
+/// The larger run: two faults. `cargo nextest run -p mc-model --run-ignored ignored-only`, or
+/// the `mc-model-check` binary for other bounds (see docs/safety.md).
+#[test]
+#[ignore = "the larger bounded run: 25 million states, about 10 minutes and 12 GiB in release on 2 cores"]
+fn the_larger_model_check_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all(Bounds { horizon: 6, faults: 2, ..Bounds::CI });
+}
+
+/// With one break on, the checker must find a violation of `expected`; prints its trace.
+fn bites(set: impl Fn(bool), expected: &'static str, bounds: Bounds) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    set(true);
+    let checker = ClusterModel { bounds }
+        .checker()
+        .threads(threads())
+        .finish_when(HasDiscoveries::AnyOf([expected].into_iter().collect()))
+        .spawn_bfs()
+        .join();
+    set(false);
+    let Some(path) = checker.discovery(expected) else {
+        panic!(
+            "the break went unnoticed: no violation of \"{expected}\" in {} states",
+            checker.unique_state_count()
+        );
+    };
+    println!(
+        "counterexample of \"{expected}\" ({} states explored):\n{}",
+        checker.unique_state_count(),
+        trace(path)
+    );
+}
+
+fn controller_break(b: controller::model_breaks::Break) -> impl Fn(bool) {
+    move |on| controller::model_breaks::set(b, on)
+}
+
+#[test]
+fn acknowledging_before_the_partner_acks_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::AckBeforePartner), ACKED_WRITES_HELD, Bounds::CI);
+}
+
+#[test]
+fn accepting_a_stale_epoch_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::AcceptStaleEpoch), NO_STALE_EPOCH, Bounds::CI);
+}
