@@ -109,8 +109,18 @@ pub struct Bounds {
     pub cut_link: bool,
     /// Cut a controller's link to the mediator.
     pub cut_mediator: bool,
-    /// Lose, duplicate or delay (into the next second) a mediator message.
-    pub message_faults: bool,
+    /// Lose a mediator message.
+    pub lose: bool,
+    /// Deliver a mediator message twice.
+    pub duplicate: bool,
+    /// Hold a mediator message back into the next second.
+    pub delay: bool,
+    /// One interleaving per second: messages are delivered in the order they were sent (the
+    /// mediator's first, then the A → B stream, then B → A), while faults, writes and the
+    /// operator still come at any point between them. Every trace found this way is a trace
+    /// of the full model, so the deliberate breaks whose counterexamples need a longer
+    /// horizon are checked this way; the exhaustive runs keep every order (`false`).
+    pub fifo: bool,
     /// An operator's forced switchover to B through the mediator (S7), with and without the
     /// in-sync override.
     pub manual_switchover: bool,
@@ -128,7 +138,10 @@ impl Bounds {
         stall: true,
         cut_link: true,
         cut_mediator: true,
-        message_faults: false,
+        lose: false,
+        duplicate: false,
+        delay: false,
+        fifo: false,
         manual_switchover: true,
     };
 }
@@ -397,8 +410,11 @@ pub struct State {
     pub ctl: [Ctl; 2],
     /// The mediator's own decision core.
     pub mediator: Mediator,
-    /// Messages to and from the mediator, in flight (a multiset).
+    /// Messages to and from the mediator, in flight: a multiset (sorted), or in the order sent
+    /// with `Bounds::fifo`.
     pub net: Vec<Envelope>,
+    /// `Bounds::fifo`.
+    pub fifo: bool,
     /// The NVLog mirror stream, A → B and B → A, in order, with send times.
     pub stream: [Vec<(u8, StreamMsg)>; 2],
     /// The inter-site link is up.
@@ -505,6 +521,7 @@ impl ClusterModel {
             ctl: [Ctl::new(A), Ctl::new(B)],
             mediator,
             net: Vec::new(),
+            fifo: self.bounds.fifo,
             stream: [Vec::new(), Vec::new()],
             link: true,
             mediator_link: [true, true],
@@ -544,7 +561,10 @@ impl State {
             return; // lost on the way
         }
         self.net.push(e);
-        self.net.sort_by_key(|e| format!("{e:?}"));
+        if !self.fifo {
+            // A multiset: one state whatever the order of sending.
+            self.net.sort_by_key(|e| format!("{e:?}"));
+        }
     }
 
     fn clear_streams(&mut self) {
@@ -1060,13 +1080,15 @@ impl ClusterModel {
         if b.cut_link {
             actions.push(Action::Fault(if s.link { Fault::CutLink } else { Fault::HealLink }));
         }
-        if b.message_faults {
-            for (i, e) in s.net.iter().enumerate() {
+        for (i, e) in s.net.iter().enumerate() {
+            if b.lose {
                 actions.push(Action::Fault(Fault::Lose(i)));
+            }
+            if b.duplicate {
                 actions.push(Action::Fault(Fault::Duplicate(i)));
-                if !e.delayed() {
-                    actions.push(Action::Fault(Fault::Delay(i)));
-                }
+            }
+            if b.delay && !e.delayed() {
+                actions.push(Action::Fault(Fault::Delay(i)));
             }
         }
     }
@@ -1098,8 +1120,7 @@ impl ClusterModel {
             },
             Fault::Duplicate(i) => {
                 let e = s.net[i].clone();
-                s.net.push(e);
-                s.net.sort_by_key(|e| format!("{e:?}"));
+                s.send(e);
             }
         }
     }
@@ -1162,16 +1183,22 @@ impl Model for ClusterModel {
                 }
             }
         }
+        let mut deliveries = Vec::new();
+        for (i, e) in s.net.iter().enumerate() {
+            let held = s.fifo && e.delayed() && e.sent() == s.now;
+            if s.envelope_deliverable(e) && !held && (i == 0 || s.net[i - 1] != *e) {
+                deliveries.push(Action::Deliver(i));
+            }
+        }
         for d in 0..2 {
             if s.stream_open(d) && !s.stream[d].is_empty() {
-                actions.push(Action::Stream(d));
+                deliveries.push(Action::Stream(d));
             }
         }
-        for (i, e) in s.net.iter().enumerate() {
-            if s.envelope_deliverable(e) && (i == 0 || s.net[i - 1] != *e) {
-                actions.push(Action::Deliver(i));
-            }
+        if s.fifo {
+            deliveries.truncate(1);
         }
+        actions.extend(deliveries);
         self.faults(s, actions);
         for i in [A, B] {
             if !s.ctl[i].up {

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use mc_model::{
-    ACKED_WRITES_HELD, Bounds, ClusterModel, NO_STALE_EPOCH, SAFETY, SOME_AUSO, SOME_WRITE_ACKNOWLEDGED,
-    trace,
+    ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, ONE_WRITER, SAFETY,
+    SOME_AUSO, SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
 
@@ -60,15 +60,23 @@ fn the_larger_model_check_finds_no_violation() {
 
 /// With one break on, the checker must find a violation of `expected`; prints its trace.
 fn bites(set: impl Fn(bool), expected: &'static str, bounds: Bounds) {
+    /// Turns the break off however the test ends (a path is rebuilt by running the model
+    /// again, so the break stays on until the trace is printed).
+    struct On<F: Fn(bool)>(F);
+    impl<F: Fn(bool)> Drop for On<F> {
+        fn drop(&mut self) {
+            (self.0)(false);
+        }
+    }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     set(true);
+    let _on = On(set);
     let checker = ClusterModel { bounds }
         .checker()
         .threads(threads())
         .finish_when(HasDiscoveries::AnyOf([expected].into_iter().collect()))
         .spawn_bfs()
         .join();
-    set(false);
     let Some(path) = checker.discovery(expected) else {
         panic!(
             "the break went unnoticed: no violation of \"{expected}\" in {} states",
@@ -96,4 +104,55 @@ fn acknowledging_before_the_partner_acks_is_caught() {
 fn accepting_a_stale_epoch_is_caught() {
     use controller::model_breaks::Break;
     bites(controller_break(Break::AcceptStaleEpoch), NO_STALE_EPOCH, Bounds::CI);
+}
+
+/// S6: A paused past its lease while the operator's switchover is granted to B; the grant's
+/// delivery to B slips into the next second, in which A's first keepalive round trip would
+/// revive its lapsed lease (the model's finding 1, docs/safety.md).
+#[test]
+fn renewing_a_lapsed_lease_is_caught() {
+    use controller::model_breaks::Break;
+    let bounds = Bounds { horizon: 7, faults: 2, pause: true, delay: true, ..only_faults() };
+    bites(controller_break(Break::RenewLapsedLease), ONE_WRITER, bounds);
+}
+
+/// S3: A's drop of a stalled receiver (a gray disk: keepalives answered, records not taken)
+/// acknowledges before the mediator recorded it; A dies before its next heartbeat tells the
+/// mediator, which then grants AUSO to B without the write.
+#[test]
+fn dropping_without_the_mediators_record_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::DropWithoutMediatorRecord), ACKED_WRITES_HELD, gray_disk_then_crash());
+}
+
+/// S7: the same path with the drop recorded: the mediator's in-sync record says no, and only
+/// the break grants.
+#[test]
+fn granting_auso_without_the_in_sync_record_is_caught() {
+    use mediator::model_breaks::{Break, set};
+    bites(|on| set(Break::GrantWithoutInSync, on), NO_AUSO_OUT_OF_SYNC, gray_disk_then_crash());
+}
+
+/// No fault kind, no operator: the tests below enable what their path needs.
+fn only_faults() -> Bounds {
+    Bounds {
+        crash: false,
+        lose_nvlog: false,
+        pause: false,
+        stall: false,
+        cut_link: false,
+        cut_mediator: false,
+        lose: false,
+        duplicate: false,
+        delay: false,
+        manual_switchover: false,
+        fifo: true,
+        ..Bounds::CI
+    }
+}
+
+/// A write, a stalled receiver, the mirror timeout, a crash of A, then AUSO's lease + margin:
+/// a 12-second path, explored one interleaving per second (`Bounds::fifo`).
+fn gray_disk_then_crash() -> Bounds {
+    Bounds { horizon: 12, faults: 2, stall: true, crash: true, ..only_faults() }
 }

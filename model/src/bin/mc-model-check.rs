@@ -40,9 +40,22 @@ struct Args {
     /// No mediator link cuts.
     #[arg(long)]
     no_cut_mediator: bool,
-    /// Lost, duplicated and delayed mediator messages.
+    /// Lost, duplicated and delayed mediator messages (all three below).
     #[arg(long)]
     message_faults: bool,
+    /// Lost mediator messages.
+    #[arg(long)]
+    lose: bool,
+    /// Duplicated mediator messages.
+    #[arg(long)]
+    duplicate: bool,
+    /// Mediator messages held back into the next second.
+    #[arg(long)]
+    delay: bool,
+    /// One interleaving per second: messages delivered in the order sent (faults, writes and
+    /// the operator still at any point); for deeper horizons.
+    #[arg(long)]
+    fifo: bool,
     /// No operator's forced switchover.
     #[arg(long)]
     no_manual_switchover: bool,
@@ -92,7 +105,10 @@ fn main() -> anyhow::Result<()> {
         stall: !args.no_stall,
         cut_link: !args.no_cut_link,
         cut_mediator: !args.no_cut_mediator,
-        message_faults: args.message_faults,
+        lose: args.lose || args.message_faults,
+        duplicate: args.duplicate || args.message_faults,
+        delay: args.delay || args.message_faults,
+        fifo: args.fifo,
         manual_switchover: !args.no_manual_switchover,
     };
     for b in &args.breaks {
