@@ -826,23 +826,57 @@ impl Mediator {
         if self.state.grants.iter().any(|g| g.to == node) {
             return Err("a grant to this node is not confirmed yet".into());
         }
+        let affected = self.owned_by(other);
         // No controller of the survivor's site in takeover or fenced.
         for n in self.nodes_at(site) {
-            match self.latest.get(&n) {
-                Some((_, r)) if r.fenced => return Err(format!("node {} is fenced", n.0)),
-                Some((_, r)) if r.mode != Mode::Normal => {
-                    return Err(format!("node {} is in {:?}", n.0, r.mode));
+            let Some((_, r)) = self.latest.get(&n) else {
+                return Err(format!("node {} has not reported", n.0));
+            };
+            // S14: a site whose aggregates were switched over is no target for them before heal
+            // and switchback. Its controllers say so (waiting for switchback, fenced) once they
+            // know; one whose latest report still claims such an aggregate below the recorded
+            // epoch has not learned it yet (that report predates the switchover: found by the
+            // model check, docs/safety.md).
+            let stale_claim = r.owned.iter().find(|o| {
+                affected.contains(&o.aggregate)
+                    && self.state.aggregates.get(&o.aggregate).is_some_and(|rec| o.epoch < rec.epoch)
+            });
+            if !active(Break::SwitchedOverTarget) {
+                if r.mode == Mode::WaitingForSwitchback {
+                    return Err(format!(
+                        "node {} waits for heal and switchback: its site is no switchover target before them (S14)",
+                        n.0
+                    ));
                 }
-                Some(_) => {}
-                None => return Err(format!("node {} has not reported", n.0)),
+                if let Some(o) = stale_claim {
+                    return Err(format!(
+                        "node {} last reported aggregate {} at epoch {}@node{}, which was switched over since: its \
+                         site is no switchover target before heal and switchback (S14)",
+                        n.0,
+                        o.aggregate.0.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        o.epoch.number,
+                        o.epoch.owner.0
+                    ));
+                }
+            }
+            if r.fenced && r.mode != Mode::WaitingForSwitchback {
+                return Err(format!("node {} is fenced", n.0));
+            }
+            if !matches!(r.mode, Mode::Normal | Mode::WaitingForSwitchback) {
+                return Err(format!("node {} is in {:?}", n.0, r.mode));
             }
         }
         let Some((received, report)) = self.latest.get(&node) else {
             return Err("no report from the survivor".into());
         };
-        let affected = self.owned_by(other);
         if affected.is_empty() {
             return Err(format!("site {} owns no aggregate", site_name(other)));
+        }
+        // S7: a grant is final until its survivor confirms it (it is re-delivered until then);
+        // a second one of the same aggregates would leave the first survivor applying an epoch
+        // below the one issued since.
+        if self.state.grants.iter().any(|g| g.epochs.iter().any(|(id, _)| affected.contains(id))) {
+            return Err("a grant of these aggregates is not confirmed yet".into());
         }
         if timing {
             self.check_quiet(now, *received, report, other, automatic)?;

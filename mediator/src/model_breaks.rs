@@ -11,6 +11,9 @@
 pub enum Break {
     /// S7: an automatic switchover is granted though an aggregate is not recorded in sync.
     GrantWithoutInSync,
+    /// S14: a controller waiting for switchback counts as a healthy survivor, so its site can be
+    /// a switchover target again before heal and switchback.
+    SwitchedOverTarget,
 }
 
 #[cfg(feature = "model-breaks")]

@@ -547,3 +547,45 @@ fn a_rebuild_by_confirmation_confirms_no_epoch_until_the_node_reports() {
     let actions = m.handle(ms(30), Event::Report(report(A, 1, Some(30))));
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(r) if !r.state_lost)), "{actions:?}");
 }
+
+/// S7 (found by the model check with S14 broken): while the survivor has not confirmed its
+/// grant, no second grant moves the same aggregates, or the first survivor, re-sent its grant,
+/// would apply an epoch below the one issued since and serve beside the second.
+#[test]
+fn a_grant_not_yet_confirmed_blocks_a_second_grant_of_its_aggregates() {
+    let mut m = mediator(false);
+    assert!(silent_a(&mut m, 200, 5000).is_some(), "no AUSO for a lost site");
+    // B never confirms and goes silent; A is back, healthy as far as its report goes.
+    let mut a = report(A, 2, None);
+    a.owned.clear();
+    m.handle(ms(5600), Event::Report(a));
+    let refused = m.handle(ms(5600), Event::ManualSwitchover { node: A, override_in_sync: true });
+    assert!(grants(&refused).is_empty(), "{refused:?}");
+    assert!(refusal(&refused).unwrap().contains("not confirmed"), "{refused:?}");
+    // Once B confirmed, the grant is no longer in flight: the usual rules decide.
+    m.handle(ms(5600), Event::ConfirmGrant { node: B });
+    let second = m.handle(ms(5600), Event::ManualSwitchover { node: A, override_in_sync: true });
+    assert!(refusal(&second).is_none_or(|r| !r.contains("not confirmed")), "{second:?}");
+}
+
+/// S14 (found by the model check): A went down, its aggregate was switched over to B, then B
+/// went down too. A's latest report predates the switchover and still claims the aggregate at
+/// its old epoch: a forced switchover to A is refused until A reports having learned it (then
+/// it waits for heal and switchback, and is refused for that).
+#[test]
+fn a_site_switched_over_is_no_target_even_on_a_report_from_before() {
+    let mut m = mediator(false);
+    assert!(silent_a(&mut m, 200, 5000).is_some(), "no AUSO for a lost site");
+    m.handle(ms(2600), Event::ConfirmGrant { node: B });
+    // B goes silent; A's latest report is still the one of 0 ms, owning AGG at 1@A.
+    let refused = m.handle(ms(6000), Event::ManualSwitchover { node: A, override_in_sync: true });
+    assert!(grants(&refused).is_empty(), "{refused:?}");
+    assert!(refusal(&refused).unwrap().contains("S14"), "{refused:?}");
+    // A restarts and learns: it waits for switchback.
+    let mut a = report(A, 2, None);
+    a.owned.clear();
+    (a.mode, a.fenced) = (Mode::WaitingForSwitchback, true);
+    m.handle(ms(6000), Event::Report(a));
+    let refused = m.handle(ms(6000), Event::ManualSwitchover { node: A, override_in_sync: true });
+    assert!(refusal(&refused).unwrap().contains("waits for heal and switchback"), "{refused:?}");
+}

@@ -121,9 +121,9 @@ pub struct Bounds {
     /// of the full model, so the deliberate breaks whose counterexamples need a longer
     /// horizon are checked this way; the exhaustive runs keep every order (`false`).
     pub fifo: bool,
-    /// An operator's forced switchover to B through the mediator (S7), with and without the
-    /// in-sync override.
-    pub manual_switchover: bool,
+    /// How many forced switchovers the operator runs through the mediator (S7), at either
+    /// site, with and without the in-sync override.
+    pub switchovers: u8,
 }
 
 impl Bounds {
@@ -142,7 +142,7 @@ impl Bounds {
         duplicate: false,
         delay: false,
         fifo: false,
-        manual_switchover: true,
+        switchovers: 1,
     };
 }
 
@@ -272,10 +272,22 @@ impl Ctl {
         self.up
             && !self.paused
             && self.confirmed
-            && !self.deposed
+            && !self.away()
             && !self.lost_log
             && self.owns.is_some()
             && self.lease.clone().check(secs(now)).is_ok()
+    }
+
+    /// Its aggregate was switched over to the partner: its shelf holds the partner's higher
+    /// epoch (persisted on deposition, S2), so it waits for heal and switchback (DESIGN §11).
+    pub fn away(&self) -> bool {
+        self.deposed || self.owns.is_some_and(|e| self.mark > e && self.mark.owner.0 != self.node)
+    }
+
+    /// Deposed by `theirs` (S2): stops serving at once and persists the epoch on its shelf.
+    fn depose(&mut self, theirs: Epoch) {
+        self.deposed = true;
+        self.mark = self.mark.max(theirs);
     }
 
     fn writer_state(&self) -> MirrorState {
@@ -399,6 +411,11 @@ pub struct History {
     pub stale_ack: bool,
     /// A replay applied a record twice or out of order.
     pub bad_replay: bool,
+    /// X was switched over away from this site (index 0: A's site), with no switchback since
+    /// (the model has no heal or switchback, so it stays set).
+    pub switched_away: [bool; 2],
+    /// A switchover granted X back to a site it had been switched away from (S14).
+    pub way_back: bool,
 }
 
 /// The whole cluster.
@@ -425,8 +442,8 @@ pub struct State {
     pub faults_left: u8,
     /// Host writes left.
     pub writes_left: u8,
-    /// The operator's command was used.
-    pub operator_done: bool,
+    /// Forced switchovers the operator may still run.
+    pub switchovers_left: u8,
     /// What happened.
     pub history: History,
 }
@@ -475,8 +492,11 @@ pub enum Action {
     Restart(usize),
     /// A paused controller resumes (SIGCONT).
     Resume(usize),
-    /// The operator runs `mcctl switchover --forced-on-disaster` at B (through the mediator).
+    /// The operator runs `mcctl switchover --forced-on-disaster` at a controller (through the
+    /// mediator), for the other site's aggregates.
     ManualSwitchover {
+        /// At this controller (the survivor).
+        at: usize,
         /// `--override-vetoes`.
         override_in_sync: bool,
     },
@@ -527,7 +547,7 @@ impl ClusterModel {
             mediator_link: [true, true],
             faults_left: self.bounds.faults,
             writes_left: self.bounds.writes,
-            operator_done: false,
+            switchovers_left: self.bounds.switchovers,
             history: History::default(),
         }
     }
@@ -588,7 +608,7 @@ impl State {
         if !c.up || c.paused {
             return;
         }
-        let serving = c.confirmed && !c.deposed && !c.lost_log && c.owns.is_some();
+        let serving = c.confirmed && !c.away() && !c.lost_log && c.owns.is_some();
         let mut kept = Vec::new();
         for p in std::mem::take(&mut c.pending) {
             let mirrored = c.ack_set.mirrored(c.acked, Lsn(p.lsn));
@@ -624,8 +644,8 @@ impl State {
         let other = &self.ctl[1 - index];
         let now = self.now;
         let mode = match (index, c.owns) {
+            _ if c.away() => decide::Mode::WaitingForSwitchback,
             (B, Some(_)) => decide::Mode::Switchover,
-            (A, _) if c.deposed => decide::Mode::WaitingForSwitchback,
             _ => decide::Mode::Normal,
         };
         decide::Report {
@@ -635,14 +655,15 @@ impl State {
             state_version: c.mver,
             uptime: secs(now - c.started),
             mode,
-            fenced: !(c.confirmed && !c.lost_log && c.lease.clone().check(secs(now)).is_ok()),
+            // A controller waiting for switchback stays fenced until heal (node.rs: `Phase::Fenced`).
+            fenced: c.away() || !(c.confirmed && !c.lost_log && c.lease.clone().check(secs(now)).is_ok()),
             partners: vec![decide::PartnerView {
                 node: NodeId(other.node),
                 heard_age: Some(secs(now - c.heard.unwrap_or(c.started).max(c.started))),
                 round_trip_age: c.round_trip.map(|t| secs(now - t)),
             }],
             owned: match c.owns {
-                Some(e) if !c.deposed => vec![decide::OwnedReport {
+                Some(e) if !c.away() => vec![decide::OwnedReport {
                     aggregate: X,
                     epoch: to_decide(e),
                     mirror: c.writer_state(),
@@ -672,7 +693,7 @@ impl State {
             c.heard = Some(now);
             c.round_trip = Some(now);
             match c.owns {
-                Some(held) if theirs > held && theirs.owner.0 != c.node => c.deposed = true,
+                Some(held) if theirs > held && theirs.owner.0 != c.node => c.depose(theirs),
                 _ => {
                     c.lease.renew(secs(now), None);
                 }
@@ -684,11 +705,11 @@ impl State {
         let a = &mut self.ctl[A];
         if let Some(held) = a.owns
             && !a.handshake
-            && !a.deposed
+            && !a.away()
             && held.owner.0 == a.node
         {
             if !admits(receiver.mark, held) {
-                a.deposed = true;
+                a.depose(receiver.mark);
                 return;
             }
             a.handshake = true;
@@ -841,7 +862,7 @@ impl State {
                 let a = &mut self.ctl[A];
                 a.heard = Some(now);
                 if a.owns.is_some_and(|held| theirs > held && theirs.owner.0 != a.node) {
-                    a.deposed = true;
+                    a.depose(theirs);
                 }
                 self.try_ack(A);
             }
@@ -869,6 +890,14 @@ impl State {
                 };
                 let grants = self.mediator.state().grants.len();
                 let actions = self.mediator.handle(secs(now), event);
+                if let Some(g) = self.mediator.state().grants.get(grants) {
+                    // S14's truth: the grant moves X to `to`'s site from the other one.
+                    let to = usize::from(g.to.0 == NODES[B]);
+                    if self.history.switched_away[to] {
+                        self.history.way_back = true;
+                    }
+                    self.history.switched_away[1 - to] = true;
+                }
                 if let Some(g) = self.mediator.state().grants.get(grants)
                     && g.automatic
                 {
@@ -923,8 +952,8 @@ impl State {
         c.mver = c.mver.max(r.state_version);
         let theirs = r.epochs.iter().find(|(id, _)| *id == X).map(|(_, e)| from_decide(*e));
         let above = matches!((c.owns, theirs), (Some(held), Some(e)) if e > held && e.owner.0 != c.node);
-        if above {
-            c.deposed = true;
+        if let (true, Some(theirs)) = (above, theirs) {
+            c.depose(theirs);
         } else if !c.confirmed || c.lease.is_lapsed() {
             if !r.state_lost {
                 c.lease.confirm(secs(request_sent), Some(r.lease));
@@ -1208,9 +1237,13 @@ impl Model for ClusterModel {
                 actions.push(Action::Resume(i));
             }
         }
-        if self.bounds.manual_switchover && !s.operator_done && s.takes(B) {
-            actions.push(Action::ManualSwitchover { override_in_sync: false });
-            actions.push(Action::ManualSwitchover { override_in_sync: true });
+        if s.switchovers_left > 0 {
+            for at in [A, B] {
+                if s.takes(at) {
+                    actions.push(Action::ManualSwitchover { at, override_in_sync: false });
+                    actions.push(Action::ManualSwitchover { at, override_in_sync: true });
+                }
+            }
         }
     }
 
@@ -1232,12 +1265,12 @@ impl Model for ClusterModel {
                 s.ctl[i].paused = false;
                 s.try_ack(i);
             }
-            Action::ManualSwitchover { override_in_sync } => {
-                s.operator_done = true;
-                let life = s.ctl[B].life;
+            Action::ManualSwitchover { at, override_in_sync } => {
+                s.switchovers_left -= 1;
+                let life = s.ctl[at].life;
                 let now = s.now;
                 s.send(Envelope::Up {
-                    from: B,
+                    from: at,
                     life,
                     sent: now,
                     delayed: false,
@@ -1257,6 +1290,7 @@ impl Model for ClusterModel {
                 !s.history.stale_accepted && !s.history.stale_ack
             }),
             Property::always(REPLAY_IN_ORDER, |_, s: &State| !s.history.bad_replay),
+            Property::always(NO_WAY_BACK, |_, s: &State| !s.history.way_back),
             Property::sometimes(SOME_WRITE_ACKNOWLEDGED, |_, s: &State| !s.history.acked.is_empty()),
             Property::sometimes(SOME_AUSO, |_, s: &State| s.history.auso && !s.history.acked.is_empty()),
         ]
@@ -1277,9 +1311,12 @@ pub const NO_AUSO_OUT_OF_SYNC: &str = "no automatic switchover out of sync";
 pub const NO_STALE_EPOCH: &str = "no stale epoch accepted";
 /// Replay once, in order (S8).
 pub const REPLAY_IN_ORDER: &str = "replay in lsn order, once";
+/// No switchover back to a site whose aggregates were switched over, before heal and
+/// switchback (S14).
+pub const NO_WAY_BACK: &str = "no way back without heal";
 /// Every safety property.
-pub const SAFETY: [&str; 5] =
-    [ACKED_WRITES_HELD, ONE_WRITER, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, REPLAY_IN_ORDER];
+pub const SAFETY: [&str; 6] =
+    [ACKED_WRITES_HELD, ONE_WRITER, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, REPLAY_IN_ORDER, NO_WAY_BACK];
 /// Vacuity: some write is acknowledged.
 pub const SOME_WRITE_ACKNOWLEDGED: &str = "a write is acknowledged";
 /// Vacuity: an automatic switchover happens after an acknowledged write.
@@ -1343,8 +1380,11 @@ fn describe(s: &State, action: &Action) -> String {
         Action::Fault(f) => format!("FAULT {f:?}"),
         Action::Restart(i) => format!("{} restarts", name(*i)),
         Action::Resume(i) => format!("{} resumes", name(*i)),
-        Action::ManualSwitchover { override_in_sync } => {
-            format!("operator: forced switchover to B (override in-sync: {override_in_sync})")
+        Action::ManualSwitchover { at, override_in_sync } => {
+            format!(
+                "operator at {}: forced switchover to it (override in-sync: {override_in_sync})",
+                name(*at)
+            )
         }
     }
 }

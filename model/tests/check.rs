@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use mc_model::{
-    ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, ONE_WRITER, SAFETY,
-    SOME_AUSO, SOME_WRITE_ACKNOWLEDGED, trace,
+    ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, NO_WAY_BACK, ONE_WRITER,
+    SAFETY, SOME_AUSO, SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
 
@@ -145,7 +145,7 @@ fn only_faults() -> Bounds {
         lose: false,
         duplicate: false,
         delay: false,
-        manual_switchover: false,
+        switchovers: 0,
         fifo: true,
         ..Bounds::CI
     }
@@ -155,4 +155,14 @@ fn only_faults() -> Bounds {
 /// a 12-second path, explored one interleaving per second (`Bounds::fifo`).
 fn gray_disk_then_crash() -> Bounds {
     Bounds { horizon: 12, faults: 2, stall: true, crash: true, ..only_faults() }
+}
+
+/// S14: A crashes and X is switched over to B automatically; A comes back waiting for
+/// switchback; then B crashes and the operator forces a switchover at A. Only the break lets
+/// the mediator take A's site for a survivor before heal and switchback.
+#[test]
+fn a_switched_over_site_as_a_target_before_heal_is_caught() {
+    use mediator::model_breaks::{Break, set};
+    let bounds = Bounds { horizon: 9, writes: 0, faults: 2, crash: true, switchovers: 1, ..only_faults() };
+    bites(|on| set(Break::SwitchedOverTarget, on), NO_WAY_BACK, bounds);
 }

@@ -56,9 +56,9 @@ struct Args {
     /// the operator still at any point); for deeper horizons.
     #[arg(long)]
     fifo: bool,
-    /// No operator's forced switchover.
-    #[arg(long)]
-    no_manual_switchover: bool,
+    /// How many forced switchovers the operator runs (at either site).
+    #[arg(long, default_value_t = Bounds::CI.switchovers)]
+    switchovers: u8,
     /// Depth-first (less memory) instead of breadth-first (shortest counterexamples).
     #[arg(long)]
     dfs: bool,
@@ -78,6 +78,7 @@ enum BreakArg {
     RenewLapsedLease,
     AcceptStaleEpoch,
     GrantWithoutInSync,
+    SwitchedOverTarget,
 }
 
 fn set_break(b: BreakArg) {
@@ -89,6 +90,9 @@ fn set_break(b: BreakArg) {
         BreakArg::AcceptStaleEpoch => set(Break::AcceptStaleEpoch, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
+        }
+        BreakArg::SwitchedOverTarget => {
+            mediator::model_breaks::set(mediator::model_breaks::Break::SwitchedOverTarget, true);
         }
     }
 }
@@ -109,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         duplicate: args.duplicate || args.message_faults,
         delay: args.delay || args.message_faults,
         fifo: args.fifo,
-        manual_switchover: !args.no_manual_switchover,
+        switchovers: args.switchovers,
     };
     for b in &args.breaks {
         set_break(*b);
