@@ -99,7 +99,9 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> Lease<T> {
     /// S2's confirmation after a fence: the epoch is confirmed (by the mediator or the DR
     /// partner) in a round trip sent at `sent`; the lease restarts from there.
     pub fn confirm(&mut self, sent: T, offered: Option<Duration>) {
-        self.lapsed = false;
+        if !active(Break::ConfirmKeepsFence) {
+            self.lapsed = false;
+        }
         self.until = None;
         self.renew(sent, offered);
     }

@@ -17,6 +17,8 @@ pub enum Break {
     RenewLapsedLease,
     /// S2: a stale epoch passes the shelf's epoch gate.
     AcceptStaleEpoch,
+    /// Liveness (S2, S6): S2's confirmation does not end the fence of a lapsed lease.
+    ConfirmKeepsFence,
 }
 
 #[cfg(feature = "model-breaks")]

@@ -416,6 +416,10 @@ pub struct History {
     pub switched_away: [bool; 2],
     /// A switchover granted X back to a site it had been switched away from (S14).
     pub way_back: bool,
+    /// A fault happened.
+    pub faulted: bool,
+    /// When the last fault, repair (restart, resume, link heal) or operator command happened.
+    pub disturbed: u8,
 }
 
 /// The whole cluster.
@@ -1022,6 +1026,30 @@ impl State {
             .all(|c| self.history.acked.is_subset(&c.data))
     }
 
+    /// Nothing is broken now: both controllers run, every link is up, no receiver is stalled.
+    pub fn healthy(&self) -> bool {
+        self.ctl.iter().all(|c| c.up && !c.paused && !c.stalled)
+            && self.link
+            && self.mediator_link == [true, true]
+    }
+
+    /// Every message of this second was delivered: the cluster is between two seconds.
+    fn settled(&self) -> bool {
+        let net =
+            self.net.iter().any(|e| self.envelope_deliverable(e) && (!e.delayed() || e.sent() < self.now));
+        let stream = (0..2).any(|d| self.stream_open(d) && !self.stream[d].is_empty());
+        !net && !stream && ![A, B].into_iter().any(|i| self.mirror_timed_out(i))
+    }
+
+    /// Bounded liveness: once nothing is broken, `RECOVERY` seconds after the last fault, repair
+    /// or operator command some controller serves X (NVFAILed or not: clearing NVFAIL is the
+    /// operator's).
+    pub fn recovered(&self) -> bool {
+        let due =
+            self.healthy() && self.settled() && self.now >= self.history.disturbed.saturating_add(RECOVERY);
+        !due || self.ctl.iter().any(|c| c.can_serve(self.now))
+    }
+
     /// At most one controller can acknowledge for X.
     pub fn one_writer(&self) -> bool {
         !(self.ctl[A].can_serve(self.now) && self.ctl[B].can_serve(self.now))
@@ -1124,6 +1152,8 @@ impl ClusterModel {
 
     fn fault(s: &mut State, fault: Fault) {
         s.faults_left -= 1;
+        s.history.faulted = true;
+        s.history.disturbed = s.now;
         match fault {
             Fault::Crash(i) => crash(s, i),
             Fault::CrashLosingNvlog => {
@@ -1193,16 +1223,12 @@ impl Model for ClusterModel {
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
         // Time passes once every message sent before this second was delivered or lost
         // (a paused process takes its messages when it resumes).
-        let overdue_net =
-            s.net.iter().any(|e| s.envelope_deliverable(e) && (!e.delayed() || e.sent() < s.now));
-        let overdue_stream = (0..2).any(|d| s.stream_open(d) && !s.stream[d].is_empty());
-        let timer_due = [A, B].into_iter().any(|i| s.mirror_timed_out(i));
         for i in [A, B] {
             if s.mirror_timed_out(i) {
                 actions.push(Action::MirrorTimeout(i));
             }
         }
-        if s.now < self.bounds.horizon && !overdue_net && !overdue_stream && !timer_due {
+        if s.now < self.bounds.horizon && s.settled() {
             actions.push(Action::Tick);
         }
         if s.writes_left > 0 {
@@ -1260,13 +1286,18 @@ impl Model for ClusterModel {
             Action::MirrorTimeout(i) => s.start_drop(i),
             Action::Deliver(i) => s.deliver(i),
             Action::Fault(f) => ClusterModel::fault(&mut s, f),
-            Action::Restart(i) => restart(&mut s, i),
+            Action::Restart(i) => {
+                s.history.disturbed = s.now;
+                restart(&mut s, i);
+            }
             Action::Resume(i) => {
+                s.history.disturbed = s.now;
                 s.ctl[i].paused = false;
                 s.try_ack(i);
             }
             Action::ManualSwitchover { at, override_in_sync } => {
                 s.switchovers_left -= 1;
+                s.history.disturbed = s.now;
                 let life = s.ctl[at].life;
                 let now = s.now;
                 s.send(Envelope::Up {
@@ -1291,8 +1322,12 @@ impl Model for ClusterModel {
             }),
             Property::always(REPLAY_IN_ORDER, |_, s: &State| !s.history.bad_replay),
             Property::always(NO_WAY_BACK, |_, s: &State| !s.history.way_back),
+            Property::always(RECOVERS, |_, s: &State| s.recovered()),
             Property::sometimes(SOME_WRITE_ACKNOWLEDGED, |_, s: &State| !s.history.acked.is_empty()),
             Property::sometimes(SOME_AUSO, |_, s: &State| s.history.auso && !s.history.acked.is_empty()),
+            Property::sometimes(SOME_RECOVERY, |_, s: &State| {
+                s.history.faulted && s.healthy() && s.now >= s.history.disturbed.saturating_add(RECOVERY)
+            }),
         ]
     }
 
@@ -1314,13 +1349,29 @@ pub const REPLAY_IN_ORDER: &str = "replay in lsn order, once";
 /// No switchover back to a site whose aggregates were switched over, before heal and
 /// switchback (S14).
 pub const NO_WAY_BACK: &str = "no way back without heal";
-/// Every safety property.
-pub const SAFETY: [&str; 6] =
-    [ACKED_WRITES_HELD, ONE_WRITER, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, REPLAY_IN_ORDER, NO_WAY_BACK];
+/// Bounded liveness: `RECOVERY` seconds after the last fault, repair or operator command, with
+/// everything up, X is served.
+pub const RECOVERS: &str = "X is served again once faults stop";
+/// The seconds `RECOVERS` allows: a restarted controller confirms its epoch at its first
+/// heartbeat (1 s) and a lost partition is adopted at the first keepalive (1 s); one more for
+/// a reply in flight.
+pub const RECOVERY: u8 = 3;
+/// Every property checked in every state.
+pub const SAFETY: [&str; 7] = [
+    ACKED_WRITES_HELD,
+    ONE_WRITER,
+    NO_AUSO_OUT_OF_SYNC,
+    NO_STALE_EPOCH,
+    REPLAY_IN_ORDER,
+    NO_WAY_BACK,
+    RECOVERS,
+];
 /// Vacuity: some write is acknowledged.
 pub const SOME_WRITE_ACKNOWLEDGED: &str = "a write is acknowledged";
 /// Vacuity: an automatic switchover happens after an acknowledged write.
 pub const SOME_AUSO: &str = "an automatic switchover happens";
+/// Vacuity: `RECOVERS` is due in some state after a fault.
+pub const SOME_RECOVERY: &str = "the cluster is whole again after a fault";
 
 /// A counterexample as a readable trace: each step, then the lines of the state it changed.
 pub fn trace(path: stateright::Path<State, Action>) -> String {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use mc_model::{
     ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, NO_WAY_BACK, ONE_WRITER,
-    SAFETY, SOME_AUSO, SOME_WRITE_ACKNOWLEDGED, trace,
+    RECOVERS, SAFETY, SOME_AUSO, SOME_RECOVERY, SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
 
@@ -38,7 +38,7 @@ fn check_all(bounds: Bounds) {
             panic!("the model check found a violation of \"{name}\":\n{}", trace(path));
         }
     }
-    for name in [SOME_WRITE_ACKNOWLEDGED, SOME_AUSO] {
+    for name in [SOME_WRITE_ACKNOWLEDGED, SOME_AUSO, SOME_RECOVERY] {
         assert!(checker.discovery(name).is_some(), "no state where {name}: the check would be vacuous");
     }
 }
@@ -165,4 +165,13 @@ fn a_switched_over_site_as_a_target_before_heal_is_caught() {
     use mediator::model_breaks::{Break, set};
     let bounds = Bounds { horizon: 9, writes: 0, faults: 2, crash: true, switchovers: 1, ..only_faults() };
     bites(|on| set(Break::SwitchedOverTarget, on), NO_WAY_BACK, bounds);
+}
+
+/// Liveness: A paused past its lease resumes; the mediator confirms its epoch, but the break
+/// leaves it fenced, so nobody serves X though nothing is broken any more.
+#[test]
+fn a_fence_that_confirmation_never_lifts_is_caught() {
+    use controller::model_breaks::Break;
+    let bounds = Bounds { horizon: 8, faults: 1, pause: true, ..only_faults() };
+    bites(controller_break(Break::ConfirmKeepsFence), RECOVERS, bounds);
 }

@@ -77,6 +77,7 @@ enum BreakArg {
     DropWithoutMediatorRecord,
     RenewLapsedLease,
     AcceptStaleEpoch,
+    ConfirmKeepsFence,
     GrantWithoutInSync,
     SwitchedOverTarget,
 }
@@ -88,6 +89,7 @@ fn set_break(b: BreakArg) {
         BreakArg::DropWithoutMediatorRecord => set(Break::DropWithoutMediatorRecord, true),
         BreakArg::RenewLapsedLease => set(Break::RenewLapsedLease, true),
         BreakArg::AcceptStaleEpoch => set(Break::AcceptStaleEpoch, true),
+        BreakArg::ConfirmKeepsFence => set(Break::ConfirmKeepsFence, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
         }
