@@ -56,8 +56,12 @@ pub struct MediatorLink {
     /// The NVLog generation the reports carry (drop records are stamped with it too).
     log_generation: AtomicU64,
     /// Aggregates whose drop is being (or was) recorded while this node's own state may still
-    /// say in sync: reported out of sync until that state shows the drop (S3).
-    dropping: std::sync::Mutex<std::collections::HashSet<plex::Uuid>>,
+    /// say in sync: reported out of sync until that state shows the drop, or its drop counts
+    /// (plex and NVLog mirror) moved past the ones the last report saw before the record (the
+    /// drop completed and was already undone by a resync, between two reports) (S3).
+    dropping: std::sync::Mutex<std::collections::HashMap<plex::Uuid, u64>>,
+    /// Per aggregate, the drop counts the latest report saw.
+    drops_seen: std::sync::Mutex<std::collections::HashMap<plex::Uuid, u64>>,
     state_version: AtomicU64,
     /// Where the state version is kept across restarts, and the one last written there.
     version_file: Option<std::path::PathBuf>,
@@ -130,7 +134,8 @@ impl MediatorLink {
             lease,
             sequence: AtomicU64::new(0),
             log_generation: AtomicU64::new(0),
-            dropping: std::sync::Mutex::new(std::collections::HashSet::new()),
+            dropping: std::sync::Mutex::new(std::collections::HashMap::new()),
+            drops_seen: std::sync::Mutex::new(std::collections::HashMap::new()),
             state_version: AtomicU64::new(version),
             version_file,
             persisted_version: std::sync::Mutex::new((version, None)),
@@ -256,6 +261,7 @@ impl MediatorLink {
         let log_generation = node.nvlog().generation().0;
         self.log_generation.store(log_generation, Ordering::Release);
         let mut dropping = self.dropping.lock().expect("the dropping set lock holder panicked");
+        let mut drops_seen = self.drops_seen.lock().expect("the drops seen lock holder panicked");
         let config = node.config();
         let mirror = node.mirror().status();
         let receiver = node.nvlog().status(PartitionKind::DrPartner).ok();
@@ -268,8 +274,10 @@ impl MediatorLink {
             .map(|a| {
                 let mut state = wire_state(mirror.state);
                 let plexes_normal = a.aggregate.plex_states() == [plex::PlexState::Normal; 2];
-                if dropping.contains(&a.uuid) {
-                    if state == WireMirrorState::InSync && plexes_normal {
+                let drops = a.aggregate.counters().drops + mirror.drops;
+                drops_seen.insert(a.uuid, drops);
+                if let Some(&before) = dropping.get(&a.uuid) {
+                    if state == WireMirrorState::InSync && plexes_normal && drops <= before {
                         // The drop is not visible in this node's state yet.
                         state = WireMirrorState::OutOfSync;
                     } else {
@@ -284,6 +292,7 @@ impl MediatorLink {
                 }
             })
             .collect();
+        drop(drops_seen);
         drop(dropping);
         HeartbeatRequest {
             identity: Some(Identity {
@@ -340,7 +349,13 @@ impl MediatorLink {
         let mut client = self.client()?;
         // Marked before the stamp is taken: every report stamped above the record says out
         // of sync, and one stamped below it is ignored by the mediator once the record is in.
-        self.dropping.lock().expect("the dropping set lock holder panicked").insert(aggregate);
+        {
+            // The same lock order as `report`.
+            let mut dropping = self.dropping.lock().expect("the dropping set lock holder panicked");
+            let seen = self.drops_seen.lock().expect("the drops seen lock holder panicked");
+            // Not reported yet: only the state showing the drop ends the entry.
+            dropping.insert(aggregate, seen.get(&aggregate).copied().unwrap_or(u64::MAX));
+        }
         let sequence = self.sequence.fetch_add(1, Ordering::AcqRel) + 1;
         let mut request = tonic::Request::new(mc_proto::v1::RecordDropRequest {
             identity: Some(Identity {

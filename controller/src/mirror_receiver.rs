@@ -92,6 +92,17 @@ pub struct MirrorReceiver<M: Media> {
     mediator: std::sync::OnceLock<Arc<crate::mediator_link::MediatorLink>>,
 }
 
+/// S13, the receiver's own account: with no round trip with the writer for `limit`
+/// (`mirror_timeout − margin`), a mirror held `in_sync` or `resyncing` becomes `out_of_sync`
+/// (persisted by the caller). Sans-IO: the daemon's silence check and the model check
+/// (`mc-model`) both decide with it.
+pub fn silence_marks_out_of_sync(state: MirrorState, silent_for: Duration, limit: Duration) -> bool {
+    use crate::model_breaks::{Break, active};
+    silent_for >= limit
+        && matches!(state, MirrorState::InSync | MirrorState::Resyncing)
+        && !active(Break::ReceiverKeepsInSyncThroughSilence)
+}
+
 fn nvlog_status(e: &NvlogError) -> Status {
     match e {
         NvlogError::InvalidRecord(_) | NvlogError::WrongWriter { .. } | NvlogError::RecordTooLarge { .. } => {
@@ -211,13 +222,15 @@ impl<M: Media + 'static> MirrorReceiver<M> {
     /// S13: no round trip with the writer for `silence_limit` persists `out_of_sync`.
     async fn check_silence(&self) {
         let silent_ms = self.now_ms().saturating_sub(self.last_round_trip_ms.load(Ordering::Acquire));
-        if silent_ms < u64::try_from(self.timers.silence_limit.as_millis()).unwrap_or(u64::MAX) {
+        let silent_for = Duration::from_millis(silent_ms);
+        let limit = self.timers.silence_limit;
+        if silent_for < limit {
             return;
         }
         let nvlog = self.nvlog.clone();
         let changed = blocking(move || {
             let state = nvlog.status(KIND)?.mirror_state;
-            if matches!(state, MirrorState::InSync | MirrorState::Resyncing) {
+            if silence_marks_out_of_sync(state, silent_for, limit) {
                 nvlog.set_mirror_state(KIND, MirrorState::OutOfSync)?;
                 return Ok(true);
             }
@@ -306,6 +319,10 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             None => return Ok(()),
         };
         self.check_identity(hello.identity.as_ref())?;
+        // S13 before the answer: a receiver that was paused, or starved, past the silence limit
+        // may not have run its periodic check yet, and would tell a writer that lost its own
+        // partition that its copy is in sync (found by the model check, docs/safety.md).
+        self.check_silence().await;
         // Heard from, but not a round trip: a writer whose hellos arrive while our answers do
         // not (a one-way cut) must not keep this account in sync (S13).
         self.clock.heard();
@@ -370,6 +387,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             returned_records: returned.len() as u64,
             refusal: String::new(),
             mediator_silent: self.mediator_silent(),
+            round_trip_since_start: self.last_round_trip_age().is_some(),
         };
         if !send(Out::Hello(reply)).await {
             return Ok(());

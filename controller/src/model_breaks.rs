@@ -19,6 +19,8 @@ pub enum Break {
     AcceptStaleEpoch,
     /// Liveness (S2, S6): S2's confirmation does not end the fence of a lapsed lease.
     ConfirmKeepsFence,
+    /// S13: the receiver's account stays `in_sync` through a silence of the writer.
+    ReceiverKeepsInSyncThroughSilence,
 }
 
 #[cfg(feature = "model-breaks")]

@@ -113,6 +113,17 @@ impl AckSet {
     }
 }
 
+/// S8: whether the partner's copy of our records may replace a lost local partition. `lost`: the
+/// handshake found the mirror not in sync (the receiver's account, S13, says otherwise, it lost
+/// records, or our own account says we dropped it). `round_trip_since_start`: the receiver has
+/// completed a round trip with us since it started; one that restarted cannot vouch for what we
+/// did while it was down (we may have dropped it by silence, S3, and our record of that was in
+/// the partition we lost). Found by the model check (docs/safety.md). Sans-IO: the handshake
+/// and `mc-model` decide with it.
+pub fn partner_copy_complete(lost: bool, round_trip_since_start: bool) -> bool {
+    !lost && round_trip_since_start
+}
+
 /// What a drop in progress has achieved (S3, DESIGN §4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DropEvidence {
@@ -929,7 +940,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             state.partner_epochs = hello.epochs.clone();
             state.partner_generation = hello.partition_generation;
             if state.first_copy_complete.is_none() {
-                state.first_copy_complete = Some(!lost);
+                state.first_copy_complete = Some(partner_copy_complete(lost, hello.round_trip_since_start));
             }
             state.last_error = None;
             state.handshakes

@@ -461,16 +461,7 @@ async fn evaluate(
         };
         // DESIGN §9 (a), without a mediator: the receiver holds the mirror in sync, the plexes
         // are normal and the last round trip is younger than mirror_timeout − margin.
-        let mut not_in_sync = Vec::new();
-        let mut unknown = Vec::new();
-        match receiver_state {
-            Some(nvlog::MirrorState::InSync) => {}
-            Some(other) => not_in_sync.push(format!(
-                "this node's receiver holds node {partner}'s NVLog mirror {other:?} (S13): node {partner} may have \
-                 acknowledged writes this node lacks"
-            )),
-            None => unknown.push("the receiver's partition cannot be read".to_string()),
-        }
+        let SyncDoubts { mut not_in_sync, unknown } = sync_doubts(receiver_state, round_trip, limit, partner);
         // A drop the plex here has since been resynced from is healed: resync completion gives
         // the target the source's generation, which is at least the survivor's at the drop.
         let generation_here = labels.iter().flatten().map(|l| l.plex_generation.0).min().unwrap_or(0);
@@ -498,19 +489,6 @@ async fn evaluate(
             });
             let _ = (not_in_sync, unknown);
             continue;
-        }
-        match round_trip {
-            None => unknown.push(format!(
-                "no round trip with node {partner} completed since this node started: it may have gone on writing \
-                 alone"
-            )),
-            Some(age) if age >= limit => unknown.push(format!(
-                "the last round trip with node {partner} was {:.1} s ago, more than mirror_timeout − margin ({:.1} s): \
-                 it may have gone on writing alone",
-                age.as_secs_f64(),
-                limit.as_secs_f64()
-            )),
-            Some(_) => {}
         }
         // A negotiated switchover loses nothing or does not run: out of sync is a hard veto.
         let kind = if negotiated { "hard" } else { "soft" };
@@ -716,6 +694,53 @@ fn nvfailed(node: &Node) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Why a forced switchover without a mediator cannot show that the partner's aggregate was in
+/// sync (DESIGN §9 (a)): each reason is a soft veto, and overriding it NVFAILs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncDoubts {
+    /// The partner may have acknowledged writes this node lacks.
+    pub not_in_sync: Vec<String>,
+    /// This node cannot know.
+    pub unknown: Vec<String>,
+}
+
+/// §9 (a) without a mediator, as far as the NVLog goes (the plexes are the caller's): the
+/// receiver's own account (S13) must hold the partner's mirror `in_sync`, and the last round
+/// trip with the partner must be younger than `limit` (`mirror_timeout − margin`): after that,
+/// or with no round trip in this life, the partner may have dropped us and gone on writing
+/// alone (S3). Sans-IO: the switchover's planner and the model check (`mc-model`) decide with
+/// it.
+pub fn sync_doubts(
+    receiver_state: Option<nvlog::MirrorState>,
+    round_trip: Option<Duration>,
+    limit: Duration,
+    partner: u32,
+) -> SyncDoubts {
+    let mut doubts = SyncDoubts::default();
+    match receiver_state {
+        Some(nvlog::MirrorState::InSync) => {}
+        Some(other) => doubts.not_in_sync.push(format!(
+            "this node's receiver holds node {partner}'s NVLog mirror {other:?} (S13): node {partner} may have \
+             acknowledged writes this node lacks"
+        )),
+        None => doubts.unknown.push("the receiver's partition cannot be read".to_string()),
+    }
+    match round_trip {
+        None => doubts.unknown.push(format!(
+            "no round trip with node {partner} completed since this node started: it may have gone on writing \
+             alone"
+        )),
+        Some(age) if age >= limit => doubts.unknown.push(format!(
+            "the last round trip with node {partner} was {:.1} s ago, more than mirror_timeout − margin ({:.1} s): \
+             it may have gone on writing alone",
+            age.as_secs_f64(),
+            limit.as_secs_f64()
+        )),
+        Some(_) => {}
+    }
+    doubts
 }
 
 /// With a mediator, the new epochs of `plan`'s aggregates not done yet come from it (DESIGN

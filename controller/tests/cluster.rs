@@ -581,6 +581,33 @@ async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes
     assert!(log.contains("S8") && log.contains("incomplete"), "the reason is not logged:\n{log}");
 }
 
+/// Found by the model check (docs/safety.md, S8): B goes down, A drops it after mirror_timeout
+/// of silence (no mediator, S3) and acknowledges a write alone; then A loses its NVLog and both
+/// restart. B's partition is intact and its account says `in_sync`, but B was down while A
+/// dropped it, and A's record of the drop was in the partition it lost: B's copy cannot vouch
+/// for that write (no round trip since B started), so A NVFAILs the volumes instead of serving
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_writer_nvlog_after_dropping_a_restarted_partner_nvfails_the_volumes() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.kill(1);
+    // Waits mirror_timeout, then A drops B and acknowledges alone.
+    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster.start(1);
+    cluster.start(0);
+    let a = cluster.wait_state(0, "serving").await;
+    let volume = &a.aggregates[0].volumes[0];
+    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
+    assert!(volume.in_nvfailed_state, "{a:#?}");
+}
+
 /// `kill -9` of the partner (B) under a workload, back within a second, five times: writes
 /// stall while it is away, then go on after it resynchronises from its durable tail; every
 /// acknowledged write reads back, and B's copy ends in sync.

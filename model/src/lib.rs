@@ -40,8 +40,10 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use controller::lease::Lease;
-use controller::nvlog_mirror::{AckSet, DropEvidence};
+use controller::mirror_receiver::silence_marks_out_of_sync;
+use controller::nvlog_mirror::{AckSet, DropEvidence, partner_copy_complete};
 use controller::shelf_state::admits;
+use controller::switchover::{SyncDoubts, sync_doubts};
 use mediator::decide::{self, AggregateId, Mediator, MirrorState, NodeId};
 use nvlog::Lsn;
 use plex::Epoch;
@@ -121,9 +123,14 @@ pub struct Bounds {
     /// of the full model, so the deliberate breaks whose counterexamples need a longer
     /// horizon are checked this way; the exhaustive runs keep every order (`false`).
     pub fifo: bool,
-    /// How many forced switchovers the operator runs through the mediator (S7), at either
-    /// site, with and without the in-sync override.
+    /// How many forced switchovers the operator runs, at either site, with and without the
+    /// override: through the mediator (S7), or without one on the operator's confirmation that
+    /// the partner's site is down (the controller's own vetoes and NVFAIL rules, DESIGN §9 (a)).
     pub switchovers: u8,
+    /// A mediator is configured. Without one there is no lease (S6), S2's confirmation comes
+    /// from the DR partner, a drop completes after `mirror_timeout` of silence (S3), and a
+    /// forced switchover runs on the operator's confirmation alone.
+    pub mediator: bool,
 }
 
 impl Bounds {
@@ -143,6 +150,7 @@ impl Bounds {
         delay: false,
         fifo: false,
         switchovers: 1,
+        mediator: true,
     };
 }
 
@@ -194,9 +202,11 @@ pub struct Ctl {
     /// The partner's records (dr_partner partition).
     pub rx: Vec<Rec>,
     /// The receiver's account of the partner's mirror (S13).
-    pub rx_state: MirrorState,
-    /// The writer's drop is persisted locally.
+    pub rx_state: nvlog::MirrorState,
+    /// The writer's drop (or re-establish) is persisted locally: not in sync.
     pub writer_dropped: bool,
+    /// The writer re-established the mirror (§4.2): `resyncing` until a covering CP.
+    pub resyncing: bool,
     /// The shelf's epoch mark for X.
     pub mark: Epoch,
     /// The epoch it holds X at (its labels).
@@ -208,8 +218,10 @@ pub struct Ctl {
     /// The mediator state version it saw.
     pub mver: u64,
     // Volatile.
-    /// The self-fence (S6).
+    /// The self-fence (S6), checked only with a mediator configured.
     pub lease: Lease<Duration>,
+    /// A mediator is configured: S6's lease applies.
+    pub leased: bool,
     /// S2's confirmation since the start.
     pub confirmed: bool,
     /// Saw a higher epoch of X (S2).
@@ -233,7 +245,7 @@ pub struct Ctl {
 }
 
 impl Ctl {
-    fn new(index: usize) -> Ctl {
+    fn new(index: usize, leased: bool) -> Ctl {
         let mut lease = Lease::new(timers().lease);
         lease.renew(Duration::ZERO, None);
         Ctl {
@@ -246,14 +258,16 @@ impl Ctl {
             log: Vec::new(),
             lost_log: false,
             rx: Vec::new(),
-            rx_state: MirrorState::InSync,
+            rx_state: nvlog::MirrorState::InSync,
             writer_dropped: false,
+            resyncing: false,
             mark: epoch_one(),
             owns: (index == A).then(epoch_one),
             data: BTreeSet::new(),
             nvfailed: false,
             mver: 1,
             lease,
+            leased,
             confirmed: true,
             deposed: false,
             handshake: true,
@@ -275,7 +289,7 @@ impl Ctl {
             && !self.away()
             && !self.lost_log
             && self.owns.is_some()
-            && self.lease.clone().check(secs(now)).is_ok()
+            && (!self.leased || self.lease.clone().check(secs(now)).is_ok())
     }
 
     /// Its aggregate was switched over to the partner: its shelf holds the partner's higher
@@ -291,7 +305,11 @@ impl Ctl {
     }
 
     fn writer_state(&self) -> MirrorState {
-        if self.ack_set.dropped || self.dropping.is_some() || self.writer_dropped || !self.handshake {
+        if self.ack_set.dropped || self.dropping.is_some() || !self.handshake {
+            MirrorState::OutOfSync
+        } else if self.resyncing {
+            MirrorState::Resyncing
+        } else if self.writer_dropped {
             MirrorState::OutOfSync
         } else {
             MirrorState::InSync
@@ -542,7 +560,7 @@ impl ClusterModel {
         };
         State {
             now: 0,
-            ctl: [Ctl::new(A), Ctl::new(B)],
+            ctl: [Ctl::new(A, self.bounds.mediator), Ctl::new(B, self.bounds.mediator)],
             mediator,
             net: Vec::new(),
             fifo: self.bounds.fifo,
@@ -619,14 +637,15 @@ impl State {
             if !serving {
                 continue; // the write fails
             }
+            let leased = !c.leased || c.lease.check(secs(now)).is_ok();
             if !mirrored {
-                if c.lease.check(secs(now)).is_ok() {
+                if leased {
                     kept.push(p);
                 }
                 continue;
             }
             // The lease check right before the acknowledgement (S6).
-            if c.lease.check(secs(now)).is_ok() && !c.nvfailed {
+            if leased && !c.nvfailed {
                 if c.owns.is_some_and(|e| e < highest) {
                     self.history.stale_ack = true;
                 }
@@ -640,6 +659,7 @@ impl State {
         let c = &mut self.ctl[index];
         c.dropping = None;
         c.ack_set.dropped = true;
+        c.resyncing = false;
         self.try_ack(index);
     }
 
@@ -679,7 +699,11 @@ impl State {
             received: vec![decide::ReceivedReport {
                 writer: NodeId(other.node),
                 partition_generation: 1,
-                state: c.rx_state,
+                state: match c.rx_state {
+                    nvlog::MirrorState::InSync => MirrorState::InSync,
+                    nvlog::MirrorState::Resyncing => MirrorState::Resyncing,
+                    _ => MirrorState::OutOfSync,
+                },
             }],
             epochs_seen: vec![(X, to_decide(c.shown_epoch()))],
         }
@@ -689,8 +713,21 @@ impl State {
     fn keepalives(&mut self) {
         let now = self.now;
         if !(self.link && self.takes(A) && self.takes(B)) {
+            // A keepalive missed: keepalive_timeout (one second) ends the writer's session; the
+            // next contact starts with a hello, records in flight are lost.
+            if self.ctl[A].handshake || !self.stream.iter().all(Vec::is_empty) {
+                self.clear_streams();
+            }
             return;
         }
+        // A new session starts with the writer's hello, which the receiver answers only after
+        // its S13 silence check (`mirror_receiver.rs`): silence long enough to matter always
+        // ended the session first (keepalive_timeout < mirror_timeout − margin).
+        for i in [A, B] {
+            self.receiver_silence(i);
+        }
+        // What the receiver's hello says of its account (before this round trip).
+        let round_trip_since_start = self.ctl[B].round_trip.is_some();
         for me in [A, B] {
             let theirs = self.ctl[1 - me].shown_epoch();
             let c = &mut self.ctl[me];
@@ -700,6 +737,10 @@ impl State {
                 Some(held) if theirs > held && theirs.owner.0 != c.node => c.depose(theirs),
                 _ => {
                     c.lease.renew(secs(now), None);
+                    // S2 without a mediator: the DR partner confirms the epoch.
+                    if !c.leased {
+                        c.confirmed = true;
+                    }
                 }
             }
         }
@@ -720,17 +761,33 @@ impl State {
             a.acked = Lsn(receiver.rx_tail());
             if a.lost_log {
                 // S8: the partner's copy counts as complete only if its receiver holds the mirror
-                // in sync; otherwise the volumes are NVFAILed.
+                // in sync and vouches for it; otherwise the volumes are NVFAILed.
                 a.log = receiver.rx.clone();
                 a.data = receiver.rx.iter().map(|r| r.write).collect();
-                a.nvfailed |= receiver.rx_state != MirrorState::InSync;
+                let lost = receiver.rx_state != nvlog::MirrorState::InSync;
+                a.nvfailed |= !partner_copy_complete(lost, round_trip_since_start);
                 a.lost_log = false;
             }
-            if !a.ack_set.dropped {
-                let resend: Vec<Rec> = a.log.iter().filter(|r| r.lsn > a.acked.0).copied().collect();
-                for r in resend {
-                    self.stream[0].push((now, StreamMsg::Record(r)));
+            // §4.2, S13 (`nvlog_mirror.rs`, the handshake): a receiver not in sync, or a drop
+            // persisted here, re-establishes the mirror at our next lsn: the partner is back in
+            // the ack set from there, and both sides hold it `resyncing` (announced on the
+            // stream before any keepalive reply, so before the receiver's next round trip)
+            // until a covering CP, which the model does not run.
+            let lost = receiver.rx_state != nvlog::MirrorState::InSync || a.writer_dropped;
+            if lost {
+                let from = a.log.last().map_or(0, |r| r.lsn) + 1;
+                a.writer_dropped = true;
+                a.resyncing = true;
+                if a.ack_set.dropped {
+                    a.ack_set = AckSet { dropped: false, floor: Lsn(from) };
                 }
+                self.ctl[B].rx_state = nvlog::MirrorState::Resyncing;
+            }
+            // Mirroring resumes above what the receiver holds.
+            let a = &self.ctl[A];
+            let resend: Vec<Rec> = a.log.iter().filter(|r| r.lsn > a.acked.0).copied().collect();
+            for r in resend {
+                self.stream[0].push((now, StreamMsg::Record(r)));
             }
         }
     }
@@ -738,24 +795,30 @@ impl State {
     fn tick(&mut self) {
         self.now += 1;
         let now = self.now;
-        let t = timers();
-        let _ = self.mediator.tick(secs(now));
+        let mediator = self.ctl[A].leased;
+        if mediator {
+            let _ = self.mediator.tick(secs(now));
+        }
         self.keepalives();
         for i in [A, B] {
             if !self.takes(i) {
                 continue;
             }
-            let c = &mut self.ctl[i];
             // The fence ticker latches a lapsed lease.
-            let _ = c.lease.check(secs(now));
-            // S13: the receiver's own account of silence.
-            let silence = now - c.round_trip.unwrap_or(c.started).max(c.started);
-            if c.owns.is_none() && silence >= ticks(t.mirror_timeout - t.margin) {
-                c.rx_state = MirrorState::OutOfSync;
-            }
-            // S3: a drop in progress asks the mediator again (retried while writes stall).
+            let _ = self.ctl[i].lease.check(secs(now));
+            self.receiver_silence(i);
+            let c = &self.ctl[i];
+            // S3: a drop in progress asks the mediator again (retried while writes stall), or,
+            // without one, completes after mirror_timeout of silence.
             if c.dropping.is_some() {
-                self.record_drop(i);
+                if mediator {
+                    self.record_drop(i);
+                } else {
+                    self.drop_by_silence(i);
+                }
+            }
+            if !mediator {
+                continue;
             }
             let c = &mut self.ctl[i];
             c.seq += 1;
@@ -771,6 +834,21 @@ impl State {
         }
         for i in [A, B] {
             self.try_ack(i);
+        }
+    }
+
+    /// S13: the receiver's own account of silence (`mirror_receiver::silence_marks_out_of_sync`).
+    fn receiver_silence(&mut self, i: usize) {
+        let t = timers();
+        let now = self.now;
+        let c = &mut self.ctl[i];
+        let silence = secs(now - c.round_trip.unwrap_or(c.started).max(c.started));
+        if c.owns.is_none()
+            && c.up
+            && !c.paused
+            && silence_marks_out_of_sync(c.rx_state, silence, t.mirror_timeout - t.margin)
+        {
+            c.rx_state = nvlog::MirrorState::OutOfSync;
         }
     }
 
@@ -793,10 +871,26 @@ impl State {
             silent_for: Duration::ZERO,
         };
         c.dropping = Some(Dropping { evidence });
-        if evidence.complete(true, timers().mirror_timeout) {
+        if evidence.complete(c.leased, timers().mirror_timeout) {
             self.finish_drop(index);
-        } else {
+        } else if c.leased {
             self.record_drop(index);
+        } else {
+            self.drop_by_silence(index);
+        }
+    }
+
+    /// S3 without a mediator: the drop completes once nothing was heard from the partner for
+    /// `mirror_timeout` (silence counts only while this process runs).
+    fn drop_by_silence(&mut self, index: usize) {
+        let now = self.now;
+        let c = &mut self.ctl[index];
+        let silent_for = secs(now - c.heard.unwrap_or(c.started).max(c.started));
+        if let Some(d) = &mut c.dropping {
+            d.evidence.silent_for = silent_for;
+            if d.evidence.complete(false, timers().mirror_timeout) {
+                self.finish_drop(index);
+            }
         }
     }
 
@@ -853,7 +947,7 @@ impl State {
                     self.stream[1].push((now, StreamMsg::Ack(r.lsn)));
                 } else {
                     // A gap: never acknowledged, out of sync (S13).
-                    b.rx_state = MirrorState::OutOfSync;
+                    b.rx_state = nvlog::MirrorState::OutOfSync;
                 }
             }
             StreamMsg::Ack(lsn) => {
@@ -981,6 +1075,54 @@ impl State {
             });
         }
         self.try_ack(index);
+    }
+
+    /// `mcctl switchover --forced-on-disaster --confirmed` at `index` without a mediator: the
+    /// controller's own vetoes (`switchover::plan`: the node serving, the partner unreachable,
+    /// something to take over) and §9 (a)'s doubts (`switchover::sync_doubts`), each a soft veto
+    /// that the override turns into NVFAIL; then the same steps as for a grant.
+    fn confirmed_switchover(&mut self, index: usize, override_vetoes: bool) {
+        let now = self.now;
+        let t = timers();
+        let c = &self.ctl[index];
+        let other = &self.ctl[1 - index];
+        // Without a mediator nothing fences the partner but its being down: the operator
+        // confirms only what is true (a crashed partner; a paused or isolated one still serves
+        // its hosts, which no controller can prevent without a lease, S6).
+        if other.up {
+            return;
+        }
+        let reachable = c.heard.is_some_and(|h| now - h < ticks(t.keepalive_timeout));
+        let partners = other.owns.is_some_and(|e| e.owner.0 == other.node) || other.away();
+        let serving = c.confirmed && !c.away() && c.owns.is_none();
+        if reachable || !partners || !serving {
+            return; // hard vetoes: partner reachable, nothing to switch over, node fenced
+        }
+        let round_trip = c.round_trip.filter(|r| *r >= c.started).map(|r| secs(now - r));
+        let SyncDoubts { not_in_sync, unknown } =
+            sync_doubts(Some(c.rx_state), round_trip, t.mirror_timeout - t.margin, other.node);
+        let doubts = !not_in_sync.is_empty() || !unknown.is_empty();
+        if doubts && !override_vetoes {
+            return; // soft vetoes
+        }
+        let new = Epoch { number: self.highest_known(index).number + 1, owner: plex::NodeId(c.node) };
+        let grant = decide::Grant {
+            to: NodeId(c.node),
+            from: decide::Site(u8::from(index == A)),
+            epochs: vec![(X, to_decide(new))],
+            automatic: false,
+            nvfail: doubts,
+        };
+        if self.history.switched_away[index] {
+            self.history.way_back = true;
+        }
+        self.history.switched_away[1 - index] = true;
+        self.apply_grant(index, &grant);
+    }
+
+    /// The highest epoch of X that controller `index` knows (its shelf, its labels).
+    fn highest_known(&self, index: usize) -> Epoch {
+        self.ctl[index].shown_epoch()
     }
 
     /// The switchover at the granted epoch (DESIGN §11 steps 2–7, as `switchover.rs` runs them
@@ -1162,6 +1304,8 @@ impl ClusterModel {
                 a.log.clear();
                 a.data.clear();
                 a.lost_log = true;
+                // The drop or resync recorded in the lost partition's header is gone with it.
+                a.writer_dropped = false;
             }
             Fault::Pause(i) => s.ctl[i].paused = true,
             Fault::Stall => s.ctl[B].stalled = true,
@@ -1202,6 +1346,7 @@ fn restart(s: &mut State, i: usize) {
     c.confirmed = false;
     c.deposed = false;
     c.handshake = false;
+    c.resyncing = false;
     c.acked = Lsn(0);
     c.ack_set = AckSet { dropped: c.writer_dropped, floor: Lsn(0) };
     c.pending.clear();
@@ -1294,6 +1439,11 @@ impl Model for ClusterModel {
                 s.history.disturbed = s.now;
                 s.ctl[i].paused = false;
                 s.try_ack(i);
+            }
+            Action::ManualSwitchover { at, override_in_sync } if !s.ctl[at].leased => {
+                s.switchovers_left -= 1;
+                s.history.disturbed = s.now;
+                s.confirmed_switchover(at, override_in_sync);
             }
             Action::ManualSwitchover { at, override_in_sync } => {
                 s.switchovers_left -= 1;

@@ -56,6 +56,10 @@ struct Args {
     /// the operator still at any point); for deeper horizons.
     #[arg(long)]
     fifo: bool,
+    /// No mediator: no lease, the DR partner confirms epochs, drops complete after
+    /// mirror_timeout of silence, forced switchovers run on the operator's confirmation.
+    #[arg(long)]
+    no_mediator: bool,
     /// How many forced switchovers the operator runs (at either site).
     #[arg(long, default_value_t = Bounds::CI.switchovers)]
     switchovers: u8,
@@ -78,6 +82,7 @@ enum BreakArg {
     RenewLapsedLease,
     AcceptStaleEpoch,
     ConfirmKeepsFence,
+    ReceiverKeepsInSyncThroughSilence,
     GrantWithoutInSync,
     SwitchedOverTarget,
 }
@@ -90,6 +95,7 @@ fn set_break(b: BreakArg) {
         BreakArg::RenewLapsedLease => set(Break::RenewLapsedLease, true),
         BreakArg::AcceptStaleEpoch => set(Break::AcceptStaleEpoch, true),
         BreakArg::ConfirmKeepsFence => set(Break::ConfirmKeepsFence, true),
+        BreakArg::ReceiverKeepsInSyncThroughSilence => set(Break::ReceiverKeepsInSyncThroughSilence, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
         }
@@ -116,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         delay: args.delay || args.message_faults,
         fifo: args.fifo,
         switchovers: args.switchovers,
+        mediator: !args.no_mediator,
     };
     for b in &args.breaks {
         set_break(*b);
