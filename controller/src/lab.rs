@@ -916,13 +916,40 @@ pub fn disk_size_bytes(volume_bytes: u64) -> Option<u64> {
     bytes.checked_next_multiple_of(1 << 20)
 }
 
+/// The lowest port the kernel hands out to outgoing connections, when the machine says.
+fn ephemeral_port_floor() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// A listener on a free port of 127.0.0.1, below the kernel's ephemeral port range.
+///
+/// A controller or mediator that is stopped and started again listens on the same port, which
+/// is free in between. A port of the ephemeral range can be taken then by any outgoing
+/// connection on the machine (the partner reconnecting, a gRPC channel), which holds it as
+/// long as it lives: the restart fails with "address in use". The kernel never picks a port
+/// below the range for an outgoing connection. Falls back to any port (`127.0.0.1:0`) when the
+/// range starts too low to leave room.
+pub fn reserve_port() -> std::io::Result<std::net::TcpListener> {
+    const FLOOR: u16 = 10_000;
+    let ceiling = ephemeral_port_floor().unwrap_or(32_768);
+    if ceiling > FLOOR + 1_000 {
+        for _ in 0..256 {
+            let port = rand::random_range(FLOOR..ceiling);
+            if let Ok(listener) = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)) {
+                return Ok(listener);
+            }
+        }
+    }
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+}
+
 /// Three free ports per site (gRPC, metrics, NBD) and two for the mediator (gRPC, metrics), all
 /// distinct: every listener is held until all are chosen.
 fn free_ports() -> Result<([[u16; 3]; 2], [u16; 2]), LabError> {
     let mut listeners = Vec::new();
     let mut choose = || {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")
-            .map_err(io_error("bind 127.0.0.1:0 to choose a free port"))?;
+        let listener = reserve_port().map_err(io_error("bind 127.0.0.1 to choose a free port"))?;
         let port = listener.local_addr().map_err(io_error("read a chosen port"))?.port();
         listeners.push(listener);
         Ok::<_, LabError>(port)

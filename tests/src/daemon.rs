@@ -190,9 +190,24 @@ pub fn die_with_parent(command: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 pub fn die_with_parent(_command: &mut Command) {}
 
-/// A free TCP port on 127.0.0.1 (the daemons must know each other's ports before they start).
+/// A free TCP port on 127.0.0.1 (the daemons must know each other's ports before they start),
+/// below the kernel's ephemeral range when it leaves room: a daemon restarted on its port then
+/// never finds it taken by an outgoing connection (the same choice as `controller::lab`'s
+/// `reserve_port`, which this crate cannot call).
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind a probe port")?;
+    const FLOOR: u16 = 10_000;
+    let ceiling = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let tries = if ceiling > FLOOR + 1_000 { 256 } else { 0 };
+    let listener = (0..tries)
+        .find_map(|_| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, rand::random_range(FLOOR..ceiling)))
+                .ok()
+        })
+        .map_or_else(|| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)), Ok)
+        .context("bind a probe port")?;
     Ok(listener.local_addr().context("read the probe port")?.port())
 }
 

@@ -50,9 +50,10 @@ impl Default for Settings {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (the daemons must know each other's ports before they start).
+/// A free TCP port on 127.0.0.1 (the daemons must know each other's ports before they start),
+/// below the ephemeral range, so that no outgoing connection takes it while its daemon restarts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    controller::lab::reserve_port().unwrap().local_addr().unwrap().port()
 }
 
 pub struct NodeSpec {
