@@ -1165,11 +1165,11 @@ pub fn mediator_text(reply: &mc_proto::v1::MediatorShowReply) -> String {
         ]);
     }
     out.push_str(&nodes.render());
-    let mut aggregates = Table::new(&["AGGREGATE", "EPOCH", "IN SYNC"]);
+    let mut aggregates = Table::new(&["AGGREGATE", "EPOCH", "IN SYNC", "MIRROR INTACT"]);
     for a in &reply.aggregates {
         let epoch =
             a.epoch.as_ref().map_or_else(|| "-".into(), |e| format!("{}@node{}", e.number, e.owner_node));
-        aggregates.row(vec![crate::node::hex(&a.uuid), epoch, yes_no(a.in_sync)]);
+        aggregates.row(vec![crate::node::hex(&a.uuid), epoch, yes_no(a.in_sync), yes_no(a.mirror_intact)]);
     }
     out.push_str(&aggregates.render());
     let mut auso = Table::new(&["AUSO TO SITE", "ENABLED", "WHY NOT"]);
@@ -1206,6 +1206,7 @@ pub fn mediator_json(reply: &mc_proto::v1::MediatorShowReply) -> Value {
             "uuid": crate::node::hex(&a.uuid),
             "epoch": a.epoch.as_ref().map(|e| json!({"number": e.number, "owner": e.owner_node})),
             "in_sync": a.in_sync,
+            "mirror_intact": a.mirror_intact,
         })).collect::<Vec<_>>(),
         "auso": reply.auso.iter().map(|a| json!({"site": a.site, "enabled": a.enabled, "reason": a.reason}))
             .collect::<Vec<_>>(),
@@ -2484,6 +2485,7 @@ hard  not_healed  2021       not_healed here
                 uuid: vec![0xab; 2],
                 epoch: Some(mc_proto::v1::Epoch { number: 3, owner_node: 2 }),
                 in_sync: false,
+                mirror_intact: true,
             }],
             auso: vec![mc_proto::v1::AusoView {
                 site: "B".into(),
@@ -2507,8 +2509,8 @@ mode: automatic switchover allowed; state version 42; STATE LOST: rebuilding fro
 NODE  SITE  LAST HEARD  MODE    FENCED
 1     A     3.5 s ago   normal  no
 2     B     never       -       no
-AGGREGATE  EPOCH    IN SYNC
-abab       3@node2  no
+AGGREGATE  EPOCH    IN SYNC  MIRROR INTACT
+abab       3@node2  no       yes
 AUSO TO SITE  ENABLED  WHY NOT
 B             no       state lost
 last decision: -
@@ -2518,6 +2520,7 @@ pending grant: site A's aggregates to node 2 (automatic), not confirmed yet
         let json = mediator_json(&reply);
         assert_eq!(json["state_lost"], true);
         assert_eq!(json["aggregates"][0]["epoch"], json!({"number": 3, "owner": 2}));
+        assert_eq!(json["aggregates"][0]["mirror_intact"], true);
         assert_eq!(json["pending_grants"][0]["from_site"], "A");
     }
 

@@ -44,6 +44,57 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// The file in `shelf_dir` that keeps the mediator's state version (DESIGN §10 rule 5), with
 /// `-<node id>` appended (an HA pair may share a shelf directory).
 pub const MEDIATOR_VERSION_FILE: &str = ".mediator-version";
+/// The file in `shelf_dir`, with `-<node id>` appended, that says this node's local NVLog
+/// partition was lost or corrupt and S8 has not decided yet whether the partner's copy
+/// replaces it (complete) or the volumes are NVFAILed. Written (and its directory fsynced)
+/// before the NVLog is formatted or its partition reset; removed once the decision is durable.
+/// A restart in between finds a valid NVLog (formatted, perhaps refilled from an incomplete
+/// copy) and would otherwise serve from it.
+pub const NVLOG_LOST_FILE: &str = ".nvlog-lost";
+
+/// The path of this node's `NVLOG_LOST_FILE`.
+pub fn nvlog_lost_marker(config: &Config) -> std::path::PathBuf {
+    config.shelf_dir.join(format!("{NVLOG_LOST_FILE}-{}", config.node_id))
+}
+
+/// Whether the marker exists (S8 undecided from an earlier start).
+fn nvlog_lost_marked(path: &Path) -> Result<bool, DaemonError> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(DaemonError::Nvlog { path: path.display().to_string(), message: format!("stat: {e}") }),
+    }
+}
+
+/// Writes the marker durably: the file, then its directory.
+fn mark_nvlog_lost(path: &Path) -> Result<(), DaemonError> {
+    let error = |what: &str, e: std::io::Error| DaemonError::Nvlog {
+        path: path.display().to_string(),
+        message: format!("{what}: {e}"),
+    };
+    let file = std::fs::File::create(path).map_err(|e| error("create", e))?;
+    file.sync_all().map_err(|e| error("fsync", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| error("fsync its directory", e))?;
+    }
+    Ok(())
+}
+
+/// Removes the marker once S8's decision is durable; an error is only logged (the next start
+/// decides again, NVFAILing if the copy is incomplete then).
+pub fn clear_nvlog_lost(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            if let Some(dir) = path.parent()
+                && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+            {
+                tracing::warn!(path = %path.display(), "fsync after removing the lost-NVLog marker: {e}");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), "removing the lost-NVLog marker: {e}"),
+    }
+}
 
 /// Why the daemon cannot start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -256,10 +307,13 @@ impl Metrics {
 /// Opens the NVLog, or creates and formats it if the file does not exist.
 /// `lsn_floor`: the highest lsn of this node any label records (S8: lsns never go back);
 /// `generation_floor`: the highest log generation of this node any label records.
+/// Opens (or formats) the NVLog; also returns whether the local partition was lost or corrupt.
+/// `mark_lost` runs before a lost partition is reset or a missing file formatted.
 fn open_nvlog(
     config: &Config,
     lsn_floor: Lsn,
     generation_floor: u64,
+    mark_lost: impl FnOnce() -> Result<(), DaemonError>,
 ) -> Result<(Nvlog<MmapMedia>, bool), DaemonError> {
     let path = &config.nvlog_path;
     let error = |message: String| DaemonError::Nvlog { path: path.display().to_string(), message };
@@ -289,11 +343,13 @@ fn open_nvlog(
                 released = local.released_lsn.0,
                 "the local NVLog partition is corrupt: its records will be taken from the DR partner's copy (S8)"
             );
+            mark_lost()?;
             log.reset_partition(PartitionKind::Local)
                 .map_err(|e| error(format!("reset the local partition: {e}")))?;
         }
         Ok((log, local.failed))
     } else {
+        mark_lost()?;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| error(format!("create {}: {e}", dir.display())))?;
         }
@@ -408,7 +464,20 @@ async fn run_in_span(
         clock.clone(),
     )
     .map_err(|message| DaemonError::Serve { what: "disk client", message })?;
-    let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor)?;
+    // S8: a lost partition stays lost until decided, across restarts (`NVLOG_LOST_FILE`). A node
+    // with no aggregate yet (a new cluster) has nothing its lost log could have held.
+    let marker = nvlog_lost_marker(&config);
+    let marked = nvlog_lost_marked(&marker)?;
+    let mark = || if found.is_empty() { Ok(()) } else { mark_nvlog_lost(&marker) };
+    let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor, mark)?;
+    if marked && !local_partition_lost && !found.is_empty() {
+        tracing::error!(
+            marker = %marker.display(),
+            "the local NVLog partition was lost before the last start, which did not decide whether the DR \
+             partner's copy replaces it: deciding now (S8)"
+        );
+    }
+    let local_partition_lost = local_partition_lost || marked;
     let nvlog = Arc::new(nvlog);
     let mirror = MirrorWriter::start(
         nvlog.clone(),
@@ -429,8 +498,10 @@ async fn run_in_span(
     mirror.set_epochs(
         found.iter().filter_map(|f| Some(crate::wire::aggregate_epoch(f.uuid, f.epoch()?))).collect(),
     );
-    // A node with no aggregate yet (a new cluster) has nothing its lost log could have held.
     let local_partition_lost = local_partition_lost && !found.is_empty();
+    if !local_partition_lost {
+        clear_nvlog_lost(&marker);
+    }
     let node = Node::new(
         config.clone(),
         nvlog.clone(),

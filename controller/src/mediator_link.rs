@@ -18,7 +18,8 @@
 //! - Epochs for a negotiated switchover (asked by the releasing owner), a switchback and a
 //!   forced unfence are raised by the mediator while it answers (`raise_epochs`).
 //! - Replies that can confirm epochs (the mediator's state not lost) feed start-up's S2
-//!   confirmation (`confirmations`).
+//!   confirmation (`confirmations`), and say which mirrors the mediator holds intact, for a
+//!   start-up that lost its NVLog partition (S8).
 //! - The state version the mediator last sent is kept in `<shelf_dir>/.mediator-version-<node>`
 //!   and reported back (rule 5: a restored snapshot counts as lost).
 //!
@@ -73,9 +74,21 @@ pub struct MediatorLink {
     /// The latest reply (any), to tell whether the mediator answers (S2's fallback to the DR
     /// partner applies only while it does not).
     last_answer: std::sync::Mutex<Option<Instant>>,
-    /// The epochs of the latest reply that can confirm one (the mediator's state not lost),
-    /// counted up with each: what start-up waits on (S2).
-    confirmation: tokio::sync::watch::Sender<(u64, Vec<(plex::Uuid, plex::Epoch)>)>,
+    /// The latest reply that can confirm epochs (the mediator's state not lost), counted up
+    /// with each: what start-up waits on (S2, S8).
+    confirmation: tokio::sync::watch::Sender<Confirmation>,
+}
+
+/// What the latest mediator reply that can confirm epochs (its state not lost) said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Confirmation {
+    /// How many such replies arrived since the start (0: none yet).
+    pub count: u64,
+    /// The mediator's epochs (S2).
+    pub epochs: Vec<(plex::Uuid, plex::Epoch)>,
+    /// The aggregates whose NVLog mirror the mediator holds intact: in sync at the current
+    /// epoch, with no drop recorded since (S8).
+    pub mirror_intact: Vec<plex::Uuid>,
 }
 
 /// Why the mediator raised no epochs.
@@ -143,7 +156,7 @@ impl MediatorLink {
             started: Instant::now(),
             running_grant: std::sync::atomic::AtomicBool::new(false),
             last_answer: std::sync::Mutex::new(None),
-            confirmation: tokio::sync::watch::Sender::new((0, Vec::new())),
+            confirmation: tokio::sync::watch::Sender::new(Confirmation::default()),
         })
     }
 
@@ -182,9 +195,9 @@ impl MediatorLink {
         *self.last_answer.lock().expect("the mediator answer lock holder panicked") = Some(Instant::now());
     }
 
-    /// The mediator's epoch confirmations (S2): `(count, epochs)` of the latest reply whose
+    /// The mediator's epoch confirmations (S2) and intact mirrors (S8): the latest reply whose
     /// state was not lost.
-    pub fn confirmations(&self) -> tokio::sync::watch::Receiver<(u64, Vec<(plex::Uuid, plex::Epoch)>)> {
+    pub fn confirmations(&self) -> tokio::sync::watch::Receiver<Confirmation> {
         self.confirmation.subscribe()
     }
 
@@ -342,10 +355,11 @@ impl MediatorLink {
     }
 
     /// Records at the mediator that this node dropped a mirror or plex of `aggregate` (S3);
-    /// returns once the mediator has it durably. The caller retries an error: until then the
+    /// `plex_only`: a plex, not the NVLog mirror (whose copy at the DR partner then stays
+    /// complete, S8). Returns once the mediator has it durably. The caller retries an error: until then the
     /// writes that wait on the drop stall, and after `lease` without a round trip the node
     /// fences itself (S3, S6).
-    pub async fn record_drop(&self, aggregate: plex::Uuid) -> Result<(), String> {
+    pub async fn record_drop(&self, aggregate: plex::Uuid, plex_only: bool) -> Result<(), String> {
         let mut client = self.client()?;
         // Marked before the stamp is taken: every report stamped above the record says out
         // of sync, and one stamped below it is ignored by the mediator once the record is in.
@@ -366,6 +380,7 @@ impl MediatorLink {
             aggregate_uuid: aggregate.0.to_vec(),
             log_generation: self.log_generation.load(Ordering::Acquire),
             sequence,
+            plex_only,
         });
         request.set_timeout(self.config.lease / 2);
         let reply = client
@@ -456,9 +471,16 @@ impl MediatorLink {
         if !reply.state_lost {
             let epochs: Vec<(plex::Uuid, plex::Epoch)> =
                 reply.epochs.iter().filter_map(crate::wire::from_aggregate_epoch).collect();
-            self.confirmation.send_modify(|(count, known)| {
-                *count += 1;
-                *known = epochs;
+            // An entry that is not a uuid names nothing: that mirror is not vouched for (S8).
+            let mirror_intact: Vec<plex::Uuid> = reply
+                .mirror_intact
+                .iter()
+                .filter_map(|bytes| <[u8; 16]>::try_from(bytes.as_slice()).ok().map(plex::Uuid))
+                .collect();
+            self.confirmation.send_modify(|confirmation| {
+                confirmation.count += 1;
+                confirmation.epochs = epochs;
+                confirmation.mirror_intact = mirror_intact;
             });
         }
         let mut above = Vec::new();

@@ -21,6 +21,9 @@ pub enum Break {
     ConfirmKeepsFence,
     /// S13: the receiver's account stays `in_sync` through a silence of the writer.
     ReceiverKeepsInSyncThroughSilence,
+    /// S8: a lost local partition adopts the partner's copy as complete without the mediator
+    /// vouching that no drop was recorded.
+    AdoptWithoutMediatorIntact,
 }
 
 #[cfg(feature = "model-breaks")]

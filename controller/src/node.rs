@@ -242,7 +242,7 @@ impl DropHook for PartnerDrops {
             // S3: with a mediator, it records the drop as well (before the writes that wait on
             // it complete; an error is retried by the aggregate, stalling them meanwhile).
             if let Some(link) = &self.mediator {
-                link.record_drop(drop.aggregate).await?;
+                link.record_drop(drop.aggregate, true).await?;
             }
             tracing::error!(
                 node = self.node,
@@ -915,6 +915,36 @@ impl Node {
         aggregate.flush().await.map_err(|e| format!("flush the volume table: {e}"))
     }
 
+    /// S8's verdict on a lost local partition (`nvlog_mirror::lost_partition_verdict`): whether
+    /// the partner's copy the handshake adopted counts as complete; `None` before that handshake,
+    /// or while the mediator (configured) has not answered since the start. The mediator must
+    /// name as intact every aggregate found here that it does not hold at a higher epoch of
+    /// another node (those are deposed, not served).
+    fn lost_partition_verdict(
+        &self,
+        found: &[FoundAggregate],
+        confirmations: Option<&watch::Receiver<crate::mediator_link::Confirmation>>,
+    ) -> Option<bool> {
+        if !self.local_partition_lost {
+            return Some(true);
+        }
+        let copy_complete = self.mirror.status().first_copy_complete?;
+        let me = self.config.node_id;
+        let mediator = confirmations.map(|rx| {
+            let confirmation = rx.borrow();
+            (confirmation.count > 0).then(|| {
+                found
+                    .iter()
+                    .filter(|f| {
+                        let ours = f.epoch().unwrap_or_default();
+                        !confirmation.epochs.iter().any(|(u, e)| *u == f.uuid && *e > ours && e.owner.0 != me)
+                    })
+                    .all(|f| confirmation.mirror_intact.contains(&f.uuid))
+            })
+        });
+        crate::nvlog_mirror::lost_partition_verdict(copy_complete, mediator)
+    }
+
     /// Start-up after the NVLog is open (module doc, steps 2 and 3). Returns when the node
     /// serves, or stays fenced until `stop` fires.
     pub async fn recover(self: &Arc<Self>, found: Vec<FoundAggregate>, mut stop: watch::Receiver<bool>) {
@@ -942,6 +972,9 @@ impl Node {
         let mut confirmations = self.mediator.get().map(|link| link.confirmations());
         let mut mediator_confirmed: Option<tokio::time::Instant> = None;
         let mut by_mediator = false;
+        // S8 with a mediator: the handshake adopted the partner's copy of a lost partition, and
+        // the mediator's word that the mirror is intact is still awaited.
+        let mut awaiting_vouch = false;
         let forced = loop {
             let grace_over = async {
                 match mediator_confirmed {
@@ -959,15 +992,32 @@ impl Node {
                     None => std::future::pending().await,
                 }
             };
+            let handshake = async {
+                if awaiting_vouch {
+                    std::future::pending().await
+                } else {
+                    self.mirror.wait_handshakes(1).await
+                }
+            };
             tokio::select! {
-                result = self.mirror.wait_handshakes(1) => {
+                result = handshake => {
                     if result.is_err() {
                         return;
+                    }
+                    if confirmations.is_some() && self.lost_partition_verdict(&found, confirmations.as_ref()).is_none() {
+                        tracing::info!(
+                            node = self.config.node_id,
+                            "the DR partner returned its copy of the lost NVLog partition; waiting for the mediator's \
+                             word that no drop of the mirror is recorded (S8)"
+                        );
+                        awaiting_vouch = true;
+                        continue;
                     }
                     break false;
                 }
                 () = confirmed => {
-                    let epochs = confirmations.as_mut().map(|rx| rx.borrow_and_update().1.clone()).unwrap_or_default();
+                    let epochs =
+                        confirmations.as_mut().map(|rx| rx.borrow_and_update().epochs.clone()).unwrap_or_default();
                     // A higher epoch naming this node (a raise it asked for and never used)
                     // deposes nothing: only this node writes with it.
                     let me = self.config.node_id;
@@ -1000,6 +1050,9 @@ impl Node {
                         );
                         mediator_confirmed = Some(tokio::time::Instant::now());
                     }
+                    if awaiting_vouch {
+                        break false;
+                    }
                 }
                 () = grace_over => {
                     tracing::warn!(
@@ -1018,7 +1071,16 @@ impl Node {
                     break true;
                 }
                 Ok(()) = deposed.changed() => {}
-                () = tokio::time::sleep(Duration::from_secs(10)) => {
+                () = tokio::time::sleep(Duration::from_secs(10)), if awaiting_vouch => {
+                    tracing::warn!(
+                        node = self.config.node_id,
+                        waited_s = started.elapsed().as_secs(),
+                        "fenced: the mediator has not answered since the start, and only it can tell whether a drop \
+                         of the NVLog mirror was recorded while the lost partition held it (S8); an operator's \
+                         forced unfence is the only other way out (it NVFAILs)"
+                    );
+                }
+                () = tokio::time::sleep(Duration::from_secs(10)), if !awaiting_vouch => {
                     let status = self.mirror.status();
                     tracing::warn!(
                         node = self.config.node_id,
@@ -1123,13 +1185,20 @@ impl Node {
             mirror.partner_epochs
         };
         // S8: a lost or corrupt local partition was refilled from the partner's copy, which
-        // counts only if the partner's receiver held the mirror in sync and lost nothing.
-        let unrecoverable =
-            (self.local_partition_lost && (forced || mirror.first_copy_complete != Some(true))).then(|| {
-                "the local NVLog partition was lost or corrupt and the DR partner's copy was incomplete \
-             (its receiver was not in sync, or it did not answer): acknowledged writes may be missing (S8)"
-                    .to_string()
-            });
+        // counts only if the partner's receiver held the mirror in sync and lost nothing, and
+        // (with a mediator) the mediator recorded no drop of the mirror since it was in sync.
+        let copy_complete =
+            !forced && self.lost_partition_verdict(&found, confirmations.as_ref()) == Some(true);
+        let unrecoverable = (self.local_partition_lost && !copy_complete).then(|| {
+            let why = match mirror.first_copy_complete {
+                Some(true) if !forced => "the mediator recorded a drop of the NVLog mirror since it was last in sync",
+                _ => "its receiver was not in sync, or it did not answer",
+            };
+            format!(
+                "the local NVLog partition was lost or corrupt and the DR partner's copy was incomplete ({why}): \
+                 acknowledged writes may be missing (S8)"
+            )
+        });
         self.set_state(Phase::Recovering, "opening aggregates and replaying the NVLog");
         let mut floors: HashMap<[u8; 16], Lsn> = HashMap::new();
         let mut slots = Vec::new();
@@ -1206,9 +1275,11 @@ impl Node {
                     .into(),
             });
         }
+        let mut all_recorded = true;
         for cause in &causes {
             for aggr in self.aggregates() {
                 if let Err(e) = self.enter_nvfail(&aggr, None, cause).await {
+                    all_recorded = false;
                     tracing::error!(node = self.config.node_id, "NVFAIL could not be recorded: {e}");
                     let names: Vec<String> = aggr.table().volumes.iter().map(|v| v.name.clone()).collect();
                     let mut offline = self.offline.lock().expect("offline lock");
@@ -1220,6 +1291,11 @@ impl Node {
                     }
                 }
             }
+        }
+        // S8 decided durably: the partner's copy is in the local partition, or the volumes are
+        // NVFAILed (a restart must not find a lost partition valid and serve from it).
+        if self.local_partition_lost && all_recorded {
+            crate::daemon::clear_nvlog_lost(&crate::daemon::nvlog_lost_marker(&self.config));
         }
         if let Err(e) = self.cp("recovery").await {
             tracing::error!(node = self.config.node_id, "the CP after replay failed: {e}");

@@ -124,6 +124,23 @@ pub fn partner_copy_complete(lost: bool, round_trip_since_start: bool) -> bool {
     !lost && round_trip_since_start
 }
 
+/// S8's verdict on a lost local partition refilled from the partner's copy: whether the copy
+/// counts as complete, or `None` while the mediator's word is still needed. `copy_complete`:
+/// the handshake's `partner_copy_complete`. `mediator`: `None` when none is configured;
+/// otherwise `None` inside until a reply that can confirm epochs (its state not lost) arrived
+/// since this start, then whether it named every aggregate to serve as `mirror_intact` (no drop
+/// recorded since the mirror was last in sync). With a mediator, a drop completes on its record
+/// alone (S3), which the lost partition held; the receiver cannot know of it. Sans-IO: start-up
+/// and `mc-model` decide with it.
+pub fn lost_partition_verdict(copy_complete: bool, mediator: Option<Option<bool>>) -> Option<bool> {
+    match mediator {
+        _ if !copy_complete => Some(false),
+        None => Some(true),
+        Some(_) if active(Break::AdoptWithoutMediatorIntact) => Some(true),
+        Some(vouched) => vouched,
+    }
+}
+
 /// What a drop in progress has achieved (S3, DESIGN §4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DropEvidence {
@@ -605,7 +622,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
                 }
                 let mut failed = None;
                 for aggregate in &aggregates {
-                    if let Err(e) = link.record_drop(*aggregate).await {
+                    if let Err(e) = link.record_drop(*aggregate, false).await {
                         failed = Some(e);
                         break;
                     }

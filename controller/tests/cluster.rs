@@ -608,6 +608,37 @@ async fn a_lost_writer_nvlog_after_dropping_a_restarted_partner_nvfails_the_volu
     assert!(volume.in_nvfailed_state, "{a:#?}");
 }
 
+/// As above, but A crashes again before B is back, so before S8 decided: its second start
+/// finds a valid (new, empty) NVLog file. The lost partition stays lost until decided (the
+/// marker in the shelf directory), so A still NVFAILs the volumes instead of serving without the
+/// write it acknowledged alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_returns() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.kill(1);
+    // Waits mirror_timeout, then A drops B and acknowledges alone.
+    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster.start(0);
+    cluster
+        .wait_status(0, "A waiting for B", |s| s.state_reason.contains("waiting for the DR partner"))
+        .await;
+    cluster.kill(0);
+    assert!(cluster.nodes[0].nvlog().exists(), "the second start formatted no NVLog");
+    cluster.start(1);
+    cluster.start(0);
+    let a = cluster.wait_state(0, "serving").await;
+    let volume = &a.aggregates[0].volumes[0];
+    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
+    assert!(volume.in_nvfailed_state, "{a:#?}");
+}
+
 /// `kill -9` of the partner (B) under a workload, back within a second, five times: writes
 /// stall while it is away, then go on after it resynchronises from its durable tail; every
 /// acknowledged write reads back, and B's copy ends in sync.

@@ -596,3 +596,44 @@ async fn a_higher_epoch_naming_the_node_itself_does_not_depose_it() {
     let ledger = load.stop();
     host::check_acknowledged(&cluster.nbd_address(0), &ledger);
 }
+
+/// S8 with a mediator: A loses its NVLog file while the operator has paused the plex mirror (a
+/// plex drop, recorded at the mediator). The NVLog mirror was never dropped, so the mediator
+/// still names it intact: A waits for its word, adopts B's copy as complete and serves every
+/// acknowledged write, NVFAILing nothing. (A drop of the NVLog mirror would have NVFAILed the
+/// volumes: the model check's `adopting_a_copy_without_the_mediators_word_is_caught`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_intact() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let mut admin = cluster.admin(0).await;
+    let pause = mc_proto::v1::MirrorControlRequest {
+        cluster_id: common::CLUSTER.to_vec(),
+        name: "vol_a".into(),
+        action: "pause".into(),
+    };
+    admin.mirror_control(pause).await.unwrap();
+    let view = mediator.show().await;
+    assert!(view.aggregates.iter().all(|a| !a.in_sync && a.mirror_intact), "{view:#?}");
+    let mut data = cluster.data(0).await;
+    let mut model = common::Model::default();
+    for n in 1..=40u64 {
+        let block = n % 20;
+        model.sent(block, n);
+        common::write_at(&mut data, block * common::BLOCK, common::block_data(block, n)).await.unwrap();
+        model.acked(block, n);
+    }
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster.start(0);
+    let a = cluster.wait_state(0, "serving").await;
+    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
+    let mut data = cluster.data(0).await;
+    model.check(&mut data, "vol_a").await;
+    cluster.kill(0);
+    cluster.kill(1);
+}

@@ -20,7 +20,9 @@
 //!    overridden, and then the grant says NVFAIL;
 //! 3. any report may lower an aggregate's state: an owner or receiver not `in_sync`, a plex
 //!    not normal, a recorded drop all clear the in-sync record (AUSO stays off until both
-//!    report `in_sync` again, after the resync);
+//!    report `in_sync` again, after the resync); a recorded drop, a new epoch or a lost state
+//!    also ends the mirror's being intact (in sync since, no drop since), which only in sync
+//!    again restores; replies name the intact mirrors, for an owner that lost its NVLog (S8);
 //! 5. a mediator without its state (lost, corrupt, or older than a state version a controller
 //!    reports) grants nothing until every configured controller has reported since (or an
 //!    operator confirmed the missing ones down), learns the highest epochs from the reports, and
@@ -272,6 +274,8 @@ pub enum Event {
         /// `(log generation, sequence)` from the sender's heartbeat counter: its reports with an
         /// older stamp, delivered late, are ignored from now on.
         stamp: (u64, u64),
+        /// Only a plex was dropped: the NVLog mirror stays intact (S8).
+        plex_only: bool,
     },
     /// An operator's forced switchover to `node`'s site, through the mediator (S7).
     ManualSwitchover {
@@ -367,6 +371,9 @@ pub struct Reply {
     /// down that has not reported since, so these epochs may be behind: the reply confirms no
     /// epoch (S2).
     pub state_lost: bool,
+    /// The aggregates whose mirror is intact (`AggregateRecord::mirror_intact`): an owner that
+    /// lost its NVLog partition may count its DR partner's copy complete for these only (S8).
+    pub mirror_intact: Vec<AggregateId>,
 }
 
 /// What the mediator records of one aggregate.
@@ -379,6 +386,11 @@ pub struct AggregateRecord {
     pub owner_says: Option<(MirrorState, u64, bool)>,
     /// The receiver's latest report: its state and partition generation.
     pub receiver_says: Option<(MirrorState, u64)>,
+    /// The record was in sync at this epoch, and since then no drop was recorded and the state
+    /// was not lost: the receiver's copy of the owner's NVLog holds every record the owner
+    /// acknowledged (with a mediator, a drop completes only once recorded here, S3). An owner
+    /// that lost its own partition adopts that copy as complete only while this holds (S8).
+    pub mirror_intact: bool,
 }
 
 impl AggregateRecord {
@@ -393,6 +405,7 @@ impl AggregateRecord {
     fn clear(&mut self) {
         self.owner_says = None;
         self.receiver_says = None;
+        self.mirror_intact = false;
     }
 }
 
@@ -550,6 +563,13 @@ impl Mediator {
             state_version: self.state.version,
             grant: self.state.grants.iter().find(|g| g.to == to).cloned(),
             state_lost: self.lost || !self.down_unheard.is_empty(),
+            mirror_intact: self
+                .state
+                .aggregates
+                .iter()
+                .filter(|(_, r)| r.mirror_intact)
+                .map(|(id, _)| *id)
+                .collect(),
         })
     }
 
@@ -572,7 +592,7 @@ impl Mediator {
         }
         match event {
             Event::Report(report) => self.on_report(now, report, &mut actions),
-            Event::RecordDrop { node, aggregate, stamp } => {
+            Event::RecordDrop { node, aggregate, stamp, plex_only } => {
                 self.heard.insert(node, now);
                 // A report sent before the drop and delivered after it must not make the
                 // aggregate look in sync again.
@@ -583,9 +603,13 @@ impl Mediator {
                 // An aggregate the mediator has no record of is not in sync here: nothing to
                 // clear, and no owner-less record is made up for it.
                 if let Some(record) = self.state.aggregates.get_mut(&aggregate)
-                    && (record.owner_says.is_some() || record.receiver_says.is_some())
+                    && (record.owner_says.is_some()
+                        || record.receiver_says.is_some()
+                        || (record.mirror_intact && !plex_only))
                 {
+                    let intact = record.mirror_intact && plex_only;
                     record.clear();
+                    record.mirror_intact = intact;
                     self.changed(&mut actions);
                 }
                 actions.push(self.reply(node));
@@ -756,6 +780,13 @@ impl Mediator {
         for received in &report.received {
             for record in self.state.aggregates.values_mut().filter(|r| r.epoch.owner == received.writer) {
                 record.receiver_says = Some((received.state, received.partition_generation));
+            }
+        }
+        // S8: in sync again (after a resync, or for the first time) makes the mirror intact;
+        // only a drop, a new epoch or a lost state ends that.
+        for record in self.state.aggregates.values_mut() {
+            if record.in_sync() {
+                record.mirror_intact = true;
             }
         }
         if report.state_version > self.state.version {

@@ -171,6 +171,7 @@ fn wire_reply(reply: &decide::Reply) -> HeartbeatReply {
         state_version: reply.state_version,
         grant: reply.grant.as_ref().map(wire_grant),
         state_lost: reply.state_lost,
+        mirror_intact: reply.mirror_intact.iter().map(|id| id.0.to_vec()).collect(),
     }
 }
 
@@ -509,7 +510,8 @@ impl MediatorService {
         let aggregate = uuid(&request.aggregate_uuid, "aggregate_uuid")?;
         tracing::info!(aggregate = %hex(&aggregate.0), "drop recorded");
         let stamp = (request.log_generation, request.sequence);
-        let applied = self.apply(Event::RecordDrop { node, aggregate, stamp }).await?;
+        let plex_only = request.plex_only;
+        let applied = self.apply(Event::RecordDrop { node, aggregate, stamp, plex_only }).await?;
         MediatorService::answer(applied, "drop record")
     }
 
@@ -604,6 +606,7 @@ impl MediatorService {
                     owner_node: record.epoch.owner.0,
                 }),
                 in_sync: record.in_sync(),
+                mirror_intact: record.mirror_intact,
             })
             .collect();
         let auso = mediator

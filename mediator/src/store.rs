@@ -21,8 +21,10 @@
 //! Aggregate entry, 56 bytes: uuid (16), epoch number (8), epoch owner (4), owner's word
 //! present (1: 0 or 1), owner's mirror state (1), owner's plexes normal (1: 0 or 1), receiver's
 //! word present (1: 0 or 1), owner's receiver generation (8), receiver's partition generation
-//! (8), receiver's mirror state (1), zero (7). An absent word has all its fields zero. Mirror
-//! states: 1 in_sync, 2 out_of_sync, 3 resyncing (as in `common.proto`).
+//! (8), receiver's mirror state (1), mirror intact (1: 0 or 1; S8), zero (6). An absent word
+//! has all its fields zero. Mirror states: 1 in_sync, 2 out_of_sync, 3 resyncing (as in
+//! `common.proto`). A file written before the mirror-intact byte existed holds zero there:
+//! no mirror is intact until it is in sync again (the safe reading).
 //!
 //! Grant, 16 + 32 × M bytes: survivor node (4), lost site (1: 0 is A, 1 is B), automatic (1),
 //! NVFAIL (1), zero (1), epoch count M (4), zero (4); then per epoch: aggregate uuid (16),
@@ -69,7 +71,7 @@ pub const MAX_FILE_BYTES: u64 = 64 << 20;
 pub const FILE_NAME: &str = "mediator.state";
 
 const _: () = assert!(HEADER_BYTES == 8 + 4 + 4 + 16 + 8 + 4 * 4);
-const _: () = assert!(AGGREGATE_BYTES == 16 + 8 + 4 + 4 + 8 + 8 + 1 + 7);
+const _: () = assert!(AGGREGATE_BYTES == 16 + 8 + 4 + 4 + 8 + 8 + 1 + 1 + 6);
 const _: () = assert!(GRANT_BYTES == 4 + 4 + 4 + 4 && GRANT_EPOCH_BYTES == 16 + 8 + 4 + 4);
 const _: () = assert!(STAMP_BYTES == 4 + 4 + 8 + 8);
 
@@ -239,7 +241,8 @@ pub fn encode(cluster: [u8; 16], state: &State, lost: bool) -> Vec<u8> {
         body.extend_from_slice(&owner_generation.to_le_bytes());
         body.extend_from_slice(&receiver_generation.to_le_bytes());
         body.push(receiver_state);
-        body.extend_from_slice(&[0u8; 7]);
+        body.push(u8::from(record.mirror_intact));
+        body.extend_from_slice(&[0u8; 6]);
     }
     for grant in &state.grants {
         body.extend_from_slice(&grant.to.0.to_le_bytes());
@@ -397,7 +400,8 @@ pub fn decode(cluster: [u8; 16], bytes: &[u8]) -> Result<Stored, String> {
         let owner_generation = body.u64(&what)?;
         let receiver_generation = body.u64(&what)?;
         let receiver_state = body.u8(&what)?;
-        body.zero(7, &what)?;
+        let mirror_intact = body.flag(&what)?;
+        body.zero(6, &what)?;
         let owner_says = if owner_present {
             let state = mirror_from(owner_state)
                 .ok_or_else(|| format!("{what}: owner's mirror state {owner_state}"))?;
@@ -419,7 +423,7 @@ pub fn decode(cluster: [u8; 16], bytes: &[u8]) -> Result<Stored, String> {
         if state.aggregates.last_key_value().is_some_and(|(last, _)| *last >= id) {
             return Err(format!("{what}: out of order or listed twice"));
         }
-        state.aggregates.insert(id, AggregateRecord { epoch, owner_says, receiver_says });
+        state.aggregates.insert(id, AggregateRecord { epoch, owner_says, receiver_says, mirror_intact });
     }
     for i in 0..grants {
         let what = format!("grant {i}");
@@ -490,11 +494,17 @@ mod tests {
                 epoch: epoch(3, 1),
                 owner_says: Some((MirrorState::InSync, 9, true)),
                 receiver_says: Some((MirrorState::Resyncing, 9)),
+                mirror_intact: true,
             },
         );
         state.aggregates.insert(
             AggregateId([2; 16]),
-            AggregateRecord { epoch: epoch(7, 2), owner_says: None, receiver_says: None },
+            AggregateRecord {
+                epoch: epoch(7, 2),
+                owner_says: None,
+                receiver_says: None,
+                mirror_intact: false,
+            },
         );
         state.aggregates.insert(
             AggregateId([3; 16]),
@@ -502,6 +512,7 @@ mod tests {
                 epoch: epoch(1, 1),
                 owner_says: Some((MirrorState::OutOfSync, 0, false)),
                 receiver_says: None,
+                mirror_intact: false,
             },
         );
         state.grants.push(Grant {
@@ -578,11 +589,12 @@ mod tests {
         };
         assert_eq!(decode(CLUSTER, &reseal(bytes.clone())).unwrap().state, sample());
         let first = HEADER_BYTES;
-        let cases: [(usize, u8, &str); 7] = [
+        let cases: [(usize, u8, &str); 8] = [
             (12, 2, "unknown flag"),
             (first + 28, 2, "owner flag 2"),
             (first + 29, 9, "owner mirror state 9"),
             (first + 48, 0, "present receiver with state 0"),
+            (first + 49, 2, "mirror intact flag 2"),
             (first + 50, 1, "reserved byte"),
             // The second aggregate has no owner's word: a state byte there is refused.
             (first + AGGREGATE_BYTES + 29, 1, "absent owner with a state"),

@@ -244,6 +244,7 @@ impl Controller {
             aggregate_uuid: aggregate.to_vec(),
             log_generation: 1,
             sequence: self.sequence,
+            plex_only: false,
         }
     }
 

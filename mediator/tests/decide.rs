@@ -222,7 +222,7 @@ fn not_in_sync_blocks_auso_and_manual_needs_the_override() {
         lower_a(&mut a);
         m.handle(ms(0), Event::Report(a));
         if drop {
-            m.handle(ms(0), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2) });
+            m.handle(ms(0), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2), plex_only: false });
         }
         for (seq, at) in (1..).zip((0..=5000).step_by(200)) {
             let mut b = report(B, seq, Some(at));
@@ -457,7 +457,8 @@ fn raised_epochs_go_above_every_epoch_seen_and_only_with_a_known_state() {
 fn a_drop_of_an_unknown_aggregate_makes_no_record() {
     let mut m = mediator(false);
     let unknown = AggregateId([3; 16]);
-    let actions = m.handle(ms(0), Event::RecordDrop { node: A, aggregate: unknown, stamp: (1, 1) });
+    let actions =
+        m.handle(ms(0), Event::RecordDrop { node: A, aggregate: unknown, stamp: (1, 1), plex_only: false });
     assert!(actions.iter().any(|a| matches!(a, Action::Reply(_))), "{actions:?}");
     assert!(!m.state().aggregates.contains_key(&unknown));
 }
@@ -472,7 +473,7 @@ fn auso_status_says_armed_while_both_sites_are_up() {
     let status = m.auso_status(ms(100));
     assert_eq!(status[1], (Site(1), Ok(())), "{status:?}");
     assert!(status[0].1.as_ref().is_err_and(|r| r.contains("owns no aggregate")), "{status:?}");
-    m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2) });
+    m.handle(ms(200), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2), plex_only: false });
     let status = m.auso_status(ms(300));
     assert!(status[1].1.as_ref().is_err_and(|r| r.contains("not recorded in sync")), "{status:?}");
 }
@@ -523,7 +524,8 @@ fn a_report_older_than_a_drop_record_is_ignored() {
     m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
     assert!(m.state().aggregates[&AGG].in_sync());
     // A's heartbeat 2 (still saying in sync) is overtaken by its drop record, stamped 3.
-    let actions = m.handle(ms(100), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 3) });
+    let actions =
+        m.handle(ms(100), Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 3), plex_only: false });
     assert_eq!(actions.first(), Some(&Action::Persist), "{actions:?}");
     let late = m.handle(ms(150), Event::Report(report(A, 2, Some(150))));
     assert!(!late.iter().any(|a| matches!(a, Action::Reply(_))), "a stale report was answered: {late:?}");
@@ -588,4 +590,62 @@ fn a_site_switched_over_is_no_target_even_on_a_report_from_before() {
     m.handle(ms(6000), Event::Report(a));
     let refused = m.handle(ms(6000), Event::ManualSwitchover { node: A, override_in_sync: true });
     assert!(refusal(&refused).unwrap().contains("waits for heal and switchback"), "{refused:?}");
+}
+
+/// The mirror's intactness in `actions`' reply (S8).
+fn replied_intact(actions: &[Action]) -> Option<bool> {
+    actions.iter().find_map(|a| match a {
+        Action::Reply(r) => Some(r.mirror_intact.contains(&AGG)),
+        _ => None,
+    })
+}
+
+/// S8: the mirror is intact once the record is in sync; a drop of the NVLog mirror ends that
+/// until owner and receiver both say in sync again, whatever the reports in between say (an
+/// owner that lost its NVLog and restarted reports nothing of the aggregate, then out of sync);
+/// a plex drop leaves it intact. Every reply names it.
+#[test]
+fn only_a_mirror_drop_ends_an_intact_mirror_until_in_sync_again() {
+    let mut m = mediator(false);
+    assert_eq!(replied_intact(&m.handle(ms(0), Event::Report(report(A, 1, Some(0))))), Some(false));
+    assert_eq!(replied_intact(&m.handle(ms(0), Event::Report(report(B, 1, Some(0))))), Some(true));
+    // A plex drop: out of sync (AUSO off), the NVLog copy at B still complete.
+    let plex = Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 2), plex_only: true };
+    assert_eq!(replied_intact(&m.handle(ms(100), plex)), Some(true));
+    assert!(!m.state().aggregates[&AGG].in_sync());
+    // A drop of the NVLog mirror.
+    let mirror = Event::RecordDrop { node: A, aggregate: AGG, stamp: (1, 3), plex_only: false };
+    assert_eq!(replied_intact(&m.handle(ms(200), mirror)), Some(false));
+    // A restarts (a new log generation) without its partition: its reports name no aggregate
+    // until it decided, then out of sync; B still says in sync. Not intact.
+    let mut restarted = report(A, 1, Some(300));
+    restarted.log_generation = 2;
+    restarted.owned.clear();
+    assert_eq!(replied_intact(&m.handle(ms(300), Event::Report(restarted.clone()))), Some(false));
+    assert_eq!(replied_intact(&m.handle(ms(300), Event::Report(report(B, 2, Some(300))))), Some(false));
+    restarted.sequence = 2;
+    restarted.owned = report(A, 0, None).owned;
+    restarted.owned[0].mirror = MirrorState::Resyncing;
+    assert_eq!(replied_intact(&m.handle(ms(400), Event::Report(restarted.clone()))), Some(false));
+    // The resync done, both in sync: intact again.
+    restarted.sequence = 3;
+    restarted.owned[0].mirror = MirrorState::InSync;
+    assert_eq!(replied_intact(&m.handle(ms(500), Event::Report(restarted))), Some(true));
+    // A new epoch (a negotiated switchover to B) ends it too: B's mirror to A was never in sync.
+    let raise = Event::RaiseEpochs { node: A, aggregates: vec![(AGG, B)], reason: String::new() };
+    assert_eq!(replied_intact(&m.handle(ms(600), raise)), Some(false));
+}
+
+/// S8, rule 5: a mediator that lost its state vouches for no mirror until owner and receiver
+/// report in sync again (a drop it had recorded is forgotten with the state).
+#[test]
+fn a_lost_state_vouches_for_no_mirror() {
+    let mut m = Mediator::new(config(false), None).unwrap();
+    assert_eq!(replied_intact(&m.handle(ms(0), Event::Report(report(B, 1, Some(0))))), Some(false));
+    let mut restarted = report(A, 1, Some(0));
+    restarted.owned.clear();
+    assert_eq!(replied_intact(&m.handle(ms(0), Event::Report(restarted))), Some(false));
+    // The owner says in sync; the receiver's word came before the mediator knew the aggregate.
+    assert_eq!(replied_intact(&m.handle(ms(100), Event::Report(report(A, 2, Some(100))))), Some(false));
+    assert_eq!(replied_intact(&m.handle(ms(100), Event::Report(report(B, 2, Some(100))))), Some(true));
 }

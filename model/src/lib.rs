@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use controller::lease::Lease;
 use controller::mirror_receiver::silence_marks_out_of_sync;
-use controller::nvlog_mirror::{AckSet, DropEvidence, partner_copy_complete};
+use controller::nvlog_mirror::{AckSet, DropEvidence, lost_partition_verdict, partner_copy_complete};
 use controller::shelf_state::admits;
 use controller::switchover::{SyncDoubts, sync_doubts};
 use mediator::decide::{self, AggregateId, Mediator, MirrorState, NodeId};
@@ -242,6 +242,12 @@ pub struct Ctl {
     pub heard: Option<u8>,
     /// Last round trip with the partner (its send time).
     pub round_trip: Option<u8>,
+    /// With `lost_log`: the handshake's verdict on the partner's copy (S8), adopted and waiting
+    /// for the mediator's word.
+    pub copy_complete: Option<bool>,
+    /// The latest mediator reply since the start that can confirm epochs: whether it named X's
+    /// mirror intact (S8).
+    pub mirror_intact: Option<bool>,
 }
 
 impl Ctl {
@@ -278,6 +284,8 @@ impl Ctl {
             seq: 0,
             heard: Some(0),
             round_trip: Some(0),
+            copy_complete: None,
+            mirror_intact: None,
         }
     }
 
@@ -313,6 +321,19 @@ impl Ctl {
             MirrorState::OutOfSync
         } else {
             MirrorState::InSync
+        }
+    }
+
+    /// S8's verdict on a lost partition, once the handshake adopted the partner's copy and
+    /// (with a mediator) a reply said whether the mirror is intact: NVFAIL unless complete.
+    fn settle_lost_log(&mut self) {
+        let Some(copy_complete) = self.copy_complete.filter(|_| self.lost_log) else { return };
+        if let Some(complete) =
+            lost_partition_verdict(copy_complete, self.leased.then_some(self.mirror_intact))
+        {
+            self.nvfailed |= !complete;
+            self.lost_log = false;
+            self.copy_complete = None;
         }
     }
 
@@ -552,6 +573,7 @@ impl ClusterModel {
                 epoch: to_decide(epoch_one()),
                 owner_says: Some((MirrorState::InSync, 1, true)),
                 receiver_says: Some((MirrorState::InSync, 1)),
+                mirror_intact: true,
             },
         );
         let mediator = match Mediator::new(mediator_config(), Some(state)) {
@@ -686,8 +708,10 @@ impl State {
                 heard_age: Some(secs(now - c.heard.unwrap_or(c.started).max(c.started))),
                 round_trip_age: c.round_trip.map(|t| secs(now - t)),
             }],
+            // The daemon registers its aggregates (and so reports them) only once S8 decided on
+            // a lost partition (`Node::recover`).
             owned: match c.owns {
-                Some(e) if !c.away() => vec![decide::OwnedReport {
+                Some(e) if !c.away() && !c.lost_log => vec![decide::OwnedReport {
                     aggregate: X,
                     epoch: to_decide(e),
                     mirror: c.writer_state(),
@@ -761,12 +785,13 @@ impl State {
             a.acked = Lsn(receiver.rx_tail());
             if a.lost_log {
                 // S8: the partner's copy counts as complete only if its receiver holds the mirror
-                // in sync and vouches for it; otherwise the volumes are NVFAILed.
+                // in sync and vouches for it, and (with a mediator) the mediator names the mirror
+                // intact; otherwise the volumes are NVFAILed.
                 a.log = receiver.rx.clone();
                 a.data = receiver.rx.iter().map(|r| r.write).collect();
                 let lost = receiver.rx_state != nvlog::MirrorState::InSync;
-                a.nvfailed |= !partner_copy_complete(lost, round_trip_since_start);
-                a.lost_log = false;
+                a.copy_complete = Some(partner_copy_complete(lost, round_trip_since_start));
+                a.settle_lost_log();
             }
             // §4.2, S13 (`nvlog_mirror.rs`, the handshake): a receiver not in sync, or a drop
             // persisted here, re-establishes the mirror at our next lsn: the partner is back in
@@ -979,7 +1004,7 @@ impl State {
                 let (event, drop_request) = match body {
                     ToMediator::Report(r) => (decide::Event::Report(*r), false),
                     ToMediator::RecordDrop { stamp } => {
-                        (decide::Event::RecordDrop { node, aggregate: X, stamp }, true)
+                        (decide::Event::RecordDrop { node, aggregate: X, stamp, plex_only: false }, true)
                     }
                     ToMediator::ConfirmGrant => (decide::Event::ConfirmGrant { node }, false),
                     ToMediator::ManualSwitchover { override_in_sync } => {
@@ -1059,6 +1084,10 @@ impl State {
             }
         } else {
             c.lease.renew(secs(request_sent), Some(r.lease));
+        }
+        if !r.state_lost {
+            c.mirror_intact = Some(r.mirror_intact.contains(&X));
+            c.settle_lost_log();
         }
         if let Some(grant) = r.grant.clone()
             && grant.to.0 == c.node
@@ -1239,10 +1268,12 @@ impl State {
         if let Some(r) = self.mediator.state().aggregates.get(&X) {
             let _ = writeln!(
                 out,
-                "    mediator: X at {}@{}, in sync {}, grants {}; link A-B {}, mediator links {:?}; acknowledged {:?}",
+                "    mediator: X at {}@{}, in sync {}, mirror intact {}, grants {}; link A-B {}, mediator links {:?}; \
+                 acknowledged {:?}",
                 r.epoch.number,
                 r.epoch.owner.0,
                 r.in_sync(),
+                r.mirror_intact,
                 self.mediator.state().grants.len(),
                 if self.link { "up" } else { "cut" },
                 self.mediator_link,
@@ -1355,6 +1386,8 @@ fn restart(s: &mut State, i: usize) {
     c.heard = None;
     c.round_trip = None;
     c.stalled = false;
+    c.copy_complete = None;
+    c.mirror_intact = None;
 }
 
 impl Model for ClusterModel {

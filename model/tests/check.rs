@@ -203,3 +203,23 @@ fn a_receiver_that_stays_in_sync_through_silence_is_caught() {
         Bounds { horizon: 10, faults: 2, pause: true, lose_nvlog: true, mediator: false, ..only_faults() };
     bites(controller_break(Break::ReceiverKeepsInSyncThroughSilence), ACKED_WRITES_HELD, bounds);
 }
+
+/// Two crashes with a mediator: B's restart and A's crash losing its NVLog, one interleaving per
+/// second (finding 5 of docs/safety.md: A dropped B through the mediator and acknowledged alone;
+/// B, back and in sync with a round trip since its start, cannot know).
+fn crash_then_lost_nvlog() -> Bounds {
+    Bounds { horizon: 8, faults: 2, crash: true, lose_nvlog: true, ..only_faults() }
+}
+
+#[test]
+fn the_model_check_of_a_lost_nvlog_with_a_mediator_finds_no_violation() {
+    check_all(crash_then_lost_nvlog());
+}
+
+/// S8: the same bounds; the break adopts the partner's copy without the mediator's word that
+/// the mirror is intact, and the write A acknowledged alone is lost.
+#[test]
+fn adopting_a_copy_without_the_mediators_word_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::AdoptWithoutMediatorIntact), ACKED_WRITES_HELD, crash_then_lost_nvlog());
+}

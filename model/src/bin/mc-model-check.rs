@@ -83,6 +83,7 @@ enum BreakArg {
     AcceptStaleEpoch,
     ConfirmKeepsFence,
     ReceiverKeepsInSyncThroughSilence,
+    AdoptWithoutMediatorIntact,
     GrantWithoutInSync,
     SwitchedOverTarget,
 }
@@ -96,6 +97,7 @@ fn set_break(b: BreakArg) {
         BreakArg::AcceptStaleEpoch => set(Break::AcceptStaleEpoch, true),
         BreakArg::ConfirmKeepsFence => set(Break::ConfirmKeepsFence, true),
         BreakArg::ReceiverKeepsInSyncThroughSilence => set(Break::ReceiverKeepsInSyncThroughSilence, true),
+        BreakArg::AdoptWithoutMediatorIntact => set(Break::AdoptWithoutMediatorIntact, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
         }
