@@ -396,6 +396,9 @@ pub struct AggregateRecord {
 impl AggregateRecord {
     /// In sync at its current epoch (DESIGN §10).
     pub fn in_sync(&self) -> bool {
+        if active(Break::ReceiverReportRestoresInSync) {
+            return matches!(self.receiver_says, Some((MirrorState::InSync, _)));
+        }
         matches!(
             (self.owner_says, self.receiver_says),
             (Some((MirrorState::InSync, g1, true)), Some((MirrorState::InSync, g2))) if g1 == g2

@@ -14,6 +14,9 @@ pub enum Break {
     /// S14: a controller waiting for switchback counts as a healthy survivor, so its site can be
     /// a switchover target again before heal and switchback.
     SwitchedOverTarget,
+    /// §10 rule 3, S13: the receiver's report alone restores the in-sync record, whatever the
+    /// owner's word (a drop recorded since).
+    ReceiverReportRestoresInSync,
 }
 
 #[cfg(feature = "model-breaks")]

@@ -173,12 +173,6 @@ pub struct Pending {
     since: u8,
 }
 
-/// A drop in progress (S3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Dropping {
-    evidence: DropEvidence,
-}
-
 /// A controller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Ctl {
@@ -234,8 +228,8 @@ pub struct Ctl {
     pub ack_set: AckSet,
     /// Writes waiting.
     pub pending: Vec<Pending>,
-    /// A drop in progress.
-    pub dropping: Option<Dropping>,
+    /// A drop in progress (S3): what it has achieved so far.
+    pub dropping: Option<DropEvidence>,
     /// The heartbeat and drop-record counter.
     pub seq: u64,
     /// Last heard from the partner.
@@ -895,7 +889,7 @@ impl State {
             partner_acknowledged: false,
             silent_for: Duration::ZERO,
         };
-        c.dropping = Some(Dropping { evidence });
+        c.dropping = Some(evidence);
         if evidence.complete(c.leased, timers().mirror_timeout) {
             self.finish_drop(index);
         } else if c.leased {
@@ -912,8 +906,8 @@ impl State {
         let c = &mut self.ctl[index];
         let silent_for = secs(now - c.heard.unwrap_or(c.started).max(c.started));
         if let Some(d) = &mut c.dropping {
-            d.evidence.silent_for = silent_for;
-            if d.evidence.complete(false, timers().mirror_timeout) {
+            d.silent_for = silent_for;
+            if d.complete(false, timers().mirror_timeout) {
                 self.finish_drop(index);
             }
         }
@@ -1057,8 +1051,8 @@ impl State {
                     ToCtl::DropRecorded => {
                         let c = &mut self.ctl[to];
                         if let Some(d) = &mut c.dropping {
-                            d.evidence.recorded_by_mediator = true;
-                            if d.evidence.complete(true, timers().mirror_timeout) {
+                            d.recorded_by_mediator = true;
+                            if d.complete(true, timers().mirror_timeout) {
                                 self.finish_drop(to);
                             }
                         }
@@ -1134,7 +1128,7 @@ impl State {
         if doubts && !override_vetoes {
             return; // soft vetoes
         }
-        let new = Epoch { number: self.highest_known(index).number + 1, owner: plex::NodeId(c.node) };
+        let new = Epoch { number: self.ctl[index].shown_epoch().number + 1, owner: plex::NodeId(c.node) };
         let grant = decide::Grant {
             to: NodeId(c.node),
             from: decide::Site(u8::from(index == A)),
@@ -1147,11 +1141,6 @@ impl State {
         }
         self.history.switched_away[1 - index] = true;
         self.apply_grant(index, &grant);
-    }
-
-    /// The highest epoch of X that controller `index` knows (its shelf, its labels).
-    fn highest_known(&self, index: usize) -> Epoch {
-        self.ctl[index].shown_epoch()
     }
 
     /// The switchover at the granted epoch (DESIGN §11 steps 2–7, as `switchover.rs` runs them

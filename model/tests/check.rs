@@ -223,3 +223,12 @@ fn adopting_a_copy_without_the_mediators_word_is_caught() {
     use controller::model_breaks::Break;
     bites(controller_break(Break::AdoptWithoutMediatorIntact), ACKED_WRITES_HELD, crash_then_lost_nvlog());
 }
+
+/// §10 rule 3 (S13 at the mediator): the same gray-disk path. After A's drop is recorded, the
+/// stalled receiver still reports `in_sync`; the break lets that report alone restore the in-sync
+/// record, and AUSO hands X to a B that lacks the write.
+#[test]
+fn a_receiver_report_restoring_in_sync_is_caught() {
+    use mediator::model_breaks::{Break, set};
+    bites(|on| set(Break::ReceiverReportRestoresInSync, on), NO_AUSO_OUT_OF_SYNC, gray_disk_then_crash());
+}

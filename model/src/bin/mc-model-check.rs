@@ -86,6 +86,7 @@ enum BreakArg {
     AdoptWithoutMediatorIntact,
     GrantWithoutInSync,
     SwitchedOverTarget,
+    ReceiverReportRestoresInSync,
 }
 
 fn set_break(b: BreakArg) {
@@ -103,6 +104,9 @@ fn set_break(b: BreakArg) {
         }
         BreakArg::SwitchedOverTarget => {
             mediator::model_breaks::set(mediator::model_breaks::Break::SwitchedOverTarget, true);
+        }
+        BreakArg::ReceiverReportRestoresInSync => {
+            mediator::model_breaks::set(mediator::model_breaks::Break::ReceiverReportRestoresInSync, true);
         }
     }
 }
