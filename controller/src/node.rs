@@ -1005,11 +1005,10 @@ impl Node {
                         return;
                     }
                     if confirmations.is_some() && self.lost_partition_verdict(&found, confirmations.as_ref()).is_none() {
-                        tracing::info!(
-                            node = self.config.node_id,
-                            "the DR partner returned its copy of the lost NVLog partition; waiting for the mediator's \
-                             word that no drop of the mirror is recorded (S8)"
-                        );
+                        let why = "the DR partner returned its copy of the lost NVLog partition; waiting for the \
+                                   mediator's word that no drop of the mirror is recorded (S8)";
+                        tracing::info!(node = self.config.node_id, "{why}");
+                        self.set_state(Phase::Fenced, why);
                         awaiting_vouch = true;
                         continue;
                     }

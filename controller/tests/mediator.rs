@@ -637,3 +637,42 @@ async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_inta
     cluster.kill(0);
     cluster.kill(1);
 }
+
+/// S8 with the mediator down: A loses its NVLog and restarts; B returns its copy, but only the
+/// mediator can say whether a drop of the mirror was recorded, so A stays fenced (it neither
+/// serves nor NVFAILs) until the mediator is back and names the mirror intact; then it serves
+/// every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nvlog_waits_for_the_mediator_before_adopting_the_partners_copy() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let mut data = cluster.data(0).await;
+    let mut model = common::Model::default();
+    for n in 1..=40u64 {
+        let block = n % 20;
+        model.sent(block, n);
+        common::write_at(&mut data, block * common::BLOCK, common::block_data(block, n)).await.unwrap();
+        model.acked(block, n);
+    }
+    mediator.kill();
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster.start(0);
+    let waiting = |s: &mc_proto::v1::StatusReply| s.state_reason.contains("mediator's word");
+    let a = cluster.wait_status(0, "A waiting for the mediator", waiting).await;
+    assert_eq!(a.node_state, "fenced", "{a:#?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = cluster.status(0).await;
+    assert!(waiting(&a), "A did not wait for the mediator: {a:#?}");
+    mediator.restart();
+    let a = cluster.wait_state(0, "serving").await;
+    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
+    let mut data = cluster.data(0).await;
+    model.check(&mut data, "vol_a").await;
+    cluster.kill(0);
+    cluster.kill(1);
+}
