@@ -581,6 +581,31 @@ async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes
     assert!(log.contains("S8") && log.contains("incomplete"), "the reason is not logged:\n{log}");
 }
 
+/// B goes down, A drops it after mirror_timeout of silence (no mediator, S3) and acknowledges
+/// a write alone (block 0), then A is killed and its NVLog file deleted. Both are down.
+async fn acknowledge_alone_then_lose_the_writer_nvlog() -> Cluster {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.kill(1);
+    // Waits mirror_timeout, then A drops B and acknowledges alone.
+    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
+    cluster.kill(0);
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    cluster
+}
+
+/// A serves again with its volume NVFAILed: the write it acknowledged alone is not lost silently.
+async fn assert_nvfailed_for_the_write_acknowledged_alone(cluster: &Cluster) {
+    let a = cluster.wait_state(0, "serving").await;
+    let volume = &a.aggregates[0].volumes[0];
+    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
+    assert!(volume.in_nvfailed_state, "{a:#?}");
+}
+
 /// Found by the model check (docs/safety.md, S8): B goes down, A drops it after mirror_timeout
 /// of silence (no mediator, S3) and acknowledges a write alone; then A loses its NVLog and both
 /// restart. B's partition is intact and its account says `in_sync`, but B was down while A
@@ -589,23 +614,10 @@ async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes
 /// without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_writer_nvlog_after_dropping_a_restarted_partner_nvfails_the_volumes() {
-    let mut cluster =
-        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
-    let mut data = cluster.data(0).await;
-    for n in 1..=20u64 {
-        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
-    }
-    cluster.kill(1);
-    // Waits mirror_timeout, then A drops B and acknowledges alone.
-    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
-    cluster.kill(0);
-    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    let mut cluster = acknowledge_alone_then_lose_the_writer_nvlog().await;
     cluster.start(1);
     cluster.start(0);
-    let a = cluster.wait_state(0, "serving").await;
-    let volume = &a.aggregates[0].volumes[0];
-    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
-    assert!(volume.in_nvfailed_state, "{a:#?}");
+    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
 }
 
 /// As above, but A crashes again before B is back, so before S8 decided: its second start
@@ -614,17 +626,7 @@ async fn a_lost_writer_nvlog_after_dropping_a_restarted_partner_nvfails_the_volu
 /// write it acknowledged alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_returns() {
-    let mut cluster =
-        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
-    let mut data = cluster.data(0).await;
-    for n in 1..=20u64 {
-        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
-    }
-    cluster.kill(1);
-    // Waits mirror_timeout, then A drops B and acknowledges alone.
-    common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
-    cluster.kill(0);
-    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    let mut cluster = acknowledge_alone_then_lose_the_writer_nvlog().await;
     cluster.start(0);
     cluster
         .wait_status(0, "A waiting for B", |s| s.state_reason.contains("waiting for the DR partner"))
@@ -633,10 +635,7 @@ async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_retu
     assert!(cluster.nodes[0].nvlog().exists(), "the second start formatted no NVLog");
     cluster.start(1);
     cluster.start(0);
-    let a = cluster.wait_state(0, "serving").await;
-    let volume = &a.aggregates[0].volumes[0];
-    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
-    assert!(volume.in_nvfailed_state, "{a:#?}");
+    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
 }
 
 /// `kill -9` of the partner (B) under a workload, back within a second, five times: writes

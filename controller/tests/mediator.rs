@@ -23,6 +23,17 @@ fn settings(mediator: [String; 2]) -> Settings {
     Settings { cp_interval_ms: 60_000, mediator: Some(mediator), ..Settings::default() }
 }
 
+/// A mediator under `temp`, and a cluster (A, B) that uses it, in sync and recorded so at the
+/// mediator.
+async fn up_in_sync(temp: &std::path::Path) -> (mediator_support::MediatorProc, Cluster) {
+    let mediator = start_mediator(&temp.join("mediator"));
+    let address = mediator.address.clone();
+    let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    (mediator, cluster)
+}
+
 /// Site A is lost (kill -9) under a workload: B switches over by itself once A's lease has
 /// lapsed (the mediator's grant, DESIGN §10 rule 2), serves every write A acknowledged, and
 /// NVFAILs nothing (the mediator recorded the aggregate in sync). The time is measured, not
@@ -30,11 +41,7 @@ fn settings(mediator: [String; 2]) -> Settings {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_site_is_switched_over_automatically() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, mut cluster) = up_in_sync(temp.path()).await;
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(300);
     cluster.kill(0);
@@ -381,11 +388,7 @@ async fn with_the_mediator_down_the_dr_partner_confirms_a_lapsed_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_mirror_is_recorded_at_the_mediator_and_disables_auso() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, mut cluster) = up_in_sync(temp.path()).await;
     let control = |action: &str| mc_proto::v1::MirrorControlRequest {
         cluster_id: common::CLUSTER.to_vec(),
         name: "vol_a".into(),
@@ -410,11 +413,7 @@ async fn a_paused_mirror_is_recorded_at_the_mediator_and_disables_auso() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, mut cluster) = up_in_sync(temp.path()).await;
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(200);
     cluster.kill(1);
@@ -457,11 +456,7 @@ async fn a_receiver_that_lost_its_nvlog_disables_auso_until_the_covering_cp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, cluster) = up_in_sync(temp.path()).await;
     let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
     load.wait_count(100);
     let request = |forced: bool| mc_proto::v1::SwitchoverRequest {
@@ -510,11 +505,7 @@ async fn the_planned_cycle_takes_its_epochs_from_the_mediator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mut mediator, mut cluster) = up_in_sync(temp.path()).await;
     let old = mediator.state_file();
     // Every heartbeat moves the state version on.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -561,11 +552,7 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_epoch_naming_the_node_itself_does_not_depose_it() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, cluster) = up_in_sync(temp.path()).await;
     let aggregate = cluster.status(0).await.aggregates[0].uuid.clone();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mediator.address))
         .unwrap()
@@ -605,11 +592,7 @@ async fn a_higher_epoch_naming_the_node_itself_does_not_depose_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_intact() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mediator, mut cluster) = up_in_sync(temp.path()).await;
     let mut admin = cluster.admin(0).await;
     let pause = mc_proto::v1::MirrorControlRequest {
         cluster_id: common::CLUSTER.to_vec(),
@@ -645,11 +628,7 @@ async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_inta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_nvlog_waits_for_the_mediator_before_adopting_the_partners_copy() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut mediator = start_mediator(&temp.path().join("mediator"));
-    let address = mediator.address.clone();
-    let mut cluster = Cluster::up(&settings([address.clone(), address]), VOLUME_BYTES).await;
-    cluster.wait_in_sync().await;
-    wait_mediator_in_sync(&mediator.address).await;
+    let (mut mediator, mut cluster) = up_in_sync(temp.path()).await;
     let mut data = cluster.data(0).await;
     let mut model = common::Model::default();
     for n in 1..=40u64 {
