@@ -116,6 +116,25 @@ fn wire_state(state: WriterState) -> WireMirrorState {
     }
 }
 
+/// S3: what a report says of an aggregate whose drop is being (or was) recorded at the mediator,
+/// and whether that ends the entry. `drops`: the aggregate's drop counts (plexes and NVLog mirror)
+/// now; `before`: those the last report saw before the record (`u64::MAX`: never reported). Out
+/// of sync while this node's state does not show the drop yet; the entry ends once the state
+/// shows it, or once the counts moved past `before` (the drop completed and a resync already
+/// undid it, between two reports: in sync again is then the truth).
+fn while_dropping(
+    state: WireMirrorState,
+    plexes_normal: bool,
+    drops: u64,
+    before: u64,
+) -> (WireMirrorState, bool) {
+    if state == WireMirrorState::InSync && plexes_normal && drops <= before {
+        (WireMirrorState::OutOfSync, false)
+    } else {
+        (state, true)
+    }
+}
+
 fn age_ms(age: Duration) -> u64 {
     u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
 }
@@ -290,10 +309,9 @@ impl MediatorLink {
                 let drops = a.aggregate.counters().drops + mirror.drops;
                 drops_seen.insert(a.uuid, drops);
                 if let Some(&before) = dropping.get(&a.uuid) {
-                    if state == WireMirrorState::InSync && plexes_normal && drops <= before {
-                        // The drop is not visible in this node's state yet.
-                        state = WireMirrorState::OutOfSync;
-                    } else {
+                    let (reported, ended) = while_dropping(state, plexes_normal, drops, before);
+                    state = reported;
+                    if ended {
                         dropping.remove(&a.uuid);
                     }
                 }
@@ -676,6 +694,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// S3 and the race CI found: a drop recorded while this node's state still says in sync is
+    /// reported out of sync until the state shows it; a drop that completed and was resynced
+    /// between two reports (the counts moved) ends the entry with the truth (in sync), instead of
+    /// being reported out of sync forever; a drop never reported before stays out of sync.
+    #[test]
+    fn a_drop_being_recorded_is_out_of_sync_until_the_state_shows_it() {
+        use WireMirrorState::{InSync, OutOfSync, Resyncing};
+        assert_eq!(while_dropping(InSync, true, 3, 3), (OutOfSync, false), "not visible yet");
+        assert_eq!(while_dropping(InSync, true, 3, u64::MAX), (OutOfSync, false), "never reported");
+        assert_eq!(while_dropping(OutOfSync, true, 4, 3), (OutOfSync, true), "the state shows it");
+        assert_eq!(while_dropping(Resyncing, true, 4, 3), (Resyncing, true), "resyncing");
+        assert_eq!(while_dropping(InSync, false, 3, 3), (InSync, true), "a plex shows it");
+        assert_eq!(while_dropping(InSync, true, 4, 3), (InSync, true), "dropped and resynced since");
+    }
 
     #[test]
     fn the_state_version_file_round_trips_and_refuses_damage() {
