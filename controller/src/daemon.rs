@@ -45,39 +45,48 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// `-<node id>` appended (an HA pair may share a shelf directory).
 pub const MEDIATOR_VERSION_FILE: &str = ".mediator-version";
 /// The file in `shelf_dir`, with `-<node id>` appended, that says this node's local NVLog
-/// partition was lost or corrupt and S8 has not decided yet whether the partner's copy
-/// replaces it (complete) or the volumes are NVFAILed. Written (and its directory fsynced)
-/// before the NVLog is formatted or its partition reset; removed once the decision is durable.
-/// A restart in between finds a valid NVLog (formatted, perhaps refilled from an incomplete
-/// copy) and would otherwise serve from it.
+/// partition was lost or corrupt and S8's decision (the partner's copy replaces it, or the
+/// volumes are NVFAILed) is not durable yet. Empty: not decided; `NVLOG_COPY_INCOMPLETE`: decided
+/// incomplete (NVFAIL), so that no later start decides otherwise (the node's own reports may
+/// make the mediator's record intact again meanwhile). Written (atomically, fsynced) before the
+/// NVLog is formatted or its partition reset; removed once every NVFAIL is recorded or the copy
+/// was adopted. A restart in between finds a valid NVLog (formatted, perhaps refilled from an
+/// incomplete copy) and would otherwise serve from it.
 pub const NVLOG_LOST_FILE: &str = ".nvlog-lost";
+/// The marker's content once S8 found the partner's copy incomplete.
+pub const NVLOG_COPY_INCOMPLETE: &[u8] = b"copy incomplete: NVFAIL\n";
+
+/// What the lost-NVLog marker says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostMark {
+    /// No marker: the local partition is what the NVLog file says.
+    None,
+    /// Lost, S8 not decided yet.
+    Undecided,
+    /// Lost, and the partner's copy was found incomplete: NVFAIL (also for any content this
+    /// code did not write, the safe reading).
+    Incomplete,
+}
 
 /// The path of this node's `NVLOG_LOST_FILE`.
 pub fn nvlog_lost_marker(config: &Config) -> std::path::PathBuf {
     config.shelf_dir.join(format!("{NVLOG_LOST_FILE}-{}", config.node_id))
 }
 
-/// Whether the marker exists (S8 undecided from an earlier start).
-fn nvlog_lost_marked(path: &Path) -> Result<bool, DaemonError> {
-    match std::fs::metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(DaemonError::Nvlog { path: path.display().to_string(), message: format!("stat: {e}") }),
+/// Reads the marker (S8's state from an earlier start).
+pub fn read_nvlog_lost(path: &Path) -> std::io::Result<LostMark> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.is_empty() => Ok(LostMark::Undecided),
+        Ok(_) => Ok(LostMark::Incomplete),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LostMark::None),
+        Err(e) => Err(e),
     }
 }
 
-/// Writes the marker durably: the file, then its directory.
-fn mark_nvlog_lost(path: &Path) -> Result<(), DaemonError> {
-    let error = |what: &str, e: std::io::Error| DaemonError::Nvlog {
-        path: path.display().to_string(),
-        message: format!("{what}: {e}"),
-    };
-    let file = std::fs::File::create(path).map_err(|e| error("create", e))?;
-    file.sync_all().map_err(|e| error("fsync", e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| error("fsync its directory", e))?;
-    }
-    Ok(())
+/// Writes the marker durably (atomic replace, fsynced with its directory): empty while S8 is
+/// undecided, `NVLOG_COPY_INCOMPLETE` once it found the copy incomplete.
+pub fn write_nvlog_lost(path: &Path, incomplete: bool) -> std::io::Result<()> {
+    crate::shelf_state::replace_file(path, if incomplete { NVLOG_COPY_INCOMPLETE } else { b"" })
 }
 
 /// Removes the marker once S8's decision is durable; an error is only logged (the next start
@@ -467,9 +476,19 @@ async fn run_in_span(
     // S8: a lost partition stays lost until decided, across restarts (`NVLOG_LOST_FILE`). A node
     // with no aggregate yet (a new cluster) has nothing its lost log could have held.
     let marker = nvlog_lost_marker(&config);
-    let marked = nvlog_lost_marked(&marker)?;
-    let mark = || if found.is_empty() { Ok(()) } else { mark_nvlog_lost(&marker) };
-    let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor, mark)?;
+    let marker_error = |what: &str, e: std::io::Error| DaemonError::Nvlog {
+        path: marker.display().to_string(),
+        message: format!("{what} the lost-NVLog marker: {e}"),
+    };
+    let mark = read_nvlog_lost(&marker).map_err(|e| marker_error("read", e))?;
+    let marked = mark != LostMark::None;
+    let write_mark = || {
+        if found.is_empty() || marked {
+            return Ok(());
+        }
+        write_nvlog_lost(&marker, false).map_err(|e| marker_error("write", e))
+    };
+    let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor, write_mark)?;
     if marked && !local_partition_lost && !found.is_empty() {
         tracing::error!(
             marker = %marker.display(),
@@ -498,16 +517,17 @@ async fn run_in_span(
     mirror.set_epochs(
         found.iter().filter_map(|f| Some(crate::wire::aggregate_epoch(f.uuid, f.epoch()?))).collect(),
     );
+    // A marker found with no aggregate (labels unreadable at this start) stays for a start that
+    // finds them.
     let local_partition_lost = local_partition_lost && !found.is_empty();
-    if !local_partition_lost {
-        clear_nvlog_lost(&marker);
-    }
+    let copy_refused = local_partition_lost && mark == LostMark::Incomplete;
     let node = Node::new(
         config.clone(),
         nvlog.clone(),
         crate::node::NodeParts {
             mirror: mirror.clone(),
             local_partition_lost,
+            copy_refused,
             shelf_state: shelf_state.clone(),
             remote,
             clock: clock.clone(),

@@ -533,6 +533,8 @@ pub struct Node {
     /// The local partition's records were lost at start (a new file, or a corrupt partition
     /// emptied): they come only from the partner's copy (S8).
     local_partition_lost: bool,
+    /// An earlier start already found that copy incomplete (S8, `daemon::LostMark`).
+    copy_refused: bool,
     /// This shelf's epoch marks and recorded drops (S2, S3).
     pub(crate) shelf_state: Arc<ShelfState>,
     /// The DR partner's shelf: plex 1 of every aggregate (DESIGN §6.2).
@@ -582,6 +584,9 @@ pub struct NodeParts {
     pub mirror: Arc<MirrorWriter<MmapMedia>>,
     /// Whether the local partition's records were lost at start.
     pub local_partition_lost: bool,
+    /// An earlier start found the partner's copy of the lost partition incomplete (S8): the
+    /// volumes are NVFAILed whatever this start finds.
+    pub copy_refused: bool,
     /// This shelf's state.
     pub shelf_state: Arc<ShelfState>,
     /// The partner's shelf.
@@ -595,7 +600,8 @@ pub struct NodeParts {
 impl Node {
     /// A node over an open NVLog and a started mirror writer; `starting` until `recover`.
     pub fn new(config: Config, nvlog: Arc<Nvlog<MmapMedia>>, parts: NodeParts) -> Arc<Node> {
-        let NodeParts { mirror, local_partition_lost, shelf_state, remote, clock, operations } = parts;
+        let NodeParts { mirror, local_partition_lost, copy_refused, shelf_state, remote, clock, operations } =
+            parts;
         let half_bytes = nvlog.status(PartitionKind::Local).map(|s| s.size_bytes / 2).unwrap_or(u64::MAX);
         Arc::new(Node {
             config,
@@ -618,6 +624,7 @@ impl Node {
             busy: std::sync::atomic::AtomicU64::new(0),
             plex_metrics: plex::PlexMetrics::default(),
             local_partition_lost,
+            copy_refused,
             release_cap: std::sync::atomic::AtomicU64::new(u64::MAX),
             shelf_state,
             remote,
@@ -918,8 +925,9 @@ impl Node {
     /// S8's verdict on a lost local partition (`nvlog_mirror::lost_partition_verdict`): whether
     /// the partner's copy the handshake adopted counts as complete; `None` before that handshake,
     /// or while the mediator (configured) has not answered since the start. The mediator must
-    /// name as intact every aggregate found here that it does not hold at a higher epoch of
-    /// another node (those are deposed, not served).
+    /// hold every aggregate found here at the epoch of its labels and name its mirror intact: an
+    /// aggregate it holds at another epoch (a takeover, or one it has not learnt yet) is not
+    /// vouched for.
     fn lost_partition_verdict(
         &self,
         found: &[FoundAggregate],
@@ -933,13 +941,11 @@ impl Node {
         let mediator = confirmations.map(|rx| {
             let confirmation = rx.borrow();
             (confirmation.count > 0).then(|| {
-                found
-                    .iter()
-                    .filter(|f| {
-                        let ours = f.epoch().unwrap_or_default();
-                        !confirmation.epochs.iter().any(|(u, e)| *u == f.uuid && *e > ours && e.owner.0 != me)
-                    })
-                    .all(|f| confirmation.mirror_intact.contains(&f.uuid))
+                found.iter().all(|f| {
+                    let ours = f.epoch().unwrap_or_default();
+                    confirmation.epochs.iter().any(|(u, e)| *u == f.uuid && *e == ours && e.owner.0 == me)
+                        && confirmation.mirror_intact.contains(&f.uuid)
+                })
             })
         });
         crate::nvlog_mirror::lost_partition_verdict(copy_complete, mediator)
@@ -1049,9 +1055,6 @@ impl Node {
                         );
                         mediator_confirmed = Some(tokio::time::Instant::now());
                     }
-                    if awaiting_vouch {
-                        break false;
-                    }
                 }
                 () = grace_over => {
                     tracing::warn!(
@@ -1105,6 +1108,11 @@ impl Node {
                     .all(|f| list.iter().any(|(u, e)| *u == f.uuid && e.owner.0 == partner.node_id))
             {
                 all_switched_away = true;
+                break false;
+            }
+            // The mediator's word on a lost partition came (its higher epochs, if any, are
+            // persisted above first).
+            if awaiting_vouch && self.lost_partition_verdict(&found, confirmations.as_ref()).is_some() {
                 break false;
             }
         };
@@ -1186,10 +1194,12 @@ impl Node {
         // S8: a lost or corrupt local partition was refilled from the partner's copy, which
         // counts only if the partner's receiver held the mirror in sync and lost nothing, and
         // (with a mediator) the mediator recorded no drop of the mirror since it was in sync.
-        let copy_complete =
-            !forced && self.lost_partition_verdict(&found, confirmations.as_ref()) == Some(true);
+        let copy_complete = !forced
+            && !self.copy_refused
+            && self.lost_partition_verdict(&found, confirmations.as_ref()) == Some(true);
         let unrecoverable = (self.local_partition_lost && !copy_complete).then(|| {
             let why = match mirror.first_copy_complete {
+                _ if self.copy_refused => "an earlier start found it incomplete",
                 Some(true) if !forced => "the mediator recorded a drop of the NVLog mirror since it was last in sync",
                 _ => "its receiver was not in sync, or it did not answer",
             };
@@ -1198,9 +1208,28 @@ impl Node {
                  acknowledged writes may be missing (S8)"
             )
         });
+        // The verdict "incomplete" is persisted before the aggregates are registered: from then
+        // on this node's reports may make the mediator's record intact again, and a restart
+        // before every NVFAIL is recorded must not decide otherwise.
+        let marker = crate::daemon::nvlog_lost_marker(&self.config);
+        if unrecoverable.is_some()
+            && !self.copy_refused
+            && let Err(e) = crate::daemon::write_nvlog_lost(&marker, true)
+        {
+            self.set_state(
+                Phase::Fenced,
+                format!(
+                    "the DR partner's copy of the lost NVLog partition is incomplete and that could not be \
+                     recorded in {}: {e}; restart the controller to retry (S8)",
+                    marker.display()
+                ),
+            );
+            return;
+        }
         self.set_state(Phase::Recovering, "opening aggregates and replaying the NVLog");
         let mut floors: HashMap<[u8; 16], Lsn> = HashMap::new();
         let mut slots = Vec::new();
+        let mut open_failed = false;
         for found in found {
             let uuid = found.uuid;
             let last_cp = found.last_cp();
@@ -1246,6 +1275,8 @@ impl Node {
                 Err(e) => {
                     tracing::error!(aggregate = %hex(&uuid.0), "aggregate not served: {e}");
                     self.unavailable_push(uuid, &e);
+                    // Not NVFAILed now: a lost partition's decision stays undone for it.
+                    open_failed = true;
                 }
             }
         }
@@ -1293,8 +1324,8 @@ impl Node {
         }
         // S8 decided durably: the partner's copy is in the local partition, or the volumes are
         // NVFAILed (a restart must not find a lost partition valid and serve from it).
-        if self.local_partition_lost && all_recorded {
-            crate::daemon::clear_nvlog_lost(&crate::daemon::nvlog_lost_marker(&self.config));
+        if self.local_partition_lost && all_recorded && !open_failed {
+            crate::daemon::clear_nvlog_lost(&marker);
         }
         if let Err(e) = self.cp("recovery").await {
             tracing::error!(node = self.config.node_id, "the CP after replay failed: {e}");

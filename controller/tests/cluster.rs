@@ -638,6 +638,27 @@ async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_retu
     assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
 }
 
+/// S8's verdict "incomplete" is durable: a start that crashed after finding the partner's copy
+/// incomplete, before every NVFAIL was recorded, left the marker saying so. The next start
+/// NVFAILs, although the partner (running, in sync, a round trip since its start) would vouch
+/// for its copy now (and, with a mediator, the node's own reports may have made the record
+/// intact again meanwhile). Simulated by writing the marker's "incomplete" content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_found_incomplete_stays_incomplete_at_the_next_start() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    cluster.kill(0);
+    let marker = cluster.nodes[0].dir.join("shelf").join(format!(".nvlog-lost-{}", cluster.nodes[0].id));
+    std::fs::write(&marker, controller::daemon::NVLOG_COPY_INCOMPLETE).unwrap();
+    cluster.start(0);
+    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
+    assert!(!marker.exists(), "the marker outlived the recorded NVFAIL");
+}
+
 /// `kill -9` of the partner (B) under a workload, back within a second, five times: writes
 /// stall while it is away, then go on after it resynchronises from its durable tail; every
 /// acknowledged write reads back, and B's copy ends in sync.
