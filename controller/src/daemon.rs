@@ -46,15 +46,17 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 pub const MEDIATOR_VERSION_FILE: &str = ".mediator-version";
 /// The file in `shelf_dir`, with `-<node id>` appended, that says this node's local NVLog
 /// partition was lost or corrupt and S8's decision (the partner's copy replaces it, or the
-/// volumes are NVFAILed) is not durable yet. Empty: not decided; `NVLOG_COPY_INCOMPLETE`: decided
-/// incomplete (NVFAIL), so that no later start decides otherwise (the node's own reports may
-/// make the mediator's record intact again meanwhile). Written (atomically, fsynced) before the
-/// NVLog is formatted or its partition reset; removed once every NVFAIL is recorded or the copy
-/// was adopted. A restart in between finds a valid NVLog (formatted, perhaps refilled from an
-/// incomplete copy) and would otherwise serve from it.
+/// volumes are NVFAILed) is not durable yet: undecided, or decided incomplete (NVFAIL), so that no
+/// later start decides otherwise (the node's own reports may make the mediator's record intact
+/// again meanwhile). Written (atomically, fsynced) before the NVLog is formatted or its partition
+/// reset; removed once every NVFAIL is recorded or the copy was adopted. A restart in between
+/// finds a valid NVLog (formatted, perhaps refilled from an incomplete copy) and would otherwise
+/// serve from it. Layout in docs/formats.md.
 pub const NVLOG_LOST_FILE: &str = ".nvlog-lost";
-/// The marker's content once S8 found the partner's copy incomplete.
-pub const NVLOG_COPY_INCOMPLETE: &[u8] = b"copy incomplete: NVFAIL\n";
+const NVLOG_LOST_MAGIC: &[u8; 8] = b"MCNVLOST";
+const NVLOG_LOST_FORMAT: u32 = 1;
+/// Magic, format version, cluster id, node id, state, CRC-32.
+const NVLOG_LOST_BYTES: usize = 8 + 4 + 16 + 4 + 4 + 4;
 
 /// What the lost-NVLog marker says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +65,8 @@ pub enum LostMark {
     None,
     /// Lost, S8 not decided yet.
     Undecided,
-    /// Lost, and the partner's copy was found incomplete: NVFAIL (also for any content this
-    /// code did not write, the safe reading).
+    /// Lost, and the partner's copy was found incomplete: NVFAIL (also for a damaged or foreign
+    /// marker, the safe reading).
     Incomplete,
 }
 
@@ -73,20 +75,71 @@ pub fn nvlog_lost_marker(config: &Config) -> std::path::PathBuf {
     config.shelf_dir.join(format!("{NVLOG_LOST_FILE}-{}", config.node_id))
 }
 
-/// Reads the marker (S8's state from an earlier start).
-pub fn read_nvlog_lost(path: &Path) -> std::io::Result<LostMark> {
-    match std::fs::read(path) {
-        Ok(bytes) if bytes.is_empty() => Ok(LostMark::Undecided),
-        Ok(_) => Ok(LostMark::Incomplete),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LostMark::None),
-        Err(e) => Err(e),
+/// The marker's bytes: undecided, or (`incomplete`) the copy found incomplete.
+pub fn encode_nvlog_lost(cluster: &[u8; 16], node: u32, incomplete: bool) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(NVLOG_LOST_BYTES);
+    bytes.extend_from_slice(NVLOG_LOST_MAGIC);
+    bytes.extend_from_slice(&NVLOG_LOST_FORMAT.to_le_bytes());
+    bytes.extend_from_slice(cluster);
+    bytes.extend_from_slice(&node.to_le_bytes());
+    bytes.extend_from_slice(&u32::from(incomplete).to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// Whether the marker says "incomplete"; an error if it is damaged or not this node's.
+fn decode_nvlog_lost(bytes: &[u8], cluster: &[u8; 16], node: u32) -> Result<bool, String> {
+    if bytes.len() != NVLOG_LOST_BYTES {
+        return Err(format!("{} bytes, expected {NVLOG_LOST_BYTES}", bytes.len()));
+    }
+    let (body, crc) = bytes.split_at(NVLOG_LOST_BYTES - 4);
+    if body[..8] != NVLOG_LOST_MAGIC[..] {
+        return Err("not a lost-NVLog marker (bad magic)".into());
+    }
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    let word = |at: usize| u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+    if word(8) != NVLOG_LOST_FORMAT {
+        return Err(format!("format version {} (this controller reads {NVLOG_LOST_FORMAT})", word(8)));
+    }
+    if body[12..28] != cluster[..] || word(28) != node {
+        return Err(format!("written by node {} of another cluster or node", word(28)));
+    }
+    match word(32) {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(format!("state {other}")),
     }
 }
 
-/// Writes the marker durably (atomic replace, fsynced with its directory): empty while S8 is
-/// undecided, `NVLOG_COPY_INCOMPLETE` once it found the copy incomplete.
-pub fn write_nvlog_lost(path: &Path, incomplete: bool) -> std::io::Result<()> {
-    crate::shelf_state::replace_file(path, if incomplete { NVLOG_COPY_INCOMPLETE } else { b"" })
+/// Reads this node's marker (S8's state from an earlier start). A damaged or foreign one is
+/// logged and read as "incomplete": the volumes are NVFAILed rather than served on a guess.
+pub fn read_nvlog_lost(config: &Config) -> std::io::Result<LostMark> {
+    let path = nvlog_lost_marker(config);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LostMark::None),
+        Err(e) => return Err(e),
+    };
+    match decode_nvlog_lost(&bytes, &config.cluster_id, config.node_id) {
+        Ok(false) => Ok(LostMark::Undecided),
+        Ok(true) => Ok(LostMark::Incomplete),
+        Err(e) => {
+            tracing::error!(
+                path = %path.display(),
+                "the lost-NVLog marker is unreadable ({e}): the DR partner's copy counts as incomplete (S8)"
+            );
+            Ok(LostMark::Incomplete)
+        }
+    }
+}
+
+/// Writes this node's marker durably (atomic replace, fsynced with its directory).
+pub fn write_nvlog_lost(config: &Config, incomplete: bool) -> std::io::Result<()> {
+    let bytes = encode_nvlog_lost(&config.cluster_id, config.node_id, incomplete);
+    crate::shelf_state::replace_file(&nvlog_lost_marker(config), &bytes)
 }
 
 /// Removes the marker once S8's decision is durable; an error is only logged (the next start
@@ -480,13 +533,13 @@ async fn run_in_span(
         path: marker.display().to_string(),
         message: format!("{what} the lost-NVLog marker: {e}"),
     };
-    let mark = read_nvlog_lost(&marker).map_err(|e| marker_error("read", e))?;
+    let mark = read_nvlog_lost(&config).map_err(|e| marker_error("read", e))?;
     let marked = mark != LostMark::None;
     let write_mark = || {
         if found.is_empty() || marked {
             return Ok(());
         }
-        write_nvlog_lost(&marker, false).map_err(|e| marker_error("write", e))
+        write_nvlog_lost(&config, false).map_err(|e| marker_error("write", e))
     };
     let (nvlog, local_partition_lost) = open_nvlog(&config, Lsn(lsn_floor), generation_floor, write_mark)?;
     if marked && !local_partition_lost && !found.is_empty() {
@@ -787,4 +840,31 @@ async fn run_in_span(
     drop(nvlog);
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The lost-NVLog marker round-trips both states; any damage, or another node's or
+    /// cluster's marker, is an error (which `read_nvlog_lost` reads as "incomplete").
+    #[test]
+    fn the_lost_nvlog_marker_round_trips_and_refuses_damage() {
+        let cluster = [3u8; 16];
+        for incomplete in [false, true] {
+            let bytes = encode_nvlog_lost(&cluster, 1, incomplete);
+            assert_eq!(decode_nvlog_lost(&bytes, &cluster, 1), Ok(incomplete));
+            assert!(decode_nvlog_lost(&bytes, &cluster, 2).unwrap_err().contains("another"));
+            assert!(decode_nvlog_lost(&bytes, &[4u8; 16], 1).unwrap_err().contains("another"));
+            assert!(decode_nvlog_lost(&bytes[..10], &cluster, 1).is_err());
+            assert!(decode_nvlog_lost(&[], &cluster, 1).is_err());
+            for at in 0..bytes.len() {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 0x01;
+                assert!(decode_nvlog_lost(&damaged, &cluster, 1).is_err(), "byte {at} flipped was accepted");
+            }
+        }
+    }
 }

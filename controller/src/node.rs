@@ -1214,7 +1214,7 @@ impl Node {
         let marker = crate::daemon::nvlog_lost_marker(&self.config);
         if unrecoverable.is_some()
             && !self.copy_refused
-            && let Err(e) = crate::daemon::write_nvlog_lost(&marker, true)
+            && let Err(e) = crate::daemon::write_nvlog_lost(&self.config, true)
         {
             self.set_state(
                 Phase::Fenced,

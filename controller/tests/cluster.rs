@@ -545,18 +545,26 @@ async fn a_full_nvlog_makes_writes_wait_for_cps_and_loses_nothing() {
     eprintln!("CPs: {}, back-pressure waits: {}", cp.completed, cp.backpressure_waits);
 }
 
+/// A cluster whose A acknowledged blocks 1 to 20 (mirrored to B; CPs a minute apart, so they
+/// are all in the NVLogs), and A's data connection.
+async fn up_with_twenty_blocks() -> (Cluster, mc_proto::v1::data_client::DataClient<tonic::transport::Channel>)
+{
+    let cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    let mut data = cluster.data(0).await;
+    for n in 1..=20u64 {
+        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
+    }
+    (cluster, data)
+}
+
 /// A writer whose NVLog was lost while its partner's copy was incomplete (the partner had lost
 /// its own NVLog and was still resyncing): the copy cannot be trusted to hold every
 /// acknowledged write, so the volumes are NVFAILed with the reason (S8, DESIGN §9 rule (d)) and
 /// refuse I/O until an operator clears them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes() {
-    let mut cluster =
-        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
-    let mut data = cluster.data(0).await;
-    for n in 1..=20u64 {
-        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
-    }
+    let (mut cluster, mut data) = up_with_twenty_blocks().await;
     cluster.kill(1);
     std::fs::remove_file(cluster.nodes[1].nvlog()).unwrap();
     cluster.start(1);
@@ -584,12 +592,7 @@ async fn a_lost_writer_nvlog_with_an_incomplete_partner_copy_nvfails_the_volumes
 /// B goes down, A drops it after mirror_timeout of silence (no mediator, S3) and acknowledges
 /// a write alone (block 0), then A is killed and its NVLog file deleted. Both are down.
 async fn acknowledge_alone_then_lose_the_writer_nvlog() -> Cluster {
-    let mut cluster =
-        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
-    let mut data = cluster.data(0).await;
-    for n in 1..=20u64 {
-        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
-    }
+    let (mut cluster, mut data) = up_with_twenty_blocks().await;
     cluster.kill(1);
     // Waits mirror_timeout, then A drops B and acknowledges alone.
     common::write_at(&mut data, 0, block_data(0, 21)).await.unwrap();
@@ -598,11 +601,11 @@ async fn acknowledge_alone_then_lose_the_writer_nvlog() -> Cluster {
     cluster
 }
 
-/// A serves again with its volume NVFAILed: the write it acknowledged alone is not lost silently.
-async fn assert_nvfailed_for_the_write_acknowledged_alone(cluster: &Cluster) {
+/// A serves again with its volume NVFAILed: writes its lost NVLog held are not lost silently.
+async fn assert_served_nvfailed(cluster: &Cluster) {
     let a = cluster.wait_state(0, "serving").await;
     let volume = &a.aggregates[0].volumes[0];
-    assert_eq!(volume.state, "nvfailed", "the write acknowledged alone would be lost silently: {a:#?}");
+    assert_eq!(volume.state, "nvfailed", "acknowledged writes would be lost silently: {a:#?}");
     assert!(volume.in_nvfailed_state, "{a:#?}");
 }
 
@@ -617,7 +620,7 @@ async fn a_lost_writer_nvlog_after_dropping_a_restarted_partner_nvfails_the_volu
     let mut cluster = acknowledge_alone_then_lose_the_writer_nvlog().await;
     cluster.start(1);
     cluster.start(0);
-    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
+    assert_served_nvfailed(&cluster).await;
 }
 
 /// As above, but A crashes again before B is back, so before S8 decided: its second start
@@ -635,7 +638,7 @@ async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_retu
     assert!(cluster.nodes[0].nvlog().exists(), "the second start formatted no NVLog");
     cluster.start(1);
     cluster.start(0);
-    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
+    assert_served_nvfailed(&cluster).await;
 }
 
 /// S8's verdict "incomplete" is durable: a start that crashed after finding the partner's copy
@@ -645,17 +648,14 @@ async fn a_lost_writer_nvlog_stays_lost_across_a_restart_before_the_partner_retu
 /// intact again meanwhile). Simulated by writing the marker's "incomplete" content.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_found_incomplete_stays_incomplete_at_the_next_start() {
-    let mut cluster =
-        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
-    let mut data = cluster.data(0).await;
-    for n in 1..=20u64 {
-        common::write_at(&mut data, n * BLOCK, block_data(n, n)).await.unwrap();
-    }
+    let (mut cluster, _data) = up_with_twenty_blocks().await;
     cluster.kill(0);
-    let marker = cluster.nodes[0].dir.join("shelf").join(format!(".nvlog-lost-{}", cluster.nodes[0].id));
-    std::fs::write(&marker, controller::daemon::NVLOG_COPY_INCOMPLETE).unwrap();
+    let id = cluster.nodes[0].id;
+    let marker =
+        cluster.nodes[0].dir.join("shelf").join(format!("{}-{id}", controller::daemon::NVLOG_LOST_FILE));
+    std::fs::write(&marker, controller::daemon::encode_nvlog_lost(&CLUSTER, id, true)).unwrap();
     cluster.start(0);
-    assert_nvfailed_for_the_write_acknowledged_alone(&cluster).await;
+    assert_served_nvfailed(&cluster).await;
     assert!(!marker.exists(), "the marker outlived the recorded NVFAIL");
 }
 

@@ -584,6 +584,27 @@ async fn a_higher_epoch_naming_the_node_itself_does_not_depose_it() {
     host::check_acknowledged(&cluster.nbd_address(0), &ledger);
 }
 
+/// Forty acknowledged writes at A (blocks 0 to 19, twice), in the returned model.
+async fn write_forty_blocks(cluster: &Cluster) -> common::Model {
+    let mut data = cluster.data(0).await;
+    let mut model = common::Model::default();
+    for n in 1..=40u64 {
+        let block = n % 20;
+        model.sent(block, n);
+        common::write_at(&mut data, block * common::BLOCK, common::block_data(block, n)).await.unwrap();
+        model.acked(block, n);
+    }
+    model
+}
+
+/// A serves again, no volume NVFAILed, and every write of `model` reads back.
+async fn served_without_nvfail(cluster: &Cluster, model: &common::Model) {
+    let a = cluster.wait_state(0, "serving").await;
+    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
+    let mut data = cluster.data(0).await;
+    model.check(&mut data, "vol_a").await;
+}
+
 /// S8 with a mediator: A loses its NVLog file while the operator has paused the plex mirror (a
 /// plex drop, recorded at the mediator). The NVLog mirror was never dropped, so the mediator
 /// still names it intact: A waits for its word, adopts B's copy as complete and serves every
@@ -602,21 +623,11 @@ async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_inta
     admin.mirror_control(pause).await.unwrap();
     let view = mediator.show().await;
     assert!(view.aggregates.iter().all(|a| !a.in_sync && a.mirror_intact), "{view:#?}");
-    let mut data = cluster.data(0).await;
-    let mut model = common::Model::default();
-    for n in 1..=40u64 {
-        let block = n % 20;
-        model.sent(block, n);
-        common::write_at(&mut data, block * common::BLOCK, common::block_data(block, n)).await.unwrap();
-        model.acked(block, n);
-    }
+    let model = write_forty_blocks(&cluster).await;
     cluster.kill(0);
     std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
     cluster.start(0);
-    let a = cluster.wait_state(0, "serving").await;
-    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
-    let mut data = cluster.data(0).await;
-    model.check(&mut data, "vol_a").await;
+    served_without_nvfail(&cluster, &model).await;
     cluster.kill(0);
     cluster.kill(1);
 }
@@ -629,14 +640,7 @@ async fn a_lost_nvlog_is_recovered_on_the_mediators_word_that_the_mirror_is_inta
 async fn a_lost_nvlog_waits_for_the_mediator_before_adopting_the_partners_copy() {
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (mut mediator, mut cluster) = up_in_sync(temp.path()).await;
-    let mut data = cluster.data(0).await;
-    let mut model = common::Model::default();
-    for n in 1..=40u64 {
-        let block = n % 20;
-        model.sent(block, n);
-        common::write_at(&mut data, block * common::BLOCK, common::block_data(block, n)).await.unwrap();
-        model.acked(block, n);
-    }
+    let model = write_forty_blocks(&cluster).await;
     mediator.kill();
     cluster.kill(0);
     std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
@@ -648,10 +652,7 @@ async fn a_lost_nvlog_waits_for_the_mediator_before_adopting_the_partners_copy()
     let a = cluster.status(0).await;
     assert!(waiting(&a), "A did not wait for the mediator: {a:#?}");
     mediator.restart();
-    let a = cluster.wait_state(0, "serving").await;
-    assert!(!a.aggregates.iter().any(|g| g.volumes.iter().any(|v| v.in_nvfailed_state)), "{a:#?}");
-    let mut data = cluster.data(0).await;
-    model.check(&mut data, "vol_a").await;
+    served_without_nvfail(&cluster, &model).await;
     cluster.kill(0);
     cluster.kill(1);
 }
