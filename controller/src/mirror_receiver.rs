@@ -74,6 +74,10 @@ pub struct MirrorReceiver<M: Media> {
     shelf_state: Arc<crate::shelf_state::ShelfState>,
     /// When the last round trip with the writer completed (ms since `epoch`).
     last_round_trip_ms: Arc<AtomicU64>,
+    /// The writer's messages received and not yet applied by the store (`Queued`): while any
+    /// waits (a stalled store), the account may lag what the writer said before our last round
+    /// trip, so it vouches for nothing (§9 (a), `switchover::sync_doubts`).
+    unstored: Arc<AtomicU64>,
     epoch: Instant,
     /// Set at shutdown: every stream ends, so the server's drain does not wait for them.
     stop: tokio::sync::watch::Sender<bool>,
@@ -101,6 +105,44 @@ pub fn silence_marks_out_of_sync(state: MirrorState, silent_for: Duration, limit
     silent_for >= limit
         && matches!(state, MirrorState::InSync | MirrorState::Resyncing)
         && !active(Break::ReceiverKeepsInSyncThroughSilence)
+}
+
+/// S13, §4.2: the receiver's account after the writer announces `announced` while it holds
+/// `current`. `resyncing` (a re-establish) and `out_of_sync` (a drop) are taken from any state;
+/// `in_sync` (a CP covered the re-establish) only from `resyncing` or `in_sync`: after an
+/// `out_of_sync` the writer must re-establish first, and the error ends the session. Sans-IO:
+/// the receiver's store and `mc-model` decide with it.
+pub fn announced_state(current: MirrorState, announced: MirrorState) -> Result<MirrorState, String> {
+    match announced {
+        MirrorState::Resyncing | MirrorState::OutOfSync => Ok(announced),
+        MirrorState::InSync if matches!(current, MirrorState::Resyncing | MirrorState::InSync) => {
+            Ok(announced)
+        }
+        MirrorState::InSync => {
+            Err(format!("in_sync announced while this receiver is {current:?}: re-establish first"))
+        }
+        other => Err(format!("announcement of {other:?}")),
+    }
+}
+
+/// A writer's message on its way to the store, counted in the receiver's `unstored` from its
+/// arrival until it is dropped: applied, refused, or dropped with the stream or the task.
+struct Queued {
+    body: Option<In>,
+    count: Arc<AtomicU64>,
+}
+
+impl Queued {
+    fn new(body: In, count: &Arc<AtomicU64>) -> Queued {
+        count.fetch_add(1, Ordering::AcqRel);
+        Queued { body: Some(body), count: count.clone() }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn nvlog_status(e: &NvlogError) -> Status {
@@ -143,6 +185,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
             clock,
             shelf_state,
             last_round_trip_ms: Arc::new(AtomicU64::new(0)),
+            unstored: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             stop: tokio::sync::watch::Sender::new(false),
             marked: tokio::sync::watch::Sender::new(0),
@@ -210,6 +253,12 @@ impl<M: Media + 'static> MirrorReceiver<M> {
     /// Whether the writer's partition is frozen.
     pub fn is_frozen(&self) -> bool {
         *self.frozen_watch.borrow()
+    }
+
+    /// How many of the writer's messages were received and wait for the store (records,
+    /// releases, announcements): the account reflects them only once this is zero.
+    pub fn unstored(&self) -> u64 {
+        self.unstored.load(Ordering::Acquire)
     }
 
     /// How long ago the last round trip with the writer completed (a reply to our keepalive),
@@ -409,7 +458,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         let mut frozen = self.frozen_watch.subscribe();
         let mut marked = self.marked.subscribe();
         marked.borrow_and_update();
-        let (to_store, stored) = mpsc::channel::<In>(256);
+        let (to_store, stored) = mpsc::channel::<Queued>(256);
         let mut storage = tokio::spawn(self.clone().store(stored, out.clone()));
         let mut keepalive = tokio::time::interval(self.timers.keepalive_interval);
         let mut sequence = 0u64;
@@ -480,7 +529,7 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                     }
                 }
                 Some(other) => {
-                    if to_store.send(other).await.is_err() {
+                    if to_store.send(Queued::new(other, &self.unstored)).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -517,12 +566,14 @@ impl<M: Media + 'static> MirrorReceiver<M> {
     /// (module doc, steps 2 and 3).
     async fn store(
         self: Arc<Self>,
-        mut stored: mpsc::Receiver<In>,
+        mut stored: mpsc::Receiver<Queued>,
         out: mpsc::Sender<Result<ReceiverMessage, Status>>,
     ) -> Result<(), Status> {
         let send = sender(&out, self.timers.silence_limit);
         let persist = self.persister(out.clone());
-        while let Some(body) = stored.recv().await {
+        while let Some(mut queued) = stored.recv().await {
+            // Counted as unstored until `queued` drops at the end of this turn (or with the task).
+            let Some(body) = queued.body.take() else { continue };
             crate::faults::wait_while_stalled(crate::faults::RECEIVER_STORAGE).await;
             // Held while the message is applied: `freeze` waits for it.
             let frozen = self.frozen.read().await;
@@ -580,54 +631,41 @@ impl<M: Media + 'static> MirrorReceiver<M> {
                 }
                 In::Announcement(announcement) => {
                     let nvlog = self.nvlog.clone();
-                    let state = WireMirrorState::try_from(announcement.state)
-                        .map_err(|_| Status::invalid_argument("unknown mirror state"))?;
-                    let lsn = Lsn(announcement.lsn);
-                    let new_state = match state {
-                        // §4.2: the mirror restarts at the writer's next lsn; below it we are
-                        // missing records until the covering CP.
-                        WireMirrorState::Resyncing => {
-                            blocking(move || {
-                                let tail = nvlog.status(KIND)?.durable_lsn;
-                                if lsn.0 > tail.0 + 1 {
-                                    nvlog.allow_gap_at(KIND, lsn)?;
-                                }
-                                nvlog.set_mirror_state(KIND, MirrorState::Resyncing)
-                            })
-                            .await?;
-                            MirrorState::Resyncing
-                        }
-                        WireMirrorState::InSync => {
-                            // Only from `resyncing` or `in_sync`: after an `out_of_sync` the writer
-                            // must re-establish first.
-                            let current = {
-                                let nvlog = nvlog.clone();
-                                blocking(move || nvlog.status(KIND)).await?.mirror_state
-                            };
-                            if !matches!(current, MirrorState::Resyncing | MirrorState::InSync) {
-                                return Err(Status::failed_precondition(format!(
-                                    "in_sync announced while this receiver is {current:?}: re-establish first"
-                                )));
-                            }
-                            blocking(move || nvlog.set_mirror_state(KIND, MirrorState::InSync)).await?;
-                            MirrorState::InSync
-                        }
-                        WireMirrorState::OutOfSync => {
-                            // The writer drops the mirror (S3): persisted here, then acknowledged.
-                            blocking(move || nvlog.set_mirror_state(KIND, MirrorState::OutOfSync)).await?;
-                            let change = ReceiverStateChange {
-                                state: WireMirrorState::OutOfSync as i32,
-                                reason: "the writer dropped the mirror".into(),
-                            };
-                            if !send(Out::StateChange(change)).await {
-                                return Ok(());
-                            }
-                            MirrorState::OutOfSync
-                        }
-                        other => {
+                    let announced = match WireMirrorState::try_from(announcement.state) {
+                        Ok(WireMirrorState::Resyncing) => MirrorState::Resyncing,
+                        Ok(WireMirrorState::InSync) => MirrorState::InSync,
+                        Ok(WireMirrorState::OutOfSync) => MirrorState::OutOfSync,
+                        Ok(other) => {
                             return Err(Status::invalid_argument(format!("announcement of {other:?}")));
                         }
+                        Err(_) => return Err(Status::invalid_argument("unknown mirror state")),
                     };
+                    let lsn = Lsn(announcement.lsn);
+                    let current = {
+                        let nvlog = nvlog.clone();
+                        blocking(move || nvlog.status(KIND)).await?
+                    };
+                    let new_state = announced_state(current.mirror_state, announced)
+                        .map_err(Status::failed_precondition)?;
+                    blocking(move || {
+                        // §4.2: the mirror restarts at the writer's next lsn; below it we are
+                        // missing records until the covering CP.
+                        if announced == MirrorState::Resyncing && lsn.0 > current.durable_lsn.0 + 1 {
+                            nvlog.allow_gap_at(KIND, lsn)?;
+                        }
+                        nvlog.set_mirror_state(KIND, new_state)
+                    })
+                    .await?;
+                    if announced == MirrorState::OutOfSync {
+                        // The writer drops the mirror (S3): persisted here, then acknowledged.
+                        let change = ReceiverStateChange {
+                            state: WireMirrorState::OutOfSync as i32,
+                            reason: "the writer dropped the mirror".into(),
+                        };
+                        if !send(Out::StateChange(change)).await {
+                            return Ok(());
+                        }
+                    }
                     tracing::info!(writer = self.identity.writer, state = ?new_state, lsn = lsn.0, "mirror state announced");
                 }
                 _ => return Err(Status::internal("a message that is not stored reached the store")),
@@ -701,4 +739,43 @@ impl Stream for RxStream {
 
 fn futures_stream(rx: mpsc::Receiver<Result<ReceiverMessage, Status>>) -> ReceiverStream {
     Box::pin(RxStream(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn in_sync_is_taken_only_after_a_re_establish() {
+        use MirrorState::{InSync, OutOfSync, Resyncing};
+        for current in [InSync, Resyncing, OutOfSync] {
+            assert_eq!(announced_state(current, Resyncing), Ok(Resyncing));
+            assert_eq!(announced_state(current, OutOfSync), Ok(OutOfSync));
+        }
+        assert_eq!(announced_state(Resyncing, InSync), Ok(InSync));
+        assert_eq!(announced_state(InSync, InSync), Ok(InSync));
+        assert!(announced_state(OutOfSync, InSync).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_message_counts_as_unstored_until_applied_or_dropped() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = mpsc::channel::<Queued>(4);
+        let release = || In::Release(mc_proto::v1::Release { lsn: 1 });
+        tx.send(Queued::new(release(), &count)).await.unwrap();
+        tx.send(Queued::new(release(), &count)).await.unwrap();
+        assert_eq!(count.load(Ordering::Acquire), 2);
+        let mut first = rx.recv().await.unwrap();
+        assert!(first.body.take().is_some());
+        assert_eq!(count.load(Ordering::Acquire), 2, "taken from the queue, not applied yet");
+        drop(first);
+        assert_eq!(count.load(Ordering::Acquire), 1);
+        // The stream ends with a message still queued: it is dropped with the channel.
+        drop(rx);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+        assert!(tx.send(Queued::new(release(), &count)).await.is_err());
+        assert_eq!(count.load(Ordering::Acquire), 0, "a message the closed queue refused is not counted");
+    }
 }

@@ -24,6 +24,12 @@ pub enum Break {
     /// S8: a lost local partition adopts the partner's copy as complete without the mediator
     /// vouching that no drop was recorded.
     AdoptWithoutMediatorIntact,
+    /// S8: a switchover replays the partner's records across a run of missing lsns. No model
+    /// path reaches a gap (docs/safety.md), so no test expects this one to bite.
+    ReplayAcrossGap,
+    /// §9 (a), S13: a switchover without a mediator trusts the receiver's account while the
+    /// writer's messages wait unstored (a stalled store).
+    TrustUnstoredAccount,
 }
 
 #[cfg(feature = "model-breaks")]

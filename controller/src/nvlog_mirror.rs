@@ -141,6 +141,59 @@ pub fn lost_partition_verdict(copy_complete: bool, mediator: Option<Option<bool>
     }
 }
 
+/// Where a writer's session resumes, as its handshake decides (DESIGN §4.2, §5; S8, S13).
+/// Sans-IO: the handshake and `mc-model` decide with `resume`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Resume {
+    /// The partner holds every record of ours through it (its durable tail).
+    pub acked: Lsn,
+    /// Our release point, sent first (a `Release`) when above zero: a release sent in an
+    /// earlier session may never have been applied (the partner restarted).
+    pub release: Lsn,
+    /// Records from here on are sent (again); a re-established mirror is announced `resyncing`
+    /// at it, which lets the receiver accept the gap below it.
+    pub start: Lsn,
+    /// The mirror lost records: it is re-established (§4.2) and `resyncing`; every record of
+    /// ours from this lsn on needs the partner's ack again, and `in_sync` waits for a CP that
+    /// covers every lsn below it (`covers`).
+    pub resync_from: Option<Lsn>,
+}
+
+/// The handshake's decision, once the partner's returned records were adopted. `our_last`,
+/// `released`: our local partition's last lsn and release point; `dropped_here`: our own
+/// account says the partner lacks records (a drop or a resync persisted, or it is out of the ack
+/// set); `receiver_tail`, `receiver_in_sync`, `lost_records`: the partner's hello. An error when
+/// the partner holds more of ours than we do, which no correct history gives.
+pub fn resume(
+    our_last: Lsn,
+    released: Lsn,
+    dropped_here: bool,
+    receiver_tail: Lsn,
+    receiver_in_sync: bool,
+    lost_records: bool,
+) -> Result<Resume, String> {
+    let our_tail = our_last.max(released);
+    if receiver_tail > our_tail {
+        return Err(format!(
+            "the partner's durable tail {} is above ours {} after adopting its records",
+            receiver_tail.0, our_tail.0
+        ));
+    }
+    let lost = lost_records || !receiver_in_sync || dropped_here;
+    Ok(Resume {
+        acked: receiver_tail,
+        release: released,
+        start: receiver_tail.max(released).next(),
+        resync_from: lost.then(|| our_tail.next()),
+    })
+}
+
+/// §4.2: a CP that released through `released` covers a mirror re-established at `from` (every
+/// lsn below it is in the plexes): the writer may announce `in_sync`.
+pub fn covers(released: Lsn, from: Lsn) -> bool {
+    released.next() >= from
+}
+
 /// What a drop in progress has achieved (S3, DESIGN §4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DropEvidence {
@@ -878,14 +931,21 @@ impl<M: Media + 'static> MirrorWriter<M> {
         }
         let nvlog = self.nvlog.clone();
         let ours = blocking(move || nvlog.status(LOCAL)).await?;
-        let our_tail = ours.last_lsn.max(ours.released_lsn);
-        let receiver_tail = Lsn(hello.durable_tail_lsn);
-        if receiver_tail > our_tail {
-            return Err(format!(
-                "the partner's durable tail {} is above ours {} after adopting its records",
-                receiver_tail.0, our_tail.0
-            ));
-        }
+        let receiver_state =
+            WireMirrorState::try_from(hello.mirror_state).unwrap_or(WireMirrorState::Unspecified);
+        // Our own account counts too: a drop we persisted (before a restart, too) means the
+        // partner lacks what we wrote alone.
+        let dropped_here = matches!(ours.mirror_state, MirrorState::OutOfSync | MirrorState::Resyncing)
+            || self.ack_set.borrow().dropped;
+        let released = ours.released_lsn.max(self.lock_state().released);
+        let Resume { acked: receiver_tail, release, start, resync_from } = resume(
+            ours.last_lsn,
+            released,
+            dropped_here,
+            Lsn(hello.durable_tail_lsn),
+            receiver_state == WireMirrorState::InSync,
+            hello.lost_records,
+        )?;
         self.acked.send_if_modified(|acked| {
             let moved = receiver_tail > *acked;
             *acked = (*acked).max(receiver_tail);
@@ -894,20 +954,11 @@ impl<M: Media + 'static> MirrorWriter<M> {
         // 2. Resume above what the partner holds; what our CPs covered is released first.
         // Always: a release sent in an earlier session may never have been applied (the
         // partner restarted), and its partition could stay full of what our CPs covered.
-        let released = ours.released_lsn.max(self.lock_state().released);
-        if released > Lsn::ZERO {
-            self.send(&tx, Out::Release(Release { lsn: released.0 })).await?;
+        if release > Lsn::ZERO {
+            self.send(&tx, Out::Release(Release { lsn: release.0 })).await?;
         }
-        let start = receiver_tail.max(released).next();
-        let receiver_state =
-            WireMirrorState::try_from(hello.mirror_state).unwrap_or(WireMirrorState::Unspecified);
-        // Our own account counts too: a drop we persisted (before a restart, too) means the
-        // partner lacks what we wrote alone.
-        let dropped_here = matches!(ours.mirror_state, MirrorState::OutOfSync | MirrorState::Resyncing)
-            || self.ack_set.borrow().dropped;
-        let lost = hello.lost_records || receiver_state != WireMirrorState::InSync || dropped_here;
-        if lost {
-            let from = our_tail.next();
+        let lost = resync_from.is_some();
+        if let Some(from) = resync_from {
             let nvlog = self.nvlog.clone();
             blocking(move || nvlog.set_mirror_state(LOCAL, MirrorState::Resyncing)).await?;
             {
@@ -935,7 +986,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
             lost_records = hello.lost_records,
             adopted,
             resend_from = start.0,
-            our_tail = our_tail.0,
+            our_last = ours.last_lsn.0,
             "NVLog mirror session established"
         );
         {
@@ -1086,7 +1137,7 @@ impl<M: Media + 'static> MirrorWriter<M> {
         released: Lsn,
     ) -> Result<(), String> {
         let covered = match self.lock_state().state {
-            WriterState::Resyncing { from } => released.next() >= from,
+            WriterState::Resyncing { from } => covers(released, from),
             _ => false,
         };
         if !covered {
@@ -1128,5 +1179,44 @@ impl Stream for RxStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<WriterMessage>> {
         self.0.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_session_resumes_above_the_partners_tail_and_our_release() {
+        // In sync: resend above the partner's tail, nothing to re-establish.
+        let plain = resume(Lsn(9), Lsn(4), false, Lsn(7), true, false).unwrap();
+        assert_eq!(plain, Resume { acked: Lsn(7), release: Lsn(4), start: Lsn(8), resync_from: None });
+        // Our CPs released above the partner's tail: resend above the release (the partner
+        // releases first, so it sees no gap).
+        let behind = resume(Lsn(9), Lsn(8), false, Lsn(5), true, false).unwrap();
+        assert_eq!(behind.start, Lsn(9));
+        // Any sign of a lost record re-establishes from our next lsn.
+        for (dropped_here, in_sync, lost_records) in
+            [(true, true, false), (false, false, false), (false, true, true)]
+        {
+            let lost = resume(Lsn(9), Lsn(4), dropped_here, Lsn(7), in_sync, lost_records).unwrap();
+            assert_eq!(lost.resync_from, Some(Lsn(10)));
+            assert_eq!(lost.start, Lsn(8));
+        }
+        // A lost log refilled up to its lsn floor: the release point is our tail.
+        let refilled = resume(Lsn(0), Lsn(12), true, Lsn(12), true, false).unwrap();
+        assert_eq!(refilled.start, Lsn(13));
+        assert_eq!(refilled.resync_from, Some(Lsn(13)));
+        // The partner ahead of us is refused.
+        assert!(resume(Lsn(3), Lsn(2), false, Lsn(4), true, false).is_err());
+    }
+
+    #[test]
+    fn in_sync_waits_for_a_cp_below_the_restart_point() {
+        assert!(!covers(Lsn(8), Lsn(10)));
+        assert!(covers(Lsn(9), Lsn(10)));
+        assert!(covers(Lsn(12), Lsn(10)));
     }
 }

@@ -40,6 +40,7 @@ use plex::{Aggregate, Epoch, NodeId, PlexState, Uuid};
 use prost::Message;
 use tonic::Status;
 
+use crate::model_breaks::{Break, active};
 use crate::node::{AggrSlot, Node, Phase, SlotState, VolumeRef, hex};
 use crate::nvfail::{NvfailCause, NvfailRule};
 use crate::operations::{OperationKind, OperationRecord, OperationState};
@@ -381,6 +382,7 @@ async fn evaluate(
     let nvlog = node.nvlog().clone();
     let receiver_state = nvlog.status(PartitionKind::DrPartner).map(|s| s.mirror_state).ok();
     let round_trip = node.receiver.get().and_then(|r| r.last_round_trip_age());
+    let unstored = node.receiver.get().map_or(0, |r| r.unstored());
     let limit = config.timers.mirror_timeout.saturating_sub(config.timers.margin);
     let mut plan = Plan {
         force_nvfail_all: request.force_nvfail_all && !negotiated,
@@ -461,7 +463,8 @@ async fn evaluate(
         };
         // DESIGN §9 (a), without a mediator: the receiver holds the mirror in sync, the plexes
         // are normal and the last round trip is younger than mirror_timeout − margin.
-        let SyncDoubts { mut not_in_sync, unknown } = sync_doubts(receiver_state, round_trip, limit, partner);
+        let SyncDoubts { mut not_in_sync, unknown } =
+            sync_doubts(receiver_state, round_trip, unstored, limit, partner);
         // A drop the plex here has since been resynced from is healed: resync completion gives
         // the target the source's generation, which is at least the survivor's at the drop.
         let generation_here = labels.iter().flatten().map(|l| l.plex_generation.0).min().unwrap_or(0);
@@ -696,6 +699,53 @@ fn nvfailed(node: &Node) -> Vec<String> {
         .collect()
 }
 
+/// What the replay of the partner's records in the `dr_partner` partition found (DESIGN §11
+/// step 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayFound {
+    /// This node's account of the partner's mirror (S13).
+    pub receiver: nvlog::MirrorState,
+    /// The partition's release point (the partner's CPs, as it told us).
+    pub released: Lsn,
+    /// Records stamped with another epoch than the one frozen.
+    pub skipped_for_epoch: usize,
+    /// The first run of missing lsns above the replay's start.
+    pub first_gap: Option<nvlog::LsnGap>,
+}
+
+/// S8: why the partner's records replayed here may lack acknowledged writes of an aggregate
+/// whose plex at this site holds the partner's CPs through `floor` — its volumes are then
+/// NVFAILed (S9) — or `None` when the replay is complete. Sans-IO: the switchover and `mc-model`
+/// decide with it.
+pub fn replay_doubt(found: &ReplayFound, floor: Lsn, partner: u32) -> Option<String> {
+    if found.receiver == nvlog::MirrorState::Resyncing {
+        return Some(format!("this node's copy of node {partner}'s records lost records (resyncing, S13)"));
+    }
+    if found.released > floor {
+        // Released by the partner above what the plex here holds: those records are gone.
+        return Some(format!(
+            "node {partner} released its records up to lsn {} but the plex here holds its CPs only up to lsn {} (S8)",
+            found.released.0, floor.0
+        ));
+    }
+    if found.skipped_for_epoch > 0 {
+        // Records of the partner stamped with another epoch than the one frozen (S8): not
+        // applied, so the copy here may lack acknowledged writes.
+        return Some(format!(
+            "{} records of node {partner} carry another epoch than the one frozen (S8)",
+            found.skipped_for_epoch
+        ));
+    }
+    match found.first_gap {
+        Some(gap) if !active(Break::ReplayAcrossGap) => Some(format!(
+            "lsns {}..{} of node {partner} are missing from this node's copy (S8)",
+            gap.after.0 + 1,
+            gap.next.0
+        )),
+        _ => None,
+    }
+}
+
 /// Why a forced switchover without a mediator cannot show that the partner's aggregate was in
 /// sync (DESIGN §9 (a)): each reason is a soft veto, and overriding it NVFAILs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -710,11 +760,14 @@ pub struct SyncDoubts {
 /// receiver's own account (S13) must hold the partner's mirror `in_sync`, and the last round
 /// trip with the partner must be younger than `limit` (`mirror_timeout − margin`): after that,
 /// or with no round trip in this life, the partner may have dropped us and gone on writing
-/// alone (S3). Sans-IO: the switchover's planner and the model check (`mc-model`) decide with
-/// it.
+/// alone (S3). `unstored`: the partner's messages received but not yet applied by the receiver
+/// (a stalled store): the account may lag a re-establish the partner announced before our last
+/// round trip (found by the model check, docs/safety.md). Sans-IO: the switchover's planner and
+/// the model check (`mc-model`) decide with it.
 pub fn sync_doubts(
     receiver_state: Option<nvlog::MirrorState>,
     round_trip: Option<Duration>,
+    unstored: u64,
     limit: Duration,
     partner: u32,
 ) -> SyncDoubts {
@@ -726,6 +779,12 @@ pub fn sync_doubts(
              acknowledged writes this node lacks"
         )),
         None => doubts.unknown.push("the receiver's partition cannot be read".to_string()),
+    }
+    if unstored > 0 && !active(Break::TrustUnstoredAccount) {
+        doubts.unknown.push(format!(
+            "{unstored} messages of node {partner} were received but not yet stored (is this node's NVLog \
+             stalled?): its account of the mirror may lag what node {partner} announced (S13)"
+        ));
     }
     match round_trip {
         None => doubts.unknown.push(format!(
@@ -1057,26 +1116,16 @@ impl Node {
         }
         let replay = match (status, replay) {
             (Ok(status), Ok(replay)) => {
-                if status.mirror_state == nvlog::MirrorState::Resyncing {
-                    all(
-                        &mut problems,
-                        adopting,
-                        &format!(
-                            "this node's copy of node {partner}'s records lost records (resyncing, S13)"
-                        ),
-                    );
-                }
-                // Released by the partner above what the plex here holds: those records are gone.
+                let found = ReplayFound {
+                    receiver: status.mirror_state,
+                    released: status.released_lsn,
+                    skipped_for_epoch: replay.skipped_for_epoch,
+                    first_gap: replay.gaps.first().copied(),
+                };
                 for (slot, _) in adopting {
                     let floor = floors.get(&slot.uuid).copied().unwrap_or_default();
-                    if status.released_lsn > floor {
-                        problems.entry(slot.uuid).or_insert_with(|| {
-                            format!(
-                                "node {partner} released its records up to lsn {} but the plex here holds its CPs \
-                                 only up to lsn {} (S8)",
-                                status.released_lsn.0, floor.0
-                            )
-                        });
+                    if let Some(why) = replay_doubt(&found, floor, partner) {
+                        problems.entry(slot.uuid).or_insert(why);
                     }
                 }
                 replay
@@ -1090,23 +1139,6 @@ impl Node {
                 return problems;
             }
         };
-        if replay.skipped_for_epoch > 0 {
-            // Records of the partner stamped with another epoch than the one frozen (S8): not
-            // applied, so the copy here may lack acknowledged writes.
-            let why = format!(
-                "{} records of node {partner} carry another epoch than the one frozen (S8)",
-                replay.skipped_for_epoch
-            );
-            all(&mut problems, adopting, &why);
-        }
-        if let Some(gap) = replay.gaps.first() {
-            let why = format!(
-                "lsns {}..{} of node {partner} are missing from this node's copy (S8)",
-                gap.after.0 + 1,
-                gap.next.0
-            );
-            all(&mut problems, adopting, &why);
-        }
         let mut applied = 0u64;
         for record in &replay.records {
             let header = &record.header;
@@ -1509,6 +1541,38 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_receiver_with_messages_unstored_vouches_for_nothing() {
+        let limit = Duration::from_secs(5);
+        let fresh = Some(Duration::from_secs(1));
+        let clean = sync_doubts(Some(nvlog::MirrorState::InSync), fresh, 0, limit, 2);
+        assert_eq!(clean, SyncDoubts::default());
+        let lagging = sync_doubts(Some(nvlog::MirrorState::InSync), fresh, 3, limit, 2);
+        assert!(lagging.not_in_sync.is_empty());
+        assert_eq!(lagging.unknown.len(), 1, "{lagging:?}");
+        assert!(lagging.unknown[0].contains("3 messages of node 2"), "{lagging:?}");
+    }
+
+    #[test]
+    fn the_replay_doubts_a_resyncing_copy_a_release_above_the_plex_another_epoch_and_a_gap() {
+        let complete = ReplayFound {
+            receiver: nvlog::MirrorState::InSync,
+            released: Lsn(10),
+            skipped_for_epoch: 0,
+            first_gap: None,
+        };
+        assert_eq!(replay_doubt(&complete, Lsn(10), 2), None);
+        assert_eq!(replay_doubt(&complete, Lsn(12), 2), None, "the plex holds more than was released");
+        let resyncing = ReplayFound { receiver: nvlog::MirrorState::Resyncing, ..complete };
+        assert!(replay_doubt(&resyncing, Lsn(10), 2).is_some_and(|why| why.contains("resyncing")));
+        assert!(replay_doubt(&complete, Lsn(9), 2).is_some_and(|why| why.contains("released")));
+        let stamped = ReplayFound { skipped_for_epoch: 1, ..complete };
+        assert!(replay_doubt(&stamped, Lsn(10), 2).is_some_and(|why| why.contains("epoch")));
+        let gap =
+            ReplayFound { first_gap: Some(nvlog::LsnGap { after: Lsn(10), next: Lsn(13) }), ..complete };
+        assert!(replay_doubt(&gap, Lsn(10), 2).is_some_and(|why| why.contains("lsns 11..13")));
     }
 
     #[test]

@@ -40,14 +40,21 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use controller::lease::Lease;
-use controller::mirror_receiver::silence_marks_out_of_sync;
-use controller::nvlog_mirror::{AckSet, DropEvidence, lost_partition_verdict, partner_copy_complete};
+use controller::mirror_receiver::{announced_state, silence_marks_out_of_sync};
+use controller::nvlog_mirror::{
+    AckSet, DropEvidence, covers, lost_partition_verdict, partner_copy_complete, resume,
+};
 use controller::shelf_state::admits;
-use controller::switchover::{SyncDoubts, sync_doubts};
+use controller::switchover::{ReplayFound, SyncDoubts, replay_doubt, sync_doubts};
 use mediator::decide::{self, AggregateId, Mediator, MirrorState, NodeId};
-use nvlog::Lsn;
+use nvlog::{Lsn, lsn_gaps};
 use plex::Epoch;
 use stateright::{Model, Property};
+
+/// A CP runs every `CP_INTERVAL` seconds (DESIGN §4's `cp_interval`), on the global clock: the
+/// faults come at every point between, so every phase is explored. Between two CPs a
+/// re-established mirror stays `resyncing`.
+pub const CP_INTERVAL: u8 = 3;
 
 /// The one aggregate.
 pub const X: AggregateId = AggregateId([0x58; 16]);
@@ -184,6 +191,8 @@ pub struct Ctl {
     pub paused: bool,
     /// Its receiver takes no record (gray disk).
     pub stalled: bool,
+    /// Messages of the writer its receiver got and queued for the stalled store.
+    pub unstored: u8,
     /// Raised by each restart (the NVLog generation in the reports).
     pub life: u64,
     /// When the process started.
@@ -199,8 +208,18 @@ pub struct Ctl {
     pub rx_state: nvlog::MirrorState,
     /// The writer's drop (or re-establish) is persisted locally: not in sync.
     pub writer_dropped: bool,
-    /// The writer re-established the mirror (§4.2): `resyncing` until a covering CP.
-    pub resyncing: bool,
+    /// Its local partition's release point (its last CP's lsn).
+    pub released: u64,
+    /// The receiver's partition: the last lsn it appended (its durable tail in hellos).
+    pub rx_last: u64,
+    /// The receiver's partition: its release point (the partner's CPs, as the partner said).
+    pub rx_released: u64,
+    /// The receiver accepts a gap below this lsn (the writer's `resyncing` announcement).
+    pub rx_gap_at: Option<u64>,
+    /// This site's plex of X: the writes its CPs hold.
+    pub plex: BTreeSet<u8>,
+    /// The last CP of A's records this site's plex labels record (A's lsn).
+    pub plex_cp: u64,
     /// The shelf's epoch mark for X.
     pub mark: Epoch,
     /// The epoch it holds X at (its labels).
@@ -222,6 +241,9 @@ pub struct Ctl {
     pub deposed: bool,
     /// The writer's session handshake is done.
     pub handshake: bool,
+    /// The writer re-established the mirror at this lsn of its own (§4.2): `resyncing` until a
+    /// CP covers every lsn below it.
+    pub resync_from: Option<u64>,
     /// The partner acknowledged every record through it.
     pub acked: Lsn,
     /// Which records need the partner (S1).
@@ -253,6 +275,7 @@ impl Ctl {
             up: true,
             paused: false,
             stalled: false,
+            unstored: 0,
             life: 1,
             started: 0,
             log: Vec::new(),
@@ -260,7 +283,12 @@ impl Ctl {
             rx: Vec::new(),
             rx_state: nvlog::MirrorState::InSync,
             writer_dropped: false,
-            resyncing: false,
+            released: 0,
+            rx_last: 0,
+            rx_released: 0,
+            rx_gap_at: None,
+            plex: BTreeSet::new(),
+            plex_cp: 0,
             mark: epoch_one(),
             owns: (index == A).then(epoch_one),
             data: BTreeSet::new(),
@@ -271,6 +299,7 @@ impl Ctl {
             confirmed: true,
             deposed: false,
             handshake: true,
+            resync_from: None,
             acked: Lsn(0),
             ack_set: AckSet::default(),
             pending: Vec::new(),
@@ -309,7 +338,7 @@ impl Ctl {
     fn writer_state(&self) -> MirrorState {
         if self.ack_set.dropped || self.dropping.is_some() || !self.handshake {
             MirrorState::OutOfSync
-        } else if self.resyncing {
+        } else if self.resync_from.is_some() {
             MirrorState::Resyncing
         } else if self.writer_dropped {
             MirrorState::OutOfSync
@@ -331,8 +360,14 @@ impl Ctl {
         }
     }
 
+    /// The receiver partition's tail: nothing at or below it is taken again.
     fn rx_tail(&self) -> u64 {
-        self.rx.last().map_or(0, |r| r.lsn)
+        self.rx_last.max(self.rx_released)
+    }
+
+    /// The last lsn its own log used (records released by a CP included).
+    fn last_lsn(&self) -> u64 {
+        self.log.last().map_or(0, |r| r.lsn).max(self.released)
     }
 
     /// The epoch it shows the partner in hellos and keepalives (its shelf's mark).
@@ -423,6 +458,16 @@ impl Envelope {
 pub enum StreamMsg {
     /// A record.
     Record(Rec),
+    /// The writer's CP covered its records through this lsn: the receiver releases them.
+    Release(u64),
+    /// The writer re-established the mirror (§4.2): `resyncing`, records from this lsn on.
+    Resyncing(u64),
+    /// A CP covered the re-established mirror: `in_sync`.
+    InSync(u64),
+    /// The writer drops the mirror (S3): `out_of_sync`.
+    Dropped,
+    /// The receiver persisted `out_of_sync` (it acknowledges a drop, S3); the session ends.
+    OutOfSync,
     /// Persisted through this lsn.
     Ack(u64),
     /// The receiver refused a stale epoch and shows its own (S2).
@@ -444,6 +489,9 @@ pub struct History {
     pub stale_ack: bool,
     /// A replay applied a record twice or out of order.
     pub bad_replay: bool,
+    /// A mirror handshake or announcement was refused as impossible (the partner holds more
+    /// of the writer's records than the writer, or a restart point below its tail).
+    pub refused_handshake: bool,
     /// X was switched over away from this site (index 0: A's site), with no switchback since
     /// (the model has no heal or switchback, so it stays set).
     pub switched_away: [bool; 2],
@@ -451,6 +499,12 @@ pub struct History {
     pub way_back: bool,
     /// A fault happened.
     pub faulted: bool,
+    /// A re-established mirror was announced `in_sync` again (a covering CP).
+    pub resynced: bool,
+    /// A switchover's replay found a gap in the partner's records.
+    pub replay_gap: bool,
+    /// A switchover's replay doubted the partner's copy where the grant did not NVFAIL.
+    pub replay_doubted: bool,
     /// When the last fault, repair (restart, resume, link heal) or operator command happened.
     pub disturbed: u8,
 }
@@ -599,8 +653,7 @@ impl State {
 
     /// Whether the stream towards `to` can be delivered now.
     fn stream_open(&self, direction: usize) -> bool {
-        let to = 1 - direction;
-        self.takes(to) && !(direction == 0 && self.ctl[B].stalled)
+        self.takes(1 - direction)
     }
 
     fn envelope_deliverable(&self, e: &Envelope) -> bool {
@@ -675,7 +728,11 @@ impl State {
         let c = &mut self.ctl[index];
         c.dropping = None;
         c.ack_set.dropped = true;
-        c.resyncing = false;
+        c.resync_from = None;
+        if index == A {
+            // The session in progress sees the drop and ends: the next handshake re-establishes.
+            self.clear_streams();
+        }
         self.try_ack(index);
     }
 
@@ -738,11 +795,17 @@ impl State {
             }
             return;
         }
+        // The hello exchange is a round trip for the writer (S6), not for the receiver: its first
+        // round trip of a session is a reply to its own keepalive, which comes on the stream
+        // after what the writer's handshake sends (`mirror_receiver.rs`), so in the next second.
+        let a = &self.ctl[A];
+        let hello_now = !a.handshake && a.owns.is_some_and(|e| e.owner.0 == a.node) && !a.away();
         // A new session starts with the writer's hello, which the receiver answers only after
         // its S13 silence check (`mirror_receiver.rs`): silence long enough to matter always
-        // ended the session first (keepalive_timeout < mirror_timeout − margin).
-        for i in [A, B] {
-            self.receiver_silence(i);
+        // ended the session first (keepalive_timeout < mirror_timeout − margin). Within a
+        // session the receiver's keepalives come many times a second: no silence.
+        if hello_now {
+            self.receiver_silence(B);
         }
         // What the receiver's hello says of its account (before this round trip).
         let round_trip_since_start = self.ctl[B].round_trip.is_some();
@@ -750,11 +813,16 @@ impl State {
             let theirs = self.ctl[1 - me].shown_epoch();
             let c = &mut self.ctl[me];
             c.heard = Some(now);
-            c.round_trip = Some(now);
+            let round_trip = !(me == B && hello_now);
+            if round_trip {
+                c.round_trip = Some(now);
+            }
             match c.owns {
                 Some(held) if theirs > held && theirs.owner.0 != c.node => c.depose(theirs),
                 _ => {
-                    c.lease.renew(secs(now), None);
+                    if round_trip {
+                        c.lease.renew(secs(now), None);
+                    }
                     // S2 without a mediator: the DR partner confirms the epoch.
                     if !c.leased {
                         c.confirmed = true;
@@ -776,39 +844,106 @@ impl State {
                 return;
             }
             a.handshake = true;
-            a.acked = Lsn(receiver.rx_tail());
+            // A drop still in progress is moot: this handshake re-establishes the mirror.
+            a.dropping = None;
+            // S8: the receiver returns our records it holds above our recovered tail, adopted
+            // (a gap declared) before anything else (`NvlogWriter::adopt`).
+            let returned: Vec<Rec> = receiver.rx.iter().filter(|r| r.lsn > a.last_lsn()).copied().collect();
+            a.log.extend(returned.iter().copied());
+            a.data.extend(returned.iter().map(|r| r.write));
             if a.lost_log {
                 // S8: the partner's copy counts as complete only if its receiver holds the mirror
                 // in sync and vouches for it, and (with a mediator) the mediator names the mirror
                 // intact; otherwise the volumes are NVFAILed.
-                a.log = receiver.rx.clone();
-                a.data = receiver.rx.iter().map(|r| r.write).collect();
                 let lost = receiver.rx_state != nvlog::MirrorState::InSync;
                 a.copy_complete = Some(partner_copy_complete(lost, round_trip_since_start));
                 a.settle_lost_log();
             }
-            // §4.2, S13 (`nvlog_mirror.rs`, the handshake): a receiver not in sync, or a drop
-            // persisted here, re-establishes the mirror at our next lsn: the partner is back in
-            // the ack set from there, and both sides hold it `resyncing` (announced on the
-            // stream before any keepalive reply, so before the receiver's next round trip)
-            // until a covering CP, which the model does not run.
-            let lost = receiver.rx_state != nvlog::MirrorState::InSync || a.writer_dropped;
-            if lost {
-                let from = a.log.last().map_or(0, |r| r.lsn) + 1;
-                a.writer_dropped = true;
-                a.resyncing = true;
-                if a.ack_set.dropped {
-                    a.ack_set = AckSet { dropped: false, floor: Lsn(from) };
+            // §4.2, S13 (`nvlog_mirror::resume`): a receiver not in sync, or a drop persisted
+            // here, re-establishes the mirror at our next lsn: the partner is back in the ack
+            // set from there, and both sides hold it `resyncing` until a CP covers it.
+            let dropped_here = a.writer_dropped || a.ack_set.dropped;
+            let resume = match resume(
+                Lsn(a.last_lsn()),
+                Lsn(a.released),
+                dropped_here,
+                Lsn(receiver.rx_last),
+                receiver.rx_state == nvlog::MirrorState::InSync,
+                receiver.rx_state == nvlog::MirrorState::Resyncing,
+            ) {
+                Ok(resume) => resume,
+                Err(_) => {
+                    // No correct history gets here; the session fails and is retried.
+                    self.history.refused_handshake = true;
+                    self.clear_streams();
+                    return;
                 }
-                self.ctl[B].rx_state = nvlog::MirrorState::Resyncing;
+            };
+            a.acked = a.acked.max(resume.acked);
+            let mut out = Vec::new();
+            if resume.release > Lsn(0) {
+                out.push(StreamMsg::Release(resume.release.0));
+            }
+            if let Some(from) = resume.resync_from {
+                a.writer_dropped = true;
+                a.resync_from = Some(from.0);
+                if a.ack_set.dropped {
+                    a.ack_set = AckSet { dropped: false, floor: from };
+                }
+                out.push(StreamMsg::Resyncing(resume.start.0));
             }
             // Mirroring resumes above what the receiver holds.
-            let a = &self.ctl[A];
-            let resend: Vec<Rec> = a.log.iter().filter(|r| r.lsn > a.acked.0).copied().collect();
-            for r in resend {
-                self.stream[0].push((now, StreamMsg::Record(r)));
+            out.extend(a.log.iter().filter(|r| r.lsn >= resume.start.0).map(|r| StreamMsg::Record(*r)));
+            self.stream[0].extend(out.into_iter().map(|m| (now, m)));
+            self.announce_if_covered();
+        }
+    }
+
+    /// The writer announces `in_sync` once a CP covers the point where it re-established the
+    /// mirror (`nvlog_mirror::covers`), and persists it locally.
+    fn announce_if_covered(&mut self) {
+        let a = &mut self.ctl[A];
+        let Some(from) = a.resync_from else { return };
+        if covers(Lsn(a.released), Lsn(from)) {
+            self.history.resynced = true;
+            a.resync_from = None;
+            a.writer_dropped = false;
+            let released = a.released;
+            if self.session_up() {
+                self.stream[0].push((self.now, StreamMsg::InSync(released)));
             }
         }
+    }
+
+    /// A CP of A's records (DESIGN §4 step 5, `cp.rs`): through the record below the first
+    /// write still waiting, destaged to both plexes (it waits while B's site cannot take the
+    /// plex writes: the model has no plex drop), recorded in both sites' labels, then
+    /// released locally and at the partner.
+    fn cp(&mut self) {
+        let now = self.now;
+        let remote_plex = self.link && self.takes(B);
+        let a = &self.ctl[A];
+        if !a.can_serve(now) || a.owns.is_none_or(|e| e.owner.0 != a.node) || !remote_plex {
+            return;
+        }
+        let lsn = a.pending.iter().map(|p| p.lsn).min().map_or(a.last_lsn(), |first| first - 1);
+        if lsn <= a.released {
+            return;
+        }
+        let waiting: BTreeSet<u8> = a.pending.iter().map(|p| p.write).collect();
+        let destaged: BTreeSet<u8> = a.data.difference(&waiting).copied().collect();
+        for c in &mut self.ctl {
+            c.plex.extend(destaged.iter().copied());
+            c.data.extend(destaged.iter().copied());
+            c.plex_cp = lsn;
+        }
+        let a = &mut self.ctl[A];
+        a.released = lsn;
+        a.log.retain(|r| r.lsn > lsn);
+        if self.session_up() {
+            self.stream[0].push((now, StreamMsg::Release(lsn)));
+        }
+        self.announce_if_covered();
     }
 
     fn tick(&mut self) {
@@ -819,6 +954,9 @@ impl State {
             let _ = self.mediator.tick(secs(now));
         }
         self.keepalives();
+        if self.now.is_multiple_of(CP_INTERVAL) {
+            self.cp();
+        }
         for i in [A, B] {
             if !self.takes(i) {
                 continue;
@@ -868,6 +1006,10 @@ impl State {
             && silence_marks_out_of_sync(c.rx_state, silence, t.mirror_timeout - t.margin)
         {
             c.rx_state = nvlog::MirrorState::OutOfSync;
+            // The writer is told on the stream (a state change), which ends its session.
+            if i == B && self.session_up() {
+                self.stream[1].push((now, StreamMsg::OutOfSync));
+            }
         }
     }
 
@@ -881,6 +1023,9 @@ impl State {
     /// The drop of `drop_partner` (S3): persisted locally first, then recorded by the mediator;
     /// `DropEvidence::complete` says when the partner leaves the ack set.
     fn start_drop(&mut self, index: usize) {
+        if index == A && self.session_up() {
+            self.stream[0].push((self.now, StreamMsg::Dropped));
+        }
         let c = &mut self.ctl[index];
         c.writer_dropped = true;
         let evidence = DropEvidence {
@@ -927,16 +1072,22 @@ impl State {
         self.send(e);
     }
 
+    /// Whether A's session with B's receiver is up: what A queues reaches the stream (a paused
+    /// B takes it when it resumes; a keepalive missed meanwhile ends the session).
+    fn session_up(&self) -> bool {
+        self.ctl[A].handshake && self.link && self.ctl[B].up
+    }
+
     fn write(&mut self, index: usize, id: u8) {
         let now = self.now;
-        let link = self.link && self.takes(B);
+        let link = self.session_up();
         let c = &mut self.ctl[index];
         let Some(epoch) = c.owns else { return };
-        let rec = Rec { lsn: c.log.last().map_or(0, |r| r.lsn) + 1, epoch, write: id };
+        let rec = Rec { lsn: c.last_lsn() + 1, epoch, write: id };
         c.log.push(rec);
         c.data.insert(id);
         c.pending.push(Pending { lsn: rec.lsn, write: id, since: now });
-        if index == A && c.handshake && link && !c.ack_set.dropped {
+        if index == A && link && !c.ack_set.dropped {
             self.stream[0].push((now, StreamMsg::Record(rec)));
         }
         self.try_ack(index);
@@ -945,6 +1096,13 @@ impl State {
     fn stream_deliver(&mut self, direction: usize) {
         let now = self.now;
         let (_, msg) = self.stream[direction].remove(0);
+        if direction == 0 && self.ctl[B].stalled {
+            // Received, and queued for a store that does not get to it (`mirror_receiver.rs`).
+            let b = &mut self.ctl[B];
+            b.heard = Some(now);
+            b.unstored = b.unstored.saturating_add(1);
+            return;
+        }
         match msg {
             StreamMsg::Record(r) => {
                 let b = &mut self.ctl[B];
@@ -961,13 +1119,60 @@ impl State {
                 let tail = b.rx_tail();
                 if r.lsn <= tail {
                     self.stream[1].push((now, StreamMsg::Ack(tail)));
-                } else if r.lsn == tail + 1 {
+                } else if r.lsn == tail + 1 || b.rx_gap_at == Some(r.lsn) {
                     b.rx.push(r);
+                    b.rx_last = r.lsn;
+                    b.rx_gap_at = None;
                     self.stream[1].push((now, StreamMsg::Ack(r.lsn)));
                 } else {
-                    // A gap: never acknowledged, out of sync (S13).
+                    // A gap: never acknowledged, out of sync (S13), and the writer is told.
                     b.rx_state = nvlog::MirrorState::OutOfSync;
+                    self.stream[1].push((now, StreamMsg::OutOfSync));
                 }
+            }
+            StreamMsg::Release(lsn) => {
+                let b = &mut self.ctl[B];
+                b.heard = Some(now);
+                b.rx_released = b.rx_released.max(lsn);
+                b.rx.retain(|r| r.lsn > lsn);
+            }
+            StreamMsg::Resyncing(start) => {
+                // `mirror_receiver.rs`: the gap below the writer's restart point is allowed, and
+                // `resyncing` persisted (S13).
+                let b = &mut self.ctl[B];
+                b.heard = Some(now);
+                if start > b.rx_last + 1 {
+                    if start <= b.rx_tail() {
+                        // `allow_gap_at` refuses a point at or below the tail: the session fails.
+                        self.history.refused_handshake = true;
+                        self.clear_streams();
+                        return;
+                    }
+                    b.rx_gap_at = Some(start);
+                }
+                self.announced(nvlog::MirrorState::Resyncing);
+            }
+            StreamMsg::InSync(_) => {
+                self.ctl[B].heard = Some(now);
+                self.announced(nvlog::MirrorState::InSync);
+            }
+            StreamMsg::Dropped => {
+                self.ctl[B].heard = Some(now);
+                if self.announced(nvlog::MirrorState::OutOfSync) {
+                    self.stream[1].push((now, StreamMsg::OutOfSync));
+                }
+            }
+            StreamMsg::OutOfSync => {
+                let a = &mut self.ctl[A];
+                a.heard = Some(now);
+                let leased = a.leased;
+                if let Some(d) = &mut a.dropping {
+                    d.partner_acknowledged = true;
+                    if d.complete(leased, timers().mirror_timeout) {
+                        self.finish_drop(A);
+                    }
+                }
+                self.clear_streams();
             }
             StreamMsg::Ack(lsn) => {
                 let a = &mut self.ctl[A];
@@ -982,6 +1187,21 @@ impl State {
                     a.depose(theirs);
                 }
                 self.try_ack(A);
+            }
+        }
+    }
+
+    /// The receiver takes the writer's announcement (`mirror_receiver::announced_state`); one
+    /// it refuses ends the session. Whether it was taken.
+    fn announced(&mut self, announced: nvlog::MirrorState) -> bool {
+        match announced_state(self.ctl[B].rx_state, announced) {
+            Ok(state) => {
+                self.ctl[B].rx_state = state;
+                true
+            }
+            Err(_) => {
+                self.clear_streams();
+                false
             }
         }
     }
@@ -1018,10 +1238,12 @@ impl State {
                 if let Some(g) = self.mediator.state().grants.get(grants)
                     && g.automatic
                 {
-                    // S7's truth: every acknowledged write is in B's received records.
+                    // S7's truth: every acknowledged write is in B's plex or its received records.
                     self.history.auso = true;
-                    let received: BTreeSet<u8> = self.ctl[B].rx.iter().map(|r| r.write).collect();
-                    if !self.history.acked.is_subset(&received) {
+                    let b = &self.ctl[B];
+                    let held: BTreeSet<u8> =
+                        b.rx.iter().map(|r| r.write).chain(b.plex.iter().copied()).collect();
+                    if !self.history.acked.is_subset(&held) {
                         self.history.auso_out_of_sync = true;
                     }
                 }
@@ -1122,8 +1344,13 @@ impl State {
             return; // hard vetoes: partner reachable, nothing to switch over, node fenced
         }
         let round_trip = c.round_trip.filter(|r| *r >= c.started).map(|r| secs(now - r));
-        let SyncDoubts { not_in_sync, unknown } =
-            sync_doubts(Some(c.rx_state), round_trip, t.mirror_timeout - t.margin, other.node);
+        let SyncDoubts { not_in_sync, unknown } = sync_doubts(
+            Some(c.rx_state),
+            round_trip,
+            u64::from(c.unstored),
+            t.mirror_timeout - t.margin,
+            other.node,
+        );
         let doubts = !not_in_sync.is_empty() || !unknown.is_empty();
         if doubts && !override_vetoes {
             return; // soft vetoes
@@ -1154,23 +1381,32 @@ impl State {
             return; // applied already (the grant is re-sent until confirmed)
         }
         // Steps 2–3: the epoch persisted, the receiver frozen (its mark is above the writer's).
+        let frozen = c.mark;
         c.mark = c.mark.max(new);
-        // Step 4: replay the partner's records in lsn order; a gap NVFAILs (S8).
-        let mut last = 0;
-        let mut gap = false;
-        for r in &c.rx {
+        // Step 4: replay the partner's records above what the plex here holds, in lsn order
+        // (`Nvlog::replay`, `nvlog::lsn_gaps`); step 5: NVFAIL per the grant (S7, S9) or the
+        // replay's doubts (`switchover::replay_doubt`, S8).
+        let floor = c.plex_cp;
+        let start = c.rx_released.max(floor);
+        let replayed: Vec<Rec> = c.rx.iter().filter(|r| r.lsn > start).copied().collect();
+        let found = ReplayFound {
+            receiver: c.rx_state,
+            released: Lsn(c.rx_released),
+            skipped_for_epoch: replayed.iter().filter(|r| r.epoch != frozen).count(),
+            first_gap: lsn_gaps(Lsn(start), replayed.iter().map(|r| Lsn(r.lsn))).first().copied(),
+        };
+        let doubt = replay_doubt(&found, Lsn(floor), NODES[1 - index]);
+        self.history.replay_gap |= found.first_gap.is_some();
+        self.history.replay_doubted |= doubt.is_some() && !grant.nvfail;
+        let mut last = start;
+        for r in replayed.iter().filter(|r| r.epoch == frozen) {
             if r.lsn <= last {
                 self.history.bad_replay = true;
-            }
-            if r.lsn != last + 1 {
-                gap = true;
-                break;
             }
             c.data.insert(r.write);
             last = r.lsn;
         }
-        // Step 5: NVFAIL per the grant (S7, S9) or the replay.
-        c.nvfailed |= grant.nvfail || gap;
+        c.nvfailed |= grant.nvfail || doubt.is_some();
         c.owns = Some(new);
         c.deposed = false;
         c.writer_dropped = true;
@@ -1210,6 +1446,22 @@ impl State {
         !due || self.ctl.iter().any(|c| c.can_serve(self.now))
     }
 
+    /// Bounded liveness: once nothing is broken, `RESYNC` seconds after the last fault, repair
+    /// or operator command, unless X was switched over (the model has no heal or switchback),
+    /// the NVLog mirror is in sync again: at the writer, at the receiver and (with a mediator)
+    /// in its record.
+    pub fn in_sync_again(&self) -> bool {
+        let due = self.healthy()
+            && self.settled()
+            && self.now >= self.history.disturbed.saturating_add(RESYNC)
+            && self.history.switched_away == [false, false];
+        let a = &self.ctl[A];
+        let mediator = !a.leased || self.mediator.state().aggregates.get(&X).is_some_and(|r| r.in_sync());
+        !due || (a.writer_state() == MirrorState::InSync
+            && self.ctl[B].rx_state == nvlog::MirrorState::InSync
+            && mediator)
+    }
+
     /// At most one controller can acknowledge for X.
     pub fn one_writer(&self) -> bool {
         !(self.ctl[A].can_serve(self.now) && self.ctl[B].can_serve(self.now))
@@ -1235,8 +1487,9 @@ impl State {
             };
             let _ = writeln!(
                 out,
-                "    node {} {process}: owns {} mark {}{}{}, lease {lease}, confirmed {}, serving {}, log {:?}, \
-                 received {:?} ({:?}), data {:?}, acked-by-partner {}, waiting {:?}{}{}",
+                "    node {} {process}: owns {} mark {}{}{}, lease {lease}, confirmed {}, serving {}, log {:?} \
+                 (released {}, mirror {:?}), received {:?} ({:?}, released {}), plex {:?} (CP {}), data {:?}, \
+                 acked-by-partner {}, waiting {:?}{}{}",
                 c.node,
                 c.owns.map_or("-".to_string(), |e| format!("{}@{}", e.number, e.owner.0)),
                 c.mark.number,
@@ -1244,14 +1497,23 @@ impl State {
                 if c.nvfailed { ", NVFAILED" } else { "" },
                 c.confirmed,
                 c.can_serve(self.now),
-                c.log.iter().map(|r| r.write).collect::<Vec<_>>(),
+                c.log.iter().map(|r| (r.lsn, r.write)).collect::<Vec<_>>(),
+                c.released,
+                c.writer_state(),
                 c.rx.iter().map(|r| r.lsn).collect::<Vec<_>>(),
                 c.rx_state,
+                c.rx_released,
+                c.plex,
+                c.plex_cp,
                 c.data,
                 c.acked.0,
                 c.pending.iter().map(|p| p.write).collect::<Vec<_>>(),
                 if c.ack_set.dropped { ", partner dropped" } else { "" },
-                if c.stalled { ", receiver stalled" } else { "" },
+                if c.stalled {
+                    format!(", receiver stalled ({} unstored)", c.unstored)
+                } else {
+                    String::new()
+                },
             );
         }
         if let Some(r) = self.mediator.state().aggregates.get(&X) {
@@ -1322,7 +1584,10 @@ impl ClusterModel {
                 crash(s, A);
                 let a = &mut s.ctl[A];
                 a.log.clear();
-                a.data.clear();
+                // What the plex here holds stays; the new log's lsns start above the last CP
+                // its labels record (`lsn_floor`), which counts as released.
+                a.data = a.plex.clone();
+                a.released = a.plex_cp;
                 a.lost_log = true;
                 // The drop or resync recorded in the lost partition's header is gone with it.
                 a.writer_dropped = false;
@@ -1366,7 +1631,8 @@ fn restart(s: &mut State, i: usize) {
     c.confirmed = false;
     c.deposed = false;
     c.handshake = false;
-    c.resyncing = false;
+    c.resync_from = None;
+    c.rx_gap_at = None;
     c.acked = Lsn(0);
     c.ack_set = AckSet { dropped: c.writer_dropped, floor: Lsn(0) };
     c.pending.clear();
@@ -1375,6 +1641,7 @@ fn restart(s: &mut State, i: usize) {
     c.heard = None;
     c.round_trip = None;
     c.stalled = false;
+    c.unstored = 0;
     c.copy_complete = None;
     c.mirror_intact = None;
 }
@@ -1495,8 +1762,15 @@ impl Model for ClusterModel {
             Property::always(REPLAY_IN_ORDER, |_, s: &State| !s.history.bad_replay),
             Property::always(NO_WAY_BACK, |_, s: &State| !s.history.way_back),
             Property::always(RECOVERS, |_, s: &State| s.recovered()),
+            Property::always(IN_SYNC_AGAIN, |_, s: &State| s.in_sync_again()),
+            Property::always(HANDSHAKES_RESUME, |_, s: &State| !s.history.refused_handshake),
             Property::sometimes(SOME_WRITE_ACKNOWLEDGED, |_, s: &State| !s.history.acked.is_empty()),
             Property::sometimes(SOME_AUSO, |_, s: &State| s.history.auso && !s.history.acked.is_empty()),
+            Property::sometimes(REPLAY_GAP, |_, s: &State| s.history.replay_gap),
+            Property::sometimes(REPLAY_DOUBT, |_, s: &State| s.history.replay_doubted),
+            Property::sometimes(SOME_RESYNC, |_, s: &State| {
+                s.history.resynced && s.ctl[B].rx_state == nvlog::MirrorState::InSync
+            }),
             Property::sometimes(SOME_RECOVERY, |_, s: &State| {
                 s.history.faulted && s.healthy() && s.now >= s.history.disturbed.saturating_add(RECOVERY)
             }),
@@ -1528,8 +1802,18 @@ pub const RECOVERS: &str = "X is served again once faults stop";
 /// heartbeat (1 s) and a lost partition is adopted at the first keepalive (1 s); one more for
 /// a reply in flight.
 pub const RECOVERY: u8 = 3;
+/// Bounded liveness: `RESYNC` seconds after the last fault, repair or operator command, with
+/// everything up and no switchover, the mirror is in sync again (a CP covered the resync).
+pub const IN_SYNC_AGAIN: &str = "X's mirror returns to in sync once faults stop";
+/// The seconds `IN_SYNC_AGAIN` allows: the handshake at the first keepalive, a write that
+/// waited for the partner acknowledged in the same second, the next CP (at most `CP_INTERVAL`
+/// later) covers the restart point, the receiver's report of it one second later, and one for
+/// a reply in flight.
+pub const RESYNC: u8 = CP_INTERVAL + 4;
+/// The mirror's handshake never finds the partner ahead of the writer.
+pub const HANDSHAKES_RESUME: &str = "every mirror handshake resumes";
 /// Every property checked in every state.
-pub const SAFETY: [&str; 7] = [
+pub const SAFETY: [&str; 9] = [
     ACKED_WRITES_HELD,
     ONE_WRITER,
     NO_AUSO_OUT_OF_SYNC,
@@ -1537,11 +1821,25 @@ pub const SAFETY: [&str; 7] = [
     REPLAY_IN_ORDER,
     NO_WAY_BACK,
     RECOVERS,
+    IN_SYNC_AGAIN,
+    HANDSHAKES_RESUME,
 ];
 /// Vacuity: some write is acknowledged.
 pub const SOME_WRITE_ACKNOWLEDGED: &str = "a write is acknowledged";
 /// Vacuity: an automatic switchover happens after an acknowledged write.
 pub const SOME_AUSO: &str = "an automatic switchover happens";
+/// Unreachable, asserted by the checks: a switchover's replay meets a gap in the partner's
+/// records. The writer's release comes before its records on every stream, so the receiver's
+/// copy is contiguous above its release point, and that point is never above the last CP the
+/// plex here records (CP labels are written before the release). The replay's gap rule is a
+/// third line, behind the grant's in-sync rules, for faults below the log (docs/safety.md).
+pub const REPLAY_GAP: &str = "a switchover's replay meets a gap";
+/// Unreachable, asserted by the checks: a switchover whose grant did not NVFAIL finds the
+/// partner's copy doubtful at replay (`switchover::replay_doubt`): the grant's in-sync rules
+/// (S7, §9 (a)) already refuse or NVFAIL every such copy.
+pub const REPLAY_DOUBT: &str = "a switchover's replay doubts a copy its grant vouched for";
+/// Vacuity: a mirror re-established after a fault is in sync again at both ends.
+pub const SOME_RESYNC: &str = "a re-established mirror is in sync again";
 /// Vacuity: `RECOVERS` is due in some state after a fault.
 pub const SOME_RECOVERY: &str = "the cluster is whole again after a fault";
 

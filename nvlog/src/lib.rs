@@ -28,7 +28,7 @@ pub mod types;
 pub use error::{NvlogError, Result};
 #[cfg(feature = "fault-injection")]
 pub use log::Faults;
-pub use log::{FormatSpec, LsnGap, Nvlog, Options, PartitionStatus, Replay, ReplayFilter, Stats};
+pub use log::{FormatSpec, LsnGap, Nvlog, Options, PartitionStatus, Replay, ReplayFilter, Stats, lsn_gaps};
 pub use media::{Media, MmapMedia};
 pub use record::{MAX_PAYLOAD_BYTES, Record, RecordDefect, RecordHeader, RecordInput, encode_record};
 pub use recovery::{Action, Case, PartitionRecovery, RecoveryReport};

@@ -97,6 +97,29 @@ pub struct LsnGap {
     pub next: Lsn,
 }
 
+/// The gaps among `lsns` (ascending, each above `start`) counted from `start`: what a replay
+/// from `start` would miss (S8). Sans-IO: `Nvlog::replay` and `mc-model` find gaps with it.
+///
+/// ```
+/// use nvlog::{Lsn, LsnGap, lsn_gaps};
+/// assert!(lsn_gaps(Lsn(4), [5, 6, 7].map(Lsn)).is_empty());
+/// assert_eq!(
+///     lsn_gaps(Lsn(4), [6, 7, 9].map(Lsn)),
+///     [LsnGap { after: Lsn(4), next: Lsn(6) }, LsnGap { after: Lsn(7), next: Lsn(9) }]
+/// );
+/// ```
+pub fn lsn_gaps(start: Lsn, lsns: impl IntoIterator<Item = Lsn>) -> Vec<LsnGap> {
+    let mut previous = start;
+    let mut gaps = Vec::new();
+    for lsn in lsns {
+        if lsn != previous.next() {
+            gaps.push(LsnGap { after: previous, next: lsn });
+        }
+        previous = lsn;
+    }
+    gaps
+}
+
 /// The records replay selected, in lsn order.
 #[derive(Clone, Debug, Default)]
 pub struct Replay {
@@ -1026,8 +1049,10 @@ impl<M: Media> Nvlog<M> {
             return Err(NvlogError::PartitionFailed(kind));
         }
         let start = state.released.max(filter.after_lsn);
-        let mut replay = Replay::default();
-        let mut previous = start;
+        let mut replay = Replay {
+            gaps: lsn_gaps(start, state.index.iter().map(|entry| entry.lsn).filter(|lsn| *lsn > start)),
+            ..Replay::default()
+        };
         let mut bytes = Vec::new();
         for entry in state.index.iter().filter(|entry| entry.lsn > start) {
             bytes.resize(entry.len as usize, 0);
@@ -1042,10 +1067,6 @@ impl<M: Media> Nvlog<M> {
                 Record { header, payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]) }
             };
             assert_eq!(record.header.lsn, entry.lsn, "the index and the media disagree");
-            if record.header.lsn != previous.next() {
-                replay.gaps.push(LsnGap { after: previous, next: record.header.lsn });
-            }
-            previous = record.header.lsn;
             if let Some(epochs) = &filter.frozen_epochs
                 && epochs.get(&record.header.aggregate) != Some(&record.header.epoch)
             {

@@ -87,6 +87,8 @@ enum BreakArg {
     GrantWithoutInSync,
     SwitchedOverTarget,
     ReceiverReportRestoresInSync,
+    ReplayAcrossGap,
+    TrustUnstoredAccount,
 }
 
 fn set_break(b: BreakArg) {
@@ -99,6 +101,8 @@ fn set_break(b: BreakArg) {
         BreakArg::ConfirmKeepsFence => set(Break::ConfirmKeepsFence, true),
         BreakArg::ReceiverKeepsInSyncThroughSilence => set(Break::ReceiverKeepsInSyncThroughSilence, true),
         BreakArg::AdoptWithoutMediatorIntact => set(Break::AdoptWithoutMediatorIntact, true),
+        BreakArg::ReplayAcrossGap => set(Break::ReplayAcrossGap, true),
+        BreakArg::TrustUnstoredAccount => set(Break::TrustUnstoredAccount, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
         }
@@ -157,6 +161,12 @@ fn report(checker: impl Checker<ClusterModel>, bounds: Bounds, started: Instant)
         checker.max_depth(),
         started.elapsed().as_secs_f64()
     );
+    for p in (ClusterModel { bounds }).properties() {
+        if !SAFETY.contains(&p.name) {
+            let reached = if checker.discovery(p.name).is_some() { "reached" } else { "NOT reached" };
+            println!("{reached}: {}", p.name);
+        }
+    }
     let mut violated = Vec::new();
     for name in SAFETY {
         if let Some(path) = checker.discovery(name) {
