@@ -14,13 +14,21 @@
 //! - a drop leaves the ack set when `controller::nvlog_mirror::DropEvidence::complete` says so
 //!   (S3);
 //! - every epoch a receiver or a switchover admits passes `controller::shelf_state::admits`
-//!   (S2).
+//!   (S2);
+//! - the writer's handshake resumes where `controller::nvlog_mirror::resume` says, and announces
+//!   `in_sync` when `covers` says a CP covered the re-establish (§4.2);
+//! - the receiver's account follows `controller::mirror_receiver::announced_state` and
+//!   `silence_marks_out_of_sync` (S13);
+//! - a switchover's replay finds gaps with `nvlog::lsn_gaps` and NVFAILs on
+//!   `controller::switchover::replay_doubt`; without a mediator it is vetoed or NVFAILs on
+//!   `sync_doubts` (§9 (a)).
 //!
 //! The controller's glue between those decisions — when it sends a heartbeat, what its report
-//! says, how the NVLog stream carries records and acks, the switchover's replay — is written
-//! here after the daemon's async code (`mediator_link.rs`, `nvlog_mirror.rs`,
-//! `mirror_receiver.rs`, `switchover.rs`), which does not yet call a sans-IO core for it. Those
-//! are the next parts to extract (see `docs/safety.md`).
+//! says, the NVLog stream's messages, a CP's steps, the switchover's steps — is written here
+//! after the daemon's async code (`mediator_link.rs`, `nvlog_mirror.rs`, `mirror_receiver.rs`,
+//! `cp.rs`, `switchover.rs`), which does not call a sans-IO core for it (see `docs/safety.md`).
+//! A CP runs every `CP_INTERVAL` seconds and waits while B's site cannot take the plex writes:
+//! the model has no plex drop.
 //!
 //! Time is global and discrete (`Tick`, one second), so the clocks run at one rate: the margin
 //! of DESIGN §10.1 covers drift, which the model does not add. A message is delivered within the
@@ -33,7 +41,9 @@
 //! - never two controllers that can acknowledge for X at once (S2, S6);
 //! - no automatic switchover while X was not in sync (S7);
 //! - no record admitted, and no write acknowledged, at an epoch below one already issued (S2);
-//! - a switchover replays each record once, in lsn order, and NVFAILs on a gap (S8).
+//! - a switchover replays each record once, in lsn order (S8);
+//! - bounded liveness: once faults stop, X is served again, and (without a switchover) its
+//!   mirror is in sync again.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
