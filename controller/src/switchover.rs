@@ -380,9 +380,14 @@ async fn evaluate(
         ));
     }
     let nvlog = node.nvlog().clone();
-    let receiver_state = nvlog.status(PartitionKind::DrPartner).map(|s| s.mirror_state).ok();
+    // In this order (§9 (a)): the round trip, then the messages still unstored, then the
+    // account. Whatever the writer sent before that round trip was counted before it was
+    // recorded, so it is either still counted here or already applied to the state read next;
+    // read the other way round, a store coming out of a stall could apply a re-establish
+    // between a stale state and a count of zero.
     let round_trip = node.receiver.get().and_then(|r| r.last_round_trip_age());
     let unstored = node.receiver.get().map_or(0, |r| r.unstored());
+    let receiver_state = nvlog.status(PartitionKind::DrPartner).map(|s| s.mirror_state).ok();
     let limit = config.timers.mirror_timeout.saturating_sub(config.timers.margin);
     let mut plan = Plan {
         force_nvfail_all: request.force_nvfail_all && !negotiated,
