@@ -67,7 +67,7 @@ fn the_bounded_model_check_finds_no_violation() {
 /// `cargo nextest run -p mc-model --cargo-profile release --run-ignored only the_larger`, or
 /// `mc-model-check --fifo --horizon 9 --faults 2` (docs/safety.md).
 #[test]
-#[ignore = "the larger bounded run: 40 million states, about 12 minutes and 14 GiB in release on 2 cores"]
+#[ignore = "the larger bounded run: 46 million states, about 15 minutes and 16.5 GiB in release on 2 cores"]
 fn the_larger_model_check_finds_no_violation() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     check_all(Bounds { horizon: 9, faults: 2, fifo: true, ..Bounds::CI });
