@@ -238,6 +238,42 @@ async fn a_restarted_survivor_cannot_know() {
     assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
 }
 
+/// Finding 7 of docs/safety.md (§9 (a), S13): B's NVLog storage stalls (a gray disk) with A's
+/// messages received and not applied, while its keepalive round trips go on; then site A is
+/// lost. B's account still says in sync and its last round trip is fresh, but it may lag what A
+/// sent (a re-establish, a write A acknowledged alone): the switchover at once is vetoed (soft)
+/// for the unstored messages, and overriding NVFAILs vol_a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_with_messages_unstored_cannot_know() {
+    let mut cluster = Cluster::new(&Settings::default());
+    let stall = cluster.dir.path().join("stall-b-receiver");
+    cluster.env[1].push(("MC_FAULT_RECEIVER_STALL_FILE".into(), stall.display().to_string()));
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    std::fs::write(&stall, b"").unwrap();
+    let mut data = cluster.data(0).await;
+    let write = tokio::spawn(async move { common::write_at(&mut data, 0, vec![7; 4096]).await });
+    // B's store holds the write's record (the stall logs once a message reaches it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.log(1).contains("fault injected: stalled") {
+        assert!(Instant::now() < deadline, "B's store never got a message");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!write.is_finished(), "a write completed while B stored nothing");
+    cluster.kill(0);
+    let (_, vetoes) = switchover(&cluster, 1, request(true, false)).await.unwrap_err();
+    assert!(
+        vetoes.iter().any(|v| v.starts_with("soft sync_unknown") && v.contains("not yet stored")),
+        "{vetoes:?}"
+    );
+    let reply = switchover(&cluster, 1, request(true, true)).await.unwrap();
+    assert_eq!(reply.nvfailed_volumes, ["vol_a"], "{reply:?}");
+    std::fs::remove_file(&stall).unwrap();
+}
+
 /// A restarted controller whose partner site is down stays fenced (S2); the forced unfence
 /// raises its epoch and brings its volumes up NVFAILed (DESIGN §9 (e)).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
