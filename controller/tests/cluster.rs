@@ -1093,13 +1093,7 @@ async fn link_flapping_during_a_resync_never_marks_the_plex_normal_early() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gray_partner_stalls_writes_and_nothing_is_acknowledged_without_its_copy() {
     let settings = Settings { mirror_timeout_ms: 4000, ..Settings::default() };
-    let mut cluster = Cluster::new(&settings);
-    let stall = cluster.dir.path().join("stall-b-receiver");
-    cluster.env[1].push(("MC_FAULT_RECEIVER_STALL_FILE".into(), stall.display().to_string()));
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let (cluster, stall) = Cluster::up_with_receiver_stall_switch(&settings, VOLUME_BYTES).await;
     let mut data = cluster.data(0).await;
     common::write_at(&mut data, 0, block_data(0, 1)).await.unwrap();
     std::fs::write(&stall, b"").unwrap();

@@ -245,13 +245,8 @@ async fn a_restarted_survivor_cannot_know() {
 /// for the unstored messages, and overriding NVFAILs vol_a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_survivor_with_messages_unstored_cannot_know() {
-    let mut cluster = Cluster::new(&Settings::default());
-    let stall = cluster.dir.path().join("stall-b-receiver");
-    cluster.env[1].push(("MC_FAULT_RECEIVER_STALL_FILE".into(), stall.display().to_string()));
-    cluster.start(0);
-    cluster.start(1);
-    cluster.wait_state(0, "serving").await;
-    cluster.create_volume(0, VOLUME_BYTES).await;
+    let (mut cluster, stall) =
+        Cluster::up_with_receiver_stall_switch(&Settings::default(), VOLUME_BYTES).await;
     cluster.wait_in_sync().await;
     std::fs::write(&stall, b"").unwrap();
     let mut data = cluster.data(0).await;

@@ -225,11 +225,25 @@ impl Cluster {
     /// `volume_bytes` at A.
     pub async fn up(settings: &Settings, volume_bytes: u64) -> Cluster {
         let mut cluster = Cluster::new(settings);
-        cluster.start(0);
-        cluster.start(1);
-        cluster.wait_state(0, "serving").await;
-        cluster.create_volume(0, volume_bytes).await;
+        cluster.start_serving(volume_bytes).await;
         cluster
+    }
+
+    /// As `up`, with B's NVLog receiver storage stalled (a gray disk: keepalives answered,
+    /// records, releases and announcements queued) while the returned file exists.
+    pub async fn up_with_receiver_stall_switch(settings: &Settings, volume_bytes: u64) -> (Cluster, PathBuf) {
+        let mut cluster = Cluster::new(settings);
+        let stall = cluster.dir.path().join("stall-b-receiver");
+        cluster.env[1].push(("MC_FAULT_RECEIVER_STALL_FILE".into(), stall.display().to_string()));
+        cluster.start_serving(volume_bytes).await;
+        (cluster, stall)
+    }
+
+    async fn start_serving(&mut self, volume_bytes: u64) {
+        self.start(0);
+        self.start(1);
+        self.wait_state(0, "serving").await;
+        self.create_volume(0, volume_bytes).await;
     }
 
     /// Starts node `i` (0: A, 1: B) and waits until it listens.
