@@ -282,6 +282,21 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> NvlogError {
     move |source| NvlogError::Io { op, source }
 }
 
+/// Whether every byte of `[offset, offset + len)` reads as zero.
+fn is_zero<M: Media + ?Sized>(media: &M, offset: u64, len: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; ZERO_CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let chunk = usize::try_from((len - done).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
+        media.read(offset + done, &mut buf[..chunk])?;
+        if buf[..chunk].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        done += chunk as u64;
+    }
+    Ok(true)
+}
+
 /// Writes zeroes over `[offset, offset + len)` where the media is not already zero.
 fn zero_range<M: Media + ?Sized>(media: &M, offset: u64, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; ZERO_CHUNK];
@@ -1123,8 +1138,8 @@ fn empty_state(released: Lsn) -> PartState {
 ///
 /// Nothing that verifies is ever zeroed where it could matter: where the header and the
 /// records disagree (possible only when the newest header copy was lost to corruption and an
-/// older one is in use) or a damaged record is followed by verified ones in `process` mode, the
-/// partition fails instead, and S8 recovers its records from a partner.
+/// older one is in use) or a damaged or zeroed record is followed by verified ones in `process`
+/// mode, the partition fails instead, and S8 recovers its records from a partner.
 fn recover_partition<M: Media>(
     media: &M,
     entry: &mut PartitionEntry,
@@ -1157,8 +1172,8 @@ fn recover_partition<M: Media>(
     let highest = |extra: Lsn| -> Result<Lsn> {
         let mut highest = extra.max(entry.sealed_last_lsn);
         for half in [0, 1] {
-            let lsns = sweep_half(media, entry, half, 0, check_crc).map_err(io_err("sweep a half"))?;
-            highest = lsns.into_iter().fold(highest, Lsn::max);
+            let found = sweep_half(media, entry, half, 0, check_crc).map_err(io_err("sweep a half"))?;
+            highest = found.into_iter().map(|header| header.lsn).fold(highest, Lsn::max);
         }
         Ok(highest)
     };
@@ -1196,6 +1211,7 @@ fn recover_partition<M: Media>(
         let live = sweep_half(media, entry, sealed, 0, check_crc)
             .map_err(io_err("sweep the released half"))?
             .into_iter()
+            .map(|header| header.lsn)
             .filter(|lsn| *lsn > entry.released_lsn)
             .max();
         if let Some(live) = live {
@@ -1207,23 +1223,49 @@ fn recover_partition<M: Media>(
         state.sealed_free = true;
     }
     let last_good = active_scan.records.last().map_or(entry.sealed_last_lsn, |f| f.lsn);
-    let (mut case, defect) = match active_scan.stop {
+    let rest_offset = entry.half_offset(active) + active_scan.end;
+    let rest_bytes = half - active_scan.end;
+    let (mut case, mut defect) = match &active_scan.stop {
         Stop::Clean | Stop::Reached => (Case::Valid, None),
-        Stop::Damaged(why) => (Case::TornTail, Some(why)),
-        Stop::Stale(why) => (Case::StaleGeneration, Some(why)),
+        Stop::Damaged(why) => (Case::TornTail, Some(why.clone())),
+        Stop::Stale(why) => (Case::StaleGeneration, Some(why.clone())),
     };
-    if case == Case::TornTail {
-        // What verifies beyond the damage? Appends are written in lsn order, one at a time per
-        // partition, so after a process crash nothing can: a verified record there means the
-        // damaged one was corrupted after it was written. After a power loss it can be an
-        // unacknowledged record that landed while an earlier one did not.
-        let beyond = sweep_half(media, entry, active, active_scan.end + 8, check_crc)
+    // What verifies beyond the end of the scan? Appends are written in lsn order, one at a time
+    // per partition, into a half zeroed before its reuse, and the rest of the active half is
+    // zeroed at every open: so after a process crash nothing can, and a verified record there
+    // means the damaged or zeroed one (a page or sector read back as zeroes) was lost after it
+    // was written. After a power loss it can be an unacknowledged record that landed while an
+    // earlier one did not.
+    //
+    // Beyond zeroes the rest is usually all zero, and one read of it (which replaces the read
+    // `zero_range` would make) settles it; only otherwise is it swept, and then zeroed. There
+    // only records whose generation is listed count: an interrupted `reset_partition` (header
+    // first, then the zeroing) leaves its old records, no longer listed, behind zeroes.
+    let rest_is_zero = matches!(active_scan.stop, Stop::Clean)
+        && is_zero(media, rest_offset, rest_bytes).map_err(io_err("read the rest of the active half"))?;
+    let look_beyond = match active_scan.stop {
+        Stop::Damaged(_) => Some((active_scan.end + 8, false)),
+        Stop::Clean if !rest_is_zero => Some((active_scan.end, true)),
+        Stop::Clean | Stop::Reached | Stop::Stale(_) => None,
+    };
+    if let Some((from, listed_only)) = look_beyond {
+        let beyond = sweep_half(media, entry, active, from, check_crc)
             .map_err(io_err("look beyond the tail"))?
             .into_iter()
-            .filter(|lsn| *lsn > last_good)
+            .filter(|header| header.lsn > last_good)
+            .filter(|header| !listed_only || entry.lists(header.generation, header.lsn))
             .count();
-        if beyond > 0 && durability == Durability::Process {
-            case = Case::CorruptBeforeTail;
+        if beyond > 0 {
+            if case == Case::Valid {
+                case = Case::TornTail;
+                defect = Some(format!(
+                    "zeroes at byte {} of half {active}, then {beyond} records that verify",
+                    active_scan.end
+                ));
+            }
+            if durability == Durability::Process {
+                case = Case::CorruptBeforeTail;
+            }
         }
         report.dropped_verified_records = beyond;
     }
@@ -1234,10 +1276,11 @@ fn recover_partition<M: Media>(
         return Ok(fail_partition(entry, state, report, highest, case, why));
     }
     debug_assert!(matches!(action, Action::Keep | Action::TruncateTail));
-    // With `Keep` the rest is zero already; zeroing it on every open costs a read and makes sure
-    // no byte of a write that never completed lies beyond the tail (TruncateTail).
-    zero_range(media, entry.half_offset(active) + active_scan.end, half - active_scan.end)
-        .map_err(io_err("truncate the tail"))?;
+    // No byte of a write that never completed (TruncateTail), nor anything else that is not
+    // zero, may lie beyond the tail: the next append and the next recovery rely on it.
+    if !rest_is_zero {
+        zero_range(media, rest_offset, rest_bytes).map_err(io_err("truncate the tail"))?;
+    }
     if let Some(last) = active_scan.records.last() {
         state.half_last[active as usize] = last.lsn;
     }

@@ -7,7 +7,9 @@
 //! Invariants the table relies on:
 //! - a half is zeroed (and, in `power` mode, persisted) before it is reused, and the unused rest
 //!   of the active half is zeroed at every open, so the first non-record after the last valid
-//!   record is either zeroes (a clean end) or a write that never completed (a torn tail);
+//!   record is either zeroes (a clean end) or a write that never completed (a torn tail); a
+//!   listed record that verifies beyond either was written after the lost one, which in
+//!   `process` mode only damage can explain;
 //! - the header records the last lsn of the sealed half, written only after that half's records
 //!   were durable, so a record missing before it can only be corruption, never a crash;
 //! - within a partition, lsns strictly increase in file order.
@@ -22,8 +24,9 @@ use crate::types::{Lsn, PartitionKind};
 pub enum Case {
     /// Every record up to the tail verifies; both header copies are valid.
     Valid,
-    /// The active half ends in bytes that are neither a valid record nor zeroes: a write that
-    /// never completed.
+    /// The active half ends in bytes that are neither a valid record nor zeroes (a write that
+    /// never completed), or in zeroes followed by listed records that verify (in `power` mode, a
+    /// later write that reached the media before an earlier one).
     TornTail,
     /// A record the header says must exist (at or below the sealed half's last lsn, above the
     /// release point) is missing or fails its CRC.
@@ -133,12 +136,13 @@ pub struct PartitionRecovery {
     pub tail: Lsn,
     /// The defect that ended the scan, when it was not a clean end.
     pub defect: Option<String>,
-    /// Records that verify but lie beyond a torn tail and were dropped with it. In `power` mode
-    /// a power loss can leave such records (none of them was acknowledged, since an
-    /// acknowledgement covers every lower lsn); bit rot in an acknowledged record looks the
-    /// same, so the caller must take the partner's records above `tail` before serving (S8),
-    /// or NVFAIL without one. In `process` mode this is always corruption and the partition
-    /// fails instead.
+    /// Records that verify but lie beyond a torn tail (or beyond zeroes, counting only records
+    /// whose generation is listed) and were dropped with it. In `power` mode a power loss can
+    /// leave such records (none of them was acknowledged, since an acknowledgement covers every
+    /// lower lsn); bit rot or a lost sector in an acknowledged record looks the same, so the
+    /// caller must take the partner's records above `tail` before serving (S8), or NVFAIL
+    /// without one. In `process` mode this is always corruption and the partition fails
+    /// instead.
     pub dropped_verified_records: usize,
 }
 
@@ -248,17 +252,18 @@ pub(crate) fn scan_half<M: Media + ?Sized>(
 }
 
 /// Finds every record of the partition's writer that verifies, at any 8-byte position of the
-/// half from `from` on, whatever its generation or order; steps over the body of each one found
-/// so records inside payloads of genuine records are not counted. Used where the ordinary scan
-/// stopped and recovery must know what lies beyond: the highest lsn that exists (so lsns never
-/// go back) and whether verified records follow a damaged one.
+/// half from `from` on, whatever its generation or order, and returns their headers; steps over
+/// the body of each one found so records inside payloads of genuine records are not counted.
+/// Used where the ordinary scan stopped and recovery must know what lies beyond: the highest
+/// lsn that exists (so lsns never go back) and whether verified records follow a damaged or
+/// zeroed one.
 pub(crate) fn sweep_half<M: Media + ?Sized>(
     media: &M,
     entry: &PartitionEntry,
     half: u32,
     from: u64,
     check_crc: bool,
-) -> std::io::Result<Vec<Lsn>> {
+) -> std::io::Result<Vec<RecordHeader>> {
     const CHUNK: u64 = 1 << 20;
     let base = entry.half_offset(half);
     let size = entry.half_size();
@@ -285,7 +290,7 @@ pub(crate) fn sweep_half<M: Media + ?Sized>(
                     body.resize(header.total_len as usize, 0);
                     media.read(base + pos, &mut body)?;
                     if !check_crc || verify_crc(&header, &body).is_ok() {
-                        found.push(header.lsn);
+                        found.push(header);
                         skip_to = pos + u64::from(header.total_len);
                     }
                 }

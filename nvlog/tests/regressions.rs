@@ -252,6 +252,81 @@ fn f4_power_mode_reports_verified_records_beyond_a_tear() {
     assert_eq!(report.partitions[0].dropped_verified_records, 3);
 }
 
+/// F8: an acknowledged record in the middle of the active half whose header reads back as
+/// zeroes (a page or sector lost to the media) looked like a clean end, so every later
+/// acknowledged record was zeroed by the open; in `process` mode it is corruption.
+#[test]
+fn f8_process_mode_zeroes_before_verified_records_fail_the_partition() {
+    let (media, log) = mem_log(BYTES, Durability::Process);
+    for i in 0..5u64 {
+        log.append(&write_input(&payload(i, 200), 0)).unwrap();
+    }
+    drop(log);
+    let record = nvlog::record::encoded_len(200);
+    let second = DATA_START + record as u64;
+    media.write(second, &vec![0u8; record]).unwrap();
+    let (log, report) = Nvlog::open(media.clone(), IDENTITY, options(Durability::Process)).unwrap();
+    let local = &report.partitions[0];
+    assert_eq!(local.case, Case::CorruptBeforeTail, "the open zeroed acknowledged lsns 3..=5: {local:?}");
+    assert!(lsns(&log, LOCAL).is_err());
+    drop(log);
+    // Nothing was zeroed: the records after the lost one are still on the media.
+    let third = second + record as u64;
+    let mut bytes = vec![0u8; 96];
+    media.read(third, &mut bytes).unwrap();
+    assert!(nvlog::record::decode_header(&bytes).is_ok());
+}
+
+/// F8 in `power` mode: zeroes followed by verified records can be a power loss (a later page
+/// reached the media, an earlier one did not), so the tail is truncated, but the report counts
+/// the verified records dropped so the caller takes the partner's copy before serving (S8).
+#[test]
+fn f8_power_mode_reports_verified_records_beyond_zeroes() {
+    let (media, log) = mem_log(BYTES, Durability::Power);
+    for i in 0..5u64 {
+        log.append(&write_input(&payload(i, 200), 0)).unwrap();
+    }
+    drop(log);
+    let second = DATA_START + nvlog::record::encoded_len(200) as u64;
+    media.write(second, &[0u8; 96]).unwrap();
+    let (log, report) = Nvlog::open(media.clone(), IDENTITY, options(Durability::Power)).unwrap();
+    let local = &report.partitions[0];
+    assert_eq!(local.case, Case::TornTail, "{local:?}");
+    assert_eq!(local.tail, Lsn(1));
+    assert_eq!(local.dropped_verified_records, 3, "{local:?}");
+    assert_eq!(lsns(&log, LOCAL).unwrap(), [1]);
+}
+
+/// F8's check must not count what an interrupted reset leaves: `reset_partition` writes the
+/// header (generations cleared) before it zeroes the records, so a crash during the zeroing
+/// leaves zeroes followed by old records that verify but are no longer listed. They are being
+/// dropped on purpose: the partition opens empty, it does not fail.
+#[test]
+fn f8_old_records_after_the_zeroes_of_an_interrupted_reset_are_not_counted() {
+    for durability in [Durability::Process, Durability::Power] {
+        let (media, log) = mem_log(BYTES, durability);
+        for i in 0..5u64 {
+            log.append(&write_input(&payload(i, 200), 0)).unwrap();
+        }
+        let before = media.snapshot();
+        log.reset_partition(LOCAL).unwrap();
+        drop(log);
+        // The crash came after the zeroing had covered the first two records only.
+        let third = (DATA_START + 2 * nvlog::record::encoded_len(200) as u64) as usize;
+        let fifth_end = DATA_START as usize + 5 * nvlog::record::encoded_len(200);
+        media.write(third as u64, &before[third..fifth_end]).unwrap();
+        let (log, report) = Nvlog::open(media.clone(), IDENTITY, options(durability)).unwrap();
+        let local = &report.partitions[0];
+        assert_eq!(
+            (local.case, local.dropped_verified_records),
+            (Case::Valid, 0),
+            "{durability:?}: {local:?}"
+        );
+        assert_eq!(lsns(&log, LOCAL).unwrap(), Vec::<u64>::new());
+        assert!(log.append(&write_input(b"new", 0)).unwrap() > Lsn(5));
+    }
+}
+
 /// F5: S10 — a header write that passed the `failed` check before another thread's header msync
 /// failed must not write (into the slot holding the last good copy) nor return Ok.
 struct FailFirstHeaderPersist {
