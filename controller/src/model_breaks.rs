@@ -24,8 +24,10 @@ pub enum Break {
     /// S8: a lost local partition adopts the partner's copy as complete without the mediator
     /// vouching that no drop was recorded.
     AdoptWithoutMediatorIntact,
-    /// S8: a switchover replays the partner's records across a run of missing lsns. No model
-    /// path reaches a gap (docs/safety.md), so no test expects this one to bite.
+    /// S8: a switchover replays the partner's records across a run of missing lsns: between
+    /// the last CP the plex here holds and the partner's release point (records the partner
+    /// released while this plex was dropped), or inside the partition's records (no model path
+    /// reaches that one, docs/safety.md).
     ReplayAcrossGap,
     /// §9 (a), S13: a switchover without a mediator trusts the receiver's account while the
     /// writer's messages wait unstored (a stalled store).

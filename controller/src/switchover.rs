@@ -726,8 +726,9 @@ pub fn replay_doubt(found: &ReplayFound, floor: Lsn, partner: u32) -> Option<Str
     if found.receiver == nvlog::MirrorState::Resyncing {
         return Some(format!("this node's copy of node {partner}'s records lost records (resyncing, S13)"));
     }
-    if found.released > floor {
-        // Released by the partner above what the plex here holds: those records are gone.
+    if found.released > floor && !active(Break::ReplayAcrossGap) {
+        // Released by the partner above what the plex here holds: lsns floor+1..=released are
+        // in neither (a gap between the plex and the log), and those records are gone.
         return Some(format!(
             "node {partner} released its records up to lsn {} but the plex here holds its CPs only up to lsn {} (S8)",
             found.released.0, floor.0

@@ -4,7 +4,8 @@
 //! partner and X's NVLog receiver) and the mediator — explored over every interleaving by the
 //! `stateright` checker, with a network that loses, delays, duplicates and reorders the
 //! mediator's messages, crashes (with and without the loss of the NVLog file), pauses, a stalled
-//! receiver, inter-site and mediator link cuts, and an operator's forced switchover.
+//! receiver, inter-site and mediator link cuts, plex drops and resyncs, and an operator's
+//! forced switchover.
 //!
 //! **What runs here is the product's own decision code**, called with the model's clock:
 //! - the mediator is `mediator::decide::Mediator`, whole: leases, epochs, the in-sync record,
@@ -27,8 +28,9 @@
 //! says, the NVLog stream's messages, a CP's steps, the switchover's steps — is written here
 //! after the daemon's async code (`mediator_link.rs`, `nvlog_mirror.rs`, `mirror_receiver.rs`,
 //! `cp.rs`, `switchover.rs`), which does not call a sans-IO core for it (see `docs/safety.md`).
-//! A CP runs every `CP_INTERVAL` seconds and waits while B's site cannot take the plex writes:
-//! the model has no plex drop.
+//! A CP runs every `CP_INTERVAL` seconds; while B's site cannot take the plex writes it waits,
+//! and after `mirror_timeout` of silence B's plex is dropped (recorded by the mediator first,
+//! S3) and the CP goes on with A's plex alone; A's plex monitor resyncs B's plex once it can.
 //!
 //! Time is global and discrete (`Tick`, one second), so the clocks run at one rate: the margin
 //! of DESIGN §10.1 covers drift, which the model does not add. A message is delivered within the
@@ -47,6 +49,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::hash::{Hash as _, Hasher as _};
 use std::time::Duration;
 
 use controller::lease::Lease;
@@ -65,6 +68,11 @@ use stateright::{Model, Property};
 /// faults come at every point between, so every phase is explored. Between two CPs a
 /// re-established mirror stays `resyncing`.
 pub const CP_INTERVAL: u8 = 3;
+
+/// A's plex monitor resyncs B's dropped plex at most this many seconds after it could first
+/// reattach it (it retries every half second; a reattach that keeps failing is a fault the
+/// model does not have).
+pub const PLEX_REATTACH: u8 = 2;
 
 /// The one aggregate.
 pub const X: AggregateId = AggregateId([0x58; 16]);
@@ -190,6 +198,19 @@ pub struct Pending {
     since: u8,
 }
 
+/// B's plex in A's aggregate X (DESIGN §4.1): the remote plex of A's CPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemotePlex {
+    /// Written by every CP.
+    Normal,
+    /// Its CP writes went unanswered for `mirror_timeout`: dropped in A's labels, and the CP
+    /// waits for the mediator to record the drop (S3, `node.rs` `PartnerDrops`).
+    Dropping,
+    /// Out of date: CPs go to A's plex alone until the plex monitor reattaches and resyncs it
+    /// (`plex_monitor.rs`).
+    Dropped,
+}
+
 /// A controller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Ctl {
@@ -230,6 +251,8 @@ pub struct Ctl {
     pub plex: BTreeSet<u8>,
     /// The last CP of A's records this site's plex labels record (A's lsn).
     pub plex_cp: u64,
+    /// As owner of X: the plex at the other site (its drop is in this site's labels).
+    pub remote_plex: RemotePlex,
     /// The shelf's epoch mark for X.
     pub mark: Epoch,
     /// The epoch it holds X at (its labels).
@@ -299,6 +322,7 @@ impl Ctl {
             rx_gap_at: None,
             plex: BTreeSet::new(),
             plex_cp: 0,
+            remote_plex: RemotePlex::Normal,
             mark: epoch_one(),
             owns: (index == A).then(epoch_one),
             data: BTreeSet::new(),
@@ -395,6 +419,8 @@ pub enum ToMediator {
     RecordDrop {
         /// The heartbeat counter's stamp.
         stamp: (u64, u64),
+        /// Of the partner's plex, not of the NVLog mirror.
+        plex_only: bool,
     },
     /// The grant was applied.
     ConfirmGrant,
@@ -411,7 +437,10 @@ pub enum ToCtl {
     /// The reply to a heartbeat or a manual switchover (lease, epochs, grant).
     Reply(decide::Reply),
     /// The drop is recorded.
-    DropRecorded,
+    DropRecorded {
+        /// Of the partner's plex.
+        plex_only: bool,
+    },
     /// Refused, with why.
     Refused(String),
 }
@@ -511,6 +540,8 @@ pub struct History {
     pub faulted: bool,
     /// A re-established mirror was announced `in_sync` again (a covering CP).
     pub resynced: bool,
+    /// A dropped plex was resynced.
+    pub plex_resynced: bool,
     /// A switchover's replay found a gap in the partner's records.
     pub replay_gap: bool,
     /// A switchover's replay doubted the partner's copy where the grant did not NVFAIL.
@@ -545,6 +576,12 @@ pub struct State {
     pub writes_left: u8,
     /// Forced switchovers the operator may still run.
     pub switchovers_left: u8,
+    /// A's CP is due (every `CP_INTERVAL`); it waits while B's plex neither answers nor is
+    /// dropped.
+    pub cp_due: bool,
+    /// Since when A's plex monitor could reattach B's dropped plex (it does within
+    /// `PLEX_REATTACH` seconds).
+    pub reattach_since: Option<u8>,
     /// What happened.
     pub history: History,
 }
@@ -593,6 +630,8 @@ pub enum Action {
     Restart(usize),
     /// A paused controller resumes (SIGCONT).
     Resume(usize),
+    /// A's plex monitor reattaches B's dropped plex and resyncs it from A's.
+    ResyncPlex,
     /// The operator runs `mcctl switchover --forced-on-disaster` at a controller (through the
     /// mediator), for the other site's aggregates.
     ManualSwitchover {
@@ -650,6 +689,8 @@ impl ClusterModel {
             faults_left: self.bounds.faults,
             writes_left: self.bounds.writes,
             switchovers_left: self.bounds.switchovers,
+            cp_due: false,
+            reattach_since: None,
             history: History::default(),
         }
     }
@@ -683,8 +724,14 @@ impl State {
         }
         self.net.push(e);
         if !self.fifo {
-            // A multiset: one state whatever the order of sending.
-            self.net.sort_by_key(|e| format!("{e:?}"));
+            // A multiset: one state whatever the order of sending. Sorted by a fixed-key hash
+            // (formatting each envelope to sort by its text cost an eighth of the check's time);
+            // two envelopes whose hashes collide only cost a duplicate state, never a lost one.
+            self.net.sort_by_cached_key(|e| {
+                let mut h = std::hash::DefaultHasher::new();
+                e.hash(&mut h);
+                h.finish()
+            });
         }
     }
 
@@ -777,7 +824,7 @@ impl State {
                     epoch: to_decide(e),
                     mirror: c.writer_state(),
                     receiver_generation: 1,
-                    plexes_normal: true,
+                    plexes_normal: c.remote_plex == RemotePlex::Normal,
                 }],
                 _ => Vec::new(),
             },
@@ -925,28 +972,54 @@ impl State {
         }
     }
 
-    /// A CP of A's records (DESIGN §4 step 5, `cp.rs`): through the record below the first
-    /// write still waiting, destaged to both plexes (it waits while B's site cannot take the
-    /// plex writes: the model has no plex drop), recorded in both sites' labels, then
-    /// released locally and at the partner.
+    /// A CP of A's records (DESIGN §4 step 5, `cp.rs`), when one is due: through the record
+    /// below the first write still waiting, destaged to both plexes, recorded in the labels,
+    /// then released locally and at the partner. While B's site cannot take the plex writes the
+    /// CP waits; after `mirror_timeout` of silence B's plex is dropped (recorded by the mediator
+    /// first, if there is one: S3) and the CP goes on with A's plex alone.
     fn cp(&mut self) {
         let now = self.now;
-        let remote_plex = self.link && self.takes(B);
         let a = &self.ctl[A];
-        if !a.can_serve(now) || a.owns.is_none_or(|e| e.owner.0 != a.node) || !remote_plex {
+        if !self.cp_due || !a.can_serve(now) || a.owns.is_none_or(|e| e.owner.0 != a.node) {
             return;
         }
         let lsn = a.pending.iter().map(|p| p.lsn).min().map_or(a.last_lsn(), |first| first - 1);
         if lsn <= a.released {
+            self.cp_due = false;
             return;
         }
+        let remote = self.link && self.takes(B);
+        if !remote && a.remote_plex == RemotePlex::Normal {
+            let silent_for = now - a.heard.unwrap_or(a.started).max(a.started);
+            if silent_for < ticks(timers().mirror_timeout) {
+                return;
+            }
+            // `plex::Aggregate`: the drop is in A's labels and bitmap; `PartnerDrops`: B did
+            // not record it (unreachable), S3's silence stands in; the mediator must record it.
+            if a.leased {
+                self.ctl[A].remote_plex = RemotePlex::Dropping;
+                self.record_drop(A, true);
+                return;
+            }
+            self.ctl[A].remote_plex = RemotePlex::Dropped;
+        }
+        let to_b = match self.ctl[A].remote_plex {
+            RemotePlex::Normal => true,
+            RemotePlex::Dropping => return,
+            RemotePlex::Dropped => false,
+        };
+        let a = &self.ctl[A];
         let waiting: BTreeSet<u8> = a.pending.iter().map(|p| p.write).collect();
         let destaged: BTreeSet<u8> = a.data.difference(&waiting).copied().collect();
-        for c in &mut self.ctl {
+        for (i, c) in self.ctl.iter_mut().enumerate() {
+            if i == B && !to_b {
+                continue;
+            }
             c.plex.extend(destaged.iter().copied());
             c.data.extend(destaged.iter().copied());
             c.plex_cp = lsn;
         }
+        self.cp_due = false;
         let a = &mut self.ctl[A];
         a.released = lsn;
         a.log.retain(|r| r.lsn > lsn);
@@ -954,6 +1027,29 @@ impl State {
             self.stream[0].push((now, StreamMsg::Release(lsn)));
         }
         self.announce_if_covered();
+    }
+
+    /// Whether A's plex monitor can reattach B's dropped plex: A serves and B's disks answer.
+    fn can_reattach(&self) -> bool {
+        let a = &self.ctl[A];
+        a.remote_plex == RemotePlex::Dropped
+            && a.can_serve(self.now)
+            && a.owns.is_some_and(|e| e.owner.0 == a.node)
+            && self.link
+            && self.takes(B)
+    }
+
+    /// The reattach and resync from the dirty bitmap (`plex_monitor.rs`), taken as one step:
+    /// B's plex becomes a copy of A's, its labels too.
+    fn resync_plex(&mut self) {
+        let (plex, plex_cp) = (self.ctl[A].plex.clone(), self.ctl[A].plex_cp);
+        let b = &mut self.ctl[B];
+        b.data.extend(plex.iter().copied());
+        b.plex = plex;
+        b.plex_cp = plex_cp;
+        self.ctl[A].remote_plex = RemotePlex::Normal;
+        self.reattach_since = None;
+        self.history.plex_resynced = true;
     }
 
     fn tick(&mut self) {
@@ -965,7 +1061,19 @@ impl State {
         }
         self.keepalives();
         if self.now.is_multiple_of(CP_INTERVAL) {
-            self.cp();
+            self.cp_due = true;
+        }
+        self.cp();
+        // The plex monitor retries every half second: a plex it can reattach is resynced within
+        // `PLEX_REATTACH` (earlier at the checker's choice, `Action::ResyncPlex`).
+        if !self.can_reattach() {
+            self.reattach_since = None;
+        } else if let Some(since) = self.reattach_since {
+            if now - since >= PLEX_REATTACH {
+                self.resync_plex();
+            }
+        } else {
+            self.reattach_since = Some(now);
         }
         for i in [A, B] {
             if !self.takes(i) {
@@ -979,10 +1087,13 @@ impl State {
             // without one, completes after mirror_timeout of silence.
             if c.dropping.is_some() {
                 if mediator {
-                    self.record_drop(i);
+                    self.record_drop(i, false);
                 } else {
                     self.drop_by_silence(i);
                 }
+            }
+            if self.ctl[i].remote_plex == RemotePlex::Dropping {
+                self.record_drop(i, true);
             }
             if !mediator {
                 continue;
@@ -1048,7 +1159,7 @@ impl State {
         if evidence.complete(c.leased, timers().mirror_timeout) {
             self.finish_drop(index);
         } else if c.leased {
-            self.record_drop(index);
+            self.record_drop(index, false);
         } else {
             self.drop_by_silence(index);
         }
@@ -1068,7 +1179,7 @@ impl State {
         }
     }
 
-    fn record_drop(&mut self, index: usize) {
+    fn record_drop(&mut self, index: usize, plex_only: bool) {
         let now = self.now;
         let c = &mut self.ctl[index];
         c.seq += 1;
@@ -1077,7 +1188,7 @@ impl State {
             life: c.life,
             sent: now,
             delayed: false,
-            body: ToMediator::RecordDrop { stamp: (c.life, c.seq) },
+            body: ToMediator::RecordDrop { stamp: (c.life, c.seq), plex_only },
         };
         self.send(e);
     }
@@ -1226,13 +1337,13 @@ impl State {
                 }
                 let node = NodeId(self.ctl[from].node);
                 let (event, drop_request) = match body {
-                    ToMediator::Report(r) => (decide::Event::Report(*r), false),
-                    ToMediator::RecordDrop { stamp } => {
-                        (decide::Event::RecordDrop { node, aggregate: X, stamp, plex_only: false }, true)
+                    ToMediator::Report(r) => (decide::Event::Report(*r), None),
+                    ToMediator::RecordDrop { stamp, plex_only } => {
+                        (decide::Event::RecordDrop { node, aggregate: X, stamp, plex_only }, Some(plex_only))
                     }
-                    ToMediator::ConfirmGrant => (decide::Event::ConfirmGrant { node }, false),
+                    ToMediator::ConfirmGrant => (decide::Event::ConfirmGrant { node }, None),
                     ToMediator::ManualSwitchover { override_in_sync } => {
-                        (decide::Event::ManualSwitchover { node, override_in_sync }, false)
+                        (decide::Event::ManualSwitchover { node, override_in_sync }, None)
                     }
                 };
                 let grants = self.mediator.state().grants.len();
@@ -1259,8 +1370,10 @@ impl State {
                 }
                 for action in actions {
                     let body = match action {
-                        decide::Action::Reply(_) if drop_request => ToCtl::DropRecorded,
-                        decide::Action::Reply(r) => ToCtl::Reply(r),
+                        decide::Action::Reply(r) => match drop_request {
+                            Some(plex_only) => ToCtl::DropRecorded { plex_only },
+                            None => ToCtl::Reply(r),
+                        },
                         decide::Action::Refuse { reason, .. } => ToCtl::Refused(reason),
                         decide::Action::Persist | decide::Action::Alert(_) => continue,
                     };
@@ -1280,7 +1393,15 @@ impl State {
                 }
                 match body {
                     ToCtl::Reply(r) => self.on_reply(to, request_sent, &r),
-                    ToCtl::DropRecorded => {
+                    ToCtl::DropRecorded { plex_only: true } => {
+                        if self.ctl[to].remote_plex == RemotePlex::Dropping {
+                            self.ctl[to].remote_plex = RemotePlex::Dropped;
+                            if to == A {
+                                self.cp();
+                            }
+                        }
+                    }
+                    ToCtl::DropRecorded { plex_only: false } => {
                         let c = &mut self.ctl[to];
                         if let Some(d) = &mut c.dropping {
                             d.recorded_by_mediator = true;
@@ -1468,6 +1589,7 @@ impl State {
         let a = &self.ctl[A];
         let mediator = !a.leased || self.mediator.state().aggregates.get(&X).is_some_and(|r| r.in_sync());
         !due || (a.writer_state() == MirrorState::InSync
+            && a.remote_plex == RemotePlex::Normal
             && self.ctl[B].rx_state == nvlog::MirrorState::InSync
             && mediator)
     }
@@ -1499,7 +1621,7 @@ impl State {
                 out,
                 "    node {} {process}: owns {} mark {}{}{}, lease {lease}, confirmed {}, serving {}, log {:?} \
                  (released {}, mirror {:?}), received {:?} ({:?}, released {}), plex {:?} (CP {}), data {:?}, \
-                 acked-by-partner {}, waiting {:?}{}{}",
+                 acked-by-partner {}, waiting {:?}{}{}{}",
                 c.node,
                 c.owns.map_or("-".to_string(), |e| format!("{}@{}", e.number, e.owner.0)),
                 c.mark.number,
@@ -1519,6 +1641,10 @@ impl State {
                 c.acked.0,
                 c.pending.iter().map(|p| p.write).collect::<Vec<_>>(),
                 if c.ack_set.dropped { ", partner dropped" } else { "" },
+                match c.remote_plex {
+                    RemotePlex::Normal => String::new(),
+                    other => format!(", partner's plex {other:?}"),
+                },
                 if c.stalled {
                     format!(", receiver stalled ({} unstored)", c.unstored)
                 } else {
@@ -1627,6 +1753,10 @@ impl ClusterModel {
 fn crash(s: &mut State, i: usize) {
     s.ctl[i].up = false;
     s.ctl[i].paused = false;
+    if i == A {
+        // The CP running dies with the process; the next comes at the next interval.
+        s.cp_due = false;
+    }
     s.clear_streams();
     s.net.retain(|e| !matches!(e, Envelope::Down { to, .. } if *to == i));
 }
@@ -1654,6 +1784,11 @@ fn restart(s: &mut State, i: usize) {
     c.unstored = 0;
     c.copy_complete = None;
     c.mirror_intact = None;
+    // The drop is in the labels; the hook that waited for its records died with the process.
+    // The restarted node's reports say its plexes are not normal before it may serve (S2).
+    if c.remote_plex == RemotePlex::Dropping {
+        c.remote_plex = RemotePlex::Dropped;
+    }
 }
 
 impl Model for ClusterModel {
@@ -1707,6 +1842,9 @@ impl Model for ClusterModel {
                 actions.push(Action::Resume(i));
             }
         }
+        if s.can_reattach() {
+            actions.push(Action::ResyncPlex);
+        }
         if s.switchovers_left > 0 {
             for at in [A, B] {
                 if s.takes(at) {
@@ -1739,6 +1877,7 @@ impl Model for ClusterModel {
                 s.ctl[i].paused = false;
                 s.try_ack(i);
             }
+            Action::ResyncPlex => s.resync_plex(),
             Action::ManualSwitchover { at, override_in_sync } if !s.ctl[at].leased => {
                 s.switchovers_left -= 1;
                 s.history.disturbed = s.now;
@@ -1781,6 +1920,7 @@ impl Model for ClusterModel {
             Property::sometimes(SOME_RESYNC, |_, s: &State| {
                 s.history.resynced && s.ctl[B].rx_state == nvlog::MirrorState::InSync
             }),
+            Property::sometimes(SOME_PLEX_RESYNC, |_, s: &State| s.history.plex_resynced),
             Property::sometimes(SOME_RECOVERY, |_, s: &State| {
                 s.history.faulted && s.healthy() && s.now >= s.history.disturbed.saturating_add(RECOVERY)
             }),
@@ -1850,6 +1990,8 @@ pub const REPLAY_GAP: &str = "a switchover's replay meets a gap";
 pub const REPLAY_DOUBT: &str = "a switchover's replay doubts a copy its grant vouched for";
 /// Vacuity: a mirror re-established after a fault is in sync again at both ends.
 pub const SOME_RESYNC: &str = "a re-established mirror is in sync again";
+/// Vacuity: a plex dropped while B's site could not take A's CP is resynced.
+pub const SOME_PLEX_RESYNC: &str = "a dropped plex is resynced";
 /// Vacuity: `RECOVERS` is due in some state after a fault.
 pub const SOME_RECOVERY: &str = "the cluster is whole again after a fault";
 
@@ -1911,6 +2053,7 @@ fn describe(s: &State, action: &Action) -> String {
         Action::Fault(f) => format!("FAULT {f:?}"),
         Action::Restart(i) => format!("{} restarts", name(*i)),
         Action::Resume(i) => format!("{} resumes", name(*i)),
+        Action::ResyncPlex => "A's plex monitor reattaches B's plex and resyncs it".into(),
         Action::ManualSwitchover { at, override_in_sync } => {
             format!(
                 "operator at {}: forced switchover to it (override in-sync: {override_in_sync})",

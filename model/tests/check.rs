@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use mc_model::{
     ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, NO_WAY_BACK, ONE_WRITER,
-    RECOVERS, REPLAY_DOUBT, REPLAY_GAP, SAFETY, SOME_AUSO, SOME_RECOVERY, SOME_RESYNC,
+    RECOVERS, REPLAY_DOUBT, REPLAY_GAP, SAFETY, SOME_AUSO, SOME_PLEX_RESYNC, SOME_RECOVERY, SOME_RESYNC,
     SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
@@ -47,9 +47,13 @@ fn check_all_of(reached: &[&'static str], bounds: Bounds) {
     for name in reached {
         assert!(checker.discovery(name).is_some(), "no state where {name}: the check would be vacuous");
     }
-    // The replay's own checks stand behind the grant's (docs/safety.md): were one of these
-    // reached, a rule behind them would carry weight the model does not show biting.
-    for name in [REPLAY_GAP, REPLAY_DOUBT] {
+    // The replay's gap rule inside the partner's records stands behind the receiver's rules;
+    // with a mediator, its release-point rule stands behind the grant's in-sync record
+    // (docs/safety.md): were one of these reached, a rule would carry weight the model does not
+    // show biting. Without a mediator the release-point rule is load-bearing (a plex dropped
+    // while B's site was cut off), and `reached` names it where a check must reach it.
+    let unreachable: &[&str] = if bounds.mediator { &[REPLAY_GAP, REPLAY_DOUBT] } else { &[REPLAY_GAP] };
+    for name in unreachable {
         if let Some(path) = checker.discovery(name) {
             panic!("a state where {name}, thought unreachable:\n{}", trace(path));
         }
@@ -278,4 +282,62 @@ fn crash_stall_crash() -> Bounds {
 fn the_model_check_of_a_gray_disk_without_a_mediator_finds_no_violation() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     check_all_of(&[SOME_WRITE_ACKNOWLEDGED, SOME_RECOVERY, SOME_RESYNC], crash_stall_crash());
+}
+
+/// B's plex dropped (S3): the link is cut while a CP is due; after `mirror_timeout` of silence A
+/// drops B's plex and its CP goes on with A's plex alone, releasing records B's plex never got.
+/// The link heals: the handshake tells B the release point, and the mirror is in sync again at
+/// the next CP, before A's plex monitor has resynced B's plex. A crashes; without a mediator the
+/// operator switches over to B, whose account is `in_sync` with a fresh round trip: only the
+/// replay's rule that the release point must not be above the plex's last CP NVFAILs. Nine
+/// seconds, three faults, no mediator, one interleaving per second.
+fn cut_heal_crash() -> Bounds {
+    Bounds {
+        horizon: 9,
+        faults: 3,
+        crash: true,
+        cut_link: true,
+        switchovers: 1,
+        mediator: false,
+        ..only_faults()
+    }
+}
+
+/// S8: the break replays across the lsns between the plex's last CP and the partner's release
+/// point, and B serves without the write A's CP put in A's plex alone.
+#[test]
+fn replaying_across_a_gap_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::ReplayAcrossGap), ACKED_WRITES_HELD, cut_heal_crash());
+}
+
+/// The same bounds, nothing broken: the replay's release-point rule is reached (it NVFAILs
+/// where the switchover's own checks found nothing).
+#[test]
+fn the_model_check_of_a_dropped_plex_without_a_mediator_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all_of(
+        &[SOME_WRITE_ACKNOWLEDGED, SOME_RECOVERY, SOME_RESYNC, SOME_PLEX_RESYNC, REPLAY_DOUBT],
+        cut_heal_crash(),
+    );
+}
+
+/// With a mediator: a cut that outlasts `mirror_timeout` while a CP is due drops B's plex (the
+/// mediator records it before the CP goes on, S3), heals, and the plex monitor resyncs it; the
+/// mediator's in-sync record follows (no AUSO while the plex is out of date). Ten seconds, two
+/// faults (link and mediator cuts), one interleaving per second.
+#[test]
+fn the_model_check_of_a_dropped_plex_with_a_mediator_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all_of(
+        &[SOME_WRITE_ACKNOWLEDGED, SOME_RECOVERY, SOME_RESYNC, SOME_PLEX_RESYNC, SOME_AUSO],
+        Bounds {
+            horizon: 10,
+            faults: 2,
+            cut_link: true,
+            cut_mediator: true,
+            switchovers: 1,
+            ..only_faults()
+        },
+    );
 }
