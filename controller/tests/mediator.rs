@@ -546,6 +546,40 @@ async fn a_mediator_restored_from_an_older_state_grants_nothing() {
     cluster.kill(1);
 }
 
+/// Finding 8 of docs/safety.md (S2, §10 rule 5): A is lost and B takes X over automatically;
+/// then B is lost too, and the mediator comes back over an older copy of its state, from before
+/// the switchover; A restarts. Only B could show that copy is old, and B is down: the restarted
+/// mediator must not confirm A's epoch (it rebuilds whatever file it read), so A stays fenced
+/// instead of serving without what B acknowledged. The mediator's view says its state is lost.
+/// With `power` durability, where a restarting node recovers on the mediator's confirmation
+/// without its partner (in `process` durability it waits for the partner's copy anyway, S8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mediator_restored_from_before_a_switchover_does_not_confirm_the_old_owner() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let settings = Settings { durability: "power", ..settings([address.clone(), address]) };
+    let mut cluster = Cluster::up(&settings, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let old = mediator.state_file();
+    cluster.kill(0);
+    cluster.wait_status(1, "B in switchover", |s| s.mode == "switchover" && s.node_state == "serving").await;
+    cluster.kill(1);
+    mediator.restart_from(&old);
+    cluster.start(0);
+    let started = Instant::now();
+    // Longer than mirror_timeout, after which a confirmed A recovers without its partner.
+    while started.elapsed() < Duration::from_secs(12) {
+        let a = cluster.status(0).await;
+        assert_ne!(a.node_state, "serving", "A served on a confirmation from an old mediator state: {a:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let view = mediator.show().await;
+    assert!(view.state_lost, "{view:#?}");
+    cluster.kill(0);
+}
+
 /// A higher epoch naming the node itself (a raise it asked for and never used: a forced
 /// unfence or release whose answer was lost) never deposes it: only it writes with that epoch.
 /// Here the raise is asked in A's name directly; A goes on serving and acknowledging.

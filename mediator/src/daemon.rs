@@ -120,16 +120,18 @@ fn open_core(config: &Config, store: &Store) -> Result<(decide::Mediator, Option
                      until every configured controller has reported again"
                 );
             } else {
-                tracing::info!(
+                tracing::warn!(
                     path = %path,
                     version = stored.state.version,
                     aggregates = stored.state.aggregates.len(),
                     grants = stored.state.grants.len(),
-                    "mediator state read"
+                    "mediator state read; rebuilding it (rule 5): nothing tells this file from an older copy \
+                     restored over it, so nothing is granted and no epoch confirmed until every configured \
+                     controller has reported (or an operator confirms the missing ones down)"
                 );
             }
             let lost = stored.lost;
-            decide::Mediator::restore(config.decide.clone(), stored.state, lost)
+            decide::Mediator::restart(config.decide.clone(), stored.state)
                 .map(|m| (m, Some(lost)))
                 .map_err(DaemonError::Config)
         }

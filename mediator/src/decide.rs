@@ -26,7 +26,11 @@
 //! 5. a mediator without its state (lost, corrupt, or older than a state version a controller
 //!    reports) grants nothing until every configured controller has reported since (or an
 //!    operator confirmed the missing ones down), learns the highest epochs from the reports, and
-//!    holds nothing in sync until the owner and the receiver report again;
+//!    holds nothing in sync until the owner and the receiver report again. A restarted mediator
+//!    is in that rebuild whatever file it read (`Mediator::restart`): it cannot tell its own
+//!    last state from an older copy restored over it while the only controllers that saw newer
+//!    versions are silent (found by the model check, docs/safety.md finding 8). A report of a
+//!    newer version than the state's clears every record, in the rebuild too;
 //! 6. observer mode never grants an automatic switchover (manual grants, records and epochs
 //!    work as usual);
 //! 7. `diagnose` tells "site lost", "inter-site link lost" and "mediator link lost" apart.
@@ -482,6 +486,24 @@ impl Mediator {
         })
     }
 
+    /// A restarted mediator over the state read back from its file (rule 5): rebuilding, since
+    /// nothing tells that file from an older copy restored over it. Until every configured
+    /// controller has reported (or been confirmed down) it grants nothing and its replies
+    /// confirm no epoch; the in-sync records wait for the owners' and receivers' new reports.
+    /// Kept: the epochs, the grants (final), the report stamps, and whether each mirror is
+    /// intact (its owner, which records every drop of it, reports a newer state version first if
+    /// the file is older, and that clears it).
+    pub fn restart(config: Config, mut state: State) -> Result<Mediator, String> {
+        if active(Break::RestartTrustsItsFile) {
+            return Mediator::restore(config, state, false);
+        }
+        for record in state.aggregates.values_mut() {
+            record.owner_says = None;
+            record.receiver_says = None;
+        }
+        Mediator::restore(config, state, true)
+    }
+
     /// A mediator over a state read back from its file, with whether that state was still
     /// being rebuilt when it was written (rule 5). `lost = false` is `new(config, Some(state))`.
     /// `lost = true` keeps the state's epochs, grants and stamps, but grants nothing until
@@ -746,18 +768,21 @@ impl Mediator {
         }
         self.heard.insert(node, now);
         self.down_unheard.remove(&node);
-        if report.state_version > self.state.version && !self.lost {
-            // Rule 5: a controller saw a newer state than ours (a restored snapshot).
-            self.lost = true;
-            self.accounted.clear();
+        if report.state_version > self.state.version {
+            // Rule 5: a controller saw a newer state than ours (a restored snapshot): what the
+            // records say may predate a drop, an epoch or a grant it knows of. In a rebuild too.
             for record in self.state.aggregates.values_mut() {
                 record.clear();
             }
-            actions.push(Action::Alert(format!(
-                "node {} saw mediator state version {}, above ours ({}): the state is treated as lost; nothing \
-                 is granted until every controller has reported",
-                node.0, report.state_version, self.state.version
-            )));
+            if !self.lost {
+                self.lost = true;
+                self.accounted.clear();
+                actions.push(Action::Alert(format!(
+                    "node {} saw mediator state version {}, above ours ({}): the state is treated as lost; \
+                     nothing is granted until every controller has reported",
+                    node.0, report.state_version, self.state.version
+                )));
+            }
         }
         self.state.applied.insert(node, stamp);
         if self.lost {

@@ -17,6 +17,9 @@ pub enum Break {
     /// §10 rule 3, S13: the receiver's report alone restores the in-sync record, whatever the
     /// owner's word (a drop recorded since).
     ReceiverReportRestoresInSync,
+    /// §10 rule 5, S2: a restarted mediator trusts the state file it read (as before finding
+    /// 8): an older copy restored over it confirms a superseded epoch.
+    RestartTrustsItsFile,
 }
 
 #[cfg(feature = "model-breaks")]

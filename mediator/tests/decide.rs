@@ -649,3 +649,49 @@ fn a_lost_state_vouches_for_no_mirror() {
     assert_eq!(replied_intact(&m.handle(ms(100), Event::Report(report(A, 2, Some(100))))), Some(false));
     assert_eq!(replied_intact(&m.handle(ms(100), Event::Report(report(B, 2, Some(100))))), Some(true));
 }
+
+fn state_lost(actions: &[Action]) -> Option<bool> {
+    actions.iter().find_map(|a| match a {
+        Action::Reply(r) => Some(r.state_lost),
+        _ => None,
+    })
+}
+
+/// Rule 5 after a restart (finding 8 of docs/safety.md): a mediator over the state file it read
+/// back cannot tell it from an older copy restored over it, so it rebuilds: its replies confirm
+/// no epoch until every controller has reported, it grants nothing meanwhile, and nothing is in
+/// sync until the owner and the receiver report again. The epochs and a mirror's being intact
+/// are kept; a report of a newer state version during the rebuild clears the records too.
+#[test]
+fn a_restarted_mediator_rebuilds_whatever_file_it_read() {
+    let mut m = mediator(false);
+    m.handle(ms(0), Event::Report(report(A, 1, Some(0))));
+    m.handle(ms(0), Event::Report(report(B, 1, Some(0))));
+    assert!(m.state().aggregates[&AGG].in_sync() && m.state().aggregates[&AGG].mirror_intact);
+    let file = m.state().clone();
+
+    let mut m = Mediator::restart(config(false), file.clone()).unwrap();
+    assert!(m.is_lost());
+    assert!(!m.state().aggregates[&AGG].in_sync(), "the file's in-sync record was trusted");
+    assert!(m.state().aggregates[&AGG].mirror_intact);
+    // A is silent (down); B reports for longer than lease + margin: no grant, no confirmation.
+    for (seq, at) in (2..).zip((0..=4000).step_by(200)) {
+        let actions = m.handle(ms(at), Event::Report(report(B, seq, Some(at + 3000))));
+        assert!(grants(&actions).is_empty(), "granted at {at} ms while rebuilding");
+        assert_eq!(state_lost(&actions), Some(true), "a reply at {at} ms could confirm an epoch");
+    }
+    // A reports: rebuilt, and in sync again on both words.
+    let a = m.handle(ms(4200), Event::Report(report(A, 2, Some(0))));
+    assert_eq!(state_lost(&a), Some(false), "{a:?}");
+    let b = m.handle(ms(4200), Event::Report(report(B, 100, Some(0))));
+    assert_eq!(replied_intact(&b), Some(true));
+    assert!(m.state().aggregates[&AGG].in_sync());
+
+    // Restarted over the same file again, and B saw a newer version than it holds: the mirror
+    // is no longer vouched for either.
+    let mut m = Mediator::restart(config(false), file.clone()).unwrap();
+    let mut newer = report(B, 200, Some(0));
+    newer.state_version = file.version + 10;
+    m.handle(ms(0), Event::Report(newer));
+    assert!(!m.state().aggregates[&AGG].mirror_intact, "a mirror intact in an older state was kept");
+}

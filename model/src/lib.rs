@@ -136,6 +136,9 @@ pub struct Bounds {
     pub cut_link: bool,
     /// Cut a controller's link to the mediator.
     pub cut_mediator: bool,
+    /// Restart the mediator: with its state file, without one, or from an old snapshot (§10
+    /// rule 5).
+    pub restart_mediator: bool,
     /// Lose a mediator message.
     pub lose: bool,
     /// Deliver a mediator message twice.
@@ -170,6 +173,7 @@ impl Bounds {
         stall: true,
         cut_link: true,
         cut_mediator: true,
+        restart_mediator: false,
         lose: false,
         duplicate: false,
         delay: false,
@@ -528,6 +532,12 @@ pub struct History {
     pub stale_ack: bool,
     /// A replay applied a record twice or out of order.
     pub bad_replay: bool,
+    /// The mediator changed its state without persisting it before it answered.
+    pub unpersisted: bool,
+    /// The mediator restarted.
+    pub mediator_restarted: bool,
+    /// The mediator granted a switchover after a restart.
+    pub granted_after_restart: bool,
     /// A mirror handshake or announcement was refused as impossible (the partner holds more
     /// of the writer's records than the writer, or a restart point below its tail).
     pub refused_handshake: bool,
@@ -559,6 +569,8 @@ pub struct State {
     pub ctl: [Ctl; 2],
     /// The mediator's own decision core.
     pub mediator: Mediator,
+    /// When the mediator's process started: its clock counts from there (`service.rs`).
+    pub mediator_started: u8,
     /// Messages to and from the mediator, in flight: a multiset (sorted), or in the order sent
     /// with `Bounds::fifo`.
     pub net: Vec<Envelope>,
@@ -603,12 +615,26 @@ pub enum Fault {
     HealLink,
     /// A controller's link to the mediator goes down.
     CutMediator(usize),
+    /// The mediator's process restarts.
+    RestartMediator(MediatorRestart),
     /// A message to or from the mediator is lost.
     Lose(usize),
     /// It is delivered twice.
     Duplicate(usize),
     /// It is held back into the next second.
     Delay(usize),
+}
+
+/// What a restarted mediator finds on its disk (§10 rule 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MediatorRestart {
+    /// Its state file, as persisted before its last answer.
+    Intact,
+    /// No state file (lost, or corrupt and refused).
+    Lost,
+    /// The first state, restored from an old backup: older than the version the controllers
+    /// saw.
+    Snapshot,
 }
 
 /// A step.
@@ -663,17 +689,7 @@ fn mediator_config() -> decide::Config {
 impl ClusterModel {
     /// The initial state: both sites up and in sync, leases started, A owns X at epoch 1.
     pub fn initial(&self) -> State {
-        let mut state = decide::State { version: 1, ..decide::State::default() };
-        state.aggregates.insert(
-            X,
-            decide::AggregateRecord {
-                epoch: to_decide(epoch_one()),
-                owner_says: Some((MirrorState::InSync, 1, true)),
-                receiver_says: Some((MirrorState::InSync, 1)),
-                mirror_intact: true,
-            },
-        );
-        let mediator = match Mediator::new(mediator_config(), Some(state)) {
+        let mediator = match Mediator::new(mediator_config(), Some(first_mediator_state())) {
             Ok(m) => m,
             Err(e) => panic!("the model's mediator configuration is refused: {e}"),
         };
@@ -681,6 +697,7 @@ impl ClusterModel {
             now: 0,
             ctl: [Ctl::new(A, self.bounds.mediator), Ctl::new(B, self.bounds.mediator)],
             mediator,
+            mediator_started: 0,
             net: Vec::new(),
             fifo: self.bounds.fifo,
             stream: [Vec::new(), Vec::new()],
@@ -696,7 +713,52 @@ impl ClusterModel {
     }
 }
 
+/// The mediator's state at the start: X owned by A at epoch 1, in sync.
+fn first_mediator_state() -> decide::State {
+    let mut state = decide::State { version: 1, ..decide::State::default() };
+    state.aggregates.insert(
+        X,
+        decide::AggregateRecord {
+            epoch: to_decide(epoch_one()),
+            owner_says: Some((MirrorState::InSync, 1, true)),
+            receiver_says: Some((MirrorState::InSync, 1)),
+            mirror_intact: true,
+        },
+    );
+    state
+}
+
+/// A fixed-key hash of the mediator's state (to tell whether a step changed it).
+fn state_hash(state: &decide::State) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    state.hash(&mut h);
+    h.finish()
+}
+
 impl State {
+    /// The mediator's clock: time since its process started (`service.rs`), so that after a
+    /// restart "never heard" counts from its start (§10).
+    fn mediator_clock(&self) -> Duration {
+        secs(self.now - self.mediator_started)
+    }
+
+    /// The mediator's process restarts (§10 rule 5): its volatile knowledge (who was heard
+    /// when, the latest reports) is gone; its state is what it finds on disk.
+    fn restart_mediator(&mut self, found: MediatorRestart) {
+        let restarted = match found {
+            // `daemon.rs` `open_core`: a state file read back is rebuilt (`Mediator::restart`).
+            MediatorRestart::Intact => Mediator::restart(mediator_config(), self.mediator.state().clone()),
+            MediatorRestart::Lost => Mediator::new(mediator_config(), None),
+            MediatorRestart::Snapshot => Mediator::restart(mediator_config(), first_mediator_state()),
+        };
+        match restarted {
+            Ok(m) => self.mediator = m,
+            Err(e) => panic!("the model's mediator configuration is refused: {e}"),
+        }
+        self.mediator_started = self.now;
+        self.history.mediator_restarted = true;
+    }
+
     /// Whether a controller at `index` takes messages now.
     fn takes(&self, index: usize) -> bool {
         self.ctl[index].up && !self.ctl[index].paused
@@ -1057,7 +1119,11 @@ impl State {
         let now = self.now;
         let mediator = self.ctl[A].leased;
         if mediator {
-            let _ = self.mediator.tick(secs(now));
+            let clock = self.mediator_clock();
+            let before = state_hash(self.mediator.state());
+            let actions = self.mediator.tick(clock);
+            self.history.unpersisted |=
+                state_hash(self.mediator.state()) != before && !actions.contains(&decide::Action::Persist);
         }
         self.keepalives();
         if self.now.is_multiple_of(CP_INTERVAL) {
@@ -1347,8 +1413,14 @@ impl State {
                     }
                 };
                 let grants = self.mediator.state().grants.len();
-                let actions = self.mediator.handle(secs(now), event);
+                let before = state_hash(self.mediator.state());
+                let actions = self.mediator.handle(self.mediator_clock(), event);
+                // What a restart finds is what was persisted before the answer: every change must
+                // come with `Persist` (the daemon writes the file before it answers).
+                self.history.unpersisted |= state_hash(self.mediator.state()) != before
+                    && !actions.contains(&decide::Action::Persist);
                 if let Some(g) = self.mediator.state().grants.get(grants) {
+                    self.history.granted_after_restart |= self.history.mediator_restarted;
                     // S14's truth: the grant moves X to `to`'s site from the other one.
                     let to = usize::from(g.to.0 == NODES[B]);
                     if self.history.switched_away[to] {
@@ -1655,8 +1727,9 @@ impl State {
         if let Some(r) = self.mediator.state().aggregates.get(&X) {
             let _ = writeln!(
                 out,
-                "    mediator: X at {}@{}, in sync {}, mirror intact {}, grants {}; link A-B {}, mediator links {:?}; \
+                "    mediator{}: X at {}@{}, in sync {}, mirror intact {}, grants {}; link A-B {}, mediator links {:?}; \
                  acknowledged {:?}",
+                if self.mediator.is_lost() { " (state lost, rebuilding)" } else { "" },
                 r.epoch.number,
                 r.epoch.owner.0,
                 r.in_sync(),
@@ -1666,6 +1739,10 @@ impl State {
                 self.mediator_link,
                 self.history.acked
             );
+        } else {
+            let lost = if self.mediator.is_lost() { " (state lost, rebuilding)" } else { "" };
+            let _ =
+                writeln!(out, "    mediator{lost}: no record of X; acknowledged {:?}", self.history.acked);
         }
         out
     }
@@ -1690,6 +1767,11 @@ impl ClusterModel {
         }
         if b.lose_nvlog && s.ctl[A].up {
             actions.push(Action::Fault(Fault::CrashLosingNvlog));
+        }
+        if b.restart_mediator && b.mediator {
+            for found in [MediatorRestart::Intact, MediatorRestart::Lost, MediatorRestart::Snapshot] {
+                actions.push(Action::Fault(Fault::RestartMediator(found)));
+            }
         }
         if b.stall && !s.ctl[B].stalled && s.ctl[B].up {
             actions.push(Action::Fault(Fault::Stall));
@@ -1736,6 +1818,7 @@ impl ClusterModel {
             }
             Fault::HealLink => s.link = true,
             Fault::CutMediator(i) => s.mediator_link[i] = false,
+            Fault::RestartMediator(found) => s.restart_mediator(found),
             Fault::Lose(i) => {
                 s.net.remove(i);
             }
@@ -1913,6 +1996,7 @@ impl Model for ClusterModel {
             Property::always(RECOVERS, |_, s: &State| s.recovered()),
             Property::always(IN_SYNC_AGAIN, |_, s: &State| s.in_sync_again()),
             Property::always(HANDSHAKES_RESUME, |_, s: &State| !s.history.refused_handshake),
+            Property::always(MEDIATOR_PERSISTS, |_, s: &State| !s.history.unpersisted),
             Property::sometimes(SOME_WRITE_ACKNOWLEDGED, |_, s: &State| !s.history.acked.is_empty()),
             Property::sometimes(SOME_AUSO, |_, s: &State| s.history.auso && !s.history.acked.is_empty()),
             Property::sometimes(REPLAY_GAP, |_, s: &State| s.history.replay_gap),
@@ -1921,6 +2005,7 @@ impl Model for ClusterModel {
                 s.history.resynced && s.ctl[B].rx_state == nvlog::MirrorState::InSync
             }),
             Property::sometimes(SOME_PLEX_RESYNC, |_, s: &State| s.history.plex_resynced),
+            Property::sometimes(SOME_GRANT_AFTER_RESTART, |_, s: &State| s.history.granted_after_restart),
             Property::sometimes(SOME_RECOVERY, |_, s: &State| {
                 s.history.faulted && s.healthy() && s.now >= s.history.disturbed.saturating_add(RECOVERY)
             }),
@@ -1962,8 +2047,11 @@ pub const IN_SYNC_AGAIN: &str = "X's mirror returns to in sync once faults stop"
 pub const RESYNC: u8 = CP_INTERVAL + 4;
 /// The mirror's handshake never finds the partner ahead of the writer.
 pub const HANDSHAKES_RESUME: &str = "every mirror handshake resumes";
+/// The mediator persists every change of its state before it answers (what a restart relies
+/// on).
+pub const MEDIATOR_PERSISTS: &str = "the mediator persists every change of its state";
 /// Every property checked in every state.
-pub const SAFETY: [&str; 9] = [
+pub const SAFETY: [&str; 10] = [
     ACKED_WRITES_HELD,
     ONE_WRITER,
     NO_AUSO_OUT_OF_SYNC,
@@ -1973,6 +2061,7 @@ pub const SAFETY: [&str; 9] = [
     RECOVERS,
     IN_SYNC_AGAIN,
     HANDSHAKES_RESUME,
+    MEDIATOR_PERSISTS,
 ];
 /// Vacuity: some write is acknowledged.
 pub const SOME_WRITE_ACKNOWLEDGED: &str = "a write is acknowledged";
@@ -1992,6 +2081,8 @@ pub const REPLAY_DOUBT: &str = "a switchover's replay doubts a copy its grant vo
 pub const SOME_RESYNC: &str = "a re-established mirror is in sync again";
 /// Vacuity: a plex dropped while B's site could not take A's CP is resynced.
 pub const SOME_PLEX_RESYNC: &str = "a dropped plex is resynced";
+/// Vacuity: a restarted mediator grants a switchover.
+pub const SOME_GRANT_AFTER_RESTART: &str = "a restarted mediator grants a switchover";
 /// Vacuity: `RECOVERS` is due in some state after a fault.
 pub const SOME_RECOVERY: &str = "the cluster is whole again after a fault";
 

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use mc_model::{
     ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, NO_WAY_BACK, ONE_WRITER,
-    RECOVERS, REPLAY_DOUBT, REPLAY_GAP, SAFETY, SOME_AUSO, SOME_PLEX_RESYNC, SOME_RECOVERY, SOME_RESYNC,
-    SOME_WRITE_ACKNOWLEDGED, trace,
+    RECOVERS, REPLAY_DOUBT, REPLAY_GAP, SAFETY, SOME_AUSO, SOME_GRANT_AFTER_RESTART, SOME_PLEX_RESYNC,
+    SOME_RECOVERY, SOME_RESYNC, SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
 
@@ -340,4 +340,30 @@ fn the_model_check_of_a_dropped_plex_with_a_mediator_finds_no_violation() {
             ..only_faults()
         },
     );
+}
+
+/// Mediator restarts (§10 rule 5): with its state file, without one, or over an older copy
+/// restored from a backup, among crashes of both controllers: five seconds, three faults, one
+/// interleaving per second (finding 8 of docs/safety.md lives here).
+fn crashes_and_mediator_restarts() -> Bounds {
+    Bounds { horizon: 5, faults: 3, crash: true, restart_mediator: true, ..only_faults() }
+}
+
+#[test]
+fn the_model_check_of_mediator_restarts_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all_of(
+        &[SOME_WRITE_ACKNOWLEDGED, SOME_AUSO, SOME_RECOVERY, SOME_GRANT_AFTER_RESTART],
+        crashes_and_mediator_restarts(),
+    );
+}
+
+/// Finding 8 (S2, rule 5): A crashes, X is switched over to B, B acknowledges a write and
+/// crashes, and the mediator comes back over an older copy of its state; A restarts. The break
+/// lets the restarted mediator trust its file: it confirms A's epoch 1, and A serves without the
+/// write. Only B could show the file is old, and B is down.
+#[test]
+fn a_restarted_mediator_trusting_its_file_is_caught() {
+    use mediator::model_breaks::{Break, set};
+    bites(|on| set(Break::RestartTrustsItsFile, on), ACKED_WRITES_HELD, crashes_and_mediator_restarts());
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::bail;
 use clap::Parser;
 use mc_model::{Bounds, ClusterModel, SAFETY, trace};
-use stateright::{Checker, Model};
+use stateright::{Checker, HasDiscoveries, Model};
 
 #[derive(Parser, Debug)]
 #[command(about = "Model-check the safety core of the metro cluster (DESIGN §0) within bounds")]
@@ -40,6 +40,9 @@ struct Args {
     /// No mediator link cuts.
     #[arg(long)]
     no_cut_mediator: bool,
+    /// Mediator restarts: with its state, without it, from an old snapshot (§10 rule 5).
+    #[arg(long)]
+    restart_mediator: bool,
     /// Lost, duplicated and delayed mediator messages (all three below).
     #[arg(long)]
     message_faults: bool,
@@ -66,6 +69,9 @@ struct Args {
     /// Depth-first (less memory) instead of breadth-first (shortest counterexamples).
     #[arg(long)]
     dfs: bool,
+    /// Stop at the first violation (for breaks; the counts are then partial).
+    #[arg(long)]
+    first: bool,
     /// Checker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -89,6 +95,7 @@ enum BreakArg {
     ReceiverReportRestoresInSync,
     ReplayAcrossGap,
     TrustUnstoredAccount,
+    RestartTrustsItsFile,
 }
 
 fn set_break(b: BreakArg) {
@@ -109,6 +116,9 @@ fn set_break(b: BreakArg) {
         BreakArg::SwitchedOverTarget => {
             mediator::model_breaks::set(mediator::model_breaks::Break::SwitchedOverTarget, true);
         }
+        BreakArg::RestartTrustsItsFile => {
+            mediator::model_breaks::set(mediator::model_breaks::Break::RestartTrustsItsFile, true);
+        }
         BreakArg::ReceiverReportRestoresInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::ReceiverReportRestoresInSync, true);
         }
@@ -127,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         stall: !args.no_stall,
         cut_link: !args.no_cut_link,
         cut_mediator: !args.no_cut_mediator,
+        restart_mediator: args.restart_mediator,
         lose: args.lose || args.message_faults,
         duplicate: args.duplicate || args.message_faults,
         delay: args.delay || args.message_faults,
@@ -139,7 +150,10 @@ fn main() -> anyhow::Result<()> {
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let started = Instant::now();
-    let builder = ClusterModel { bounds }.checker().threads(threads);
+    let mut builder = ClusterModel { bounds }.checker().threads(threads);
+    if args.first {
+        builder = builder.finish_when(HasDiscoveries::AnyFailures);
+    }
     let violated = if args.dfs {
         report(builder.spawn_dfs().join(), bounds, started)
     } else {
