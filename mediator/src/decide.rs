@@ -449,7 +449,16 @@ pub struct Mediator {
     last_diagnosis: Option<Diagnosis>,
     /// The last grant or refusal of a switchover, in words.
     last_decision: Option<String>,
+    /// After a restart: state versions above the one read back and below the one this process
+    /// issues from (`RESTART_VERSION_GAP` higher). No process of this mediator issued them since
+    /// the file was written, unless the file is an older copy: a report of one comes from a
+    /// history the file lacks, however far the running counter has gone meanwhile.
+    unissued: Option<(u64, u64)>,
 }
+
+/// How far a restarted mediator moves its state version on (`Mediator::restart`): more than
+/// the changes any one process makes.
+pub const RESTART_VERSION_GAP: u64 = 1 << 32;
 
 /// What the mediator knows of one controller (for `mcctl mediator show`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -483,6 +492,7 @@ impl Mediator {
             latest: BTreeMap::new(),
             last_diagnosis: None,
             last_decision: None,
+            unissued: None,
         })
     }
 
@@ -491,8 +501,9 @@ impl Mediator {
     /// controller has reported (or been confirmed down) it grants nothing and its replies
     /// confirm no epoch; the in-sync records wait for the owners' and receivers' new reports.
     /// Kept: the epochs, the grants (final), the report stamps, and whether each mirror is
-    /// intact (its owner, which records every drop of it, reports a newer state version first if
-    /// the file is older, and that clears it).
+    /// intact (its owner, which records every drop of it, reports a state version the file
+    /// lacks if the file is older, and that clears it). The state version jumps by
+    /// `RESTART_VERSION_GAP`, so that such a version is told from one this process issued.
     pub fn restart(config: Config, mut state: State) -> Result<Mediator, String> {
         if active(Break::RestartTrustsItsFile) {
             return Mediator::restore(config, state, false);
@@ -501,7 +512,11 @@ impl Mediator {
             record.owner_says = None;
             record.receiver_says = None;
         }
-        Mediator::restore(config, state, true)
+        let read = state.version;
+        state.version = read.saturating_add(RESTART_VERSION_GAP);
+        let mut mediator = Mediator::restore(config, state, true)?;
+        mediator.unissued = Some((read, mediator.state.version));
+        Ok(mediator)
     }
 
     /// A mediator over a state read back from its file, with whether that state was still
@@ -768,7 +783,10 @@ impl Mediator {
         }
         self.heard.insert(node, now);
         self.down_unheard.remove(&node);
-        if report.state_version > self.state.version {
+        let unissued = self
+            .unissued
+            .is_some_and(|(read, from)| report.state_version > read && report.state_version < from);
+        if report.state_version > self.state.version || unissued {
             // Rule 5: a controller saw a newer state than ours (a restored snapshot): what the
             // records say may predate a drop, an epoch or a grant it knows of. In a rebuild too.
             for record in self.state.aggregates.values_mut() {

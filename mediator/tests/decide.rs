@@ -687,11 +687,20 @@ fn a_restarted_mediator_rebuilds_whatever_file_it_read() {
     assert_eq!(replied_intact(&b), Some(true));
     assert!(m.state().aggregates[&AGG].in_sync());
 
-    // Restarted over the same file again, and B saw a newer version than it holds: the mirror
-    // is no longer vouched for either.
+    // Restarted over the same file again, and A saw a version the file lacks (it recorded a
+    // drop after the copy was made). B reports first, for long: whatever the counter reached
+    // meanwhile, A's version still shows a history the file lacks, and the mirror is no longer
+    // vouched for (review of finding 8's fix: the running counter had overtaken it).
     let mut m = Mediator::restart(config(false), file.clone()).unwrap();
-    let mut newer = report(B, 200, Some(0));
-    newer.state_version = file.version + 10;
-    m.handle(ms(0), Event::Report(newer));
+    for seq in 200..260 {
+        let mut b = report(B, seq, Some(0));
+        b.state_version = m.state().version;
+        m.handle(ms(0), Event::Report(b));
+    }
+    assert!(m.state().aggregates[&AGG].mirror_intact, "a version this process issued cleared the records");
+    let mut a = report(A, 300, Some(0));
+    a.owned.clear();
+    a.state_version = file.version + 5;
+    m.handle(ms(0), Event::Report(a));
     assert!(!m.state().aggregates[&AGG].mirror_intact, "a mirror intact in an older state was kept");
 }
