@@ -30,6 +30,17 @@ pub enum NvlogError {
     /// The record is malformed.
     #[error("invalid NVLog record: {0}")]
     InvalidRecord(#[from] RecordDefect),
+    /// A record read back verifies but is not the one recovery indexed at that place: the
+    /// media changed under the open log (nothing of it is replayed).
+    #[error("NVLog partition {kind}: the record at the place of lsn {indexed} now holds lsn {found}")]
+    IndexMismatch {
+        /// The partition.
+        kind: PartitionKind,
+        /// The lsn recovery indexed there.
+        indexed: Lsn,
+        /// The lsn the media holds there now.
+        found: Lsn,
+    },
     /// The record cannot fit in half a partition.
     #[error("a record of {len} bytes does not fit in a half of {half} bytes")]
     RecordTooLarge {

@@ -1081,7 +1081,9 @@ impl<M: Media> Nvlog<M> {
                 let end = RECORD_HEADER_BYTES + header.payload_len as usize;
                 Record { header, payload: bytes::Bytes::copy_from_slice(&bytes[RECORD_HEADER_BYTES..end]) }
             };
-            assert_eq!(record.header.lsn, entry.lsn, "the index and the media disagree");
+            if record.header.lsn != entry.lsn {
+                return Err(NvlogError::IndexMismatch { kind, indexed: entry.lsn, found: record.header.lsn });
+            }
             if let Some(epochs) = &filter.frozen_epochs
                 && epochs.get(&record.header.aggregate) != Some(&record.header.epoch)
             {

@@ -1,4 +1,5 @@
-//! Regression tests for the findings of an adversarial review of the journal (F1–F7). Each
+//! Regression tests for the findings of an adversarial review of the journal (F1–F7) and
+//! later ones (F8, F9). Each
 //! test builds the exact interleaving or media contents of one finding and asserts the safe
 //! outcome; each failed against the code before its fix.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -488,4 +489,25 @@ fn f2_partner_reset_during_flush_never_acks_an_unpersisted_copy() {
     let got = lsns(&log2, DR).unwrap();
     println!("replayed after power loss: {got:?}");
     assert!(got.contains(&3), "acknowledged partner lsn 3 lost");
+}
+
+/// F9: a record read back at replay that verifies but is not the one recovery indexed there (the
+/// media changed under the open log: here lsn 2's bytes written over lsn 1's) is an error that
+/// replays nothing; it was an `assert_eq!`, a panic on disk contents.
+#[test]
+fn f9_a_record_changed_under_the_open_log_fails_the_replay_without_a_panic() {
+    let (media, log) = mem_log(BYTES, Durability::Process);
+    for i in 0..3u64 {
+        log.append(&write_input(&payload(i, 200), 0)).unwrap();
+    }
+    let record = nvlog::record::encoded_len(200);
+    let mut second = vec![0u8; record];
+    media.read(DATA_START + record as u64, &mut second).unwrap();
+    media.write(DATA_START, &second).unwrap();
+    match lsns(&log, LOCAL) {
+        Err(NvlogError::IndexMismatch { indexed, found, .. }) => {
+            assert_eq!((indexed, found), (Lsn(1), Lsn(2)))
+        }
+        other => panic!("expected an index mismatch, got {other:?}"),
+    }
 }
