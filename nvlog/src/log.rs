@@ -282,34 +282,40 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> NvlogError {
     move |source| NvlogError::Io { op, source }
 }
 
-/// Whether every byte of `[offset, offset + len)` reads as zero.
-fn is_zero<M: Media + ?Sized>(media: &M, offset: u64, len: u64) -> io::Result<bool> {
+/// Reads `[offset, offset + len)` in chunks and calls `nonzero(at, len)` for each chunk that
+/// is not all zero; stops when it returns `true`. Whether every chunk read was zero.
+fn scan_nonzero<M: Media + ?Sized>(
+    media: &M,
+    offset: u64,
+    len: u64,
+    mut nonzero: impl FnMut(u64, usize) -> io::Result<bool>,
+) -> io::Result<bool> {
     let mut buf = vec![0u8; ZERO_CHUNK];
     let mut done = 0u64;
+    let mut all_zero = true;
     while done < len {
         let chunk = usize::try_from((len - done).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
         media.read(offset + done, &mut buf[..chunk])?;
         if buf[..chunk].iter().any(|&b| b != 0) {
-            return Ok(false);
+            all_zero = false;
+            if nonzero(offset + done, chunk)? {
+                break;
+            }
         }
         done += chunk as u64;
     }
-    Ok(true)
+    Ok(all_zero)
+}
+
+/// Whether every byte of `[offset, offset + len)` reads as zero.
+fn is_zero<M: Media + ?Sized>(media: &M, offset: u64, len: u64) -> io::Result<bool> {
+    scan_nonzero(media, offset, len, |_, _| Ok(true))
 }
 
 /// Writes zeroes over `[offset, offset + len)` where the media is not already zero.
 fn zero_range<M: Media + ?Sized>(media: &M, offset: u64, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; ZERO_CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let chunk = usize::try_from((len - done).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
-        media.read(offset + done, &mut buf[..chunk])?;
-        if buf[..chunk].iter().any(|&b| b != 0) {
-            media.write(offset + done, &ZEROES[..chunk])?;
-        }
-        done += chunk as u64;
-    }
-    Ok(())
+    scan_nonzero(media, offset, len, |at, chunk| media.write(at, &ZEROES[..chunk]).map(|()| false))
+        .map(|_| ())
 }
 
 impl<M: Media> Nvlog<M> {
