@@ -589,7 +589,8 @@ impl Mediator {
     }
 
     fn changed(&mut self, actions: &mut Vec<Action>) {
-        self.state.version += 1;
+        // Saturating: a version reported near the top (bad input) must not wrap to 0 or panic.
+        self.state.version = self.state.version.saturating_add(1);
         if !actions.contains(&Action::Persist) {
             actions.insert(0, Action::Persist);
         }

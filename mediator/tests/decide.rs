@@ -704,3 +704,16 @@ fn a_restarted_mediator_rebuilds_whatever_file_it_read() {
     m.handle(ms(0), Event::Report(a));
     assert!(!m.state().aggregates[&AGG].mirror_intact, "a mirror intact in an older state was kept");
 }
+
+/// Bad input: a controller reporting the highest state version neither panics the mediator nor
+/// wraps its version to 0 (which would read every later report as from a newer state).
+#[test]
+fn a_reported_state_version_at_the_top_does_not_wrap() {
+    let mut m = mediator(false);
+    let mut a = report(A, 1, Some(0));
+    a.state_version = u64::MAX;
+    m.handle(ms(0), Event::Report(a));
+    m.handle(ms(100), Event::Report(report(B, 1, Some(0))));
+    m.handle(ms(200), Event::Report(report(A, 2, Some(0))));
+    assert_eq!(m.state().version, u64::MAX);
+}
