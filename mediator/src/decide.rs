@@ -519,12 +519,10 @@ impl Mediator {
         Ok(mediator)
     }
 
-    /// A mediator over a state read back from its file, with whether that state was still
-    /// being rebuilt when it was written (rule 5). `lost = false` is `new(config, Some(state))`.
-    /// `lost = true` keeps the state's epochs, grants and stamps, but grants nothing until
-    /// every controller has reported again: the controllers that reported before the restart
-    /// are not remembered, so a restart never ends a rebuild that had not ended.
-    pub fn restore(config: Config, state: State, lost: bool) -> Result<Mediator, String> {
+    /// A mediator over `state`, rebuilding it (rule 5) or not: `restart`'s step (and, trusting
+    /// the file, its deliberate break). `lost = true` keeps the state's epochs, grants and
+    /// stamps, but grants nothing until every controller has reported again.
+    fn restore(config: Config, state: State, lost: bool) -> Result<Mediator, String> {
         let mut mediator = Mediator::new(config, Some(state))?;
         mediator.lost = lost;
         Ok(mediator)
