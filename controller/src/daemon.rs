@@ -497,7 +497,7 @@ async fn run_in_span(
     // The DR partner's aggregates a completed forced switchover gave this node (their plex
     // here is plex 1, its labels name this node the owner).
     let switchover = crate::switchover::settle_at_start(&operations, &shelf_state).await;
-    crate::heal::settle_at_start(&operations, &shelf_state).await;
+    crate::heal::settle_at_start(&operations, &shelf_state, config.mediator.is_some()).await;
     // A switchback that raised its epochs ended the hold on the partner's partition.
     let switched_back = crate::heal::switched_back(&operations.list(), &shelf_state);
     let mut found = found;

@@ -120,12 +120,27 @@ pub fn switched_back(records: &[OperationRecord], shelf: &crate::shelf_state::Sh
     }
 }
 
-/// At start: a switchback interrupted before it raised an epoch is rolled back (the aggregates
-/// are served here again); one that raised them stays in progress for a re-run to resume; an
-/// interrupted heal ends as failed (re-running it is safe).
+/// Whether a switchback drops the home node's records held in this node's receiver partition
+/// before it hands the aggregates back (`MirrorReceiver::drop_held_records`; found by the model
+/// check, docs/safety.md finding 9). Always, but under the model checker's deliberate break.
+pub fn drops_held_records() -> bool {
+    !crate::model_breaks::active(crate::model_breaks::Break::SwitchbackKeepsHeldRecords)
+}
+
+/// The journal step of a switchback that has not yet drained (nothing asked of the mediator).
+const SWITCHBACK_PLANNED: &str = "planned";
+
+/// At start: a switchback interrupted before it raised an epoch here is rolled back (the
+/// aggregates are served here again), unless it may have asked the mediator for the new epochs
+/// (`mediator_configured`, and past its first step): the mediator may hold them, and its next
+/// reply deposes this node of the aggregates (finding 10 of docs/safety.md: rolled back, nothing
+/// could then switch them back), so it stays in progress for a re-run, which resumes at the hand
+/// over once this node holds the epochs, or drains and asks again. One that raised them here
+/// stays in progress too; an interrupted heal ends as failed (re-running it is safe).
 pub async fn settle_at_start(
     journal: &crate::operations::OperationLog,
     shelf: &crate::shelf_state::ShelfState,
+    mediator_configured: bool,
 ) {
     for op in journal.list().into_iter().filter(|op| op.state == OperationState::InProgress) {
         match op.kind {
@@ -141,7 +156,8 @@ pub async fn settle_at_start(
             OperationKind::Switchback => {
                 let raised = Plan::decode(&op.payload)
                     .is_ok_and(|plan| plan.aggregates.iter().any(|a| shelf.marks(a.uuid).epoch >= a.new));
-                if !raised {
+                let asked = op.step != SWITCHBACK_PLANNED;
+                if rolled_back_at_start(raised, mediator_configured, asked) {
                     tracing::warn!(
                         operation = op.id,
                         "a switchback interrupted before it raised an epoch: rolled back"
@@ -153,11 +169,25 @@ pub async fn settle_at_start(
                             vec!["rolled back: the node restarted before any epoch was raised".into()],
                         )
                         .await;
+                } else if !raised {
+                    tracing::warn!(
+                        operation = op.id,
+                        "a switchback interrupted after it may have asked the mediator for the epochs: kept \
+                         in progress; re-run it"
+                    );
                 }
             }
             _ => {}
         }
     }
+}
+
+/// Whether a switchback found in progress at start is rolled back (`settle_at_start`): only if
+/// this node did not raise the epochs (`raised_here`) and no mediator can hold them: none is
+/// configured, or the switchback never got to ask (`asked`: past its first journal step).
+pub fn rolled_back_at_start(raised_here: bool, mediator_configured: bool, asked: bool) -> bool {
+    use crate::model_breaks::{Break, active};
+    !raised_here && (!mediator_configured || !asked || active(Break::SwitchbackRollsBackAfterAsking))
 }
 
 fn veto(kind: &str, code: &str, aggregate: Option<Uuid>, reason: impl Into<String>) -> Veto {
@@ -697,7 +727,7 @@ pub async fn admin_switchback(
         Some((op, _)) => op.clone(),
         None => node
             .operations()
-            .begin(OperationKind::Switchback, "planned", plan.encode())
+            .begin(OperationKind::Switchback, SWITCHBACK_PLANNED, plan.encode())
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?,
     };
@@ -775,7 +805,16 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
         .into_iter()
         .filter(|a| a.switched_over && plan.aggregates.iter().any(|p| p.uuid == a.uuid))
         .collect();
-    if !raised {
+    if raised {
+        // Resumed once this node holds the new epochs (persisted by the hand over, or by a
+        // mediator reply that deposed it): the home node takes the aggregates back at them.
+        for planned in &mut plan.aggregates {
+            let mark = node.shelf_state.marks(planned.uuid).epoch;
+            if mark.owner == planned.new.owner {
+                planned.new = planned.new.max(mark);
+            }
+        }
+    } else {
         // 1. No new I/O to them; drain; a CP that covers every acknowledged write, on both plexes.
         crate::switchover::quiesce(node, &slots, "switching back to the home node: I/O paused", "switchback")
             .await
@@ -850,8 +889,24 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
         .update(id, "epochs raised; handing the aggregates back", plan.encode())
         .await
         .map_err(|e| Stop::Resumable(e.to_string()))?;
-    // The partner's records carry the new epochs from now on: take them again.
+    // The partner's records carry the new epochs from now on: take them again, once those held
+    // from before the switchover are gone (`drop_held_records`). Once per switchback: the plan's
+    // `done` marks are journalled before the hand-over, after which the partition fills with the
+    // partner's new records (a re-run must not drop those).
     if let Some(receiver) = node.receiver.get() {
+        if drops_held_records() && !plan.aggregates.iter().any(|a| a.done) {
+            receiver
+                .drop_held_records()
+                .await
+                .map_err(|e| Stop::Resumable(format!("drop the partner's records held here: {e}")))?;
+            for planned in &mut plan.aggregates {
+                planned.done = true;
+            }
+            node.operations()
+                .update(id, "the partner's held records dropped; handing the aggregates back", plan.encode())
+                .await
+                .map_err(|e| Stop::Resumable(e.to_string()))?;
+        }
         receiver.thaw().await;
     }
     node.partner_down_confirmed.store(false, Ordering::Release);

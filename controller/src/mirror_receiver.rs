@@ -242,6 +242,18 @@ impl<M: Media + 'static> MirrorReceiver<M> {
         self.mediator.get().is_some_and(|m| !m.answering())
     }
 
+    /// Drops every record of the writer held here (a switchback, before `thaw`): they are from
+    /// before the switchover, replayed by it and on both plexes since the switchback's CP. Kept,
+    /// they would stand for the writer's new records of the same lsns (a writer that lost its
+    /// NVLog counts on from its last CP, below them): a hello would count them as held (S1) or
+    /// return them to the writer to replay over newer data (S8). The release point stays.
+    pub async fn drop_held_records(&self) -> Result<(), String> {
+        // Held while the partition is reset: no message is being stored meanwhile.
+        let _frozen = self.frozen.write().await;
+        let nvlog = self.nvlog.clone();
+        blocking(move || nvlog.reset_partition(KIND)).await.map(|_| ()).map_err(|s| s.message().to_string())
+    }
+
     /// Ends a freeze (a switchback, DESIGN §11): the writer's aggregates now carry epochs above
     /// every one it held before, persisted here, so nothing it sent at the old ones is accepted;
     /// its new sessions re-establish the mirror (§4.2).

@@ -32,6 +32,12 @@ pub enum Break {
     /// §9 (a), S13: a switchover without a mediator trusts the receiver's account while the
     /// writer's messages wait unstored (a stalled store).
     TrustUnstoredAccount,
+    /// S1, S8: a switchback hands the aggregates back with the home node's records from before
+    /// the switchover still held in the survivor's receiver partition.
+    SwitchbackKeepsHeldRecords,
+    /// Liveness (finding 10): a switchback interrupted after it asked the mediator for the new
+    /// epochs is rolled back at start, though the mediator may hold them.
+    SwitchbackRollsBackAfterAsking,
 }
 
 #[cfg(feature = "model-breaks")]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{CLUSTER, Cluster, Settings};
 use host::{Host, Workload};
 use mc_proto::v1::{
-    HealReply, HealRequest, StatusReply, SwitchbackReply, SwitchbackRequest, SwitchoverRequest,
+    HealReply, HealRequest, MirrorState, StatusReply, SwitchbackReply, SwitchbackRequest, SwitchoverRequest,
 };
 use prost::Message;
 
@@ -396,4 +396,60 @@ async fn mirror_pause_resume_and_fullresync() {
     cluster.wait_in_sync().await;
     assert!(cluster.terminate(0), "A did not stop cleanly");
     assert_plexes_identical(&cluster).await;
+}
+
+/// Finding 9 of docs/safety.md (S1, S8), found by the model check: A dies and its NVLog file is
+/// lost while B holds A's acknowledged records above A's last CP; forced switchover; A returns
+/// with a new log that counts on from its last CP, below those records; B overwrites the blocks;
+/// heal and switchback. B's receiver partition must not keep A's records from before the
+/// switchover: A's first handshake would take them back as its own (they are above its tail) and
+/// its next recovery would replay them over what B wrote (or, had A written first, count B's
+/// tail as holding A's new records). Checked by a crash of A right after the switchback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchback_after_a_lost_nvlog_leaves_no_old_record_to_replay() {
+    let mut cluster =
+        Cluster::up(&Settings { cp_interval_ms: 60_000, ..Settings::default() }, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(300);
+    cluster.kill(0);
+    assert!(load.wait_ended(Duration::from_secs(10)));
+    let first = load.stop();
+    std::fs::remove_file(cluster.nodes[0].nvlog()).unwrap();
+    let held = cluster.records(1, "dr_partner").await.len();
+    assert!(held >= 300, "B holds {held} records of A: they must be above A's last CP for this test");
+    let reply = cluster.admin(1).await.switchover(switchover_request(true)).await.unwrap().into_inner();
+    assert!(reply.nvfailed_volumes.is_empty(), "{reply:?}");
+    host::check_acknowledged(&cluster.nbd_address(1), &first);
+    cluster.start(0);
+    cluster.wait_status(0, "A waiting for switchback", |s| s.mode == "waiting-for-switchback").await;
+    // B writes every block again, past A's rounds: a replayed record of A would show.
+    let load = Workload::start(&cluster.nbd_address(1), "vol_a", BLOCKS);
+    load.wait_count(3 * BLOCKS);
+    let reply = heal(&cluster, 1).await.unwrap();
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    cluster
+        .wait_status(1, "aggr_a mirrored and normal after heal", |s| {
+            s.aggregates.iter().any(|a| a.name == "aggr_a" && a.state == "mirrored,normal")
+        })
+        .await;
+    let reply = switchback(&cluster, 1, false).await.unwrap();
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    assert!(load.wait_ended(Duration::from_secs(30)));
+    let second = load.stop();
+    cluster.wait_state(0, "serving").await;
+    // A's first handshake since the switchback (a lost NVLog's new partition keeps no persisted
+    // account until a drop or a re-establish, so `wait_in_sync` does not apply).
+    cluster
+        .wait_status(0, "A's NVLog mirror session up and in sync", |s| {
+            s.dr_mirror.as_ref().is_some_and(|m| m.connected && m.state == MirrorState::InSync as i32)
+        })
+        .await;
+    host::check_acknowledged(&cluster.nbd_address(0), &second);
+    // A crash of A before its next CP: its recovery replays its local partition above the
+    // switchback's CP.
+    cluster.kill(0);
+    cluster.start(0);
+    cluster.wait_state(0, "serving").await;
+    host::check_acknowledged(&cluster.nbd_address(0), &second);
 }

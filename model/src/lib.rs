@@ -5,7 +5,7 @@
 //! `stateright` checker, with a network that loses, delays, duplicates and reorders the
 //! mediator's messages, crashes (with and without the loss of the NVLog file), pauses, a stalled
 //! receiver, inter-site and mediator link cuts, plex drops and resyncs, and an operator's
-//! forced switchover.
+//! forced switchover, heal and switchback (and the re-run of a switchback that stopped).
 //!
 //! **What runs here is the product's own decision code**, called with the model's clock:
 //! - the mediator is `mediator::decide::Mediator`, whole: leases, epochs, the in-sync record,
@@ -22,12 +22,17 @@
 //!   `silence_marks_out_of_sync` (S13);
 //! - a switchover's replay finds gaps with `nvlog::lsn_gaps` and NVFAILs on
 //!   `controller::switchover::replay_doubt`; without a mediator it is vetoed or NVFAILs on
-//!   `sync_doubts` (§9 (a)).
+//!   `sync_doubts` (§9 (a));
+//! - a switchback drops the home node's records held at the survivor's receiver when
+//!   `controller::heal::drops_held_records` says so (finding 9), and one interrupted by a
+//!   restart is rolled back or kept for a re-run as `controller::heal::rolled_back_at_start`
+//!   says (finding 10).
 //!
 //! The controller's glue between those decisions — when it sends a heartbeat, what its report
-//! says, the NVLog stream's messages, a CP's steps, the switchover's steps — is written here
-//! after the daemon's async code (`mediator_link.rs`, `nvlog_mirror.rs`, `mirror_receiver.rs`,
-//! `cp.rs`, `switchover.rs`), which does not call a sans-IO core for it (see `docs/safety.md`).
+//! says, the NVLog stream's messages, a CP's steps, the steps of switchover, heal and
+//! switchback — is written here after the daemon's async code (`mediator_link.rs`,
+//! `nvlog_mirror.rs`, `mirror_receiver.rs`, `cp.rs`, `switchover.rs`, `heal.rs`), which does not
+//! call a sans-IO core for it (see `docs/safety.md`).
 //! A CP runs every `CP_INTERVAL` seconds; while B's site cannot take the plex writes it waits,
 //! and after `mirror_timeout` of silence B's plex is dropped (recorded by the mediator first,
 //! S3) and the CP goes on with A's plex alone; A's plex monitor resyncs B's plex once it can.
@@ -42,9 +47,12 @@
 //!   there (S1, S3, S8, S9);
 //! - never two controllers that can acknowledge for X at once (S2, S6);
 //! - no automatic switchover while X was not in sync (S7);
-//! - no record admitted, and no write acknowledged, at an epoch below one already issued (S2);
+//! - no record admitted, and no write acknowledged, at an epoch below one already issued (to
+//!   another node, for a write: S2);
 //! - a switchover replays each record once, in lsn order (S8);
-//! - bounded liveness: once faults stop, X is served again, and (without a switchover) its
+//! - no switchover back to a site before heal and switchback (S14);
+//! - bounded liveness: once faults stop, X is served again (unless a switchback that stopped
+//!   waits for the operator's re-run), and (without a switchover, or after a switchback) its
 //!   mirror is in sync again.
 
 use std::collections::BTreeSet;
@@ -73,6 +81,9 @@ pub const CP_INTERVAL: u8 = 3;
 /// reattach it (it retries every half second; a reattach that keeps failing is a fault the
 /// model does not have).
 pub const PLEX_REATTACH: u8 = 2;
+
+/// How many times the operator runs `mcctl switchback` (a run and a re-run of one that stopped).
+pub const SWITCHBACK_RUNS: u8 = 2;
 
 /// The one aggregate.
 pub const X: AggregateId = AggregateId([0x58; 16]);
@@ -159,6 +170,9 @@ pub struct Bounds {
     /// from the DR partner, a drop completes after `mirror_timeout` of silence (S3), and a
     /// forced switchover runs on the operator's confirmation alone.
     pub mediator: bool,
+    /// The operator may heal and switch back a switched-over aggregate (`mcctl heal`, `mcctl
+    /// switchback`, DESIGN §11), and re-run a switchback that stopped.
+    pub switchback: bool,
 }
 
 impl Bounds {
@@ -180,6 +194,7 @@ impl Bounds {
         fifo: false,
         switchovers: 1,
         mediator: true,
+        switchback: false,
     };
 }
 
@@ -213,6 +228,22 @@ pub enum RemotePlex {
     /// Out of date: CPs go to A's plex alone until the plex monitor reattaches and resyncs it
     /// (`plex_monitor.rs`).
     Dropped,
+}
+
+/// A switchback in progress at the survivor (its operation journal, `heal.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SwitchbackStep {
+    /// Kept in progress at a restart before the epoch was raised here, since the mediator may
+    /// hold it (`heal::rolled_back_at_start`, finding 10): served again meanwhile (unless the
+    /// mediator's epoch deposed it); a re-run drains and asks again, or hands X over once this
+    /// node holds the epoch.
+    Planned(Epoch),
+    /// Drained, a CP on both plexes done; the mediator is asked to raise X's epoch for the home
+    /// node (`mediator_epochs`).
+    Raising(Epoch),
+    /// The new epoch, the home node's, is persisted here: this node never writes X again at its
+    /// own; the home node is to take X back (`Admin.TakeBack`).
+    Raised(Epoch),
 }
 
 /// A controller.
@@ -267,6 +298,12 @@ pub struct Ctl {
     pub nvfailed: bool,
     /// The mediator state version it saw.
     pub mver: u64,
+    /// As survivor: a heal reattached and resynced the home plex of the switched-over X.
+    pub healed: bool,
+    /// As home node waiting for switchback: a heal discarded its records of X (S8).
+    pub discarded: bool,
+    /// As survivor: a switchback in progress (journalled).
+    pub switchback: Option<SwitchbackStep>,
     // Volatile.
     /// The self-fence (S6), checked only with a mediator configured.
     pub lease: Lease<Duration>,
@@ -332,6 +369,9 @@ impl Ctl {
             data: BTreeSet::new(),
             nvfailed: false,
             mver: 1,
+            healed: false,
+            discarded: false,
+            switchback: None,
             lease,
             leased,
             confirmed: true,
@@ -358,7 +398,13 @@ impl Ctl {
             && !self.away()
             && !self.lost_log
             && self.owns.is_some()
+            && !self.quiesced()
             && (!self.leased || self.lease.clone().check(secs(now)).is_ok())
+    }
+
+    /// A switchback stopped I/O to X here (drained, the epoch asked for or raised).
+    fn quiesced(&self) -> bool {
+        matches!(self.switchback, Some(SwitchbackStep::Raising(_) | SwitchbackStep::Raised(_)))
     }
 
     /// Its aggregate was switched over to the partner: its shelf holds the partner's higher
@@ -433,6 +479,8 @@ pub enum ToMediator {
         /// Override the in-sync condition (NVFAIL).
         override_in_sync: bool,
     },
+    /// A switchback raises X's epoch for the home node A (`Event::RaiseEpochs`).
+    RaiseEpochs,
 }
 
 /// What the mediator answers.
@@ -447,6 +495,10 @@ pub enum ToCtl {
     },
     /// Refused, with why.
     Refused(String),
+    /// The reply to `RaiseEpochs`.
+    Raised(decide::Reply),
+    /// `RaiseEpochs` refused, with why.
+    RaiseRefused(String),
 }
 
 /// A message between a controller and the mediator.
@@ -528,7 +580,7 @@ pub struct History {
     pub auso_out_of_sync: bool,
     /// A receiver admitted a record below its mark.
     pub stale_accepted: bool,
-    /// A write was acknowledged at an epoch below one already issued.
+    /// A write was acknowledged at an epoch below one already issued naming another node.
     pub stale_ack: bool,
     /// A replay applied a record twice or out of order.
     pub bad_replay: bool,
@@ -541,8 +593,7 @@ pub struct History {
     /// A mirror handshake or announcement was refused as impossible (the partner holds more
     /// of the writer's records than the writer, or a restart point below its tail).
     pub refused_handshake: bool,
-    /// X was switched over away from this site (index 0: A's site), with no switchback since
-    /// (the model has no heal or switchback, so it stays set).
+    /// X was switched over away from this site (index 0: A's site), with no switchback since.
     pub switched_away: [bool; 2],
     /// A switchover granted X back to a site it had been switched away from (S14).
     pub way_back: bool,
@@ -552,6 +603,10 @@ pub struct History {
     pub resynced: bool,
     /// A dropped plex was resynced.
     pub plex_resynced: bool,
+    /// A switchback handed X back to A.
+    pub switched_back: bool,
+    /// A switchback in progress met a restart of its node.
+    pub switchback_restarted: bool,
     /// A switchover's replay found a gap in the partner's records.
     pub replay_gap: bool,
     /// A switchover's replay doubted the partner's copy where the grant did not NVFAIL.
@@ -588,6 +643,8 @@ pub struct State {
     pub writes_left: u8,
     /// Forced switchovers the operator may still run.
     pub switchovers_left: u8,
+    /// Switchback runs (or re-runs) the operator may still make.
+    pub switchbacks_left: u8,
     /// A's CP is due (every `CP_INTERVAL`); it waits while B's plex neither answers nor is
     /// dropped.
     pub cp_due: bool,
@@ -658,6 +715,10 @@ pub enum Action {
     Resume(usize),
     /// A's plex monitor reattaches B's dropped plex and resyncs it from A's.
     ResyncPlex,
+    /// The operator runs `mcctl heal` at B, which serves X switched over.
+    Heal,
+    /// The operator runs (or re-runs) `mcctl switchback` at B.
+    Switchback,
     /// The operator runs `mcctl switchover --forced-on-disaster` at a controller (through the
     /// mediator), for the other site's aggregates.
     ManualSwitchover {
@@ -706,6 +767,7 @@ impl ClusterModel {
             faults_left: self.bounds.faults,
             writes_left: self.bounds.writes,
             switchovers_left: self.bounds.switchovers,
+            switchbacks_left: if self.bounds.switchback { SWITCHBACK_RUNS } else { 0 },
             cp_due: false,
             reattach_since: None,
             history: History::default(),
@@ -803,22 +865,25 @@ impl State {
         self.ctl[B].handshake = false;
     }
 
-    /// The highest epoch of X issued anywhere: the mediator's record, the labels, the marks.
-    fn highest_issued(&self) -> Epoch {
-        let mediator =
-            self.mediator.state().aggregates.get(&X).map(|r| from_decide(r.epoch)).unwrap_or_default();
-        self.ctl.iter().map(Ctl::shown_epoch).fold(mediator, Epoch::max)
+    /// The highest epoch of X issued anywhere (the mediator's record, the labels, the marks) that
+    /// names another node than `node`. A higher epoch naming `node` itself (a raise that came
+    /// twice, its second answer lost) deposes nothing: only `node` writes with it
+    /// (`mediator_link.rs`).
+    fn highest_issued_to_others(&self, node: u32) -> Epoch {
+        let mediator = self.mediator.state().aggregates.get(&X).map(|r| from_decide(r.epoch));
+        let marks = self.ctl.iter().flat_map(|c| [c.mark].into_iter().chain(c.owns));
+        mediator.into_iter().chain(marks).filter(|e| e.owner.0 != node).fold(Epoch::default(), Epoch::max)
     }
 
     /// Acknowledges or fails the writes of `index` that can be decided (S1, S6).
     fn try_ack(&mut self, index: usize) {
         let now = self.now;
-        let highest = self.highest_issued();
+        let highest = self.highest_issued_to_others(self.ctl[index].node);
         let c = &mut self.ctl[index];
         if !c.up || c.paused {
             return;
         }
-        let serving = c.confirmed && !c.away() && !c.lost_log && c.owns.is_some();
+        let serving = c.confirmed && !c.away() && !c.lost_log && c.owns.is_some() && !c.quiesced();
         let mut kept = Vec::new();
         for p in std::mem::take(&mut c.pending) {
             let mirrored = c.ack_set.mirrored(c.acked, Lsn(p.lsn));
@@ -860,6 +925,7 @@ impl State {
         let other = &self.ctl[1 - index];
         let now = self.now;
         let mode = match (index, c.owns) {
+            _ if c.switchback.is_some() => decide::Mode::PartialSwitchback,
             _ if c.away() => decide::Mode::WaitingForSwitchback,
             (B, Some(_)) => decide::Mode::Switchover,
             _ => decide::Mode::Normal,
@@ -1112,6 +1178,181 @@ impl State {
         self.ctl[A].remote_plex = RemotePlex::Normal;
         self.reattach_since = None;
         self.history.plex_resynced = true;
+    }
+
+    /// Whether B serves X switched over, and A answers waiting for switchback over the link:
+    /// what `mcctl heal` and `mcctl switchback` need (`heal.rs`: `check_serving`, the partner's
+    /// mode `waiting-for-switchback`).
+    fn switched_over_and_home_waits(&self) -> bool {
+        let (a, b) = (&self.ctl[A], &self.ctl[B]);
+        b.can_serve(self.now)
+            && b.owns.is_some_and(|e| e.owner.0 == b.node)
+            && a.up
+            && !a.paused
+            && a.away()
+            && self.link
+    }
+
+    /// Whether the operator's `mcctl heal` at B gets past its checks.
+    fn can_heal(&self) -> bool {
+        self.switched_over_and_home_waits() && !self.ctl[B].healed
+    }
+
+    /// `mcctl heal` at B (`heal.rs` `admin_heal`): A lists the extents its unreleased records
+    /// touch, B marks them in its bitmap, A discards the records (S8; its CP releases them);
+    /// then B reattaches A's plex by the generation rules (S5): if A's plex moved on alone (A
+    /// dropped B's plex before it went away), both moved on, a split brain, refused; otherwise
+    /// A's plex is resynced from B's (the marked regions included), taken as one step.
+    fn heal(&mut self) {
+        let (holder, discarded) = {
+            let a = &self.ctl[A];
+            (self.ctl[B].owns, a.discarded)
+        };
+        // `admin_heal_partner`: the caller's epoch must not be below A's mark (S2).
+        if holder.is_none_or(|e| e < self.ctl[A].mark) {
+            return;
+        }
+        if !discarded {
+            let a = &mut self.ctl[A];
+            a.released = a.last_lsn();
+            a.log.clear();
+            a.discarded = true;
+        }
+        if self.ctl[A].remote_plex != RemotePlex::Normal {
+            return; // split brain (S5): nothing is merged
+        }
+        let (plex, plex_cp) = (self.ctl[B].plex.clone(), self.ctl[B].plex_cp);
+        let a = &mut self.ctl[A];
+        a.plex = plex;
+        a.plex_cp = plex_cp;
+        let b = &mut self.ctl[B];
+        b.healed = true;
+        b.remote_plex = RemotePlex::Normal;
+    }
+
+    /// Whether `mcctl switchback` at B gets past its vetoes (`evaluate_switchback`), or resumes
+    /// one in progress.
+    fn can_switch_back(&self) -> bool {
+        let b = &self.ctl[B];
+        match b.switchback {
+            None => self.switched_over_and_home_waits() && b.healed && b.remote_plex == RemotePlex::Normal,
+            // A re-run resumes: raising again, or handing X over (a reachable A takes it back).
+            Some(_) => b.up && !b.paused && self.link && self.takes(A),
+        }
+    }
+
+    /// `mcctl switchback` at B (`heal.rs` `run_switchback`): no new I/O, drain, a CP of
+    /// everything B acknowledged to both plexes; then X's new epoch, A's (the mediator's, if
+    /// there is one), persisted here before anything else (S2); then A takes X back.
+    fn switch_back(&mut self) {
+        let now = self.now;
+        let step = self.ctl[B].switchback;
+        let new = match step {
+            Some(SwitchbackStep::Raised(new)) => {
+                self.take_back(new);
+                return;
+            }
+            // Raised by a heartbeat reply meanwhile (the mediator's epoch deposed B): resumes at
+            // the hand over, at the epoch B holds (`run_switchback`).
+            Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) if self.ctl[B].mark >= new => {
+                let new = raised_epoch(new, self.ctl[B].mark);
+                self.ctl[B].switchback = Some(SwitchbackStep::Raised(new));
+                self.take_back(new);
+                return;
+            }
+            Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) => new,
+            None => {
+                let Some(held) = self.ctl[B].owns else { return };
+                Epoch { number: held.number + 1, owner: plex::NodeId(NODES[A]) }
+            }
+        };
+        // Step 1: the CP covers every write B acknowledged, on both plexes.
+        let b = &mut self.ctl[B];
+        let destaged = b.data.clone();
+        b.plex.extend(destaged.iter().copied());
+        b.released = b.last_lsn();
+        b.log.clear();
+        self.ctl[A].plex.extend(destaged.iter().copied());
+        // Step 2: the new epoch.
+        let b = &mut self.ctl[B];
+        b.switchback = Some(SwitchbackStep::Raising(new));
+        if b.leased {
+            b.seq += 1;
+            let life = b.life;
+            self.send(Envelope::Up {
+                from: B,
+                life,
+                sent: now,
+                delayed: false,
+                body: ToMediator::RaiseEpochs,
+            });
+        } else {
+            b.mark = b.mark.max(new);
+            b.switchback = Some(SwitchbackStep::Raised(new));
+            self.take_back(new);
+        }
+    }
+
+    /// The mediator raised X's epoch for A (`mediator_epochs`): B persists it and hands X over.
+    fn epoch_raised(&mut self, index: usize, r: &decide::Reply) {
+        let Some(SwitchbackStep::Raising(planned)) = self.ctl[index].switchback else { return };
+        let issued = r.epochs.iter().find(|(id, _)| *id == X).map(|(_, e)| from_decide(*e));
+        let new = issued.filter(|e| e.owner.0 == NODES[A]).map_or(planned, |e| e.max(planned));
+        let b = &mut self.ctl[index];
+        b.mark = b.mark.max(new);
+        b.switchback = Some(SwitchbackStep::Raised(new));
+        if self.link && self.takes(A) {
+            self.take_back(new);
+        }
+    }
+
+    /// `Admin.TakeBack` at A, then B lets X go (`admin_take_back`, `run_switchback` step 4): A
+    /// persists the epoch, opens X from both plexes (B's NVFAIL state with it: the volume table
+    /// is on the plexes), completes a CP at the new epoch and serves; B's receiver takes A's
+    /// records again.
+    fn take_back(&mut self, new: Epoch) {
+        let a = &self.ctl[A];
+        if !(self.link && self.takes(A) && a.away() && a.discarded && new > a.mark) {
+            return; // refused: not healed here, or not waiting; the switchback stays resumable
+        }
+        let nvfailed = self.ctl[B].nvfailed;
+        let a = &mut self.ctl[A];
+        a.mark = a.mark.max(new);
+        a.owns = Some(new);
+        a.deposed = false;
+        a.discarded = false;
+        a.lost_log = false;
+        a.copy_complete = None;
+        a.data = a.plex.clone();
+        a.nvfailed = nvfailed;
+        a.confirmed = true;
+        a.remote_plex = RemotePlex::Normal;
+        let released = a.released;
+        for c in &mut self.ctl {
+            c.plex_cp = released;
+        }
+        let b = &mut self.ctl[B];
+        b.owns = None;
+        b.deposed = false;
+        b.healed = false;
+        b.switchback = None;
+        b.writer_dropped = false;
+        b.ack_set = AckSet::default();
+        b.pending.clear();
+        b.dropping = None;
+        b.resync_from = None;
+        b.rx_gap_at = None;
+        b.remote_plex = RemotePlex::Normal;
+        // `MirrorReceiver::drop_held_records` (finding 9): A's records from before the
+        // switchover go (`Nvlog::reset_partition`: the durable tail is 0, the release point
+        // stays); then the receiver thaws.
+        if controller::heal::drops_held_records() {
+            b.rx.clear();
+            b.rx_last = 0;
+        }
+        self.history.switched_away[A] = false;
+        self.history.switched_back = true;
+        self.history.disturbed = self.now;
     }
 
     fn tick(&mut self) {
@@ -1402,6 +1643,7 @@ impl State {
                     return;
                 }
                 let node = NodeId(self.ctl[from].node);
+                let raise = body == ToMediator::RaiseEpochs;
                 let (event, drop_request) = match body {
                     ToMediator::Report(r) => (decide::Event::Report(*r), None),
                     ToMediator::RecordDrop { stamp, plex_only } => {
@@ -1411,6 +1653,14 @@ impl State {
                     ToMediator::ManualSwitchover { override_in_sync } => {
                         (decide::Event::ManualSwitchover { node, override_in_sync }, None)
                     }
+                    ToMediator::RaiseEpochs => (
+                        decide::Event::RaiseEpochs {
+                            node,
+                            aggregates: vec![(X, NodeId(NODES[A]))],
+                            reason: "switchback".into(),
+                        },
+                        None,
+                    ),
                 };
                 let grants = self.mediator.state().grants.len();
                 let before = state_hash(self.mediator.state());
@@ -1444,8 +1694,10 @@ impl State {
                     let body = match action {
                         decide::Action::Reply(r) => match drop_request {
                             Some(plex_only) => ToCtl::DropRecorded { plex_only },
+                            None if raise => ToCtl::Raised(r),
                             None => ToCtl::Reply(r),
                         },
+                        decide::Action::Refuse { reason, .. } if raise => ToCtl::RaiseRefused(reason),
                         decide::Action::Refuse { reason, .. } => ToCtl::Refused(reason),
                         decide::Action::Persist | decide::Action::Alert(_) => continue,
                     };
@@ -1483,6 +1735,16 @@ impl State {
                         }
                     }
                     ToCtl::Refused(_) => {}
+                    ToCtl::Raised(r) => {
+                        self.on_reply(to, request_sent, &r);
+                        self.epoch_raised(to, &r);
+                    }
+                    ToCtl::RaiseRefused(_) => {
+                        // `mediator_epochs` fails before anything moved: rolled back, served again.
+                        if matches!(self.ctl[to].switchback, Some(SwitchbackStep::Raising(_))) {
+                            self.ctl[to].switchback = None;
+                        }
+                    }
                 }
             }
         }
@@ -1644,14 +1906,16 @@ impl State {
     /// or operator command some controller serves X (NVFAILed or not: clearing NVFAIL is the
     /// operator's).
     pub fn recovered(&self) -> bool {
-        let due =
-            self.healthy() && self.settled() && self.now >= self.history.disturbed.saturating_add(RECOVERY);
+        // A switchback that stopped half-way waits for the operator's re-run (`heal.rs`).
+        let due = self.healthy()
+            && self.settled()
+            && self.now >= self.history.disturbed.saturating_add(RECOVERY)
+            && self.ctl.iter().all(|c| c.switchback.is_none());
         !due || self.ctl.iter().any(|c| c.can_serve(self.now))
     }
 
     /// Bounded liveness: once nothing is broken, `RESYNC` seconds after the last fault, repair
-    /// or operator command, unless X was switched over (the model has no heal or switchback),
-    /// the NVLog mirror is in sync again: at the writer, at the receiver and (with a mediator)
+    /// or operator command, unless X is switched over (until heal and switchback), the NVLog mirror is in sync again: at the writer, at the receiver and (with a mediator)
     /// in its record.
     pub fn in_sync_again(&self) -> bool {
         let due = self.healthy()
@@ -1693,7 +1957,7 @@ impl State {
                 out,
                 "    node {} {process}: owns {} mark {}{}{}, lease {lease}, confirmed {}, serving {}, log {:?} \
                  (released {}, mirror {:?}), received {:?} ({:?}, released {}), plex {:?} (CP {}), data {:?}, \
-                 acked-by-partner {}, waiting {:?}{}{}{}",
+                 acked-by-partner {}, waiting {:?}{}{}{}{}",
                 c.node,
                 c.owns.map_or("-".to_string(), |e| format!("{}@{}", e.number, e.owner.0)),
                 c.mark.number,
@@ -1721,6 +1985,12 @@ impl State {
                     format!(", receiver stalled ({} unstored)", c.unstored)
                 } else {
                     String::new()
+                },
+                match (c.healed, c.discarded, c.switchback) {
+                    (_, _, Some(step)) => format!(", switchback {step:?}"),
+                    (true, _, None) => ", healed".to_string(),
+                    (_, true, None) => ", records discarded by heal".to_string(),
+                    _ => String::new(),
                 },
             );
         }
@@ -1844,8 +2114,15 @@ fn crash(s: &mut State, i: usize) {
     s.net.retain(|e| !matches!(e, Envelope::Down { to, .. } if *to == i));
 }
 
+/// The epoch a resumed switchback hands X over at: the planned one, or the higher one naming A
+/// that this node holds (`run_switchback`).
+fn raised_epoch(planned: Epoch, mark: Epoch) -> Epoch {
+    if mark.owner == planned.owner { planned.max(mark) } else { planned }
+}
+
 fn restart(s: &mut State, i: usize) {
     let now = s.now;
+    s.history.switchback_restarted |= s.ctl[i].switchback.is_some();
     let c = &mut s.ctl[i];
     c.up = true;
     c.life += 1;
@@ -1867,6 +2144,19 @@ fn restart(s: &mut State, i: usize) {
     c.unstored = 0;
     c.copy_complete = None;
     c.mirror_intact = None;
+    // `heal::settle_at_start`: a switchback interrupted before it raised the epoch here is
+    // rolled back (served again) unless the mediator may hold the epoch; one that raised it
+    // stays for a re-run.
+    if let Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) = c.switchback {
+        let raised = c.mark >= new;
+        c.switchback = if raised {
+            Some(SwitchbackStep::Raised(raised_epoch(new, c.mark)))
+        } else if controller::heal::rolled_back_at_start(false, c.leased, true) {
+            None
+        } else {
+            Some(SwitchbackStep::Planned(new))
+        };
+    }
     // The drop is in the labels; the hook that waited for its records died with the process.
     // The restarted node's reports say its plexes are not normal before it may serve (S2).
     if c.remote_plex == RemotePlex::Dropping {
@@ -1928,6 +2218,14 @@ impl Model for ClusterModel {
         if s.can_reattach() {
             actions.push(Action::ResyncPlex);
         }
+        if self.bounds.switchback {
+            if s.can_heal() {
+                actions.push(Action::Heal);
+            }
+            if s.switchbacks_left > 0 && s.can_switch_back() {
+                actions.push(Action::Switchback);
+            }
+        }
         if s.switchovers_left > 0 {
             for at in [A, B] {
                 if s.takes(at) {
@@ -1961,6 +2259,15 @@ impl Model for ClusterModel {
                 s.try_ack(i);
             }
             Action::ResyncPlex => s.resync_plex(),
+            Action::Heal => {
+                s.history.disturbed = s.now;
+                s.heal();
+            }
+            Action::Switchback => {
+                s.switchbacks_left -= 1;
+                s.history.disturbed = s.now;
+                s.switch_back();
+            }
             Action::ManualSwitchover { at, override_in_sync } if !s.ctl[at].leased => {
                 s.switchovers_left -= 1;
                 s.history.disturbed = s.now;
@@ -2005,6 +2312,18 @@ impl Model for ClusterModel {
                 s.history.resynced && s.ctl[B].rx_state == nvlog::MirrorState::InSync
             }),
             Property::sometimes(SOME_PLEX_RESYNC, |_, s: &State| s.history.plex_resynced),
+            Property::sometimes(SOME_SWITCHBACK, |_, s: &State| {
+                s.history.switched_back && s.ctl[A].can_serve(s.now) && !s.history.acked.is_empty()
+            }),
+            Property::sometimes(SOME_SWITCHBACK_RESUMED, |_, s: &State| {
+                s.history.switched_back && s.history.switchback_restarted && s.ctl[A].can_serve(s.now)
+            }),
+            Property::sometimes(SOME_SWITCHBACK_IN_SYNC, |_, s: &State| {
+                s.history.switched_back
+                    && s.ctl[A].writer_state() == MirrorState::InSync
+                    && s.ctl[B].rx_state == nvlog::MirrorState::InSync
+                    && s.ctl[A].can_serve(s.now)
+            }),
             Property::sometimes(SOME_GRANT_AFTER_RESTART, |_, s: &State| s.history.granted_after_restart),
             Property::sometimes(SOME_RECOVERY, |_, s: &State| {
                 s.history.faulted && s.healthy() && s.now >= s.history.disturbed.saturating_add(RECOVERY)
@@ -2081,6 +2400,12 @@ pub const REPLAY_DOUBT: &str = "a switchover's replay doubts a copy its grant vo
 pub const SOME_RESYNC: &str = "a re-established mirror is in sync again";
 /// Vacuity: a plex dropped while B's site could not take A's CP is resynced.
 pub const SOME_PLEX_RESYNC: &str = "a dropped plex is resynced";
+/// Vacuity: a switchback handed X back to A, which serves it, after an acknowledged write.
+pub const SOME_SWITCHBACK: &str = "a switchback hands X back";
+/// Vacuity: a switchback that met a restart of its node is re-run and hands X back.
+pub const SOME_SWITCHBACK_RESUMED: &str = "a switchback interrupted by a restart hands X back";
+/// Vacuity: after a switchback A's mirror to B is in sync again at both ends.
+pub const SOME_SWITCHBACK_IN_SYNC: &str = "the mirror is in sync again after a switchback";
 /// Vacuity: a restarted mediator grants a switchover.
 pub const SOME_GRANT_AFTER_RESTART: &str = "a restarted mediator grants a switchover";
 /// Vacuity: `RECOVERS` is due in some state after a fault.
@@ -2145,6 +2470,13 @@ fn describe(s: &State, action: &Action) -> String {
         Action::Restart(i) => format!("{} restarts", name(*i)),
         Action::Resume(i) => format!("{} resumes", name(*i)),
         Action::ResyncPlex => "A's plex monitor reattaches B's plex and resyncs it".into(),
+        Action::Heal => {
+            "operator at B: heal (A discards its records, A's plex reattached and resynced)".into()
+        }
+        Action::Switchback => match s.ctl[B].switchback {
+            None => "operator at B: switchback".into(),
+            Some(step) => format!("operator at B: switchback re-run ({step:?})"),
+        },
         Action::ManualSwitchover { at, override_in_sync } => {
             format!(
                 "operator at {}: forced switchover to it (override in-sync: {override_in_sync})",

@@ -13,7 +13,8 @@ use std::time::Instant;
 use mc_model::{
     ACKED_WRITES_HELD, Bounds, ClusterModel, NO_AUSO_OUT_OF_SYNC, NO_STALE_EPOCH, NO_WAY_BACK, ONE_WRITER,
     RECOVERS, REPLAY_DOUBT, REPLAY_GAP, SAFETY, SOME_AUSO, SOME_GRANT_AFTER_RESTART, SOME_PLEX_RESYNC,
-    SOME_RECOVERY, SOME_RESYNC, SOME_WRITE_ACKNOWLEDGED, trace,
+    SOME_RECOVERY, SOME_RESYNC, SOME_SWITCHBACK, SOME_SWITCHBACK_IN_SYNC, SOME_SWITCHBACK_RESUMED,
+    SOME_WRITE_ACKNOWLEDGED, trace,
 };
 use stateright::{Checker, HasDiscoveries, Model};
 
@@ -366,4 +367,91 @@ fn the_model_check_of_mediator_restarts_finds_no_violation() {
 fn a_restarted_mediator_trusting_its_file_is_caught() {
     use mediator::model_breaks::{Break, set};
     bites(|on| set(Break::RestartTrustsItsFile, on), ACKED_WRITES_HELD, crashes_and_mediator_restarts());
+}
+
+/// Heal and switchback (DESIGN §11) after an operator's forced switchover to B, without a
+/// mediator: crashes, lost NVLogs, pauses, a gray disk and link cuts, two of them, a write.
+fn heal_and_switchback() -> Bounds {
+    Bounds {
+        horizon: 9,
+        writes: 1,
+        faults: 2,
+        crash: true,
+        lose_nvlog: true,
+        pause: true,
+        stall: true,
+        cut_link: true,
+        switchovers: 1,
+        mediator: false,
+        switchback: true,
+        ..only_faults()
+    }
+}
+
+/// S1, S8 (finding 9 of docs/safety.md): A dies with its NVLog, the operator switches over to
+/// B, A returns (its new log counts on from its last CP, below the records of it B holds), heal
+/// and switchback. Were A's old records still held in B's receiver partition, A's handshake
+/// would take B's tail for its own new records: a write acknowledged as mirrored that B does not
+/// hold, lost when A loses its NVLog again.
+#[test]
+fn a_switchback_keeping_the_home_nodes_held_records_is_caught() {
+    use controller::model_breaks::Break;
+    let bounds = Bounds {
+        horizon: 5,
+        writes: 2,
+        faults: 2,
+        crash: true,
+        lose_nvlog: true,
+        switchovers: 1,
+        mediator: false,
+        switchback: true,
+        ..only_faults()
+    };
+    bites(controller_break(Break::SwitchbackKeepsHeldRecords), ACKED_WRITES_HELD, bounds);
+}
+
+/// The regression check of finding 9, and S14 in full: a switchback hands X back, the mirror is
+/// in sync again after it, and no switchover goes back before it.
+#[test]
+fn the_model_check_of_heal_and_switchback_without_a_mediator_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all_of(
+        &[SOME_WRITE_ACKNOWLEDGED, SOME_RECOVERY, SOME_SWITCHBACK, SOME_SWITCHBACK_IN_SYNC],
+        heal_and_switchback(),
+    );
+}
+
+/// With a mediator: A crashes, AUSO to B, A restarts, heal and switchback, with a second crash
+/// anywhere (the switchback's node while the mediator raises the epoch, finding 10). Eight
+/// seconds, no write (the switchback's steps are what is explored).
+fn switchback_with_a_mediator() -> Bounds {
+    Bounds {
+        horizon: 8,
+        writes: 0,
+        faults: 2,
+        crash: true,
+        switchovers: 1,
+        switchback: true,
+        ..only_faults()
+    }
+}
+
+/// Liveness (finding 10 of docs/safety.md): B crashes right after it asked the mediator to raise
+/// X's epoch for A; the mediator did. Were the switchback rolled back at B's restart, the
+/// mediator's next reply would depose B while A still waits for switchback: nothing could switch
+/// X back, and nobody serves it.
+#[test]
+fn a_switchback_rolled_back_after_asking_the_mediator_is_caught() {
+    use controller::model_breaks::Break;
+    bites(controller_break(Break::SwitchbackRollsBackAfterAsking), RECOVERS, switchback_with_a_mediator());
+}
+
+/// The regression check of finding 10: an interrupted switchback is re-run and hands X back.
+#[test]
+fn the_model_check_of_a_switchback_with_a_mediator_finds_no_violation() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_all_of(
+        &[SOME_RECOVERY, SOME_SWITCHBACK_RESUMED, SOME_SWITCHBACK_IN_SYNC],
+        switchback_with_a_mediator(),
+    );
 }

@@ -63,6 +63,9 @@ struct Args {
     /// mirror_timeout of silence, forced switchovers run on the operator's confirmation.
     #[arg(long)]
     no_mediator: bool,
+    /// The operator may heal and switch back (DESIGN §11).
+    #[arg(long)]
+    switchback: bool,
     /// How many forced switchovers the operator runs (at either site).
     #[arg(long, default_value_t = Bounds::CI.switchovers)]
     switchovers: u8,
@@ -95,6 +98,8 @@ enum BreakArg {
     ReceiverReportRestoresInSync,
     ReplayAcrossGap,
     TrustUnstoredAccount,
+    SwitchbackKeepsHeldRecords,
+    SwitchbackRollsBackAfterAsking,
     RestartTrustsItsFile,
 }
 
@@ -110,6 +115,8 @@ fn set_break(b: BreakArg) {
         BreakArg::AdoptWithoutMediatorIntact => set(Break::AdoptWithoutMediatorIntact, true),
         BreakArg::ReplayAcrossGap => set(Break::ReplayAcrossGap, true),
         BreakArg::TrustUnstoredAccount => set(Break::TrustUnstoredAccount, true),
+        BreakArg::SwitchbackKeepsHeldRecords => set(Break::SwitchbackKeepsHeldRecords, true),
+        BreakArg::SwitchbackRollsBackAfterAsking => set(Break::SwitchbackRollsBackAfterAsking, true),
         BreakArg::GrantWithoutInSync => {
             mediator::model_breaks::set(mediator::model_breaks::Break::GrantWithoutInSync, true);
         }
@@ -144,6 +151,7 @@ fn main() -> anyhow::Result<()> {
         fifo: args.fifo,
         switchovers: args.switchovers,
         mediator: !args.no_mediator,
+        switchback: args.switchback,
     };
     for b in &args.breaks {
         set_break(*b);
