@@ -36,7 +36,9 @@ pub async fn wait_while_stalled(point: &'static str) {
 
 /// The forced switchover crashes the daemon (abort, as `kill -9` would leave it) at the step
 /// this variable names: `planned`, `released` (negotiated only), `frozen`, `adopted`, `replayed`
-/// or `cp`.
+/// or `cp`; heal and switchback at `heal-discarded`, `switchback-planned`, `switchback-cp`,
+/// `switchback-asked` (the mediator raised the epochs, not yet persisted here),
+/// `switchback-raised` or `switchback-handed`.
 pub const SWITCHOVER_CRASH: &str = "MC_FAULT_SWITCHOVER_CRASH_AT";
 
 /// Aborts the process if `SWITCHOVER_CRASH` names `step`.

@@ -855,6 +855,7 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
                 return Err(Stop::RolledBack(format!("switchback: {e}")));
             }
         }
+        crate::faults::crash_at("switchback-asked");
         // With a mediator the epochs have moved from here on: a failure leaves the aggregates
         // quiesced and the operation resumable, never served again at the old epochs.
         let raised_elsewhere = node.mediator.get().is_some();

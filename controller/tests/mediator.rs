@@ -690,3 +690,78 @@ async fn a_lost_nvlog_waits_for_the_mediator_before_adopting_the_partners_copy()
     cluster.kill(0);
     cluster.kill(1);
 }
+
+/// Finding 10 of docs/safety.md (liveness): B dies right after the mediator raised aggr_a's
+/// epoch for A in a switchback, before B persisted it (crash point `switchback-asked`). When B
+/// is back, the mediator's next reply deposes B of aggr_a, while A still waits for switchback.
+/// The switchback must stay in progress, so that its re-run hands aggr_a to A (rolled back, as
+/// before the fix, its re-run found nothing to switch back and nobody served aggr_a).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchback_interrupted_after_the_mediator_raised_the_epoch_completes_when_rerun() {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mediator = start_mediator(&temp.path().join("mediator"));
+    let address = mediator.address.clone();
+    let mut cluster = Cluster::new(&settings([address.clone(), address]));
+    cluster.env[1] = vec![(controller::faults::SWITCHOVER_CRASH.into(), "switchback-asked".into())];
+    cluster.start(0);
+    cluster.start(1);
+    cluster.wait_state(0, "serving").await;
+    cluster.create_volume(0, VOLUME_BYTES).await;
+    cluster.wait_in_sync().await;
+    wait_mediator_in_sync(&mediator.address).await;
+    let load = Workload::start(&cluster.nbd_address(0), "vol_a", BLOCKS);
+    load.wait_count(100);
+    let request = mc_proto::v1::SwitchoverRequest {
+        cluster_id: common::CLUSTER.to_vec(),
+        forced_on_disaster: false,
+        simulate: false,
+        override_vetoes: false,
+        force_nvfail_all: false,
+        confirmed: false,
+    };
+    cluster.admin(1).await.switchover(request).await.unwrap();
+    assert!(load.wait_ended(Duration::from_secs(30)));
+    let ledger = load.stop();
+    let mut b = cluster.admin(1).await;
+    b.heal(mc_proto::v1::HealRequest { cluster_id: common::CLUSTER.to_vec() }).await.unwrap();
+    cluster
+        .wait_status(1, "aggr_a resynced after heal", |s| {
+            s.aggregates.iter().any(|a| a.switched_over && a.state == "mirrored,normal")
+        })
+        .await;
+    let switchback =
+        mc_proto::v1::SwitchbackRequest { cluster_id: common::CLUSTER.to_vec(), simulate: false };
+    assert!(b.switchback(switchback.clone()).await.is_err(), "B did not crash");
+    let exit = cluster.procs[1].as_mut().unwrap().child.wait().unwrap();
+    assert!(!exit.success(), "{exit:?}");
+    cluster.procs[1] = None;
+    cluster.env[1].clear();
+    let view = mediator.show().await;
+    assert!(view.last_decision.contains("raised for node 1 (switchback"), "{view:#?}");
+    cluster.start(1);
+    // The operator re-runs the switchback until B, restarted, takes it (it may still be
+    // recovering): it must hand aggr_a over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        let mut b = cluster.admin(1).await;
+        match b.switchback(switchback.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if Instant::now() < deadline => {
+                eprintln!("switchback re-run: {}", status.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => {
+                panic!(
+                    "the switchback re-run never completed: {}\n{:#?}",
+                    status.message(),
+                    cluster.status(1).await
+                )
+            }
+        }
+    };
+    assert_eq!(reply.operation.as_ref().unwrap().state, "successful", "{reply:?}");
+    cluster
+        .wait_status(0, "A serving vol_a again", |s| s.mode == "normal" && s.node_state == "serving")
+        .await;
+    host::check_acknowledged(&cluster.nbd_address(0), &ledger);
+}
