@@ -182,6 +182,20 @@ pub async fn settle_at_start(
     }
 }
 
+/// Why the aggregates of a switchback kept in progress are not served (`held_by_switchback`).
+pub const HELD_BY_SWITCHBACK: &str = "a switchback is in progress and may have had the mediator raise the epochs: \
+                                      not served here at the old ones; re-run `mcctl switchback`";
+
+/// The aggregates of a switchback in progress past its first step: the mediator may hold their
+/// new epochs, so they are never served here again at the old ones (finding 10): they stay
+/// quiesced until a re-run hands them over, whatever happens to the run.
+pub fn held_by_switchback(records: &[OperationRecord]) -> Vec<Uuid> {
+    last_switchback(records)
+        .filter(|(op, _)| op.state == OperationState::InProgress && op.step != SWITCHBACK_PLANNED)
+        .map(|(_, plan)| plan.aggregates.iter().map(|a| a.uuid).collect())
+        .unwrap_or_default()
+}
+
 /// Whether a switchback found in progress at start is rolled back (`settle_at_start`): only if
 /// this node did not raise the epochs (`raised_here`) and no mediator can hold them: none is
 /// configured, or the switchback never got to ask (`asked`: past its first journal step).
@@ -744,7 +758,10 @@ pub async fn admin_switchback(
         .filter(|a| plan.aggregates.iter().any(|p| p.uuid == a.uuid))
         .flat_map(|a| a.table().volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
         .collect();
-    match run_switchback(node, op.id, plan).await {
+    // A resumed run past its first step may have had the mediator raise the epochs (finding 10).
+    let held =
+        node.mediator.get().is_some() && resume.as_ref().is_some_and(|(op, _)| op.step != SWITCHBACK_PLANNED);
+    match run_switchback(node, op.id, plan, held).await {
         Ok(()) => {
             node.operations()
                 .finish(op.id, OperationState::Successful, Vec::new())
@@ -798,7 +815,7 @@ enum Stop {
     Resumable(String),
 }
 
-async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(), Stop> {
+async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan, held: bool) -> Result<(), Stop> {
     let raised = plan.aggregates.iter().all(|a| node.shelf_state.marks(a.uuid).epoch >= a.new);
     let slots: Vec<Arc<AggrSlot>> = node
         .aggregates()
@@ -815,11 +832,29 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
             }
         }
     } else {
+        // A re-run of a switchback that may have asked the mediator already (`held`): its
+        // aggregates stay quiesced whatever happens, and it stays resumable (finding 10).
+        let hold = |e: String| {
+            for slot in &slots {
+                slot.serving.send_replace(SlotState::Adopting(HELD_BY_SWITCHBACK.to_string()));
+            }
+            Stop::Resumable(e)
+        };
         // 1. No new I/O to them; drain; a CP that covers every acknowledged write, on both plexes.
-        crate::switchover::quiesce(node, &slots, "switching back to the home node: I/O paused", "switchback")
-            .await
-            .map_err(Stop::RolledBack)?;
+        if let Err(e) = crate::switchover::quiesce(
+            node,
+            &slots,
+            "switching back to the home node: I/O paused",
+            "switchback",
+        )
+        .await
+        {
+            return Err(if held { hold(e) } else { Stop::RolledBack(e) });
+        }
         let resume_serving = || {
+            if held {
+                return;
+            }
             for slot in &slots {
                 slot.serving.send_if_modified(|state| match state {
                     SlotState::Adopting(_) => {
@@ -834,10 +869,9 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
         for planned in &mut plan.aggregates {
             planned.floor = lsn;
         }
-        node.operations()
-            .update(id, "drained, CP done", plan.encode())
-            .await
-            .map_err(|e| Stop::RolledBack(e.to_string()))?;
+        if let Err(e) = node.operations().update(id, "drained, CP done", plan.encode()).await {
+            return Err(if held { hold(e.to_string()) } else { Stop::RolledBack(e.to_string()) });
+        }
         crate::faults::crash_at("switchback-cp");
         // 2. The new epochs (the mediator's, when it answers: only now, once this node's cache
         // of them is destaged, since its next heartbeat reply deposes this node of them),
@@ -850,6 +884,7 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan) -> Result<(),
             Err(e @ crate::mediator_link::RaiseError::Unknown(_)) => {
                 return Err(Stop::Resumable(format!("switchback: {e}")));
             }
+            Err(e) if held => return Err(hold(format!("switchback: {e}"))),
             Err(e) => {
                 resume_serving();
                 return Err(Stop::RolledBack(format!("switchback: {e}")));
@@ -1087,5 +1122,46 @@ mod tests {
         longer.push(0);
         assert!(decode_healed(&longer).is_err());
         assert_eq!(decode_healed(&encode_healed(&[])).unwrap(), Vec::<Uuid>::new());
+    }
+
+    /// Finding 10: only a switchback that cannot have had the mediator raise the epochs is
+    /// rolled back at start, and a kept one holds its aggregates quiesced.
+    #[test]
+    fn a_switchback_that_may_have_asked_the_mediator_is_kept_and_holds_its_aggregates() {
+        // (raised here, mediator configured, asked) -> rolled back
+        assert!(rolled_back_at_start(false, false, true));
+        assert!(rolled_back_at_start(false, true, false));
+        assert!(!rolled_back_at_start(false, true, true));
+        assert!(!rolled_back_at_start(true, false, false));
+        assert!(!rolled_back_at_start(true, true, true));
+        let plan = Plan {
+            force_nvfail_all: false,
+            negotiated: true,
+            aggregates: vec![Planned {
+                uuid: Uuid([7; 16]),
+                frozen: Epoch { number: 2, owner: NodeId(2) },
+                new: Epoch { number: 3, owner: NodeId(1) },
+                floor: 0,
+                not_in_sync: None,
+                done: false,
+            }],
+        };
+        let op = |state, step: &str| OperationRecord {
+            id: 1,
+            kind: OperationKind::Switchback,
+            state,
+            start_unix_ms: 1,
+            end_unix_ms: 0,
+            errors: Vec::new(),
+            node: 2,
+            step: step.into(),
+            payload: plan.encode(),
+        };
+        assert_eq!(
+            held_by_switchback(&[op(OperationState::InProgress, "drained, CP done")]),
+            [Uuid([7; 16])]
+        );
+        assert!(held_by_switchback(&[op(OperationState::InProgress, SWITCHBACK_PLANNED)]).is_empty());
+        assert!(held_by_switchback(&[op(OperationState::Failed, "drained, CP done")]).is_empty());
     }
 }

@@ -1382,8 +1382,16 @@ impl Node {
         };
         let index = u32::try_from(index).map_err(|_| "too many aggregates")?;
         if found.switched_over {
-            let healed = crate::heal::healed_aggregates(&self.operations.list()).contains(&found.uuid);
-            return self.open_switched_over(found, index, epoch, SlotState::Serving, healed).await;
+            let records = self.operations.list();
+            let healed = crate::heal::healed_aggregates(&records).contains(&found.uuid);
+            // A switchback kept in progress at start may have had the mediator raise the epochs:
+            // never served again at this one (finding 10); its re-run goes on.
+            let state = if crate::heal::held_by_switchback(&records).contains(&found.uuid) {
+                SlotState::Adopting(crate::heal::HELD_BY_SWITCHBACK.to_string())
+            } else {
+                SlotState::Serving
+            };
+            return self.open_switched_over(found, index, epoch, state, healed).await;
         }
         let paths: Vec<std::path::PathBuf> = found.plexes[0].iter().map(|d| d.path.clone()).collect();
         let local = self.local_devices(&paths, found.uuid, epoch)?;

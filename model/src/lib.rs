@@ -233,13 +233,11 @@ pub enum RemotePlex {
 /// A switchback in progress at the survivor (its operation journal, `heal.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SwitchbackStep {
-    /// Kept in progress at a restart before the epoch was raised here, since the mediator may
-    /// hold it (`heal::rolled_back_at_start`, finding 10): served again meanwhile (unless the
-    /// mediator's epoch deposed it); a re-run drains and asks again, or hands X over once this
-    /// node holds the epoch.
-    Planned(Epoch),
     /// Drained, a CP on both plexes done; the mediator is asked to raise X's epoch for the home
-    /// node (`mediator_epochs`).
+    /// node (`mediator_epochs`). Kept so across a restart of the node (`heal::
+    /// rolled_back_at_start`, `held_by_switchback`, finding 10): X stays quiesced there, since
+    /// the mediator may hold the epoch; a re-run hands X over once the node holds it, or asks
+    /// again.
     Raising(Epoch),
     /// The new epoch, the home node's, is persisted here: this node never writes X again at its
     /// own; the home node is to take X back (`Admin.TakeBack`).
@@ -404,7 +402,7 @@ impl Ctl {
 
     /// A switchback stopped I/O to X here (drained, the epoch asked for or raised).
     fn quiesced(&self) -> bool {
-        matches!(self.switchback, Some(SwitchbackStep::Raising(_) | SwitchbackStep::Raised(_)))
+        self.switchback.is_some()
     }
 
     /// Its aggregate was switched over to the partner: its shelf holds the partner's higher
@@ -1254,13 +1252,13 @@ impl State {
             }
             // Raised by a heartbeat reply meanwhile (the mediator's epoch deposed B): resumes at
             // the hand over, at the epoch B holds (`run_switchback`).
-            Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) if self.ctl[B].mark >= new => {
+            Some(SwitchbackStep::Raising(new)) if self.ctl[B].mark >= new => {
                 let new = raised_epoch(new, self.ctl[B].mark);
                 self.ctl[B].switchback = Some(SwitchbackStep::Raised(new));
                 self.take_back(new);
                 return;
             }
-            Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) => new,
+            Some(SwitchbackStep::Raising(new)) => new,
             None => {
                 let Some(held) = self.ctl[B].owns else { return };
                 Epoch { number: held.number + 1, owner: plex::NodeId(NODES[A]) }
@@ -2145,16 +2143,16 @@ fn restart(s: &mut State, i: usize) {
     c.copy_complete = None;
     c.mirror_intact = None;
     // `heal::settle_at_start`: a switchback interrupted before it raised the epoch here is
-    // rolled back (served again) unless the mediator may hold the epoch; one that raised it
-    // stays for a re-run.
-    if let Some(SwitchbackStep::Raising(new) | SwitchbackStep::Planned(new)) = c.switchback {
+    // rolled back (served again) unless the mediator may hold the epoch (then it stays, X
+    // quiesced: `held_by_switchback`); one that raised it stays for a re-run.
+    if let Some(SwitchbackStep::Raising(new)) = c.switchback {
         let raised = c.mark >= new;
         c.switchback = if raised {
             Some(SwitchbackStep::Raised(raised_epoch(new, c.mark)))
         } else if controller::heal::rolled_back_at_start(false, c.leased, true) {
             None
         } else {
-            Some(SwitchbackStep::Planned(new))
+            Some(SwitchbackStep::Raising(new))
         };
     }
     // The drop is in the labels; the hook that waited for its records died with the process.
