@@ -857,6 +857,12 @@ impl State {
         }
     }
 
+    /// Sends `body` from controller `from` to the mediator now, stamped with its life.
+    fn send_up(&mut self, from: usize, body: ToMediator) {
+        let (life, sent) = (self.ctl[from].life, self.now);
+        self.send(Envelope::Up { from, life, sent, delayed: false, body });
+    }
+
     fn clear_streams(&mut self) {
         self.stream = [Vec::new(), Vec::new()];
         self.ctl[A].handshake = false;
@@ -1243,7 +1249,6 @@ impl State {
     /// everything B acknowledged to both plexes; then X's new epoch, A's (the mediator's, if
     /// there is one), persisted here before anything else (S2); then A takes X back.
     fn switch_back(&mut self) {
-        let now = self.now;
         let step = self.ctl[B].switchback;
         let new = match step {
             Some(SwitchbackStep::Raised(new)) => {
@@ -1276,14 +1281,7 @@ impl State {
         b.switchback = Some(SwitchbackStep::Raising(new));
         if b.leased {
             b.seq += 1;
-            let life = b.life;
-            self.send(Envelope::Up {
-                from: B,
-                life,
-                sent: now,
-                delayed: false,
-                body: ToMediator::RaiseEpochs,
-            });
+            self.send_up(B, ToMediator::RaiseEpochs);
         } else {
             b.mark = b.mark.max(new);
             b.switchback = Some(SwitchbackStep::Raised(new));
@@ -1403,17 +1401,9 @@ impl State {
             if !mediator {
                 continue;
             }
-            let c = &mut self.ctl[i];
-            c.seq += 1;
+            self.ctl[i].seq += 1;
             let report = self.report(i);
-            let life = self.ctl[i].life;
-            self.send(Envelope::Up {
-                from: i,
-                life,
-                sent: now,
-                delayed: false,
-                body: ToMediator::Report(Box::new(report)),
-            });
+            self.send_up(i, ToMediator::Report(Box::new(report)));
         }
         for i in [A, B] {
             self.try_ack(i);
@@ -1485,17 +1475,10 @@ impl State {
     }
 
     fn record_drop(&mut self, index: usize, plex_only: bool) {
-        let now = self.now;
         let c = &mut self.ctl[index];
         c.seq += 1;
-        let e = Envelope::Up {
-            from: index,
-            life: c.life,
-            sent: now,
-            delayed: false,
-            body: ToMediator::RecordDrop { stamp: (c.life, c.seq), plex_only },
-        };
-        self.send(e);
+        let stamp = (c.life, c.seq);
+        self.send_up(index, ToMediator::RecordDrop { stamp, plex_only });
     }
 
     /// Whether A's session with B's receiver is up: what A queues reaches the stream (a paused
@@ -1772,15 +1755,7 @@ impl State {
             && grant.to.0 == c.node
         {
             self.apply_grant(index, &grant);
-            let life = self.ctl[index].life;
-            let now = self.now;
-            self.send(Envelope::Up {
-                from: index,
-                life,
-                sent: now,
-                delayed: false,
-                body: ToMediator::ConfirmGrant,
-            });
+            self.send_up(index, ToMediator::ConfirmGrant);
         }
         self.try_ack(index);
     }
@@ -2274,15 +2249,7 @@ impl Model for ClusterModel {
             Action::ManualSwitchover { at, override_in_sync } => {
                 s.switchovers_left -= 1;
                 s.history.disturbed = s.now;
-                let life = s.ctl[at].life;
-                let now = s.now;
-                s.send(Envelope::Up {
-                    from: at,
-                    life,
-                    sent: now,
-                    delayed: false,
-                    body: ToMediator::ManualSwitchover { override_in_sync },
-                });
+                s.send_up(at, ToMediator::ManualSwitchover { override_in_sync });
             }
         }
         Some(s)
