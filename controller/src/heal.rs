@@ -759,8 +759,7 @@ pub async fn admin_switchback(
         .flat_map(|a| a.table().volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
         .collect();
     // A resumed run past its first step may have had the mediator raise the epochs (finding 10).
-    let held =
-        node.mediator.get().is_some() && resume.as_ref().is_some_and(|(op, _)| op.step != SWITCHBACK_PLANNED);
+    let held = resume.is_some() && !held_by_switchback(&node.operations().list()).is_empty();
     match run_switchback(node, op.id, plan, held).await {
         Ok(()) => {
             node.operations()
@@ -834,9 +833,16 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan, held: bool) -
     } else {
         // A re-run of a switchback that may have asked the mediator already (`held`): its
         // aggregates stay quiesced whatever happens, and it stays resumable (finding 10).
+        // (A slot deposed meanwhile stays deposed.)
         let hold = |e: String| {
             for slot in &slots {
-                slot.serving.send_replace(SlotState::Adopting(HELD_BY_SWITCHBACK.to_string()));
+                slot.serving.send_if_modified(|state| match state {
+                    SlotState::Serving => {
+                        *state = SlotState::Adopting(HELD_BY_SWITCHBACK.to_string());
+                        true
+                    }
+                    _ => false,
+                });
             }
             Stop::Resumable(e)
         };
@@ -851,10 +857,10 @@ async fn run_switchback(node: &Arc<Node>, id: u64, mut plan: Plan, held: bool) -
         {
             return Err(if held { hold(e) } else { Stop::RolledBack(e) });
         }
+        // Never called when `held`: the mediator's refusal is handled above for it, and the
+        // paths without a mediator cannot be `held` (without one, a switchback in progress past
+        // its first step has raised the epochs here and takes the branch above).
         let resume_serving = || {
-            if held {
-                return;
-            }
             for slot in &slots {
                 slot.serving.send_if_modified(|state| match state {
                     SlotState::Adopting(_) => {

@@ -1208,16 +1208,12 @@ impl State {
     /// dropped B's plex before it went away), both moved on, a split brain, refused; otherwise
     /// A's plex is resynced from B's (the marked regions included), taken as one step.
     fn heal(&mut self) {
-        let (holder, discarded) = {
-            let a = &self.ctl[A];
-            (self.ctl[B].owns, a.discarded)
-        };
         // `admin_heal_partner`: the caller's epoch must not be below A's mark (S2).
-        if holder.is_none_or(|e| e < self.ctl[A].mark) {
+        if self.ctl[B].owns.is_none_or(|e| e < self.ctl[A].mark) {
             return;
         }
-        if !discarded {
-            let a = &mut self.ctl[A];
+        let a = &mut self.ctl[A];
+        if !a.discarded {
             a.released = a.last_lsn();
             a.log.clear();
             a.discarded = true;
